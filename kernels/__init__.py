@@ -1,0 +1,1 @@
+"""Fused 4-bit kernels (Triton) and their plain-PyTorch reference."""

@@ -1,0 +1,115 @@
+"""Build a ComfyUI MODEL from an svdq checkpoint with ComfyUI's own model classes and our quantized op.
+
+Mirrors ``comfy.sd.load_diffusion_model_state_dict``: detect the architecture (or take the ``unet_config`` stored
+in the file's metadata), pick dtypes the way core does, build the stock model with ``custom_operations``, load
+weights and wrap it in a ModelPatcher with ComfyUI's load and offload devices.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import torch
+
+import comfy.model_detection
+import comfy.model_management
+import comfy.model_patcher
+import comfy.utils
+
+from ..quant.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from .ops import make_svdq_ops
+
+log = logging.getLogger("svdq")
+
+
+def logical_state_dict(ckpt: Checkpoint, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors plus, per quantized layer, a storage-free ``.weight`` of the logical shape.
+
+    ComfyUI's architecture detection and dtype choice read ``.weight`` shapes and dtypes; an expanded 0-d
+    tensor has the right shape and costs two bytes.
+    """
+    sd = ckpt.state_dict()
+    for name, layer in ckpt.layers.items():
+        sd[f"{name}.weight"] = torch.zeros((), dtype=dtype).expand(layer.out_features, layer.in_features)
+    return sd
+
+
+def model_config_for(sd: dict, metadata: dict, path: str = "model"):
+    unet_config = metadata.get("comfy_unet_config")
+    if isinstance(unet_config, str):
+        unet_config = json.loads(unet_config)
+    if unet_config:
+        cfg = comfy.model_detection.model_config_from_unet_config(dict(unet_config), sd)
+    else:
+        cfg = comfy.model_detection.model_config_from_unet(sd, "")
+    if cfg is None:
+        raise CheckpointError(f"{path}: ComfyUI does not recognise this model's architecture")
+    return cfg
+
+
+def build_model_patcher(
+    sd: dict[str, torch.Tensor],
+    metadata: dict,
+    layer_meta: dict[str, dict],
+    dtype: torch.dtype | None = None,
+    path: str = "model",
+):
+    """A ModelPatcher over ComfyUI's model for ``sd`` with quantized layers from ``layer_meta``."""
+    model_config = model_config_for(sd, metadata, path)
+    load_device = comfy.model_management.get_torch_device()
+    offload_device = comfy.model_management.unet_offload_device()
+    parameters = comfy.utils.calculate_parameters(sd)
+    weight_dtype = comfy.utils.weight_dtype(sd)
+    supported = list(model_config.supported_inference_dtypes)
+    if dtype is None:
+        unet_dtype = comfy.model_management.unet_dtype(
+            model_params=parameters, supported_dtypes=supported, weight_dtype=weight_dtype
+        )
+    else:
+        unet_dtype = dtype
+    manual_cast_dtype = comfy.model_management.unet_manual_cast(unet_dtype, load_device, supported)
+    model_config.set_inference_dtype(unet_dtype, manual_cast_dtype)
+    model_config.custom_operations = make_svdq_ops(layer_meta)
+    model = model_config.get_model(sd, "")
+    model = model.to(offload_device)
+    model.load_model_weights(dict(sd), "")
+    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+
+
+def load_svdq_model(path: str | os.PathLike, dtype: torch.dtype | None = None):
+    """Load an svdq checkpoint as a ComfyUI ModelPatcher. Raises ``CheckpointError`` with the file named."""
+    ckpt = load_checkpoint(path)
+    layer_meta = {
+        name: {
+            "kind": l.kind,
+            "precision": l.precision,
+            "act_precision": l.act_precision,
+            "act_unsigned": l.act_unsigned,
+            "act_shift": l.act_shift,
+        }
+        for name, l in ckpt.layers.items()
+    }
+    sd = logical_state_dict(ckpt)
+    patcher = build_model_patcher(sd, ckpt.metadata, layer_meta, dtype=dtype, path=str(path))
+    patcher.svdq_info = summarize(ckpt)
+    return patcher
+
+
+def summarize(ckpt: Checkpoint) -> dict:
+    """What the loader node shows: precision, rank, bytes and the 16-bit bytes they replace."""
+    q_bytes = sum(l.nbytes() for l in ckpt.layers.values())
+    q_params = sum(l.in_features * l.out_features for l in ckpt.layers.values())
+    other = sum(t.numel() * t.element_size() for t in ckpt.tensors.values())
+    ranks = sorted({l.rank for l in ckpt.layers.values()})
+    return {
+        "precision": ckpt.config.get("precision"),
+        "act_precision": ckpt.config.get("act_precision"),
+        "rank": ranks[-1] if ranks else 0,
+        "quantized_layers": len(ckpt.layers),
+        "bytes": q_bytes + other,
+        "bytes_16bit": q_params * 2 + other,
+        "bits_per_weight": (8.0 * q_bytes / q_params) if q_params else 0.0,
+        "family": ckpt.metadata.get("model_family"),
+    }

@@ -1,0 +1,102 @@
+"""The quantized Linear for ComfyUI's ``custom_operations`` (the ComfyUI-GGUF approach).
+
+ComfyUI builds its own model classes with these ops. Linears whose state dict carries svdq tensors become
+quantized (4-bit residual + low-rank branch as parameters, so ComfyUI's memory management counts and moves them);
+every other layer is ComfyUI's ``manual_cast`` op unchanged. Under lowvram ComfyUI leaves a layer on the offload
+device and sets ``comfy_cast_weights``; the quantized forward then streams the 4-bit tensors to the input's
+device, four times fewer bytes than a 16-bit layer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import comfy.model_management
+import comfy.ops
+
+from ..kernels.dispatch import svdq_linear
+from ..kernels.reference import QuantizedLinearWeights
+
+_META = ("kind", "precision", "act_precision", "act_unsigned", "act_shift")
+
+
+def make_svdq_ops(layer_meta: dict[str, dict]):
+    """An operations class that knows which layers are quantized (``layer_meta``: name → metadata dict)."""
+
+    class SVDQOps(comfy.ops.manual_cast):
+        class Linear(comfy.ops.manual_cast.Linear):
+            svdq_meta: dict | None = None
+
+            def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
+                torch.nn.Module.__init__(self)
+                self.in_features = in_features
+                self.out_features = out_features
+                self.has_bias = bias
+                self.factory = {"device": device, "dtype": dtype}
+                # weights are created at load time: quantized or 16-bit, as the file says
+                self.weight = None
+                self.bias = None
+                self.svdq_meta = None
+                self.svdq_lora: list = []  # (down [K, r], up [N, r]) extra low-rank factors (LoRA), see patcher
+
+            def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+                name = prefix[:-1]
+                meta = layer_meta.get(name)
+                if meta is None or f"{prefix}qweight" not in state_dict:
+                    w = state_dict.get(f"{prefix}weight")
+                    if w is None:
+                        missing_keys.append(f"{prefix}weight")
+                        return
+                    self.weight = torch.nn.Parameter(w, requires_grad=False)
+                    b = state_dict.get(f"{prefix}bias")
+                    if b is not None:
+                        self.bias = torch.nn.Parameter(b, requires_grad=False)
+                    elif self.has_bias:
+                        missing_keys.append(f"{prefix}bias")
+                    return
+                self.svdq_meta = {k: meta[k] for k in _META if k in meta}
+                for field in QuantizedLinearWeights.TENSOR_FIELDS:
+                    t = state_dict.get(f"{prefix}{field}")
+                    if t is not None:
+                        setattr(self, f"svdq_{field}", torch.nn.Parameter(t, requires_grad=False))
+                    else:
+                        setattr(self, f"svdq_{field}", None)
+                # the layer's float bias lives in svdq_bias (shift compensation folded in)
+                self.bias = None
+                self.quantized_weights().validate()
+
+            def _save_to_state_dict(self, destination, prefix, keep_vars):
+                if self.svdq_meta is None:
+                    return super()._save_to_state_dict(destination, prefix, keep_vars)
+                for field in QuantizedLinearWeights.TENSOR_FIELDS:
+                    t = getattr(self, f"svdq_{field}", None)
+                    if t is not None:
+                        destination[f"{prefix}svdq_{field}"] = t if keep_vars else t.detach()
+
+            @property
+            def is_quantized(self) -> bool:
+                return self.svdq_meta is not None
+
+            def quantized_weights(self, device=None) -> QuantizedLinearWeights:
+                tensors = {}
+                for field in QuantizedLinearWeights.TENSOR_FIELDS:
+                    t = getattr(self, f"svdq_{field}", None)
+                    if t is not None and device is not None and t.device != device:
+                        t = comfy.model_management.cast_to(t, None, device, non_blocking=True, copy=False)
+                    tensors[field] = t
+                return QuantizedLinearWeights(
+                    in_features=self.in_features, out_features=self.out_features, **self.svdq_meta, **tensors
+                )
+
+            def forward(self, x, *args, **kwargs):
+                if self.svdq_meta is None:
+                    return super().forward(x, *args, **kwargs)
+                comfy.ops.run_every_op()
+                w = self.quantized_weights(device=x.device)
+                down = up = None
+                if self.svdq_lora:
+                    down = torch.cat([d.to(x.device) for d, _ in self.svdq_lora], dim=1)
+                    up = torch.cat([u.to(x.device) for _, u in self.svdq_lora], dim=1)
+                return svdq_linear(x, w, extra_down=down, extra_up=up)
+
+    return SVDQOps
