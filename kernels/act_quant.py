@@ -1,0 +1,125 @@
+"""Activation kernel: smooth + per-token INT4 group quantization + low-rank down-projection, from one input.
+
+Reference: ``quant.formats.quantize_int4_activation`` (codes) and ``kernels.reference.lowrank_down``.
+
+Each program owns BLOCK_M tokens and walks K twice. Pass 1 computes every group's absmax (for the per-token
+scale) and accumulates ``x · L1`` on the tensor cores from the same tiles. Pass 2 re-reads the tiles (from L2:
+a program's rows are a few hundred KB) and writes the int8 operand ``code * multiplier``. Division is IEEE
+(``div_rn``) and rounding is the fp32 magic-number trick, so codes equal the reference's bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAGIC = 12582912.0
+
+
+@triton.jit
+def _act_quant_kernel(
+    x_ptr, smooth_ptr, down_ptr, out_ptr, scale_ptr, lora_ptr,
+    M, K, KP, R,
+    stride_xm, stride_om, stride_dk, stride_lm,
+    shift,
+    QMAX: tl.constexpr, UMAX: tl.constexpr, QMIN: tl.constexpr,
+    UNSIGNED: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_LORA: tl.constexpr, INT8_MODE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    cols = tl.arange(0, GROUP)
+    rcols = tl.arange(0, BLOCK_R)
+    row_max = tl.zeros([BLOCK_M], dtype=tl.float32)
+    lora = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    for k0 in range(0, KP, GROUP):
+        k = k0 + cols
+        kmask = k < K
+        m2 = rmask[:, None] & kmask[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :], mask=m2, other=0.0)
+        if HAS_LORA:
+            d = tl.load(down_ptr + k[:, None] * stride_dk + rcols[None, :], mask=kmask[:, None] & (rcols[None, :] < R), other=0.0)
+            if x.dtype == tl.float32:
+                lora += tl.dot(x, d.to(tl.float32), input_precision="ieee")
+            else:
+                lora += tl.dot(x, d.to(x.dtype))
+        xf = x.to(tl.float32) + shift
+        if HAS_SMOOTH:
+            s = tl.load(smooth_ptr + k, mask=kmask, other=1.0).to(tl.float32)
+            xf = tl.math.div_rn(xf, s[None, :])
+        xf = tl.where(m2, xf, 0.0)
+        if UNSIGNED:
+            xf = tl.maximum(xf, 0.0)
+        row_max = tl.maximum(row_max, tl.max(tl.abs(xf), axis=1))
+    scale = tl.where(row_max > 0, tl.math.div_rn(row_max, tl.full([BLOCK_M], QMAX * UMAX, tl.float32)), 1.0)
+    tl.store(scale_ptr + rows, scale, mask=rmask)
+    if HAS_LORA:
+        tl.store(lora_ptr + rows[:, None] * stride_lm + rcols[None, :], lora, mask=rmask[:, None] & (rcols[None, :] < R))
+    for k0 in range(0, KP, GROUP):
+        k = k0 + cols
+        kmask = k < K
+        m2 = rmask[:, None] & kmask[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :], mask=m2, other=0.0)
+        xf = x.to(tl.float32) + shift
+        if HAS_SMOOTH:
+            s = tl.load(smooth_ptr + k, mask=kmask, other=1.0).to(tl.float32)
+            xf = tl.math.div_rn(xf, s[None, :])
+        xf = tl.where(m2, xf, 0.0)
+        if UNSIGNED:
+            xf = tl.maximum(xf, 0.0)
+        if INT8_MODE:
+            q = tl.math.div_rn(xf, scale[:, None])
+            q = (q + MAGIC) - MAGIC
+            q = tl.minimum(tl.maximum(q, -127.0), 127.0)
+        else:
+            amax = tl.max(tl.abs(xf), axis=1)
+            v = tl.math.ceil(tl.math.div_rn(amax, scale * QMAX))
+            v = tl.minimum(tl.maximum(v, 1.0), UMAX * 1.0)
+            step = v * scale
+            q = tl.math.div_rn(xf, step[:, None])
+            q = (q + MAGIC) - MAGIC
+            q = tl.minimum(tl.maximum(q, QMIN * 1.0), QMAX * 1.0)
+            q = q * v[:, None]
+        tl.store(out_ptr + rows[:, None] * stride_om + k[None, :], q.to(tl.int8), mask=rmask[:, None] & (k[None, :] < KP))
+
+
+def quantize_activation(
+    x2: torch.Tensor,
+    k_padded: int,
+    smooth: torch.Tensor | None,
+    proj_down: torch.Tensor | None,
+    shift: float = 0.0,
+    unsigned: bool = False,
+    mode: str = "int4",
+    block_m: int | None = None,
+):
+    """Launch the activation kernel on x2 [M, K] (contiguous rows). Returns (int8 [M, Kp], scale [M], lora [M, R] | None)."""
+    m, k = x2.shape
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    r = 0 if proj_down is None else proj_down.shape[1]
+    out = torch.empty(m, k_padded, dtype=torch.int8, device=x2.device)
+    scale = torch.empty(m, dtype=torch.float32, device=x2.device)
+    lora = torch.empty(m, max(r, 1), dtype=torch.float32, device=x2.device) if r else None
+    if mode == "int4":
+        qmax, umax, qmin = (15, 8, 0) if unsigned else (7, 15, -7)
+    elif mode == "int8":
+        qmax, umax, qmin = 127, 1, -127
+    else:
+        raise ValueError(f"activation kernel supports int4 and int8, not {mode!r}")
+    block_r = max(16, triton.next_power_of_2(r)) if r else 16
+    bm = block_m or (16 if block_r <= 64 else 16)
+    grid = (triton.cdiv(m, bm),)
+    _act_quant_kernel[grid](
+        x2, smooth if smooth is not None else x2, proj_down if r else x2, out, scale, lora if r else scale,
+        m, k, k_padded, r,
+        x2.stride(0), out.stride(0), proj_down.stride(0) if r else 0, lora.stride(0) if r else 0,
+        float(shift),
+        QMAX=qmax, UMAX=umax, QMIN=qmin,
+        UNSIGNED=bool(unsigned), HAS_SMOOTH=smooth is not None, HAS_LORA=r > 0, INT8_MODE=mode == "int8",
+        BLOCK_M=bm, BLOCK_R=block_r, GROUP=64,
+        num_warps=4,
+    )
+    return out, scale, lora

@@ -1,0 +1,117 @@
+"""Shape-keyed autotuning with a persistent on-disk cache, so the first image is not slowed by tuning.
+
+Triton's own autotuner re-benchmarks in every new process. This one stores the winning config per (GPU, kernel,
+shape bucket) in ``~/.cache/svdq/autotune.json`` (or ``$SVDQ_CACHE``), written atomically. During CUDA-graph
+capture, under the Triton interpreter, or with ``SVDQ_AUTOTUNE=0`` it uses the cached or default config
+without benchmarking.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+import triton
+
+log = logging.getLogger("svdq")
+_lock = threading.Lock()
+_cache: dict | None = None
+
+
+def cache_file() -> Path:
+    base = os.environ.get("SVDQ_CACHE")
+    return Path(base) / "autotune.json" if base else Path.home() / ".cache" / "svdq" / "autotune.json"
+
+
+def _load() -> dict:
+    global _cache
+    if _cache is None:
+        try:
+            _cache = json.loads(cache_file().read_text())
+        except (OSError, json.JSONDecodeError):
+            _cache = {}
+    return _cache
+
+
+def _save() -> None:
+    path = cache_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".autotune.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(_cache, f, indent=0, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError as exc:  # a read-only home must not break inference
+        log.debug("svdq: cannot write autotune cache %s: %s", path, exc)
+
+
+def m_bucket(m: int) -> int:
+    return min(triton.next_power_of_2(max(int(m), 1)), 16384)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+class TunedKernel:
+    """Launches a GEMM-style kernel whose grid is cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N)."""
+
+    def __init__(self, kernel, configs: list, key: list[str]):
+        self.kernel = kernel
+        self.configs = configs
+        self.key = key
+        self.name = getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", "kernel")
+
+    @staticmethod
+    def _cfg_dict(cfg) -> dict:
+        return {"kwargs": dict(cfg.kwargs), "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+
+    def _launch(self, cfg: dict, args: tuple, flags: dict, m: int, n: int) -> None:
+        kw = cfg["kwargs"]
+        grid = (triton.cdiv(m, kw["BLOCK_M"]) * triton.cdiv(n, kw["BLOCK_N"]),)
+        self.kernel[grid](*args, **flags, **kw, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+    def __call__(self, args: tuple, flags: dict, m: int, n: int | None = None, kp: int | None = None, config: dict | None = None):
+        # by convention args[8], args[9], args[10] are M, N, KP
+        m_, n_, kp_ = args[8], args[9], args[10]
+        if config is not None:
+            return self._launch(config, args, flags, m_, n_)
+        if _interpreting() or not torch.cuda.is_available():
+            return self._launch(self._cfg_dict(self.configs[-1]), args, flags, m_, n_)
+        dev = torch.cuda.get_device_name(args[0].device)
+        key = "|".join([dev, self.name, str(m_bucket(m_)), str(n_), str(kp_)] + [f"{k}={flags[k]}" for k in sorted(flags)])
+        cache = _load()
+        cfg = cache.get(key)
+        if cfg is None:
+            if os.environ.get("SVDQ_AUTOTUNE", "1") == "0" or torch.cuda.is_current_stream_capturing():
+                return self._launch(self._cfg_dict(self.configs[0]), args, flags, m_, n_)
+            cfg = self._tune(args, flags, m_, n_)
+            with _lock:
+                cache[key] = cfg
+                _save()
+        return self._launch(cfg, args, flags, m_, n_)
+
+    def _tune(self, args, flags, m, n) -> dict:
+        best = None
+        for c in self.configs:
+            cd = self._cfg_dict(c)
+            try:
+                t = triton.testing.do_bench(lambda: self._launch(cd, args, flags, m, n), warmup=5, rep=20, return_mode="median")
+            except Exception as exc:  # e.g. out of shared memory for this config on this GPU
+                log.debug("svdq: config %s failed: %s", cd, exc)
+                continue
+            if best is None or t < best[0]:
+                best = (t, cd)
+        if best is None:
+            raise RuntimeError(f"svdq: no kernel configuration of {self.name} runs on this GPU")
+        log.info("svdq: tuned %s for M~%d N=%d: %s (%.1f us)", self.name, m, n, best[1]["kwargs"], best[0] * 1e3)
+        return best[1]
+
+
+def autotune_configs(kernel, configs: list, key: list[str]) -> TunedKernel:
+    return TunedKernel(kernel, configs, key)

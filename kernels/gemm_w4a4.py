@@ -1,0 +1,162 @@
+"""4-bit GEMM on int8 tensor cores with the low-rank up-projection, bias and GELU fused into the epilogue.
+
+Reference: ``kernels.reference.svdq_linear_reference`` (INT4 path).
+
+Hopper has no 4-bit MMA, and consuming the dot result per 64-group inside the K loop serialises the wgmma
+pipeline (measured 0.4× bf16). With integer group multipliers both operands are plain int8 (``code * mult``),
+so the main loop is one exact int32 accumulation over all of K, and only the per-token and per-channel float
+scales remain, applied once in the epilogue together with ``lora_act · proj_upᵀ`` and the bias.
+
+The 4-bit weights stay 4-bit in memory; ``expand_weight`` unpacks them to int8 just in time into a reused
+per-device workspace (a bandwidth-bound pass, a few percent of the GEMM).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .autotune_cache import autotune_configs
+
+
+@triton.jit
+def _expand_kernel(p_ptr, mult_ptr, out_ptr, N, KP, stride_p, stride_mult, stride_o,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """packed uint8 [N, Kp/2] (low nibble = even k) × mult [N, Kp/64] → int8 [N, Kp]."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    j = pid_k * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+    nmask = n < N
+    m2 = nmask[:, None] & (j[None, :] < KP // 2)
+    p = tl.load(p_ptr + n[:, None] * stride_p + j[None, :], mask=m2, other=0).to(tl.int32)
+    lo = p & 0xF
+    hi = (p >> 4) & 0xF
+    lo = tl.where(lo >= 8, lo - 16, lo)
+    hi = tl.where(hi >= 8, hi - 16, hi)
+    g = (2 * j) // 64
+    u = tl.load(mult_ptr + n[:, None] * stride_mult + g[None, :], mask=m2, other=0).to(tl.int32)
+    vals = tl.join(lo * u, hi * u)  # [BN, BK/2, 2]: even, odd
+    vals = tl.reshape(vals, [BLOCK_N, BLOCK_K])
+    k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    tl.store(out_ptr + n[:, None] * stride_o + k[None, :], vals.to(tl.int8), mask=nmask[:, None] & (k[None, :] < KP))
+
+
+def expand_weight(qweight: torch.Tensor, wmult: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """INT4 codes × group multipliers as the int8 [N, Kp] GEMM operand (``reference.int8_weight_operand``)."""
+    n, half = qweight.shape
+    kp = half * 2
+    if out is None:
+        out = torch.empty(n, kp, dtype=torch.int8, device=qweight.device)
+    bn, bk = 32, 256
+    grid = (triton.cdiv(n, bn), triton.cdiv(kp, bk))
+    _expand_kernel[grid](qweight, wmult, out, n, kp, qweight.stride(0), wmult.stride(0), out.stride(0),
+                         BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
+    return out
+
+
+@triton.jit
+def _gelu_tanh(y):
+    c = 0.7978845608028654
+    u = c * (y + 0.044715 * y * y * y)
+    t = 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
+    return 0.5 * y * (1.0 + t)
+
+
+@triton.jit
+def _w4a4_gemm_kernel(
+    a_ptr, b_ptr, ascale_ptr, wscale_ptr, lora_ptr, up_ptr, bias_ptr, c_ptr,
+    M, N, KP, R,
+    stride_am, stride_bn, stride_lm, stride_un, stride_cm,
+    HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    gid = pid // group
+    first_m = gid * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + ((pid % group) % size_m)
+    pid_n = (pid % group) // size_m
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    rm_c = tl.where(rm < M, rm, 0)  # clamped rows/cols keep loads in bounds without masks in the main loop
+    rn_c = tl.where(rn < N, rn, 0)
+    a_ptrs = a_ptr + rm_c[:, None] * stride_am + rk[None, :]
+    b_ptrs = b_ptr + rn_c[None, :] * stride_bn + rk[:, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    for k0 in range(0, KP, BLOCK_K):
+        kmask = (k0 + rk) < KP
+        a = tl.load(a_ptrs, mask=kmask[None, :], other=0)
+        b = tl.load(b_ptrs, mask=kmask[:, None], other=0)
+        acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+
+    mmask = rm < M
+    nmask = rn < N
+    sa = tl.load(ascale_ptr + rm, mask=mmask, other=0.0)
+    sw = tl.load(wscale_ptr + rn, mask=nmask, other=0.0)
+    y = acc.to(tl.float32) * sa[:, None] * sw[None, :]
+    if HAS_LORA:
+        rr = tl.arange(0, BLOCK_R)
+        la = tl.load(lora_ptr + rm[:, None] * stride_lm + rr[None, :], mask=mmask[:, None] & (rr[None, :] < R), other=0.0)
+        up = tl.load(up_ptr + rn[None, :] * stride_un + rr[:, None], mask=nmask[None, :] & (rr[:, None] < R), other=0.0)
+        if up.dtype == tl.float32:
+            y += tl.dot(la, up, input_precision="ieee")
+        else:
+            y += tl.dot(la.to(up.dtype), up)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
+        y += bias[None, :]
+    if GELU:
+        y = _gelu_tanh(y)
+    c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :]
+    tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+
+
+def _configs():
+    out = []
+    for bm, bn, bk, w, s in [
+        (128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (128, 128, 128, 4, 4), (64, 128, 128, 4, 4),
+        (128, 256, 64, 8, 4), (256, 128, 128, 8, 3), (64, 64, 128, 4, 3), (32, 64, 128, 4, 3),
+    ]:
+        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s))
+    return out
+
+
+_gemm_tuned = autotune_configs(_w4a4_gemm_kernel, _configs(), key=["M_BUCKET", "N", "KP", "BLOCK_R", "HAS_LORA"])
+
+
+def w4a4_gemm(
+    a8: torch.Tensor,
+    ascale: torch.Tensor,
+    w8: torch.Tensor,
+    wscale: torch.Tensor,
+    lora_act: torch.Tensor | None,
+    proj_up: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    gelu: bool = False,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """y [M, N] = (a8 · w8ᵀ) · ascale · wscale + lora_act · proj_upᵀ + bias (then GELU)."""
+    m, kp = a8.shape
+    n = w8.shape[0]
+    r = 0 if proj_up is None else proj_up.shape[1]
+    out = torch.empty(m, n, dtype=out_dtype, device=a8.device)
+    block_r = max(16, triton.next_power_of_2(r)) if r else 16
+    args = (
+        a8, w8, ascale, wscale, lora_act if r else ascale, proj_up if r else ascale, bias if bias is not None else ascale, out,
+        m, n, kp, r,
+        a8.stride(0), w8.stride(0), lora_act.stride(0) if r else 0, proj_up.stride(0) if r else 0, out.stride(0),
+    )
+    flags = dict(HAS_LORA=r > 0, HAS_BIAS=bias is not None, GELU=gelu, BLOCK_R=block_r)
+    _gemm_tuned(args, flags, m, config=config)
+    return out

@@ -1,0 +1,94 @@
+"""W4A16: 4-bit weights × 16-bit activations for small M (adaLN modulation: M = batch size).
+
+Reference: ``kernels.reference.svdq_linear_reference`` with ``act_precision == "none"``.
+
+Memory-bound, so the goal is reading the packed weights once: ~0.53 bytes per weight (codes + multipliers)
+instead of 2. Each program owns BLOCK_N output channels and a K slice (split-K with fp32 atomics when N alone
+cannot fill the GPU). Nibbles are consumed without interleaving: even input columns multiply the low nibbles,
+odd columns the high ones. ``code * mult`` (|·| ≤ 105) is exact in bf16, the per-channel scale comes last.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _w4a16_kernel(
+    x_ptr, p_ptr, mult_ptr, wscale_ptr, smooth_ptr, out_ptr,
+    M, N, K, KP, K_PER_SPLIT,
+    stride_xm, stride_p, stride_mult, stride_om,
+    HAS_SMOOTH: tl.constexpr, SPLIT: tl.constexpr, LOW_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mmask = rm < M
+    nmask = rn < N
+    j = tl.arange(0, BLOCK_K // 2)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    k_start = pid_s * K_PER_SPLIT
+    for k0 in range(k_start, k_start + K_PER_SPLIT, BLOCK_K):
+        jj = k0 // 2 + j  # packed byte index
+        ke = 2 * jj  # even input column
+        jmask = ke < KP
+        p = tl.load(p_ptr + rn[:, None] * stride_p + jj[None, :], mask=nmask[:, None] & jmask[None, :], other=0).to(tl.int32)
+        u = tl.load(mult_ptr + rn[:, None] * stride_mult + (ke // 64)[None, :], mask=nmask[:, None] & jmask[None, :], other=0).to(tl.int32)
+        lo = p & 0xF
+        hi = (p >> 4) & 0xF
+        lo = (tl.where(lo >= 8, lo - 16, lo) * u).to(tl.float32)
+        hi = (tl.where(hi >= 8, hi - 16, hi) * u).to(tl.float32)
+        xe = tl.load(x_ptr + rm[:, None] * stride_xm + ke[None, :], mask=mmask[:, None] & (ke[None, :] < K), other=0.0).to(tl.float32)
+        xo = tl.load(x_ptr + rm[:, None] * stride_xm + (ke + 1)[None, :], mask=mmask[:, None] & ((ke + 1)[None, :] < K), other=0.0).to(tl.float32)
+        if HAS_SMOOTH:
+            se = tl.load(smooth_ptr + ke, mask=ke < K, other=1.0).to(tl.float32)
+            so = tl.load(smooth_ptr + ke + 1, mask=(ke + 1) < K, other=1.0).to(tl.float32)
+            xe = xe / se[None, :]
+            xo = xo / so[None, :]
+        # [BM, BK/2] x [BK/2, BN]; code*mult is exact in 16 bit, so 16-bit inputs use the tensor cores
+        if LOW_PRECISION:
+            acc += tl.dot(xe.to(x_ptr.dtype.element_ty), tl.trans(lo.to(x_ptr.dtype.element_ty)))
+            acc += tl.dot(xo.to(x_ptr.dtype.element_ty), tl.trans(hi.to(x_ptr.dtype.element_ty)))
+        else:
+            acc += tl.dot(xe, tl.trans(lo), input_precision="ieee")
+            acc += tl.dot(xo, tl.trans(hi), input_precision="ieee")
+    ws = tl.load(wscale_ptr + rn, mask=nmask, other=0.0)
+    y = acc * ws[None, :]
+    optrs = out_ptr + rm[:, None] * stride_om + rn[None, :]
+    if SPLIT > 1:
+        tl.atomic_add(optrs, y, mask=mmask[:, None] & nmask[None, :])
+    else:
+        tl.store(optrs, y, mask=mmask[:, None] & nmask[None, :])
+
+
+def w4a16_linear(x2: torch.Tensor, qweight: torch.Tensor, wmult: torch.Tensor, wscale: torch.Tensor,
+                 smooth: torch.Tensor | None, in_features: int, block_n: int = 64, block_k: int = 128,
+                 split: int | None = None) -> torch.Tensor:
+    """fp32 [M, N] = (x2 / smooth) · (codes · mult · wscale)ᵀ; bias and low-rank terms are added by the caller."""
+    m, k = x2.shape
+    n = qweight.shape[0]
+    kp = qweight.shape[1] * 2
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    blocks_n = triton.cdiv(n, block_n)
+    if split is None:
+        sms = torch.cuda.get_device_properties(x2.device).multi_processor_count if x2.is_cuda else 1
+        split = max(1, min(kp // block_k, (2 * sms) // max(blocks_n, 1)))
+    k_per_split = triton.cdiv(triton.cdiv(kp, split), block_k) * block_k
+    split = triton.cdiv(kp, k_per_split)
+    out = (torch.zeros if split > 1 else torch.empty)(m, n, dtype=torch.float32, device=x2.device)
+    bm = 16
+    grid = (blocks_n, split, triton.cdiv(m, bm))
+    _w4a16_kernel[grid](
+        x2, qweight, wmult, wscale, smooth if smooth is not None else wscale, out,
+        m, n, k, kp, k_per_split,
+        x2.stride(0), qweight.stride(0), wmult.stride(0), out.stride(0),
+        HAS_SMOOTH=smooth is not None, SPLIT=split, LOW_PRECISION=x2.dtype in (torch.float16, torch.bfloat16),
+        BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+    )
+    return out
