@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .autotune_cache import fp32_dots
+
 MAGIC = 12582912.0
 
 
@@ -25,6 +27,7 @@ def _act_quant_kernel(
     shift,
     QMAX: tl.constexpr, UMAX: tl.constexpr, QMIN: tl.constexpr,
     UNSIGNED: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_LORA: tl.constexpr, INT8_MODE: tl.constexpr,
+    DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -41,8 +44,8 @@ def _act_quant_kernel(
         x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :], mask=m2, other=0.0)
         if HAS_LORA:
             d = tl.load(down_ptr + k[:, None] * stride_dk + rcols[None, :], mask=kmask[:, None] & (rcols[None, :] < R), other=0.0)
-            if x.dtype == tl.float32:
-                lora += tl.dot(x, d.to(tl.float32), input_precision="ieee")
+            if DOT_FP32:
+                lora += tl.dot(x.to(tl.float32), d.to(tl.float32), input_precision="ieee")
             else:
                 lora += tl.dot(x, d.to(x.dtype))
         xf = x.to(tl.float32) + shift
@@ -118,7 +121,7 @@ def quantize_activation(
         x2.stride(0), out.stride(0), proj_down.stride(0) if r else 0, lora.stride(0) if r else 0,
         float(shift),
         QMAX=qmax, UMAX=umax, QMIN=qmin,
-        UNSIGNED=bool(unsigned), HAS_SMOOTH=smooth is not None, HAS_LORA=r > 0, INT8_MODE=mode == "int8",
+        UNSIGNED=bool(unsigned), HAS_SMOOTH=smooth is not None, HAS_LORA=r > 0, INT8_MODE=mode == "int8", DOT_FP32=fp32_dots(x2),
         BLOCK_M=bm, BLOCK_R=block_r, GROUP=64,
         num_warps=4,
     )

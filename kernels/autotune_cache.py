@@ -58,6 +58,13 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def fp32_dots(*tensors) -> bool:
+    """Use fp32 dots: for fp32 data, and under the interpreter (which mishandles 16-bit float dots)."""
+    if _interpreting():
+        return True
+    return any(t is not None and t.dtype == torch.float32 for t in tensors)
+
+
 class TunedKernel:
     """Launches a GEMM-style kernel whose grid is cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N)."""
 

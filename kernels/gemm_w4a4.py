@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune_cache import autotune_configs
+from .autotune_cache import autotune_configs, fp32_dots
 
 
 @triton.jit
@@ -69,7 +69,7 @@ def _w4a4_gemm_kernel(
     a_ptr, b_ptr, ascale_ptr, wscale_ptr, lora_ptr, up_ptr, bias_ptr, c_ptr,
     M, N, KP, R,
     stride_am, stride_bn, stride_lm, stride_un, stride_cm,
-    HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
+    HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -108,8 +108,8 @@ def _w4a4_gemm_kernel(
         rr = tl.arange(0, BLOCK_R)
         la = tl.load(lora_ptr + rm[:, None] * stride_lm + rr[None, :], mask=mmask[:, None] & (rr[None, :] < R), other=0.0)
         up = tl.load(up_ptr + rn[None, :] * stride_un + rr[:, None], mask=nmask[None, :] & (rr[:, None] < R), other=0.0)
-        if up.dtype == tl.float32:
-            y += tl.dot(la, up, input_precision="ieee")
+        if DOT_FP32:
+            y += tl.dot(la, up.to(tl.float32), input_precision="ieee")
         else:
             y += tl.dot(la.to(up.dtype), up)
     if HAS_BIAS:
@@ -157,6 +157,6 @@ def w4a4_gemm(
         m, n, kp, r,
         a8.stride(0), w8.stride(0), lora_act.stride(0) if r else 0, proj_up.stride(0) if r else 0, out.stride(0),
     )
-    flags = dict(HAS_LORA=r > 0, HAS_BIAS=bias is not None, GELU=gelu, BLOCK_R=block_r)
+    flags = dict(HAS_LORA=r > 0, HAS_BIAS=bias is not None, GELU=gelu, BLOCK_R=block_r, DOT_FP32=fp32_dots(a8, proj_up))
     _gemm_tuned(args, flags, m, config=config)
     return out

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .autotune_cache import fp32_dots
+
 
 @triton.jit
 def _w4a16_kernel(
@@ -88,7 +90,7 @@ def w4a16_linear(x2: torch.Tensor, qweight: torch.Tensor, wmult: torch.Tensor, w
         x2, qweight, wmult, wscale, smooth if smooth is not None else wscale, out,
         m, n, k, kp, k_per_split,
         x2.stride(0), qweight.stride(0), wmult.stride(0), out.stride(0),
-        HAS_SMOOTH=smooth is not None, SPLIT=split, LOW_PRECISION=x2.dtype in (torch.float16, torch.bfloat16),
+        HAS_SMOOTH=smooth is not None, SPLIT=split, LOW_PRECISION=not fp32_dots(x2),
         BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
     )
     return out

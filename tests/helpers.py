@@ -1,0 +1,25 @@
+"""Shared builders for tests: random quantized layers with realistic tensors."""
+
+import torch
+
+from svdq.kernels.reference import QuantizedLinearWeights
+from svdq.quant.formats import pack_int4, quantize_int4_weight
+
+
+def random_layer(n, k, rank=32, bias=True, unsigned=False, shift=0.0, act="int4", kind="w4a4",
+                 device="cpu", dtype=torch.bfloat16, seed=0) -> QuantizedLinearWeights:
+    """A layer with a genuinely quantized random weight (not random codes), smoothing and a low-rank branch."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    q = quantize_int4_weight(w)
+    smooth = (torch.rand(k, generator=g) * 1.5 + 0.25).to(dtype)
+    down = (torch.randn(k, rank, generator=g) * 0.05).to(dtype) if rank else None
+    up = (torch.randn(n, rank, generator=g) * 0.05).to(dtype) if rank else None
+    layer = QuantizedLinearWeights(
+        in_features=k, out_features=n, kind=kind, precision="int4", act_precision=act if kind == "w4a4" else "none",
+        qweight=pack_int4(q.codes), wmult=q.mult, wscale=q.scale, smooth=smooth,
+        proj_down=down, proj_up=up, bias=(torch.randn(n, generator=g) * 0.1).to(dtype) if bias else None,
+        act_unsigned=unsigned, act_shift=shift,
+    )
+    layer.validate()
+    return layer.to(device)

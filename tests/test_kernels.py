@@ -1,0 +1,109 @@
+"""Triton kernels against the plain-PyTorch reference: same integer codes, relative error ≤ 1e-2.
+
+On CPU the kernels run under TRITON_INTERPRET=1 at small shapes (conftest); on a CUDA GPU at larger ones.
+"""
+
+import pytest
+import torch
+
+from helpers import random_layer
+from conftest import device
+from svdq.kernels.reference import activation_operand, int8_weight_operand, svdq_linear_reference
+
+GPU = torch.cuda.is_available()
+DEV = device()
+
+
+def rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12))
+
+
+SHAPES = [  # (M, K, N, rank, bias, unsigned)
+    (1, 64, 64, 0, False, False),
+    (7, 200, 72, 16, True, False),  # odd M, K not a multiple of 64, N not of the tile
+    (33, 128, 130, 32, True, True),  # unsigned activations after the GELU shift
+    (17, 320, 96, 64, False, False),
+    (5, 256, 48, 128, True, False),
+] + ([(4608, 3072, 3072, 32, True, False), (1000, 3072, 12288, 32, True, True), (77, 12288, 3072, 32, False, False)] if GPU else [])
+
+
+@pytest.mark.parametrize("m,k,n,rank,bias,unsigned", SHAPES)
+def test_activation_kernel_codes_match(m, k, n, rank, bias, unsigned, triton_kernels):
+    from svdq.kernels.act_quant import quantize_activation
+
+    layer = random_layer(n, k, rank, bias, unsigned, 0.171875 if unsigned else 0.0, device=DEV, seed=m)
+    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16) * 2
+    if unsigned:
+        x = torch.nn.functional.gelu(x.float(), approximate="tanh").to(torch.bfloat16)
+    a_ref, s_ref = activation_operand(x, layer)
+    a, s, lora = quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down, layer.act_shift, unsigned)
+    assert torch.equal(s, s_ref)
+    assert torch.equal(a, a_ref), f"{(a != a_ref).sum().item()} codes differ"
+    if rank:
+        lref = x.float() @ layer.proj_down.float()
+        assert rel(lora, lref) < 1e-3
+
+
+@pytest.mark.parametrize("m,k,n,rank,bias,unsigned", SHAPES)
+def test_w4a4_linear_matches_reference(m, k, n, rank, bias, unsigned, triton_kernels):
+    layer = random_layer(n, k, rank, bias, unsigned, 0.171875 if unsigned else 0.0, device=DEV, seed=k)
+    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+    out = triton_kernels.svdq_linear(x, layer)
+    ref = svdq_linear_reference(x, layer)
+    assert out.dtype == x.dtype and out.shape == (m, n)
+    assert torch.isfinite(out).all()
+    assert rel(out, ref) <= 1e-2
+
+
+def test_int8_activation_mode(triton_kernels):
+    layer = random_layer(96, 192, 32, True, act="int8", device=DEV)
+    x = torch.randn(9, 192, device=DEV, dtype=torch.bfloat16)
+    assert rel(triton_kernels.svdq_linear(x, layer), svdq_linear_reference(x, layer)) <= 1e-2
+
+
+def test_gelu_epilogue(triton_kernels):
+    layer = random_layer(64, 128, 16, True, device=DEV)
+    x = torch.randn(5, 128, device=DEV, dtype=torch.bfloat16)
+    out = triton_kernels.svdq_linear(x, layer, gelu=True)
+    assert rel(out, svdq_linear_reference(x, layer, gelu=True)) <= 1e-2
+
+
+def test_lora_extension_matches_reference(triton_kernels):
+    layer = random_layer(80, 128, 32, True, device=DEV)
+    down = torch.randn(128, 8, device=DEV, dtype=torch.bfloat16) * 0.1
+    up = torch.randn(80, 8, device=DEV, dtype=torch.bfloat16) * 0.1
+    x = torch.randn(6, 128, device=DEV, dtype=torch.bfloat16)
+    out = triton_kernels.svdq_linear(x, layer, down, up)
+    ref = svdq_linear_reference(x, layer, down, up)
+    assert rel(out, ref) <= 1e-2
+    assert rel(out, svdq_linear_reference(x, layer)) > 1e-3  # the LoRA term did something
+
+
+@pytest.mark.parametrize("n,k", [(64, 128), (130, 200), (96, 3072)] + ([(18432, 3072), (3072, 12288)] if GPU else []))
+def test_expand_weight_exact(n, k, triton_kernels):
+    from svdq.kernels.gemm_w4a4 import expand_weight
+
+    layer = random_layer(n, k, 0, False, device=DEV)
+    assert torch.equal(expand_weight(layer.qweight, layer.wmult), int8_weight_operand(layer))
+
+
+@pytest.mark.parametrize("m", [1, 3, 16, 40])
+def test_w4a16_matches_reference(m, triton_kernels):
+    k, n = (3072, 9216) if GPU else (256, 96)
+    layer = random_layer(n, k, 0, True, kind="w4a16", device=DEV, seed=m)
+    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+    out = triton_kernels.svdq_linear(x, layer)
+    assert rel(out, svdq_linear_reference(x, layer)) <= 1e-2
+
+
+def test_fallback_for_unsupported_dtype(triton_kernels):
+    layer = random_layer(64, 64, 0, False, device=DEV)
+    x = torch.randn(3, 64, device=DEV, dtype=torch.float64)
+    out = triton_kernels.svdq_linear(x, layer)
+    assert torch.allclose(out, svdq_linear_reference(x, layer))
+
+
+def test_wrong_feature_count_is_a_clear_error(triton_kernels):
+    layer = random_layer(64, 64, 0, False, device=DEV)
+    with pytest.raises(ValueError, match="expects 64"):
+        triton_kernels.svdq_linear(torch.randn(3, 65, device=DEV), layer)
