@@ -2,10 +2,11 @@
 
 Reference: ``quant.formats.quantize_int4_activation`` (codes) and ``kernels.reference.lowrank_down``.
 
-Each program owns BLOCK_M tokens and walks K twice. Pass 1 computes every group's absmax (for the per-token
-scale) and accumulates ``x · L1`` on the tensor cores from the same tiles. Pass 2 re-reads the tiles (from L2:
-a program's rows are a few hundred KB) and writes the int8 operand ``code * multiplier``. Division is IEEE
-(``div_rn``) and rounding is the fp32 magic-number trick, so codes equal the reference's bit for bit.
+Each program owns BLOCK_M tokens and walks K twice in tiles of up to four 64-groups. Pass 1 computes the
+per-token absmax and accumulates ``x · L1`` on the tensor cores from the same tiles. Pass 2 re-reads the tiles
+(mostly from L2) and writes the int8 operand ``code * multiplier``. The launcher passes 1/λ; per-group
+reciprocals are IEEE (``div_rn``) and rounding is the fp32 magic-number trick, so codes equal the reference's
+bit for bit.
 """
 
 from __future__ import annotations
@@ -14,77 +15,81 @@ import torch
 import triton
 import triton.language as tl
 
+from ..quant.formats import inv_smooth
 from .autotune_cache import fp32_dots
 
-MAGIC = 12582912.0
+MAGIC = tl.constexpr(12582912.0)
+
+
+@triton.jit
+def _load_smoothed(x_ptr, inv_ptr, rows, rmask, k, K, stride_xm, shift, UNSIGNED: tl.constexpr, HAS_SMOOTH: tl.constexpr):
+    kmask = k < K
+    m2 = rmask[:, None] & kmask[None, :]
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :], mask=m2, other=0.0)
+    xf = x.to(tl.float32) + shift
+    if HAS_SMOOTH:
+        inv = tl.load(inv_ptr + k, mask=kmask, other=1.0)
+        xf = xf * inv[None, :]
+    xf = tl.where(m2, xf, 0.0)
+    if UNSIGNED:
+        xf = tl.maximum(xf, 0.0)
+    return x, xf
 
 
 @triton.jit
 def _act_quant_kernel(
-    x_ptr, smooth_ptr, down_ptr, out_ptr, scale_ptr, lora_ptr,
+    x_ptr, inv_ptr, down_ptr, out_ptr, scale_ptr, lora_ptr,
     M, K, KP, R,
     stride_xm, stride_om, stride_dk, stride_lm,
     shift,
     QMAX: tl.constexpr, UMAX: tl.constexpr, QMIN: tl.constexpr,
     UNSIGNED: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_LORA: tl.constexpr, INT8_MODE: tl.constexpr,
     DOT_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr,
 ):
+    BLOCK_K: tl.constexpr = GROUP * GROUPS
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
-    cols = tl.arange(0, GROUP)
+    cols = tl.arange(0, BLOCK_K)
     rcols = tl.arange(0, BLOCK_R)
     row_max = tl.zeros([BLOCK_M], dtype=tl.float32)
     lora = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-    for k0 in range(0, KP, GROUP):
+    # pass 1: per-token absmax and the low-rank down-projection from the same tiles
+    for k0 in range(0, KP, BLOCK_K):
         k = k0 + cols
-        kmask = k < K
-        m2 = rmask[:, None] & kmask[None, :]
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :], mask=m2, other=0.0)
+        x, xf = _load_smoothed(x_ptr, inv_ptr, rows, rmask, k, K, stride_xm, shift, UNSIGNED, HAS_SMOOTH)
         if HAS_LORA:
-            d = tl.load(down_ptr + k[:, None] * stride_dk + rcols[None, :], mask=kmask[:, None] & (rcols[None, :] < R), other=0.0)
+            d = tl.load(down_ptr + k[:, None] * stride_dk + rcols[None, :], mask=(k[:, None] < K) & (rcols[None, :] < R), other=0.0)
             if DOT_FP32:
                 lora += tl.dot(x.to(tl.float32), d.to(tl.float32), input_precision="ieee")
             else:
                 lora += tl.dot(x, d.to(x.dtype))
-        xf = x.to(tl.float32) + shift
-        if HAS_SMOOTH:
-            s = tl.load(smooth_ptr + k, mask=kmask, other=1.0).to(tl.float32)
-            xf = tl.math.div_rn(xf, s[None, :])
-        xf = tl.where(m2, xf, 0.0)
-        if UNSIGNED:
-            xf = tl.maximum(xf, 0.0)
         row_max = tl.maximum(row_max, tl.max(tl.abs(xf), axis=1))
     scale = tl.where(row_max > 0, tl.math.div_rn(row_max, tl.full([BLOCK_M], QMAX * UMAX, tl.float32)), 1.0)
     tl.store(scale_ptr + rows, scale, mask=rmask)
     if HAS_LORA:
         tl.store(lora_ptr + rows[:, None] * stride_lm + rcols[None, :], lora, mask=rmask[:, None] & (rcols[None, :] < R))
-    for k0 in range(0, KP, GROUP):
+    if INT8_MODE:
+        inv_scale = tl.math.div_rn(tl.full([BLOCK_M], 1.0, tl.float32), scale)
+    # pass 2: quantize (the row block's tiles are still in L2)
+    for k0 in range(0, KP, BLOCK_K):
         k = k0 + cols
-        kmask = k < K
-        m2 = rmask[:, None] & kmask[None, :]
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :], mask=m2, other=0.0)
-        xf = x.to(tl.float32) + shift
-        if HAS_SMOOTH:
-            s = tl.load(smooth_ptr + k, mask=kmask, other=1.0).to(tl.float32)
-            xf = tl.math.div_rn(xf, s[None, :])
-        xf = tl.where(m2, xf, 0.0)
-        if UNSIGNED:
-            xf = tl.maximum(xf, 0.0)
+        x, xf = _load_smoothed(x_ptr, inv_ptr, rows, rmask, k, K, stride_xm, shift, UNSIGNED, HAS_SMOOTH)
         if INT8_MODE:
-            q = tl.math.div_rn(xf, scale[:, None])
+            q = xf * inv_scale[:, None]
             q = (q + MAGIC) - MAGIC
             q = tl.minimum(tl.maximum(q, -127.0), 127.0)
         else:
-            amax = tl.max(tl.abs(xf), axis=1)
-            v = tl.math.ceil(tl.math.div_rn(amax, scale * QMAX))
+            g = tl.reshape(xf, [BLOCK_M, GROUPS, GROUP])
+            amax = tl.max(tl.abs(g), axis=2)  # [BM, GROUPS]
+            v = tl.math.ceil(tl.math.div_rn(amax, (scale * QMAX)[:, None]))
             v = tl.minimum(tl.maximum(v, 1.0), UMAX * 1.0)
-            step = v * scale
-            q = tl.math.div_rn(xf, step[:, None])
+            inv_step = tl.math.div_rn(tl.full([BLOCK_M, GROUPS], 1.0, tl.float32), v * scale[:, None])
+            q = g * inv_step[:, :, None]
             q = (q + MAGIC) - MAGIC
             q = tl.minimum(tl.maximum(q, QMIN * 1.0), QMAX * 1.0)
-            q = q * v[:, None]
+            q = tl.reshape(q * v[:, :, None], [BLOCK_M, BLOCK_K])
         tl.store(out_ptr + rows[:, None] * stride_om + k[None, :], q.to(tl.int8), mask=rmask[:, None] & (k[None, :] < KP))
 
 
@@ -113,16 +118,18 @@ def quantize_activation(
     else:
         raise ValueError(f"activation kernel supports int4 and int8, not {mode!r}")
     block_r = max(16, triton.next_power_of_2(r)) if r else 16
-    bm = block_m or (16 if block_r <= 64 else 16)
+    bm = block_m or 16
+    groups = 4 if k_padded % 256 == 0 else (2 if k_padded % 128 == 0 else 1)
     grid = (triton.cdiv(m, bm),)
+    inv = inv_smooth(smooth) if smooth is not None else None
     _act_quant_kernel[grid](
-        x2, smooth if smooth is not None else x2, proj_down if r else x2, out, scale, lora if r else scale,
+        x2, inv if inv is not None else x2, proj_down if r else x2, out, scale, lora if r else scale,
         m, k, k_padded, r,
         x2.stride(0), out.stride(0), proj_down.stride(0) if r else 0, lora.stride(0) if r else 0,
         float(shift),
         QMAX=qmax, UMAX=umax, QMIN=qmin,
         UNSIGNED=bool(unsigned), HAS_SMOOTH=smooth is not None, HAS_LORA=r > 0, INT8_MODE=mode == "int8", DOT_FP32=fp32_dots(x2),
-        BLOCK_M=bm, BLOCK_R=block_r, GROUP=64,
+        BLOCK_M=bm, BLOCK_R=block_r, GROUP=64, GROUPS=groups,
         num_warps=4,
     )
     return out, scale, lora

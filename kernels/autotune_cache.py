@@ -72,6 +72,7 @@ class TunedKernel:
         self.kernel = kernel
         self.configs = configs
         self.key = key
+        self.even_k = "EVEN_K" in getattr(kernel, "arg_names", [])
         self.name = getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", "kernel")
 
     @staticmethod
@@ -79,8 +80,10 @@ class TunedKernel:
         return {"kwargs": dict(cfg.kwargs), "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
 
     def _launch(self, cfg: dict, args: tuple, flags: dict, m: int, n: int) -> None:
-        kw = cfg["kwargs"]
+        kw = dict(cfg["kwargs"])
         grid = (triton.cdiv(m, kw["BLOCK_M"]) * triton.cdiv(n, kw["BLOCK_N"]),)
+        if self.even_k:
+            kw["EVEN_K"] = args[10] % kw["BLOCK_K"] == 0
         self.kernel[grid](*args, **flags, **kw, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
     def __call__(self, args: tuple, flags: dict, m: int, n: int | None = None, kp: int | None = None, config: dict | None = None):
@@ -110,7 +113,7 @@ class TunedKernel:
             try:
                 t = triton.testing.do_bench(lambda: self._launch(cd, args, flags, m, n), warmup=5, rep=20, return_mode="median")
             except Exception as exc:  # e.g. out of shared memory for this config on this GPU
-                log.debug("svdq: config %s failed: %s", cd, exc)
+                log.warning("svdq: kernel config %s failed: %s", cd, str(exc)[-2000:])
                 continue
             if best is None or t < best[0]:
                 best = (t, cd)

@@ -71,7 +71,7 @@ def _w4a4_gemm_kernel(
     stride_am, stride_bn, stride_lm, stride_un, stride_cm,
     HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -79,7 +79,7 @@ def _w4a4_gemm_kernel(
     group = GROUP_M * num_n
     gid = pid // group
     first_m = gid * GROUP_M
-    size_m = min(num_m - first_m, GROUP_M)
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
     pid_m = first_m + ((pid % group) % size_m)
     pid_n = (pid % group) // size_m
 
@@ -92,10 +92,14 @@ def _w4a4_gemm_kernel(
     b_ptrs = b_ptr + rn_c[None, :] * stride_bn + rk[:, None]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     for k0 in range(0, KP, BLOCK_K):
-        kmask = (k0 + rk) < KP
-        a = tl.load(a_ptrs, mask=kmask[None, :], other=0)
-        b = tl.load(b_ptrs, mask=kmask[:, None], other=0)
-        acc = tl.dot(a, b, acc)
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            kmask = (k0 + rk) < KP
+            a = tl.load(a_ptrs, mask=kmask[None, :], other=0)
+            b = tl.load(b_ptrs, mask=kmask[:, None], other=0)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
 

@@ -5,7 +5,7 @@ Reference: ``kernels.reference.svdq_linear_reference`` with ``act_precision == "
 Memory-bound, so the goal is reading the packed weights once: ~0.53 bytes per weight (codes + multipliers)
 instead of 2. Each program owns BLOCK_N output channels and a K slice (split-K with fp32 atomics when N alone
 cannot fill the GPU). Nibbles are consumed without interleaving: even input columns multiply the low nibbles,
-odd columns the high ones. ``code * mult`` (|·| ≤ 105) is exact in bf16, the per-channel scale comes last.
+odd columns the high ones, on the CUDA cores in fp32; the per-channel scale comes last.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune_cache import fp32_dots
 
 
 @triton.jit
@@ -22,7 +21,7 @@ def _w4a16_kernel(
     x_ptr, p_ptr, mult_ptr, wscale_ptr, smooth_ptr, out_ptr,
     M, N, K, KP, K_PER_SPLIT,
     stride_xm, stride_p, stride_mult, stride_om,
-    HAS_SMOOTH: tl.constexpr, SPLIT: tl.constexpr, LOW_PRECISION: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -52,13 +51,9 @@ def _w4a16_kernel(
             so = tl.load(smooth_ptr + ke + 1, mask=(ke + 1) < K, other=1.0).to(tl.float32)
             xe = xe / se[None, :]
             xo = xo / so[None, :]
-        # [BM, BK/2] x [BK/2, BN]; code*mult is exact in 16 bit, so 16-bit inputs use the tensor cores
-        if LOW_PRECISION:
-            acc += tl.dot(xe.to(x_ptr.dtype.element_ty), tl.trans(lo.to(x_ptr.dtype.element_ty)))
-            acc += tl.dot(xo.to(x_ptr.dtype.element_ty), tl.trans(hi.to(x_ptr.dtype.element_ty)))
-        else:
-            acc += tl.dot(xe, tl.trans(lo), input_precision="ieee")
-            acc += tl.dot(xo, tl.trans(hi), input_precision="ieee")
+        # [BM, 1, BK/2] * [1, BN, BK/2] summed over K: CUDA cores, weights read once, no layout shuffles
+        acc += tl.sum(xe[:, None, :] * lo[None, :, :], axis=2)
+        acc += tl.sum(xo[:, None, :] * hi[None, :, :], axis=2)
     ws = tl.load(wscale_ptr + rn, mask=nmask, other=0.0)
     y = acc * ws[None, :]
     optrs = out_ptr + rm[:, None] * stride_om + rn[None, :]
@@ -69,7 +64,7 @@ def _w4a16_kernel(
 
 
 def w4a16_linear(x2: torch.Tensor, qweight: torch.Tensor, wmult: torch.Tensor, wscale: torch.Tensor,
-                 smooth: torch.Tensor | None, in_features: int, block_n: int = 64, block_k: int = 128,
+                 smooth: torch.Tensor | None, in_features: int, block_n: int = 32, block_k: int = 256,
                  split: int | None = None) -> torch.Tensor:
     """fp32 [M, N] = (x2 / smooth) · (codes · mult · wscale)ᵀ; bias and low-rank terms are added by the caller."""
     m, k = x2.shape
@@ -77,20 +72,22 @@ def w4a16_linear(x2: torch.Tensor, qweight: torch.Tensor, wmult: torch.Tensor, w
     kp = qweight.shape[1] * 2
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
+    if m > 4:
+        block_n = 16  # keep the [BM, BN, BK/2] product within the registers
     blocks_n = triton.cdiv(n, block_n)
     if split is None:
         sms = torch.cuda.get_device_properties(x2.device).multi_processor_count if x2.is_cuda else 1
-        split = max(1, min(kp // block_k, (2 * sms) // max(blocks_n, 1)))
+        split = max(1, min(kp // block_k, (4 * sms) // max(blocks_n, 1)))
     k_per_split = triton.cdiv(triton.cdiv(kp, split), block_k) * block_k
     split = triton.cdiv(kp, k_per_split)
     out = (torch.zeros if split > 1 else torch.empty)(m, n, dtype=torch.float32, device=x2.device)
-    bm = 16
+    bm = min(16, triton.next_power_of_2(m))
     grid = (blocks_n, split, triton.cdiv(m, bm))
     _w4a16_kernel[grid](
         x2, qweight, wmult, wscale, smooth if smooth is not None else wscale, out,
         m, n, k, kp, k_per_split,
         x2.stride(0), qweight.stride(0), wmult.stride(0), out.stride(0),
-        HAS_SMOOTH=smooth is not None, SPLIT=split, LOW_PRECISION=not fp32_dots(x2),
+        HAS_SMOOTH=smooth is not None, SPLIT=split,
         BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
     )
     return out

@@ -19,6 +19,7 @@ from ..quant.formats import (
     INT4_GROUP,
     NVFP4_GROUP,
     e2m1_decode,
+    inv_smooth,
     quantize_int4_activation,
     quantize_nvfp4_activation,
     round_half_even,
@@ -142,10 +143,10 @@ def quantize_activation_int8(x: torch.Tensor, smooth: torch.Tensor | None, shift
     if shift:
         xf = xf + shift
     if smooth is not None:
-        xf = xf / smooth.float()
+        xf = xf * inv_smooth(smooth)
     amax = xf.abs().amax(dim=-1)
-    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-    q = round_half_even(xf / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    scale = torch.where(amax > 0, amax / torch.full_like(amax, 127.0), torch.ones_like(amax))
+    q = round_half_even(xf * torch.reciprocal(scale)[:, None]).clamp(-127, 127).to(torch.int8)
     if k_padded > q.shape[1]:
         q = torch.cat([q, q.new_zeros(q.shape[0], k_padded - q.shape[1])], dim=1)
     return q, scale

@@ -145,13 +145,14 @@ def quantize_int4_activation(
 
     Returns (int8 operand = code * multiplier, [M, K_pad]) and the per-token fp32 scale [M].
     Unsigned mode (non-negative inputs, e.g. after GELU with the shift) uses codes 0..15 and multipliers 1..8;
-    values below zero are clamped. Arithmetic is fp32 with IEEE division, identical to the Triton kernel.
+    values below zero are clamped. Arithmetic is fp32 and, for speed and bit-exactness on every device,
+    divisions are multiplications by IEEE reciprocals: ``x̂ = (x + shift) * (1/λ)``, ``q = round(x̂ * (1/step))``.
     """
     xf = x.float()
     if shift:
         xf = xf + shift
     if smooth is not None:
-        xf = xf / smooth.float()
+        xf = xf * inv_smooth(smooth)
     xf = pad_to_multiple(xf, group)
     m, k = xf.shape
     g = xf.reshape(m, k // group, group)
@@ -162,12 +163,19 @@ def quantize_int4_activation(
         qmax, umax, qmin = INT4_QMAX_SIGNED, INT4_UMAX_SIGNED, -INT4_QMAX_SIGNED
     amax = g.abs().amax(dim=-1)
     row_max = amax.amax(dim=-1)
-    scale = torch.where(row_max > 0, row_max / float(qmax * umax), torch.ones_like(row_max))
+    # Tensor-by-tensor divisions: PyTorch's CUDA division by a Python scalar multiplies by the reciprocal,
+    # which is not IEEE division and would make codes device-dependent.
+    scale = torch.where(row_max > 0, row_max / torch.full_like(row_max, float(qmax * umax)), torch.ones_like(row_max))
     v = torch.ceil(amax / (scale[:, None] * float(qmax))).clamp(1, umax)
-    step = v * scale[:, None]
-    q = round_half_even(g / step[..., None]).clamp(qmin, qmax)
+    inv_step = torch.reciprocal(v * scale[:, None])
+    q = round_half_even(g * inv_step[..., None]).clamp(qmin, qmax)
     operand = (q * v[..., None]).reshape(m, k).to(torch.int8)
     return operand, scale
+
+
+def inv_smooth(smooth: torch.Tensor) -> torch.Tensor:
+    """fp32 1/λ, computed once per layer call by the launcher and by the reference alike."""
+    return torch.reciprocal(smooth.float())
 
 
 # ----------------------------------------------------------------------------------------------------------
