@@ -14,11 +14,22 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from ..quant.formats import inv_smooth
-from .autotune_cache import fp32_dots
+from .autotune_cache import fp32_dots, interpreting
 
 MAGIC = tl.constexpr(12582912.0)
+
+
+@triton.jit
+def _round_half_even(q, USE_RINT: tl.constexpr):
+    # On the GPU a separate rint: the magic-number add would be contracted into an FMA with the preceding
+    # multiply (one rounding instead of two) and codes would differ from the reference at ties.
+    if USE_RINT:
+        return libdevice.rint(q)
+    else:
+        return (q + MAGIC) - MAGIC
 
 
 @triton.jit
@@ -44,7 +55,7 @@ def _act_quant_kernel(
     shift,
     QMAX: tl.constexpr, UMAX: tl.constexpr, QMIN: tl.constexpr,
     UNSIGNED: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_LORA: tl.constexpr, INT8_MODE: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    DOT_FP32: tl.constexpr, USE_RINT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr,
 ):
     BLOCK_K: tl.constexpr = GROUP * GROUPS
@@ -77,8 +88,7 @@ def _act_quant_kernel(
         k = k0 + cols
         x, xf = _load_smoothed(x_ptr, inv_ptr, rows, rmask, k, K, stride_xm, shift, UNSIGNED, HAS_SMOOTH)
         if INT8_MODE:
-            q = xf * inv_scale[:, None]
-            q = (q + MAGIC) - MAGIC
+            q = _round_half_even(xf * inv_scale[:, None], USE_RINT)
             q = tl.minimum(tl.maximum(q, -127.0), 127.0)
         else:
             g = tl.reshape(xf, [BLOCK_M, GROUPS, GROUP])
@@ -86,8 +96,7 @@ def _act_quant_kernel(
             v = tl.math.ceil(tl.math.div_rn(amax, (scale * QMAX)[:, None]))
             v = tl.minimum(tl.maximum(v, 1.0), UMAX * 1.0)
             inv_step = tl.math.div_rn(tl.full([BLOCK_M, GROUPS], 1.0, tl.float32), v * scale[:, None])
-            q = g * inv_step[:, :, None]
-            q = (q + MAGIC) - MAGIC
+            q = _round_half_even(g * inv_step[:, :, None], USE_RINT)
             q = tl.minimum(tl.maximum(q, QMIN * 1.0), QMAX * 1.0)
             q = tl.reshape(q * v[:, :, None], [BLOCK_M, BLOCK_K])
         tl.store(out_ptr + rows[:, None] * stride_om + k[None, :], q.to(tl.int8), mask=rmask[:, None] & (k[None, :] < KP))
@@ -128,7 +137,7 @@ def quantize_activation(
         x2.stride(0), out.stride(0), proj_down.stride(0) if r else 0, lora.stride(0) if r else 0,
         float(shift),
         QMAX=qmax, UMAX=umax, QMIN=qmin,
-        UNSIGNED=bool(unsigned), HAS_SMOOTH=smooth is not None, HAS_LORA=r > 0, INT8_MODE=mode == "int8", DOT_FP32=fp32_dots(x2),
+        UNSIGNED=bool(unsigned), HAS_SMOOTH=smooth is not None, HAS_LORA=r > 0, INT8_MODE=mode == "int8", DOT_FP32=fp32_dots(x2), USE_RINT=not interpreting(),
         BLOCK_M=bm, BLOCK_R=block_r, GROUP=64, GROUPS=groups,
         num_warps=4,
     )

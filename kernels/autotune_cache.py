@@ -54,8 +54,11 @@ def m_bucket(m: int) -> int:
     return min(triton.next_power_of_2(max(int(m), 1)), 16384)
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+_interpreting = interpreting
 
 
 def fp32_dots(*tensors) -> bool:
