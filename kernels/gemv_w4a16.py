@@ -72,7 +72,8 @@ def w4a16_linear(x2: torch.Tensor, qweight: torch.Tensor, wmult: torch.Tensor, w
     kp = qweight.shape[1] * 2
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
-    if m > 4:
+    bm = min(4, triton.next_power_of_2(m))  # larger M: more row blocks (weights re-read from L2)
+    if bm > 2:
         block_n = 16  # keep the [BM, BN, BK/2] product within the registers
     blocks_n = triton.cdiv(n, block_n)
     if split is None:
@@ -81,7 +82,6 @@ def w4a16_linear(x2: torch.Tensor, qweight: torch.Tensor, wmult: torch.Tensor, w
     k_per_split = triton.cdiv(triton.cdiv(kp, split), block_k) * block_k
     split = triton.cdiv(kp, k_per_split)
     out = (torch.zeros if split > 1 else torch.empty)(m, n, dtype=torch.float32, device=x2.device)
-    bm = min(16, triton.next_power_of_2(m))
     grid = (blocks_n, split, triton.cdiv(m, bm))
     _w4a16_kernel[grid](
         x2, qweight, wmult, wscale, smooth if smooth is not None else wscale, out,
