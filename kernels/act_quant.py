@@ -2,9 +2,9 @@
 
 Reference: ``quant.formats.quantize_int4_activation`` (codes) and ``kernels.reference.lowrank_down``.
 
-Each program owns BLOCK_M tokens and walks K twice in tiles of up to four 64-groups. Pass 1 computes the
-per-token absmax and accumulates ``x · L1`` on the tensor cores from the same tiles. Pass 2 re-reads the tiles
-(mostly from L2) and writes the int8 operand ``code * multiplier``. The launcher passes 1/λ; per-group
+Two launches over a (token block × K tile) grid, so every SM has work whatever M is. Pass 1 writes each
+64-group's absmax and adds the tile's ``x · L1`` partial product (tensor cores, fp32 atomics). Pass 2 derives
+the per-token scale from all group maxima and writes the int8 operand ``code * multiplier``. The launcher passes 1/λ; per-group
 reciprocals are IEEE (``div_rn``) and rounding is the fp32 magic-number trick, so codes equal the reference's
 bit for bit.
 """
@@ -48,58 +48,74 @@ def _load_smoothed(x_ptr, inv_ptr, rows, rmask, k, K, stride_xm, shift, UNSIGNED
 
 
 @triton.jit
-def _act_quant_kernel(
-    x_ptr, inv_ptr, down_ptr, out_ptr, scale_ptr, lora_ptr,
-    M, K, KP, R,
-    stride_xm, stride_om, stride_dk, stride_lm,
+def _act_stats_kernel(
+    x_ptr, inv_ptr, down_ptr, gmax_ptr, lora_ptr,
+    M, K, R,
+    stride_xm, stride_dk, stride_gm, stride_lm,
     shift,
-    QMAX: tl.constexpr, UMAX: tl.constexpr, QMIN: tl.constexpr,
-    UNSIGNED: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_LORA: tl.constexpr, INT8_MODE: tl.constexpr,
-    DOT_FP32: tl.constexpr, USE_RINT: tl.constexpr,
+    UNSIGNED: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_LORA: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr,
 ):
+    """Pass 1, one [BLOCK_M, GROUPS*64] tile per program: group absmax, and x·L1 partial sums (atomics)."""
     BLOCK_K: tl.constexpr = GROUP * GROUPS
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
-    cols = tl.arange(0, BLOCK_K)
-    rcols = tl.arange(0, BLOCK_R)
-    row_max = tl.zeros([BLOCK_M], dtype=tl.float32)
-    lora = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-    # pass 1: per-token absmax and the low-rank down-projection from the same tiles
-    for k0 in range(0, KP, BLOCK_K):
-        k = k0 + cols
-        x, xf = _load_smoothed(x_ptr, inv_ptr, rows, rmask, k, K, stride_xm, shift, UNSIGNED, HAS_SMOOTH)
-        if HAS_LORA:
-            d = tl.load(down_ptr + k[:, None] * stride_dk + rcols[None, :], mask=(k[:, None] < K) & (rcols[None, :] < R), other=0.0)
-            if DOT_FP32:
-                lora += tl.dot(x.to(tl.float32), d.to(tl.float32), input_precision="ieee")
-            else:
-                lora += tl.dot(x, d.to(x.dtype))
-        row_max = tl.maximum(row_max, tl.max(tl.abs(xf), axis=1))
-    scale = tl.where(row_max > 0, tl.math.div_rn(row_max, tl.full([BLOCK_M], QMAX * UMAX, tl.float32)), 1.0)
-    tl.store(scale_ptr + rows, scale, mask=rmask)
+    k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    x, xf = _load_smoothed(x_ptr, inv_ptr, rows, rmask, k, K, stride_xm, shift, UNSIGNED, HAS_SMOOTH)
+    g = tl.reshape(tl.abs(xf), [BLOCK_M, GROUPS, GROUP])
+    amax = tl.max(g, axis=2)
+    gi = pid_k * GROUPS + tl.arange(0, GROUPS)
+    tl.store(gmax_ptr + rows[:, None] * stride_gm + gi[None, :], amax, mask=rmask[:, None])
     if HAS_LORA:
-        tl.store(lora_ptr + rows[:, None] * stride_lm + rcols[None, :], lora, mask=rmask[:, None] & (rcols[None, :] < R))
+        rcols = tl.arange(0, BLOCK_R)
+        d = tl.load(down_ptr + k[:, None] * stride_dk + rcols[None, :], mask=(k[:, None] < K) & (rcols[None, :] < R), other=0.0)
+        if DOT_FP32:
+            part = tl.dot(x.to(tl.float32), d.to(tl.float32), input_precision="ieee")
+        else:
+            part = tl.dot(x, d.to(x.dtype))
+        tl.atomic_add(lora_ptr + rows[:, None] * stride_lm + rcols[None, :], part, mask=rmask[:, None] & (rcols[None, :] < R))
+
+
+@triton.jit
+def _act_quant_kernel(
+    x_ptr, inv_ptr, gmax_ptr, out_ptr, scale_ptr,
+    M, K, KP, NG,
+    stride_xm, stride_om, stride_gm,
+    shift,
+    QMAX: tl.constexpr, UMAX: tl.constexpr, QMIN: tl.constexpr,
+    UNSIGNED: tl.constexpr, HAS_SMOOTH: tl.constexpr, INT8_MODE: tl.constexpr, USE_RINT: tl.constexpr,
+    BLOCK_M: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, NG_POW2: tl.constexpr,
+):
+    """Pass 2: per-token scale from all group maxima, then this tile's codes (int8 operand = code * mult)."""
+    BLOCK_K: tl.constexpr = GROUP * GROUPS
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    ga = tl.arange(0, NG_POW2)
+    allg = tl.load(gmax_ptr + rows[:, None] * stride_gm + ga[None, :], mask=rmask[:, None] & (ga[None, :] < NG), other=0.0)
+    row_max = tl.max(allg, axis=1)
+    scale = tl.where(row_max > 0, tl.math.div_rn(row_max, tl.full([BLOCK_M], QMAX * UMAX, tl.float32)), 1.0)
+    if pid_k == 0:
+        tl.store(scale_ptr + rows, scale, mask=rmask)
+    k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    x, xf = _load_smoothed(x_ptr, inv_ptr, rows, rmask, k, K, stride_xm, shift, UNSIGNED, HAS_SMOOTH)
     if INT8_MODE:
         inv_scale = tl.math.div_rn(tl.full([BLOCK_M], 1.0, tl.float32), scale)
-    # pass 2: quantize (the row block's tiles are still in L2)
-    for k0 in range(0, KP, BLOCK_K):
-        k = k0 + cols
-        x, xf = _load_smoothed(x_ptr, inv_ptr, rows, rmask, k, K, stride_xm, shift, UNSIGNED, HAS_SMOOTH)
-        if INT8_MODE:
-            q = _round_half_even(xf * inv_scale[:, None], USE_RINT)
-            q = tl.minimum(tl.maximum(q, -127.0), 127.0)
-        else:
-            g = tl.reshape(xf, [BLOCK_M, GROUPS, GROUP])
-            amax = tl.max(tl.abs(g), axis=2)  # [BM, GROUPS]
-            v = tl.math.ceil(tl.math.div_rn(amax, (scale * QMAX)[:, None]))
-            v = tl.minimum(tl.maximum(v, 1.0), UMAX * 1.0)
-            inv_step = tl.math.div_rn(tl.full([BLOCK_M, GROUPS], 1.0, tl.float32), v * scale[:, None])
-            q = _round_half_even(g * inv_step[:, :, None], USE_RINT)
-            q = tl.minimum(tl.maximum(q, QMIN * 1.0), QMAX * 1.0)
-            q = tl.reshape(q * v[:, :, None], [BLOCK_M, BLOCK_K])
-        tl.store(out_ptr + rows[:, None] * stride_om + k[None, :], q.to(tl.int8), mask=rmask[:, None] & (k[None, :] < KP))
+        q = _round_half_even(xf * inv_scale[:, None], USE_RINT)
+        q = tl.minimum(tl.maximum(q, -127.0), 127.0)
+    else:
+        g = tl.reshape(xf, [BLOCK_M, GROUPS, GROUP])
+        amax = tl.max(tl.abs(g), axis=2)  # [BM, GROUPS]
+        v = tl.math.ceil(tl.math.div_rn(amax, (scale * QMAX)[:, None]))
+        v = tl.minimum(tl.maximum(v, 1.0), UMAX * 1.0)
+        inv_step = tl.math.div_rn(tl.full([BLOCK_M, GROUPS], 1.0, tl.float32), v * scale[:, None])
+        q = _round_half_even(g * inv_step[:, :, None], USE_RINT)
+        q = tl.minimum(tl.maximum(q, QMIN * 1.0), QMAX * 1.0)
+        q = tl.reshape(q * v[:, :, None], [BLOCK_M, BLOCK_K])
+    tl.store(out_ptr + rows[:, None] * stride_om + k[None, :], q.to(tl.int8), mask=rmask[:, None] & (k[None, :] < KP))
 
 
 def quantize_activation(
@@ -110,35 +126,45 @@ def quantize_activation(
     shift: float = 0.0,
     unsigned: bool = False,
     mode: str = "int4",
-    block_m: int | None = None,
+    block_m: int = 32,
 ):
-    """Launch the activation kernel on x2 [M, K] (contiguous rows). Returns (int8 [M, Kp], scale [M], lora [M, R] | None)."""
+    """Launch the activation kernels on x2 [M, K]. Returns (int8 [M, Kp], scale [M], lora [M, R] fp32 | None)."""
     m, k = x2.shape
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
     r = 0 if proj_down is None else proj_down.shape[1]
-    out = torch.empty(m, k_padded, dtype=torch.int8, device=x2.device)
-    scale = torch.empty(m, dtype=torch.float32, device=x2.device)
-    lora = torch.empty(m, max(r, 1), dtype=torch.float32, device=x2.device) if r else None
     if mode == "int4":
         qmax, umax, qmin = (15, 8, 0) if unsigned else (7, 15, -7)
     elif mode == "int8":
         qmax, umax, qmin = 127, 1, -127
+        unsigned = False
     else:
         raise ValueError(f"activation kernel supports int4 and int8, not {mode!r}")
+    ng = k_padded // 64
+    out = torch.empty(m, k_padded, dtype=torch.int8, device=x2.device)
+    scale = torch.empty(m, dtype=torch.float32, device=x2.device)
+    gmax = torch.empty(m, ng, dtype=torch.float32, device=x2.device)
+    lora = torch.zeros(m, r, dtype=torch.float32, device=x2.device) if r else None
     block_r = max(16, triton.next_power_of_2(r)) if r else 16
-    bm = block_m or 16
-    groups = 4 if k_padded % 256 == 0 else (2 if k_padded % 128 == 0 else 1)
-    grid = (triton.cdiv(m, bm),)
+    groups = 4 if ng % 4 == 0 else (2 if ng % 2 == 0 else 1)
+    bm = block_m if r <= 64 else 16
+    grid = (triton.cdiv(m, bm), ng // groups)
     inv = inv_smooth(smooth) if smooth is not None else None
+    _act_stats_kernel[grid](
+        x2, inv if inv is not None else x2, proj_down if r else x2, gmax, lora if r else gmax,
+        m, k, r,
+        x2.stride(0), proj_down.stride(0) if r else 0, gmax.stride(0), lora.stride(0) if r else 0,
+        float(shift),
+        UNSIGNED=bool(unsigned), HAS_SMOOTH=inv is not None, HAS_LORA=r > 0, DOT_FP32=fp32_dots(x2),
+        BLOCK_M=bm, BLOCK_R=block_r, GROUP=64, GROUPS=groups, num_warps=4,
+    )
     _act_quant_kernel[grid](
-        x2, inv if inv is not None else x2, proj_down if r else x2, out, scale, lora if r else scale,
-        m, k, k_padded, r,
-        x2.stride(0), out.stride(0), proj_down.stride(0) if r else 0, lora.stride(0) if r else 0,
+        x2, inv if inv is not None else x2, gmax, out, scale,
+        m, k, k_padded, ng,
+        x2.stride(0), out.stride(0), gmax.stride(0),
         float(shift),
         QMAX=qmax, UMAX=umax, QMIN=qmin,
-        UNSIGNED=bool(unsigned), HAS_SMOOTH=smooth is not None, HAS_LORA=r > 0, INT8_MODE=mode == "int8", DOT_FP32=fp32_dots(x2), USE_RINT=not interpreting(),
-        BLOCK_M=bm, BLOCK_R=block_r, GROUP=64, GROUPS=groups,
-        num_warps=4,
+        UNSIGNED=bool(unsigned), HAS_SMOOTH=inv is not None, INT8_MODE=mode == "int8", USE_RINT=not interpreting(),
+        BLOCK_M=bm, GROUP=64, GROUPS=groups, NG_POW2=max(2, triton.next_power_of_2(ng)), num_warps=4,
     )
     return out, scale, lora

@@ -5,7 +5,8 @@ Reference: ``kernels.reference.svdq_linear_reference`` with ``act_precision == "
 Memory-bound, so the goal is reading the packed weights once: ~0.53 bytes per weight (codes + multipliers)
 instead of 2. Each program owns BLOCK_N output channels and a K slice (split-K with fp32 atomics when N alone
 cannot fill the GPU). Nibbles are consumed without interleaving: even input columns multiply the low nibbles,
-odd columns the high ones, on the CUDA cores in fp32; the per-channel scale comes last.
+odd columns the high ones; ``code * mult`` (|·| ≤ 105) is exact in 16 bit, so the dots run on the tensor
+cores with M padded to 16. Tiles are 128 channels × 256 packed bytes so enough loads are in flight.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .autotune_cache import fp32_dots, interpreting
+
 
 
 @triton.jit
@@ -21,7 +24,7 @@ def _w4a16_kernel(
     x_ptr, p_ptr, mult_ptr, wscale_ptr, smooth_ptr, out_ptr,
     M, N, K, KP, K_PER_SPLIT,
     stride_xm, stride_p, stride_mult, stride_om,
-    HAS_SMOOTH: tl.constexpr, SPLIT: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr, SPLIT: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -31,29 +34,38 @@ def _w4a16_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mmask = rm < M
     nmask = rn < N
+    rn_c = tl.where(nmask, rn, 0)
     j = tl.arange(0, BLOCK_K // 2)
+    gi = tl.arange(0, BLOCK_K // 64)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     k_start = pid_s * K_PER_SPLIT
     for k0 in range(k_start, k_start + K_PER_SPLIT, BLOCK_K):
         jj = k0 // 2 + j  # packed byte index
         ke = 2 * jj  # even input column
         jmask = ke < KP
-        p = tl.load(p_ptr + rn[:, None] * stride_p + jj[None, :], mask=nmask[:, None] & jmask[None, :], other=0).to(tl.int32)
-        u = tl.load(mult_ptr + rn[:, None] * stride_mult + (ke // 64)[None, :], mask=nmask[:, None] & jmask[None, :], other=0).to(tl.int32)
+        p = tl.load(p_ptr + rn_c[:, None] * stride_p + jj[None, :], mask=jmask[None, :], other=0).to(tl.int32)
+        g = k0 // 64 + gi
+        u = tl.load(mult_ptr + rn_c[:, None] * stride_mult + g[None, :], mask=(g * 64 < KP)[None, :], other=0).to(tl.int32)
         lo = p & 0xF
         hi = (p >> 4) & 0xF
-        lo = (tl.where(lo >= 8, lo - 16, lo) * u).to(tl.float32)
-        hi = (tl.where(hi >= 8, hi - 16, hi) * u).to(tl.float32)
-        xe = tl.load(x_ptr + rm[:, None] * stride_xm + ke[None, :], mask=mmask[:, None] & (ke[None, :] < K), other=0.0).to(tl.float32)
-        xo = tl.load(x_ptr + rm[:, None] * stride_xm + (ke + 1)[None, :], mask=mmask[:, None] & ((ke + 1)[None, :] < K), other=0.0).to(tl.float32)
+        lo = tl.where(lo >= 8, lo - 16, lo)
+        hi = tl.where(hi >= 8, hi - 16, hi)
+        # each 64-group is 32 bytes: broadcast the multiplier over them without a gather
+        lo = tl.reshape(tl.reshape(lo, [BLOCK_N, BLOCK_K // 64, 32]) * u[:, :, None], [BLOCK_N, BLOCK_K // 2])
+        hi = tl.reshape(tl.reshape(hi, [BLOCK_N, BLOCK_K // 64, 32]) * u[:, :, None], [BLOCK_N, BLOCK_K // 2])
+        xe = tl.load(x_ptr + rm[:, None] * stride_xm + ke[None, :], mask=mmask[:, None] & (ke[None, :] < K), other=0.0)
+        xo = tl.load(x_ptr + rm[:, None] * stride_xm + (ke + 1)[None, :], mask=mmask[:, None] & ((ke + 1)[None, :] < K), other=0.0)
         if HAS_SMOOTH:
             se = tl.load(smooth_ptr + ke, mask=ke < K, other=1.0).to(tl.float32)
             so = tl.load(smooth_ptr + ke + 1, mask=(ke + 1) < K, other=1.0).to(tl.float32)
-            xe = xe / se[None, :]
-            xo = xo / so[None, :]
-        # [BM, 1, BK/2] * [1, BN, BK/2] summed over K: CUDA cores, weights read once, no layout shuffles
-        acc += tl.sum(xe[:, None, :] * lo[None, :, :], axis=2)
-        acc += tl.sum(xo[:, None, :] * hi[None, :, :], axis=2)
+            xe = (xe.to(tl.float32) / se[None, :]).to(x_ptr.dtype.element_ty)
+            xo = (xo.to(tl.float32) / so[None, :]).to(x_ptr.dtype.element_ty)
+        if DOT_FP32:
+            acc += tl.dot(xe.to(tl.float32), tl.trans(lo.to(tl.float32)), input_precision="ieee")
+            acc += tl.dot(xo.to(tl.float32), tl.trans(hi.to(tl.float32)), input_precision="ieee")
+        else:  # code * mult (|.| <= 105) is exact in 16 bit: tensor cores, M padded to 16
+            acc += tl.dot(xe, tl.trans(lo.to(x_ptr.dtype.element_ty)))
+            acc += tl.dot(xo, tl.trans(hi.to(x_ptr.dtype.element_ty)))
     ws = tl.load(wscale_ptr + rn, mask=nmask, other=0.0)
     y = acc * ws[None, :]
     optrs = out_ptr + rm[:, None] * stride_om + rn[None, :]
@@ -64,7 +76,7 @@ def _w4a16_kernel(
 
 
 def w4a16_linear(x2: torch.Tensor, qweight: torch.Tensor, wmult: torch.Tensor, wscale: torch.Tensor,
-                 smooth: torch.Tensor | None, in_features: int, block_n: int = 32, block_k: int = 256,
+                 smooth: torch.Tensor | None, in_features: int, block_n: int = 128, block_k: int = 512,
                  split: int | None = None) -> torch.Tensor:
     """fp32 [M, N] = (x2 / smooth) · (codes · mult · wscale)ᵀ; bias and low-rank terms are added by the caller."""
     m, k = x2.shape
@@ -72,22 +84,24 @@ def w4a16_linear(x2: torch.Tensor, qweight: torch.Tensor, wmult: torch.Tensor, w
     kp = qweight.shape[1] * 2
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
-    bm = min(4, triton.next_power_of_2(m))  # larger M: more row blocks (weights re-read from L2)
-    if bm > 2:
-        block_n = 16  # keep the [BM, BN, BK/2] product within the registers
+    while block_k > 64 and kp % block_k:
+        block_k //= 2
+    if interpreting():
+        block_n = 32
     blocks_n = triton.cdiv(n, block_n)
     if split is None:
         sms = torch.cuda.get_device_properties(x2.device).multi_processor_count if x2.is_cuda else 1
-        split = max(1, min(kp // block_k, (4 * sms) // max(blocks_n, 1)))
+        split = max(1, min(kp // block_k, (3 * sms) // max(blocks_n, 1)))
     k_per_split = triton.cdiv(triton.cdiv(kp, split), block_k) * block_k
     split = triton.cdiv(kp, k_per_split)
     out = (torch.zeros if split > 1 else torch.empty)(m, n, dtype=torch.float32, device=x2.device)
+    bm = 16
     grid = (blocks_n, split, triton.cdiv(m, bm))
     _w4a16_kernel[grid](
         x2, qweight, wmult, wscale, smooth if smooth is not None else wscale, out,
         m, n, k, kp, k_per_split,
         x2.stride(0), qweight.stride(0), wmult.stride(0), out.stride(0),
-        HAS_SMOOTH=smooth is not None, SPLIT=split,
-        BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+        HAS_SMOOTH=smooth is not None, SPLIT=split, DOT_FP32=fp32_dots(x2),
+        BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8, num_stages=3,
     )
     return out
