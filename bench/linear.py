@@ -82,6 +82,30 @@ def bench(fn, rep=100):
     return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median") * 1e3  # µs
 
 
+def bench_graph(fn):
+    import triton.testing
+
+    try:
+        return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median") * 1e3
+    except Exception as exc:  # capture can fail for reasons worth seeing, but must not kill the run
+        print(f"graph capture failed: {exc}", file=sys.stderr)
+        return float("nan")
+
+
+def launch_overhead_us(fn, calls=300):
+    """Host time per call of a tiny problem: what Python and the launches cost when the GPU is not the limit."""
+    import time
+
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / calls * 1e6
+
+
 def run_shape(m, k, n, quick=False):
     from svdq.kernels.act_quant import quantize_activation
     from svdq.kernels.dispatch import svdq_linear, weight_workspace
@@ -106,6 +130,9 @@ def run_shape(m, k, n, quick=False):
     r["svdq_r0"] = bench(lambda: svdq_linear(x, l0))
     r["svdq_r32"] = bench(lambda: svdq_linear(x, l32))
     r["svdq_r32_a8"] = bench(lambda: svdq_linear(x, la8))
+    # the same under CUDA-graph replay: GPU time without Python launch overhead
+    r["bf16_graph"] = bench_graph(lambda: torch.nn.functional.linear(x, wb, b))
+    r["svdq_r32_graph"] = bench_graph(lambda: svdq_linear(x, l32))
     # breakdown of the r32 layer
     a8, sa, lora = quantize_activation(x, l32.k_padded, l32.smooth, l32.proj_down)
     wsp = weight_workspace(n, l32.k_padded, x.device)
@@ -127,6 +154,8 @@ def run_gemv(m, k, n):
     r = {"M": m, "K": k, "N": n}
     r["bf16"] = bench(lambda: torch.nn.functional.linear(x, wb, b))
     r["svdq_w4a16"] = bench(lambda: svdq_linear(x, layer))
+    r["bf16_graph"] = bench_graph(lambda: torch.nn.functional.linear(x, wb, b))
+    r["svdq_w4a16_graph"] = bench_graph(lambda: svdq_linear(x, layer))
     return r
 
 
@@ -151,10 +180,11 @@ def main() -> int:
     gemv = [run_gemv(m, 3072, 18432) for m in (1, 16)] + [run_gemv(m, 3072, 9216) for m in (1, 16)]
     cols = ["bf16", "fp8_row", "int8_mm", "unfused", "svdq_r0", "svdq_r32", "svdq_r32_a8"]
     print(f"# {env['gpu']}, torch {env['torch']}, triton {env['triton']}")
-    print(f"{'M':>6} {'K':>6} {'N':>6} | " + " | ".join(f"{c:>11}" for c in cols) + " | act  expand  gemm (µs) | r32 vs unfused | branch cost")
+    print(f"{'M':>6} {'K':>6} {'N':>6} | " + " | ".join(f"{c:>11}" for c in cols) + " | graph: bf16 / r32 | act  expand  gemm (µs) | r32 vs unfused | branch cost")
     for r in rows:
         cells = [f"{r['bf16']:7.1f}    "] + [f"{r[c]:6.1f} {r['bf16'] / r[c]:4.2f}x" for c in cols[1:]]
         print(f"{r['M']:>6} {r['K']:>6} {r['N']:>6} | " + " | ".join(cells)
+              + f" | {r['bf16_graph']:6.1f} / {r['svdq_r32_graph']:6.1f} {r['bf16_graph'] / r['svdq_r32_graph']:4.2f}x"
               + f" | {r['part_act']:5.1f} {r['part_expand']:5.1f} {r['part_gemm']:6.1f} | {r['unfused'] / r['svdq_r32']:5.2f}x"
               + f" | {100 * (r['svdq_r32'] / r['svdq_r0'] - 1):+.1f}%")
     main_rows = [r for r in rows if r["M"] == 4608]
@@ -166,10 +196,19 @@ def main() -> int:
         "geomean_r32_vs_unfused": geomean([r["unfused"] / r["svdq_r32"] for r in main_rows]),
         "geomean_branch_cost": geomean([r["svdq_r32"] / r["svdq_r0"] for r in main_rows]) - 1,
         "weight_bytes_ratio_r32_3072x3072": main_rows[0]["weight_bytes_ratio_r32"],
+        "geomean_r32_vs_bf16_cudagraph": geomean([r["bf16_graph"] / r["svdq_r32_graph"] for r in main_rows]),
     }
+    from svdq.kernels.dispatch import svdq_linear
+
+    tiny = make_layer(256, 256, 32)
+    xt = torch.randn(16, 256, device="cuda", dtype=torch.bfloat16)
+    wt = torch.randn(256, 256, device="cuda", dtype=torch.bfloat16)
+    summary["host_us_per_call_svdq"] = launch_overhead_us(lambda: svdq_linear(xt, tiny))
+    summary["host_us_per_call_bf16"] = launch_overhead_us(lambda: torch.nn.functional.linear(xt, wt))
     print("W4A16 GEMV:")
     for g in gemv:
-        print(f"  M={g['M']:>3} {g['K']}->{g['N']}: bf16 {g['bf16']:.1f} µs, svdq {g['svdq_w4a16']:.1f} µs ({g['bf16'] / g['svdq_w4a16']:.2f}x)")
+        print(f"  M={g['M']:>3} {g['K']}->{g['N']}: bf16 {g['bf16']:.1f} µs, svdq {g['svdq_w4a16']:.1f} µs ({g['bf16'] / g['svdq_w4a16']:.2f}x); "
+              f"graph replay: bf16 {g['bf16_graph']:.1f}, svdq {g['svdq_w4a16_graph']:.1f} µs ({g['bf16_graph'] / g['svdq_w4a16_graph']:.2f}x)")
     print("summary (M=4608 geomeans): " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()))
     if args.json:
         print(json.dumps({"env": env, "rows": rows, "gemv": gemv, "summary": summary}))

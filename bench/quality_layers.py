@@ -13,9 +13,7 @@ import argparse
 import json
 import math
 import os
-import struct
 import sys
-import zlib
 
 import torch
 
@@ -72,43 +70,28 @@ def errors(w, b, x, fast):
     return out, ranks
 
 
-def write_png(path, series, ranks, width=640, height=400):
-    """A tiny line chart without plotting libraries: error vs rank, one line, axes and point markers."""
-    img = [[(255, 255, 255)] * width for _ in range(height)]
-    pad = 50
-    ys = [series[r] for r in ranks]
-    ymax = max(ys) * 1.1
-    xs = [pad + i * (width - 2 * pad) / (len(ranks) - 1) for i in range(len(ranks))]
-    py = [height - pad - (v / ymax) * (height - 2 * pad) for v in ys]
+def write_plot(path, rank_mean, baselines):
+    """Error vs rank for SVDQuant INT4, with the RTN and SmoothQuant-only errors as reference lines."""
+    try:
+        import matplotlib
 
-    def dot(x, y, c, r=1):
-        for dx in range(-r, r + 1):
-            for dy in range(-r, r + 1):
-                xi, yi = int(x) + dx, int(y) + dy
-                if 0 <= xi < width and 0 <= yi < height:
-                    img[yi][xi] = c
-
-    for x in range(pad, width - pad):
-        dot(x, height - pad, (0, 0, 0), 0)
-    for y in range(pad, height - pad):
-        dot(pad, y, (0, 0, 0), 0)
-    for i in range(len(xs) - 1):
-        steps = 200
-        for s in range(steps + 1):
-            t = s / steps
-            dot(xs[i] + t * (xs[i + 1] - xs[i]), py[i] + t * (py[i + 1] - py[i]), (30, 90, 200), 1)
-    for x, y in zip(xs, py):
-        dot(x, y, (200, 40, 40), 4)
-        dot(x, height - pad + 6, (0, 0, 0), 1)  # tick
-    raw = b"".join(b"\x00" + bytes([c for px in row for c in px]) for row in img)
-
-    def chunk(tag, data):
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-    png += chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
-    with open(path, "wb") as f:
-        f.write(png)
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise SystemExit("--plot needs matplotlib: pip install 'svdq[bench]'") from exc
+    ranks = list(rank_mean)
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    ax.plot(range(len(ranks)), [rank_mean[r] for r in ranks], "o-", label="SVDQuant W4A4 INT4")
+    for name, v in baselines.items():
+        ax.axhline(v, linestyle="--", linewidth=1, label=name, color="gray" if "RTN" in name else "tab:orange")
+    ax.set_xticks(range(len(ranks)), [str(r) for r in ranks])
+    ax.set_xlabel("low-rank branch rank")
+    ax.set_ylabel("relative output error")
+    ax.set_yscale("log")
+    ax.set_title("4-bit error vs rank on outlier layers (bench/quality_layers.py)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
 
 
 def main() -> int:
@@ -135,7 +118,7 @@ def main() -> int:
     print(f"  SVDQuant INT4 / RTN = {ratios['svdq_vs_rtn']:.3f} (target <= 0.5); / SmoothQuant = {ratios['svdq_vs_smoothquant']:.3f} (target <= 0.7)")
     print("  SVDQuant INT4 error vs rank: " + ", ".join(f"r{r} {v:.4f}" for r, v in rank_mean.items()))
     if args.plot:
-        write_png(args.plot, rank_mean, list(rank_mean))
+        write_plot(args.plot, rank_mean, {"RTN W4A4": mean["RTN W4A4"], "SmoothQuant W4A4 (rank 0)": mean["SmoothQuant W4A4"]})
         print(f"  plot: {args.plot}")
     if args.json:
         print(json.dumps({"errors": mean, "error_vs_rank": rank_mean, **ratios}))

@@ -3,8 +3,9 @@
 Reference: ``quant.formats.quantize_int4_activation`` (codes) and ``kernels.reference.lowrank_down``.
 
 Two launches over a (token block × K tile) grid, so every SM has work whatever M is. Pass 1 writes each
-64-group's absmax and adds the tile's ``x · L1`` partial product (tensor cores, fp32 atomics). Pass 2 derives
-the per-token scale from all group maxima and writes the int8 operand ``code * multiplier``. The launcher passes 1/λ; per-group
+64-group's absmax and the tile's ``x · L1`` partial product (tensor cores). Pass 2 derives the per-token scale
+from all group maxima, writes the int8 operand ``code * multiplier`` and sums the low-rank partials in a fixed
+order (deterministic, no atomics). The launcher passes 1/λ; per-group
 reciprocals are IEEE (``div_rn``) and rounding is the fp32 magic-number trick, so codes equal the reference's
 bit for bit.
 """
@@ -16,7 +17,6 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from ..quant.formats import inv_smooth
 from .autotune_cache import fp32_dots, interpreting
 
 MAGIC = tl.constexpr(12582912.0)
@@ -33,14 +33,15 @@ def _round_half_even(q, USE_RINT: tl.constexpr):
 
 
 @triton.jit
-def _load_smoothed(x_ptr, inv_ptr, rows, rmask, k, K, stride_xm, shift, UNSIGNED: tl.constexpr, HAS_SMOOTH: tl.constexpr):
+def _load_smoothed(x_ptr, inv_ptr, rows, rmask, k, K, stride_xm, shift, UNSIGNED: tl.constexpr, HAS_SMOOTH: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
     kmask = k < K
     m2 = rmask[:, None] & kmask[None, :]
     x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :], mask=m2, other=0.0)
     xf = x.to(tl.float32) + shift
-    if HAS_SMOOTH:
-        inv = tl.load(inv_ptr + k, mask=kmask, other=1.0)
-        xf = xf * inv[None, :]
+    if HAS_SMOOTH:  # 1/λ with IEEE division, as torch.reciprocal in the reference
+        lam = tl.load(inv_ptr + k, mask=kmask, other=1.0).to(tl.float32)
+        xf = xf * tl.math.div_rn(tl.full([BLOCK_K], 1.0, tl.float32), lam)[None, :]
     xf = tl.where(m2, xf, 0.0)
     if UNSIGNED:
         xf = tl.maximum(xf, 0.0)
@@ -51,19 +52,19 @@ def _load_smoothed(x_ptr, inv_ptr, rows, rmask, k, K, stride_xm, shift, UNSIGNED
 def _act_stats_kernel(
     x_ptr, inv_ptr, down_ptr, gmax_ptr, lora_ptr,
     M, K, R,
-    stride_xm, stride_dk, stride_gm, stride_lm,
+    stride_xm, stride_dk, stride_gm,
     shift,
     UNSIGNED: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_LORA: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr,
 ):
-    """Pass 1, one [BLOCK_M, GROUPS*64] tile per program: group absmax, and x·L1 partial sums (atomics)."""
+    """Pass 1, one [BLOCK_M, GROUPS*64] tile per program: group absmax and this tile's x·L1 partial product."""
     BLOCK_K: tl.constexpr = GROUP * GROUPS
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
     k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    x, xf = _load_smoothed(x_ptr, inv_ptr, rows, rmask, k, K, stride_xm, shift, UNSIGNED, HAS_SMOOTH)
+    x, xf = _load_smoothed(x_ptr, inv_ptr, rows, rmask, k, K, stride_xm, shift, UNSIGNED, HAS_SMOOTH, BLOCK_K)
     g = tl.reshape(tl.abs(xf), [BLOCK_M, GROUPS, GROUP])
     amax = tl.max(g, axis=2)
     gi = pid_k * GROUPS + tl.arange(0, GROUPS)
@@ -75,17 +76,19 @@ def _act_stats_kernel(
             part = tl.dot(x.to(tl.float32), d.to(tl.float32), input_precision="ieee")
         else:
             part = tl.dot(x, d.to(x.dtype))
-        tl.atomic_add(lora_ptr + rows[:, None] * stride_lm + rcols[None, :], part, mask=rmask[:, None] & (rcols[None, :] < R))
+        base = lora_ptr + pid_k * M * BLOCK_R  # partials [n_ktiles, M, BLOCK_R]
+        tl.store(base + rows[:, None] * BLOCK_R + rcols[None, :], part, mask=rmask[:, None])
 
 
 @triton.jit
 def _act_quant_kernel(
-    x_ptr, inv_ptr, gmax_ptr, out_ptr, scale_ptr,
-    M, K, KP, NG,
-    stride_xm, stride_om, stride_gm,
+    x_ptr, inv_ptr, gmax_ptr, out_ptr, scale_ptr, part_ptr, lora_ptr,
+    M, K, KP, NG, R, NKT,
+    stride_xm, stride_om, stride_gm, stride_lm,
     shift,
     QMAX: tl.constexpr, UMAX: tl.constexpr, QMIN: tl.constexpr,
     UNSIGNED: tl.constexpr, HAS_SMOOTH: tl.constexpr, INT8_MODE: tl.constexpr, USE_RINT: tl.constexpr,
+    HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, NG_POW2: tl.constexpr,
 ):
     """Pass 2: per-token scale from all group maxima, then this tile's codes (int8 operand = code * mult)."""
@@ -100,8 +103,14 @@ def _act_quant_kernel(
     scale = tl.where(row_max > 0, tl.math.div_rn(row_max, tl.full([BLOCK_M], QMAX * UMAX, tl.float32)), 1.0)
     if pid_k == 0:
         tl.store(scale_ptr + rows, scale, mask=rmask)
+        if HAS_LORA:  # sum the K-tile partials in a fixed order: deterministic, no atomics, no memset
+            rcols = tl.arange(0, BLOCK_R)
+            tot = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+            for t in range(0, NKT):
+                tot += tl.load(part_ptr + t * M * BLOCK_R + rows[:, None] * BLOCK_R + rcols[None, :], mask=rmask[:, None], other=0.0)
+            tl.store(lora_ptr + rows[:, None] * stride_lm + rcols[None, :], tot, mask=rmask[:, None] & (rcols[None, :] < R))
     k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    x, xf = _load_smoothed(x_ptr, inv_ptr, rows, rmask, k, K, stride_xm, shift, UNSIGNED, HAS_SMOOTH)
+    x, xf = _load_smoothed(x_ptr, inv_ptr, rows, rmask, k, K, stride_xm, shift, UNSIGNED, HAS_SMOOTH, BLOCK_K)
     if INT8_MODE:
         inv_scale = tl.math.div_rn(tl.full([BLOCK_M], 1.0, tl.float32), scale)
         q = _round_half_even(xf * inv_scale[:, None], USE_RINT)
@@ -144,27 +153,30 @@ def quantize_activation(
     out = torch.empty(m, k_padded, dtype=torch.int8, device=x2.device)
     scale = torch.empty(m, dtype=torch.float32, device=x2.device)
     gmax = torch.empty(m, ng, dtype=torch.float32, device=x2.device)
-    lora = torch.zeros(m, r, dtype=torch.float32, device=x2.device) if r else None
     block_r = max(16, triton.next_power_of_2(r)) if r else 16
     groups = 4 if ng % 4 == 0 else (2 if ng % 2 == 0 else 1)
     bm = block_m if r <= 64 else 16
-    grid = (triton.cdiv(m, bm), ng // groups)
-    inv = inv_smooth(smooth) if smooth is not None else None
+    nkt = ng // groups
+    grid = (triton.cdiv(m, bm), nkt)
+    lora = torch.empty(m, r, dtype=torch.float32, device=x2.device) if r else None
+    parts = torch.empty(nkt, m, block_r, dtype=torch.float32, device=x2.device) if r else None
+    inv = smooth  # the kernels take λ and form 1/λ themselves
     _act_stats_kernel[grid](
-        x2, inv if inv is not None else x2, proj_down if r else x2, gmax, lora if r else gmax,
+        x2, inv if inv is not None else x2, proj_down if r else x2, gmax, parts if r else gmax,
         m, k, r,
-        x2.stride(0), proj_down.stride(0) if r else 0, gmax.stride(0), lora.stride(0) if r else 0,
+        x2.stride(0), proj_down.stride(0) if r else 0, gmax.stride(0),
         float(shift),
         UNSIGNED=bool(unsigned), HAS_SMOOTH=inv is not None, HAS_LORA=r > 0, DOT_FP32=fp32_dots(x2),
         BLOCK_M=bm, BLOCK_R=block_r, GROUP=64, GROUPS=groups, num_warps=4,
     )
     _act_quant_kernel[grid](
-        x2, inv if inv is not None else x2, gmax, out, scale,
-        m, k, k_padded, ng,
-        x2.stride(0), out.stride(0), gmax.stride(0),
+        x2, inv if inv is not None else x2, gmax, out, scale, parts if r else gmax, lora if r else gmax,
+        m, k, k_padded, ng, r, nkt,
+        x2.stride(0), out.stride(0), gmax.stride(0), lora.stride(0) if r else 0,
         float(shift),
         QMAX=qmax, UMAX=umax, QMIN=qmin,
         UNSIGNED=bool(unsigned), HAS_SMOOTH=inv is not None, INT8_MODE=mode == "int8", USE_RINT=not interpreting(),
+        HAS_LORA=r > 0, BLOCK_R=block_r,
         BLOCK_M=bm, GROUP=64, GROUPS=groups, NG_POW2=max(2, triton.next_power_of_2(ng)), num_warps=4,
     )
     return out, scale, lora

@@ -76,6 +76,7 @@ class TunedKernel:
         self.configs = configs
         self.key = key
         self.even_k = "EVEN_K" in getattr(kernel, "arg_names", [])
+        self._fast: dict = {}
         self.name = getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", "kernel")
 
     @staticmethod
@@ -96,18 +97,28 @@ class TunedKernel:
             return self._launch(config, args, flags, m_, n_)
         if _interpreting() or not torch.cuda.is_available():
             return self._launch(self._cfg_dict(self.configs[-1]), args, flags, m_, n_)
+        fast_key = (args[0].device.index, m_bucket(m_), n_, kp_, tuple(flags.items()))
+        cfg = self._fast.get(fast_key)  # hot path: no string building, no file access
+        if cfg is None:
+            cfg = self._lookup_or_tune(args, flags, m_, n_, kp_)
+            if cfg is None:  # capturing a graph or tuning disabled: default config, not remembered
+                return self._launch(self._cfg_dict(self.configs[0]), args, flags, m_, n_)
+            self._fast[fast_key] = cfg
+        return self._launch(cfg, args, flags, m_, n_)
+
+    def _lookup_or_tune(self, args, flags, m_, n_, kp_):
         dev = torch.cuda.get_device_name(args[0].device)
         key = "|".join([dev, self.name, str(m_bucket(m_)), str(n_), str(kp_)] + [f"{k}={flags[k]}" for k in sorted(flags)])
         cache = _load()
         cfg = cache.get(key)
         if cfg is None:
             if os.environ.get("SVDQ_AUTOTUNE", "1") == "0" or torch.cuda.is_current_stream_capturing():
-                return self._launch(self._cfg_dict(self.configs[0]), args, flags, m_, n_)
+                return None
             cfg = self._tune(args, flags, m_, n_)
             with _lock:
                 cache[key] = cfg
                 _save()
-        return self._launch(cfg, args, flags, m_, n_)
+        return cfg
 
     def _tune(self, args, flags, m, n) -> dict:
         best = None

@@ -112,16 +112,16 @@ def svdq_linear(
 
 def _w4a16(x2, w, down, up, gelu):
     if x2.shape[0] <= W4A16_MAX_M:
-        y = w4a16_linear(x2, w.qweight, w.wmult, w.wscale, w.smooth, w.in_features)
+        y = w4a16_linear(x2, w.qweight, w.wmult, w.wscale, w.smooth, w.in_features, bias=w.bias)
     else:
         w8 = expand_weight(w.qweight, w.wmult, out=weight_workspace(w.out_features, w.k_padded, x2.device))
         wd = (w8[:, : w.in_features].to(x2.dtype) * w.wscale.to(x2.dtype)[:, None])
         xs = x2 / w.smooth.to(x2.dtype) if w.smooth is not None else x2
         y = (xs @ wd.T).float()
+        if w.bias is not None:
+            y = y + w.bias.float()
     if down is not None:
         y = y + (x2.float() @ down.float()) @ up.float().T
-    if w.bias is not None:
-        y = y + w.bias.float()
     if gelu:
         y = torch.nn.functional.gelu(y, approximate="tanh")
     return y.to(x2.dtype)

@@ -21,10 +21,10 @@ from .autotune_cache import fp32_dots, interpreting
 
 @triton.jit
 def _w4a16_kernel(
-    x_ptr, p_ptr, mult_ptr, wscale_ptr, smooth_ptr, out_ptr,
+    x_ptr, p_ptr, mult_ptr, wscale_ptr, smooth_ptr, bias_ptr, out_ptr,
     M, N, K, KP, K_PER_SPLIT,
     stride_xm, stride_p, stride_mult, stride_om,
-    HAS_SMOOTH: tl.constexpr, SPLIT: tl.constexpr, DOT_FP32: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr, SPLIT: tl.constexpr, DOT_FP32: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -68,6 +68,9 @@ def _w4a16_kernel(
             acc += tl.dot(xo, tl.trans(hi.to(x_ptr.dtype.element_ty)))
     ws = tl.load(wscale_ptr + rn, mask=nmask, other=0.0)
     y = acc * ws[None, :]
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
+        y += tl.where(pid_s == 0, bias, 0.0)[None, :]
     optrs = out_ptr + rm[:, None] * stride_om + rn[None, :]
     if SPLIT > 1:
         tl.atomic_add(optrs, y, mask=mmask[:, None] & nmask[None, :])
@@ -75,10 +78,21 @@ def _w4a16_kernel(
         tl.store(optrs, y, mask=mmask[:, None] & nmask[None, :])
 
 
+_SMS: dict = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    if device.index not in _SMS:
+        _SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SMS[device.index]
+
+
 def w4a16_linear(x2: torch.Tensor, qweight: torch.Tensor, wmult: torch.Tensor, wscale: torch.Tensor,
-                 smooth: torch.Tensor | None, in_features: int, block_n: int = 128, block_k: int = 512,
-                 split: int | None = None) -> torch.Tensor:
-    """fp32 [M, N] = (x2 / smooth) · (codes · mult · wscale)ᵀ; bias and low-rank terms are added by the caller."""
+                 smooth: torch.Tensor | None, in_features: int, bias: torch.Tensor | None = None,
+                 block_n: int = 128, block_k: int = 512, split: int | None = None) -> torch.Tensor:
+    """fp32 [M, N] = (x2 / smooth) · (codes · mult · wscale)ᵀ + bias; low-rank terms are added by the caller."""
     m, k = x2.shape
     n = qweight.shape[0]
     kp = qweight.shape[1] * 2
@@ -90,7 +104,7 @@ def w4a16_linear(x2: torch.Tensor, qweight: torch.Tensor, wmult: torch.Tensor, w
         block_n = 32
     blocks_n = triton.cdiv(n, block_n)
     if split is None:
-        sms = torch.cuda.get_device_properties(x2.device).multi_processor_count if x2.is_cuda else 1
+        sms = _sm_count(x2.device)
         split = max(1, min(kp // block_k, (3 * sms) // max(blocks_n, 1)))
     k_per_split = triton.cdiv(triton.cdiv(kp, split), block_k) * block_k
     split = triton.cdiv(kp, k_per_split)
@@ -98,10 +112,10 @@ def w4a16_linear(x2: torch.Tensor, qweight: torch.Tensor, wmult: torch.Tensor, w
     bm = 16
     grid = (blocks_n, split, triton.cdiv(m, bm))
     _w4a16_kernel[grid](
-        x2, qweight, wmult, wscale, smooth if smooth is not None else wscale, out,
+        x2, qweight, wmult, wscale, smooth if smooth is not None else wscale, bias if bias is not None else wscale, out,
         m, n, k, kp, k_per_split,
         x2.stride(0), qweight.stride(0), wmult.stride(0), out.stride(0),
-        HAS_SMOOTH=smooth is not None, SPLIT=split, DOT_FP32=fp32_dots(x2),
+        HAS_SMOOTH=smooth is not None, SPLIT=split, DOT_FP32=fp32_dots(x2), HAS_BIAS=bias is not None,
         BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8, num_stages=3,
     )
     return out
