@@ -90,7 +90,7 @@ def run_demo(out_dir: str | Path = "svdq-demo", fast: bool = False, rank: int = 
         errs.append(relative_error(got, ref))
         psnrs.append(psnr(got, ref))
     # the same latents through a W4A4 model without SVDQuant (plain RTN, no smoothing, no branch) for contrast
-    info = q_model.svdq_info
+    info = q_model.model.svdq_info
     report = {
         "float_file": str(float_path),
         "svdq_file": str(q_path),

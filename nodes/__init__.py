@@ -1,4 +1,1 @@
-"""ComfyUI nodes (thin layer over quant/ and kernels/)."""
-
-NODE_CLASS_MAPPINGS: dict = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+"""ComfyUI nodes: a thin layer over quant/ and kernels/ (``ops``, ``patcher``, ``loading``, ``lora``, ``pipeline``)."""

@@ -15,11 +15,11 @@ import torch
 
 import comfy.model_detection
 import comfy.model_management
-import comfy.model_patcher
 import comfy.utils
 
 from ..quant.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from .ops import make_svdq_ops
+from .patcher import SVDQModelPatcher
 
 log = logging.getLogger("svdq")
 
@@ -75,7 +75,7 @@ def build_model_patcher(
     model = model_config.get_model(sd, "")
     model = model.to(offload_device)
     model.load_model_weights(dict(sd), "")
-    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    return SVDQModelPatcher(model, load_device=load_device, offload_device=offload_device)
 
 
 def load_svdq_model(path: str | os.PathLike, dtype: torch.dtype | None = None):
@@ -93,7 +93,7 @@ def load_svdq_model(path: str | os.PathLike, dtype: torch.dtype | None = None):
     }
     sd = logical_state_dict(ckpt)
     patcher = build_model_patcher(sd, ckpt.metadata, layer_meta, dtype=dtype, path=str(path))
-    patcher.svdq_info = summarize(ckpt)
+    patcher.model.svdq_info = summarize(ckpt)
     return patcher
 
 

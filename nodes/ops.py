@@ -61,13 +61,16 @@ def make_svdq_ops(layer_meta: dict[str, dict]):
                         setattr(self, f"svdq_{field}", torch.nn.Parameter(t, requires_grad=False))
                     else:
                         setattr(self, f"svdq_{field}", None)
-                # the layer's float bias lives in svdq_bias (shift compensation folded in)
+                # the layer's float bias lives in svdq_bias (shift compensation folded in); ``weight`` is a
+                # storage-free tensor of the logical shape so ComfyUI's LoRA key maps and shape checks see the layer
                 self.bias = None
+                self.weight = torch.zeros((), dtype=torch.bfloat16).expand(self.out_features, self.in_features)
                 self.quantized_weights().validate()
 
             def _save_to_state_dict(self, destination, prefix, keep_vars):
                 if self.svdq_meta is None:
                     return super()._save_to_state_dict(destination, prefix, keep_vars)
+                destination[f"{prefix}weight"] = self.weight
                 for field in QuantizedLinearWeights.TENSOR_FIELDS:
                     t = getattr(self, f"svdq_{field}", None)
                     if t is not None:

@@ -23,3 +23,22 @@ def triton_kernels(monkeypatch):
 
 def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """(16-bit file, svdq file) of the tiny Flux-type model, quantized once per session (fast settings)."""
+    from svdq.comfy_runtime import import_comfy
+
+    import_comfy()
+    from svdq.demo import make_float_model_file
+    from svdq.nodes.pipeline import load_float_model, quantize_patcher, random_conditioning, save_result
+    from svdq.quant.layer import QuantConfig
+
+    d = tmp_path_factory.mktemp("models")
+    float_path = make_float_model_file(d / "tiny-flux-bf16.safetensors")
+    fm = load_float_model(float_path)
+    cfg = QuantConfig(rank=16, smooth_grid=4, refine_iters=3)
+    res = quantize_patcher(fm, cfg, random_conditioning(fm, 2), steps=2, size=16)
+    q_path = save_result(res, cfg, fm, d / "tiny-flux-svdq.safetensors", float_path)
+    return float_path, q_path

@@ -1,0 +1,142 @@
+"""LoRA on svdq models through ComfyUI's own LoRA machinery: the branch is extended, the 4-bit residual untouched."""
+
+import pytest
+import torch
+
+from svdq.comfy_runtime import import_comfy
+
+import_comfy()
+
+import comfy.model_management  # noqa: E402
+import comfy.sd  # noqa: E402
+
+from svdq.demo import relative_error  # noqa: E402
+from svdq.nodes.loading import load_svdq_model  # noqa: E402
+from svdq.nodes.lora import apply_lora  # noqa: E402
+from svdq.nodes.pipeline import load_float_model, random_conditioning, sample  # noqa: E402
+
+H = 256  # hidden size of the tiny model
+
+
+def make_lora(rank=8, seed=0, scale=0.3, extra=None):
+    """A LoRA in ComfyUI's generic key format on quantized (qkv, mlp), W4A16 (img_mod) and 16-bit (img_in) layers."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, (n, k) in {
+        "double_blocks.0.img_attn.qkv": (3 * H, H),
+        "double_blocks.1.img_mlp.0": (4 * H, H),
+        "single_blocks.0.linear2": (H, 5 * H),
+        "double_blocks.0.img_mod.lin": (6 * H, H),
+        "img_in": (H, 64),
+    }.items():
+        sd[f"diffusion_model.{name}.lora_up.weight"] = torch.randn(n, rank, generator=g) * scale
+        sd[f"diffusion_model.{name}.lora_down.weight"] = torch.randn(rank, k, generator=g) * scale / k**0.5
+        sd[f"diffusion_model.{name}.alpha"] = torch.tensor(float(rank) / 2)
+    sd.update(extra or {})
+    return sd
+
+
+@pytest.fixture(scope="module")
+def models(tiny_models):
+    f, q = tiny_models
+    return load_float_model(f), load_svdq_model(q)
+
+
+def test_core_lora_loader_has_effect_and_matches_16bit(models):
+    fm, qm = models
+    c = random_conditioning(fm, 1, seed=5)[0]
+    lora = make_lora()
+    fm_l, _ = comfy.sd.load_lora_for_models(fm, None, lora, 1.0, 0)  # what core LoraLoaderModelOnly does
+    qm_l, _ = comfy.sd.load_lora_for_models(qm, None, lora, 1.0, 0)
+    ref, ref_l = sample(fm, c, seed=3, steps=2), sample(fm_l, c, seed=3, steps=2)
+    got, got_l = sample(qm, c, seed=3, steps=2), sample(qm_l, c, seed=3, steps=2)
+    lora_effect = relative_error(ref_l, ref)
+    assert lora_effect > 0.1  # the LoRA really changes the 16-bit model
+    assert relative_error(got_l, got) > 0.1  # ... and the svdq model (core LoraLoader is not a no-op)
+    base_err = relative_error(got, ref)
+    assert relative_error(got_l, ref_l) < max(0.25, 2.0 * base_err)  # svdq+LoRA tracks 16-bit+LoRA
+    # the quantized residual was never rewritten
+    lin = qm_l.model.diffusion_model.double_blocks[0].img_attn.qkv
+    assert lin.is_quantized and lin.svdq_qweight.dtype == torch.uint8
+
+
+def test_branch_extension_is_exact_on_one_layer(models):
+    _, qm = models
+    lora = make_lora(rank=4, seed=1)
+    ql = apply_lora(qm, lora, 0.7)
+    comfy.model_management.load_models_gpu([ql])
+    lin = ql.model.diffusion_model.double_blocks[0].img_attn.qkv
+    assert len(lin.svdq_lora) == 1
+    x = torch.randn(5, H)
+    with_lora = lin(x)
+    saved, lin.svdq_lora = lin.svdq_lora, []
+    without = lin(x)
+    lin.svdq_lora = saved
+    up = lora["diffusion_model.double_blocks.0.img_attn.qkv.lora_up.weight"]
+    down = lora["diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight"]
+    expected = 0.7 * (2.0 / 4) * (x @ down.T) @ up.T
+    assert relative_error(with_lora - without, expected) < 1e-4
+
+
+def test_strength_zero_and_strength_change_without_reload(models):
+    _, qm = models
+    c = random_conditioning(qm, 1, seed=9)[0]
+    base = sample(qm, c, seed=1, steps=2)
+    lora = make_lora(seed=2)
+    assert torch.equal(sample(apply_lora(qm, lora, 0.0), c, seed=1, steps=2), base)
+    qweight = qm.model.diffusion_model.double_blocks[0].img_attn.qkv.svdq_qweight
+    ptr = qweight.data_ptr()
+    a = sample(apply_lora(qm, lora, 1.0), c, seed=1, steps=2)
+    b = sample(apply_lora(qm, lora, 0.3), c, seed=1, steps=2)
+    again = sample(qm, c, seed=1, steps=2)  # the unpatched model is back: nothing leaked
+    assert relative_error(a, base) > relative_error(b, base) > 0
+    assert torch.allclose(again, base, atol=1e-5)
+    assert qm.model.diffusion_model.double_blocks[0].img_attn.qkv.svdq_qweight.data_ptr() == ptr
+
+
+def test_diffusers_qkv_slices_touch_only_their_rows(models):
+    _, qm = models
+    g = torch.Generator().manual_seed(4)
+    lora = {
+        "transformer.transformer_blocks.0.attn.to_k.lora_A.weight": torch.randn(4, H, generator=g) * 0.1,
+        "transformer.transformer_blocks.0.attn.to_k.lora_B.weight": torch.randn(H, 4, generator=g),
+    }
+    ql = apply_lora(qm, lora, 1.0)
+    comfy.model_management.load_models_gpu([ql])
+    lin = ql.model.diffusion_model.double_blocks[0].img_attn.qkv
+    x = torch.randn(3, H)
+    with_lora = lin(x)
+    saved, lin.svdq_lora = lin.svdq_lora, []
+    delta = with_lora - lin(x)
+    lin.svdq_lora = saved
+    assert delta[:, :H].abs().max() == 0 and delta[:, 2 * H :].abs().max() == 0
+    assert delta[:, H : 2 * H].abs().max() > 0
+
+
+def test_loha_is_brought_to_low_rank(models):
+    _, qm = models
+    g = torch.Generator().manual_seed(6)
+    pre = "lora_unet_double_blocks_0_img_attn_proj"
+    lora = {f"{pre}.hada_w1_a": torch.randn(H, 4, generator=g) * 0.2, f"{pre}.hada_w1_b": torch.randn(4, H, generator=g) * 0.2,
+            f"{pre}.hada_w2_a": torch.randn(H, 4, generator=g) * 0.2, f"{pre}.hada_w2_b": torch.randn(4, H, generator=g) * 0.2,
+            f"{pre}.alpha": torch.tensor(4.0)}
+    ql = apply_lora(qm, lora, 1.0)
+    comfy.model_management.load_models_gpu([ql])
+    lin = ql.model.diffusion_model.double_blocks[0].img_attn.proj
+    assert lin.svdq_lora and lin.svdq_lora[0][0].shape[1] <= 64
+    dense = (lora[f"{pre}.hada_w1_a"] @ lora[f"{pre}.hada_w1_b"]) * (lora[f"{pre}.hada_w2_a"] @ lora[f"{pre}.hada_w2_b"])
+    d, u = lin.svdq_lora[0]
+    assert relative_error(u @ d.T, dense) < 1e-4  # rank <= 16 product: the SVD keeps it exactly
+
+
+def test_bad_loras_are_clear_errors_and_model_unchanged(models):
+    _, qm = models
+    other = {"lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(8, 4),
+             "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 8)}
+    with pytest.raises(ValueError, match="match a layer"):
+        apply_lora(qm, other, 1.0, name="sdxl-style.safetensors")
+    bad = make_lora()
+    bad["diffusion_model.double_blocks.0.img_attn.qkv.lora_up.weight"] = torch.zeros(3 * H + 1, 8)
+    with pytest.raises(ValueError, match="do not fit"):
+        apply_lora(qm, bad, 1.0, name="mismatched.safetensors")
+    assert not qm.patches  # nothing was added to the shared model
