@@ -98,7 +98,64 @@ class SVDQLoraStack(io.ComfyNode):
         return io.NodeOutput(model)
 
 
-NODES = [SVDQLoadDiffusionModel, SVDQLoraLoader, SVDQLoraStack]
+class SVDQQuantizeModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SVDQQuantizeModel",
+            display_name="SVDQ Quantize Model",
+            category="svdq",
+            description="Quantizes the connected 16-bit model to svdq 4-bit, calibrating on your prompts through the real "
+                        "sampler, and saves it into diffusion_models (then load it with SVDQ Load Diffusion Model).",
+            is_output_node=True,
+            inputs=[
+                io.Model.Input("model"),
+                io.Conditioning.Input("prompts", tooltip="Calibration prompts; combine several with Conditioning (Combine)."),
+                io.String.Input("filename", default="my-model-svdq-int4-r32"),
+                io.Int.Input("rank", default=32, min=0, max=512, step=16),
+                io.Combo.Input("precision", options=["int4", "nvfp4"], default="int4"),
+                io.Int.Input("steps", default=8, min=1, max=100, tooltip="Sampler steps per calibration prompt."),
+                io.Int.Input("latent_size", default=64, min=8, max=256, step=8, tooltip="Calibration latent size (pixels / 8)."),
+                io.Boolean.Input("fast", default=False, tooltip="19-candidate smoothing grid and at most 10 refinement steps."),
+            ],
+            outputs=[io.Model.Output(), io.String.Output(display_name="path")],
+        )
+
+    @classmethod
+    def execute(cls, model, prompts, filename, rank, precision, steps, latent_size, fast) -> io.NodeOutput:
+        import os
+
+        import comfy.utils
+
+        from ..quant.layer import QuantConfig
+        from .loading import load_svdq_model
+        from .pipeline import quantize_patcher, save_result
+
+        name = os.path.basename(filename.strip()) or "svdq-model"
+        if not name.endswith(".safetensors"):
+            name += ".safetensors"
+        out_dir = folder_paths.get_folder_paths("diffusion_models")[0]
+        out = os.path.join(out_dir, name)
+        conds = [(c[0], c[1]) for c in prompts]
+        if not conds:
+            raise ValueError("SVDQ Quantize Model: connect at least one calibration prompt")
+        cfg = QuantConfig(rank=rank, precision=precision, smooth_grid=10 if fast else 20, refine_iters=10 if fast else 100)
+        bar = comfy.utils.ProgressBar(len(conds) + 1)
+        state = {"layers": 0}
+
+        def on_layer(i, total, layer_name):
+            if state["layers"] == 0:
+                bar.update_absolute(len(conds), len(conds) + total)
+            state["layers"] = i
+            bar.update_absolute(len(conds) + i, len(conds) + total)
+
+        result = quantize_patcher(model, cfg, conds, steps=steps, size=latent_size, progress=on_layer,
+                                  calib_progress=lambda i, n: bar.update_absolute(i, len(conds) + 1))
+        save_result(result, cfg, model, out, source="comfyui-graph")
+        return io.NodeOutput(load_svdq_model(out), out, ui={"text": [f"saved {out}"]})
+
+
+NODES = [SVDQLoadDiffusionModel, SVDQLoraLoader, SVDQLoraStack, SVDQQuantizeModel]
 
 
 class SVDQExtension(ComfyExtension):

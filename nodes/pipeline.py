@@ -79,10 +79,13 @@ def latent_channels(patcher) -> int:
 def sample(patcher, cond, seed: int, steps: int, size: int = 16, cfg: float = 1.0, guidance: float = 3.5,
            sampler: str = "euler", scheduler: str = "simple", batch: int = 1) -> torch.Tensor:
     """Run ComfyUI's KSampler (positive = cond, empty negative) and return the final latent."""
-    ctx, pooled = cond
-    extra = {"guidance": guidance}
-    if pooled is not None:
-        extra["pooled_output"] = pooled
+    ctx, second = cond
+    if isinstance(second, dict):  # a ComfyUI CONDITIONING entry: keep its extras (pooled_output, guidance ...)
+        extra = {"guidance": guidance, **second}
+    else:
+        extra = {"guidance": guidance}
+        if second is not None:
+            extra["pooled_output"] = second
     positive = [[ctx, extra]]
     negative = [[torch.zeros_like(ctx), dict(extra)]]
     latent = torch.zeros(batch, latent_channels(patcher), size, size)
