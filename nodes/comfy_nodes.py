@@ -24,7 +24,8 @@ class SVDQLoadDiffusionModel(io.ComfyNode):
             node_id="SVDQLoadDiffusionModel",
             display_name="SVDQ Load Diffusion Model",
             category="svdq",
-            description="Loads an svdq 4-bit checkpoint into ComfyUI's own model class with quantized linears.",
+            description="Loads an svdq 4-bit checkpoint into ComfyUI's own model class with quantized linears "
+                        "(16-bit files load unchanged).",
             inputs=[
                 io.Combo.Input("model_name", options=_model_files(),
                                tooltip="An svdq checkpoint from the diffusion_models folder (svdq quantize / in-graph quantization)."),
@@ -34,9 +35,14 @@ class SVDQLoadDiffusionModel(io.ComfyNode):
 
     @classmethod
     def execute(cls, model_name) -> io.NodeOutput:
+        from ..quant.checkpoint import is_svdq_file, read_header
         from .loading import load_svdq_model
+        from .pipeline import load_float_model
 
         path = folder_paths.get_full_path_or_raise("diffusion_models", model_name)
+        read_header(path)  # clear errors for corrupt or non-safetensors files, naming the file
+        if not is_svdq_file(path):  # a 16-bit model: load it as ComfyUI would, so graphs can compare both
+            return io.NodeOutput(load_float_model(path), ui={"text": [f"{model_name}: 16-bit model (not svdq)"]})
         model = load_svdq_model(path)
         info = model.model.svdq_info
         text = (f"{info['precision']} W / {info['act_precision']} A, rank {info['rank']}, "
