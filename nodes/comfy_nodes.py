@@ -17,6 +17,23 @@ def _model_files() -> list[str]:
     return [f for f in folder_paths.get_filename_list("diffusion_models") if f.endswith(".safetensors")]
 
 
+def _output_folder() -> str:
+    """Where in-graph quantization saves: an existing diffusion_models folder (ComfyUI also lists the legacy
+    models/unet first, which may not exist), created if none does."""
+    import os
+
+    paths = folder_paths.get_folder_paths("diffusion_models")
+    existing = [p for p in paths if os.path.isdir(p)]
+    for p in existing:
+        if os.path.basename(os.path.normpath(p)) == "diffusion_models":
+            return p
+    if existing:
+        return existing[0]
+    target = next((p for p in paths if os.path.basename(os.path.normpath(p)) == "diffusion_models"), paths[0])
+    os.makedirs(target, exist_ok=True)
+    return target
+
+
 class SVDQLoadDiffusionModel(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -140,8 +157,7 @@ class SVDQQuantizeModel(io.ComfyNode):
         name = os.path.basename(filename.strip()) or "svdq-model"
         if not name.endswith(".safetensors"):
             name += ".safetensors"
-        out_dir = folder_paths.get_folder_paths("diffusion_models")[0]
-        out = os.path.join(out_dir, name)
+        out = os.path.join(_output_folder(), name)
         conds = [(c[0], c[1]) for c in prompts]
         if not conds:
             raise ValueError("SVDQ Quantize Model: connect at least one calibration prompt")

@@ -7,7 +7,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 venv="${SVDQ_VENV:-$root/.venv}"
 py="${PYTHON:-python3}"
-stamp="$venv/.svdq-setup-v3"
+stamp="$venv/.svdq-setup-v4"
 
 if [ ! -x "$venv/bin/python" ]; then
   echo "[setup] creating virtual environment $venv"
@@ -26,6 +26,10 @@ if [ ! -f "$stamp" ]; then
   # which only optional nodes use and which would pull a 5 GB CUDA build here), plus requests and blake3.
   "$vpy" -m pip install -q -r scripts/comfyui-requirements.txt
   touch "$stamp"
+fi
+# Debian's Chromium for the browser test of the front end (root + apt only; the test says so when it is absent)
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null) || echo "[setup] could not install chromium; the browser test will be skipped"
 fi
 "$vpy" -m svdq.comfy_runtime ensure
 echo "[setup] ready: $venv"
