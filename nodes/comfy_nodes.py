@@ -177,7 +177,34 @@ class SVDQQuantizeModel(io.ComfyNode):
         return io.NodeOutput(load_svdq_model(out), out, ui={"text": [f"saved {out}"]})
 
 
-NODES = [SVDQLoadDiffusionModel, SVDQLoraLoader, SVDQLoraStack, SVDQQuantizeModel]
+class SVDQModelPatch(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SVDQModelPatch",
+            display_name="SVDQ Model Patch",
+            category="svdq",
+            description="Per-sampling options: first-block cache for Flux-type DiTs (skip the remaining blocks while the "
+                        "first block's residual changes less than the threshold). Composes with other block patches.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Float.Input("cache_threshold", default=0.12, min=0.0, max=1.0, step=0.001,
+                               tooltip="0 disables the cache; ~0.12 is a common speed/quality balance."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Caching allowed from this point of the schedule ..."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01, tooltip="... up to this one."),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, cache_threshold, start_percent, end_percent) -> io.NodeOutput:
+        from .first_block_cache import apply_first_block_cache
+
+        return io.NodeOutput(apply_first_block_cache(model, cache_threshold, start_percent, end_percent))
+
+
+NODES = [SVDQLoadDiffusionModel, SVDQLoraLoader, SVDQLoraStack, SVDQQuantizeModel, SVDQModelPatch]
 
 
 class SVDQExtension(ComfyExtension):

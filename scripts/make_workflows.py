@@ -30,6 +30,10 @@ def _flux_t2i(model: str, loras: list[tuple[str, float]] = ()) -> dict:
         "8": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["7", 0]}},
         "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "svdq"}},
     }
+    if not loras:  # first-block cache: the per-sampling speed option
+        g["12"] = {"class_type": "SVDQModelPatch", "inputs": {"model": ["1", 0], "cache_threshold": 0.12,
+                                                              "start_percent": 0.0, "end_percent": 1.0}}
+        g["6"]["inputs"]["model"] = ["12", 0]
     if loras:
         inputs = {"model": ["1", 0]}
         for i, (name, strength) in enumerate(loras, 1):

@@ -1,0 +1,117 @@
+"""First-block cache for DiTs, built on ComfyUI's block-replacement patches (``patches_replace["dit"]``).
+
+Each step runs the first block and compares its residual with the previous step's. If the relative change is
+below the threshold (inside the start/end range of the schedule), the remaining blocks are skipped and their
+cached total residual is added instead. Blocks are passed through as identities, so ControlNet additions and any
+block patch already installed keep working; patches present before this one are called, not replaced.
+State is kept per cond/uncond batch and reset whenever a new sampling run starts (sigma goes up).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger("svdq")
+
+
+class FirstBlockCache:
+    def __init__(self, threshold: float, sigma_start: float, sigma_end: float, n_double: int, n_single: int):
+        self.threshold = threshold
+        self.sigma_start = sigma_start
+        self.sigma_end = sigma_end
+        self.n_double = n_double
+        self.n_single = n_single
+        self.state: dict = {}
+        self.skipped_steps = 0
+        self.computed_steps = 0
+
+    def _state(self, topts) -> dict:
+        key = tuple(topts.get("cond_or_uncond", []))
+        sig = topts.get("sigmas")
+        sigma = float(sig.max()) if torch.is_tensor(sig) else None
+        st = self.state.get(key)
+        if st is None or (sigma is not None and st["sigma"] is not None and sigma > st["sigma"]):
+            st = {"prev_r0": None, "residual": None, "skip": False, "sigma": sigma, "first": None}
+            self.state[key] = st
+        st["sigma"] = sigma
+        return st
+
+    def _in_range(self, st) -> bool:
+        s = st["sigma"]
+        return s is None or (self.sigma_end <= s <= self.sigma_start)
+
+    def first_double(self, prev):
+        def patch(args, extra):
+            topts = args["transformer_options"]
+            st = self._state(topts)
+            img_in = args["img"].clone()  # ComfyUI's blocks update their input in place
+            out = prev(args, extra) if prev is not None else extra["original_block"](args)
+            r0 = out["img"] - img_in
+            skip = False
+            if self.threshold > 0 and st["prev_r0"] is not None and st["residual"] is not None and self._in_range(st):
+                if st["prev_r0"].shape == r0.shape:
+                    change = (r0 - st["prev_r0"]).abs().mean() / st["prev_r0"].abs().mean().clamp(min=1e-12)
+                    skip = float(change) < self.threshold
+            st["skip"] = skip
+            if not skip:
+                st["prev_r0"] = r0  # compare against the last step that was fully computed
+            st["first"] = torch.cat((out["txt"], out["img"]), 1)
+            if skip:
+                self.skipped_steps += 1
+            else:
+                self.computed_steps += 1
+            return out
+
+        return patch
+
+    def passthrough(self, prev, keys):
+        def patch(args, extra):
+            st = self._state(args["transformer_options"])
+            if st["skip"]:
+                return {k: args[k] for k in keys}
+            return prev(args, extra) if prev is not None else extra["original_block"](args)
+
+        return patch
+
+    def last_single(self, prev):
+        def patch(args, extra):
+            st = self._state(args["transformer_options"])
+            if st["skip"]:
+                return {"img": args["img"] + st["residual"]}
+            out = prev(args, extra) if prev is not None else extra["original_block"](args)
+            if st["first"] is not None and st["first"].shape == out["img"].shape:
+                st["residual"] = out["img"] - st["first"]
+            return out
+
+        return patch
+
+
+def apply_first_block_cache(model, threshold: float, start_percent: float = 0.0, end_percent: float = 1.0):
+    """A clone of a Flux-type ComfyUI model with the first-block cache installed (threshold 0: off)."""
+    dm = model.model.diffusion_model
+    n_double = len(getattr(dm, "double_blocks", []))
+    n_single = len(getattr(dm, "single_blocks", []))
+    if n_double == 0 or n_single == 0:
+        raise ValueError(
+            f"first-block cache needs a DiT with double and single blocks (Flux-type); {type(dm).__name__} has none. "
+            "UNet models are not supported yet."
+        )
+    m = model.clone()
+    if threshold <= 0:
+        return m
+    ms = m.get_model_object("model_sampling")
+    cache = FirstBlockCache(threshold, float(ms.percent_to_sigma(start_percent)), float(ms.percent_to_sigma(end_percent)),
+                            n_double, n_single)
+    existing = m.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+    for i in range(n_double):
+        prev = existing.get(("double_block", i))
+        fn = cache.first_double(prev) if i == 0 else cache.passthrough(prev, ("img", "txt"))
+        m.set_model_patch_replace(fn, "dit", "double_block", i)
+    for j in range(n_single):
+        prev = existing.get(("single_block", j))
+        fn = cache.last_single(prev) if j == n_single - 1 else cache.passthrough(prev, ("img",))
+        m.set_model_patch_replace(fn, "dit", "single_block", j)
+    m.svdq_first_block_cache = cache
+    return m

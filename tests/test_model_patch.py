@@ -1,0 +1,72 @@
+"""First-block cache on ComfyUI's Flux class through its dit block-replacement patches."""
+
+import pytest
+import torch
+
+from svdq.comfy_runtime import import_comfy
+
+import_comfy()
+
+from svdq.demo import relative_error  # noqa: E402
+from svdq.nodes.comfy_nodes import SVDQModelPatch  # noqa: E402
+from svdq.nodes.first_block_cache import apply_first_block_cache  # noqa: E402
+from svdq.nodes.loading import load_svdq_model  # noqa: E402
+from svdq.nodes.pipeline import random_conditioning, sample  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def qm(tiny_models):
+    return load_svdq_model(tiny_models[1])
+
+
+def test_threshold_zero_is_identity(qm):
+    c = random_conditioning(qm, 1, seed=1)[0]
+    base = sample(qm, c, seed=0, steps=6)
+    off = SVDQModelPatch.execute(model=qm, cache_threshold=0.0, start_percent=0.0, end_percent=1.0).result[0]
+    assert torch.equal(sample(off, c, seed=0, steps=6), base)
+
+
+def test_cache_skips_steps_and_stays_close(qm):
+    c = random_conditioning(qm, 1, seed=2)[0]
+    base = sample(qm, c, seed=0, steps=12)
+    cached = apply_first_block_cache(qm, 0.5)
+    out = sample(cached, c, seed=0, steps=12)
+    cache = cached.svdq_first_block_cache
+    assert cache.skipped_steps > 0 and cache.computed_steps > 0
+    err = relative_error(out, base)
+    assert 0 < err < 0.5, err
+    # a tiny threshold never skips: identical to no cache
+    strict = apply_first_block_cache(qm, 1e-9)
+    assert torch.allclose(sample(strict, c, seed=0, steps=12), base, atol=1e-5)
+    assert strict.svdq_first_block_cache.skipped_steps == 0
+
+
+def test_range_limits_caching(qm):
+    c = random_conditioning(qm, 1, seed=3)[0]
+    early_only = apply_first_block_cache(qm, 0.5, start_percent=0.0, end_percent=0.0)
+    sample(early_only, c, seed=0, steps=8)
+    assert early_only.svdq_first_block_cache.skipped_steps == 0
+
+
+def test_composes_with_an_existing_block_patch(qm):
+    calls = {"n": 0}
+
+    def counting(args, extra):
+        calls["n"] += 1
+        return extra["original_block"](args)
+
+    m = qm.clone()
+    m.set_model_patch_replace(counting, "dit", "double_block", 1)
+    cached = apply_first_block_cache(m, 1e-9)
+    c = random_conditioning(qm, 1, seed=4)[0]
+    sample(cached, c, seed=0, steps=3)
+    assert calls["n"] >= 3  # the earlier patch still runs inside the cache's wrapper
+
+
+def test_unet_is_a_clear_error():
+    class Fake:
+        class model:
+            diffusion_model = torch.nn.Linear(2, 2)
+
+    with pytest.raises(ValueError, match="Flux-type"):
+        apply_first_block_cache(Fake, 0.1)
