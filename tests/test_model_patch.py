@@ -70,3 +70,35 @@ def test_unet_is_a_clear_error():
 
     with pytest.raises(ValueError, match="Flux-type"):
         apply_first_block_cache(Fake, 0.1)
+
+
+def test_lowvram_partial_load_gives_the_same_output(qm):
+    import comfy.model_management
+
+    c = random_conditioning(qm, 1, seed=5)[0]
+    full = sample(qm, c, seed=0, steps=2)
+    m = qm.clone()
+    comfy.model_management.unload_all_models()
+    total = m.model_size()
+    m.load(device_to=m.load_device, lowvram_model_memory=total // 3)  # ComfyUI's partial load, as on a small GPU
+    assert m.model.model_lowvram
+    offloaded = [n for n, mod in m.model.diffusion_model.named_modules() if getattr(mod, "comfy_cast_weights", False)
+                 and getattr(mod, "svdq_meta", None) is not None]
+    assert offloaded  # some quantized layers are streamed per forward
+    dm = m.model.diffusion_model
+    x, ctx, y = torch.randn(1, 16, 16, 16), c[0], c[1]
+    t = torch.tensor([0.5])
+    out_low = dm(x, t, ctx, y, guidance=torch.tensor([3.5]))
+    m.unpatch_model()
+    m.load(device_to=m.load_device, lowvram_model_memory=0, full_load=True)
+    out_full = dm(x, t, ctx, y, guidance=torch.tensor([3.5]))
+    assert torch.allclose(out_low, out_full, atol=1e-5)
+    assert full.shape == (1, 16, 16, 16)
+
+
+def test_memory_accounting_counts_4bit_bytes(qm, tiny_models):
+    import os
+
+    size = qm.model_size()
+    file_size = os.path.getsize(tiny_models[1])
+    assert 0.5 * file_size < size < 1.5 * file_size  # not the logical 16-bit size of the fake weights
