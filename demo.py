@@ -16,13 +16,13 @@ import torch
 from safetensors.torch import save_file
 
 from .comfy_runtime import import_comfy
-from .synthetic import TINY_FLUX, fill_flux_weights
+from .synthetic import TINY_FLUX, fill_flux_weights, fill_generic_weights
 
 log = logging.getLogger("svdq")
 
 
 def make_float_model_file(path: Path, unet_config: dict = TINY_FLUX, seed: int = 0) -> Path:
-    """Write a 16-bit Flux-type model with generated weights (ComfyUI's Flux class decides keys and shapes)."""
+    """Write a 16-bit model with generated weights; ComfyUI's own class for ``unet_config`` decides keys and shapes."""
     import json
 
     import comfy.model_detection
@@ -30,7 +30,10 @@ def make_float_model_file(path: Path, unet_config: dict = TINY_FLUX, seed: int =
     mc = comfy.model_detection.model_config_from_unet_config(dict(unet_config))
     mc.set_inference_dtype(torch.float32, None)
     model = mc.get_model({})
-    sd = fill_flux_weights(model.diffusion_model.state_dict(), unet_config["hidden_size"], seed)
+    if unet_config.get("image_model") == "flux":
+        sd = fill_flux_weights(model.diffusion_model.state_dict(), unet_config["hidden_size"], seed)
+    else:
+        sd = fill_generic_weights(model.diffusion_model.state_dict(), seed)
     sd = {k: v.to(torch.bfloat16).contiguous() for k, v in sd.items()}
     tmp = path.with_suffix(".tmp")
     save_file(sd, str(tmp), metadata={"comfy_unet_config": json.dumps(unet_config)})

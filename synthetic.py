@@ -84,6 +84,37 @@ def fill_flux_weights(state_dict: dict[str, torch.Tensor], hidden: int, seed: in
     return out
 
 
+# A UNet of ComfyUI's SD1.x class (model_channels 320 is what its config matching requires), one level deep.
+TINY_UNET = {
+    "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 320,
+    "num_res_blocks": [1], "channel_mult": [1], "transformer_depth": [1], "transformer_depth_output": [1, 1],
+    "transformer_depth_middle": 1, "use_spatial_transformer": True, "use_linear_in_transformer": False,
+    "context_dim": 768, "num_heads": 8, "num_head_channels": -1, "legacy": False, "adm_in_channels": None,
+    "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+
+
+def fill_generic_weights(state_dict: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:
+    """Plausible values for any state dict: norms 1, biases small, linears heavy-tailed, convs He-scaled."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, t in state_dict.items():
+        shape = tuple(t.shape)
+        if len(shape) == 1 and key.endswith(("weight", "scale")):
+            v = torch.ones(shape)
+        elif len(shape) == 1:
+            v = torch.randn(shape, generator=gen) * 0.02
+        elif len(shape) == 2:
+            v = heavy_tailed(shape, shape[1], gen)
+        elif len(shape) > 2:
+            fan_in = math.prod(shape[1:])
+            v = torch.randn(shape, generator=gen) * (1.0 / math.sqrt(fan_in))
+        else:
+            v = torch.randn(shape, generator=gen) * 0.02
+        out[key] = v.to(t.dtype if t.is_floating_point() else torch.float32)
+    return out
+
+
 def flux_inputs(cfg: dict, batch: int = 1, image: int = 16, tokens: int = 16, seed: int = 0):
     """(latent [B, C, H, W], context [B, T, D], pooled y [B, V]) for a Flux-type model."""
     gen = torch.Generator().manual_seed(seed)

@@ -59,6 +59,13 @@ def server(tmp_path_factory):
     save_result(res, cfg, fm, models / "diffusion_models" / "tiny-flux-svdq.safetensors", f)
     tiny_assets.make_clip_l(models / "text_encoders" / "tiny-clip-l.safetensors")
     tiny_assets.make_taesd(models / "vae" / "tiny-taef1.safetensors")
+    tiny_assets.make_taesd(models / "vae" / "tiny-taesd.safetensors", latent_channels=4)
+    from svdq.synthetic import TINY_UNET
+
+    uf = make_float_model_file(models / "diffusion_models" / "tiny-unet-bf16.safetensors", TINY_UNET)
+    um = load_float_model(uf)
+    res = quantize_patcher(um, cfg, random_conditioning(um, 2, tokens=77), steps=2, size=8)
+    save_result(res, cfg, um, models / "diffusion_models" / "tiny-unet-svdq.safetensors", uf)
     g = torch.Generator().manual_seed(0)
     from safetensors.torch import save_file
 
@@ -164,6 +171,36 @@ def test_text_to_image_svdq_vs_16bit(server):
     assert p > 20.0
 
 
+def test_unet_svdq_vs_16bit(server):
+    def graph(model, prefix):
+        g = tiny_version(make_workflows.GRAPHS["svdq-sdxl-text-to-image"])
+        g["1"]["inputs"]["model_name"] = model
+        g["9"]["inputs"]["filename_prefix"] = prefix
+        return g
+
+    q, sq = run_prompt(server, graph("tiny-unet-svdq.safetensors", "unet-svdq"))
+    f, sf = run_prompt(server, graph("tiny-unet-bf16.safetensors", "unet-bf16"))
+    assert q is not None, json.dumps(sq)[:2000]
+    assert f is not None, json.dumps(sf)[:2000]
+    p = psnr(load_image(server, q), load_image(server, f))
+    print(f"PSNR svdq vs 16-bit UNet image: {p:.1f} dB")
+    assert p > 20.0
+
+
+def test_lora_for_another_model_is_a_clear_error(server):
+    from safetensors.torch import save_file
+
+    save_file({"lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(8, 4),
+               "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 8)},
+              str(server["base"] / "models" / "loras" / "other-model.safetensors"))
+    g = text_to_image("tiny-flux-svdq.safetensors", prefix="other")
+    g["9"] = {"class_type": "SVDQLoraLoader", "inputs": {"model": ["1", 0], "lora_name": "other-model.safetensors", "strength": 1.0}}
+    g["5"]["inputs"]["model"] = ["9", 0]
+    out, status = run_prompt(server, g)
+    assert out is None and "match a layer" in json.dumps(status)
+    assert server["proc"].poll() is None
+
+
 def test_lora_workflow_runs(server):
     out, status = run_prompt(server, text_to_image("tiny-flux-svdq.safetensors", lora="tiny-lora.safetensors", prefix="lora"))
     assert out is not None, status
@@ -191,6 +228,9 @@ TINY_FILES = {
     "style-lora.safetensors": "tiny-lora.safetensors",
     "detail-lora.safetensors": "tiny-lora.safetensors",
     "ae.safetensors": "tiny-taef1.safetensors",
+    # ComfyUI matches SDXL only at full size (2.6B parameters); the UNet workflow runs on an SD1.x-class UNet
+    "sdxl-svdq-int4-r32.safetensors": "tiny-unet-svdq.safetensors",
+    "sdxl_vae.safetensors": "tiny-taesd.safetensors",
 }
 
 
@@ -208,6 +248,8 @@ def tiny_version(graph):
                 node["inputs"][k] = TINY_FILES[v]
         if node["class_type"] in ("EmptySD3LatentImage",):
             node["inputs"].update(width=128, height=128)
+        if node["class_type"] == "EmptyLatentImage":
+            node["inputs"].update(width=64, height=64)
         if node["class_type"] == "KSampler":
             node["inputs"]["steps"] = 3
         if node["class_type"] == "SVDQQuantizeModel":
@@ -230,13 +272,15 @@ def test_committed_workflows_match_the_generator(server):
         assert json.loads(path.read_text()) == wf, f"{path} is stale: run scripts/make_workflows.py {server['url']}"
 
 
-@pytest.mark.parametrize("name", ["svdq-flux-text-to-image", "svdq-flux-loras", "svdq-quantize-your-own-model"])
+@pytest.mark.parametrize("name", ["svdq-flux-text-to-image", "svdq-flux-loras", "svdq-sdxl-text-to-image",
+                                  "svdq-quantize-your-own-model"])
 def test_example_workflows_run(server, name):
     out, status = run_prompt(server, tiny_version(make_workflows.GRAPHS[name]), timeout=600)
     assert out is not None, json.dumps(status)[:2000]
     if name != "svdq-quantize-your-own-model":
         img = load_image(server, out)
-        assert img.shape == (128, 128, 3) and img.std() > 0
+        side = 64 if "sdxl" in name else 128
+        assert img.shape == (side, side, 3) and img.std() > 0
     else:
         assert (server["base"] / "models" / "diffusion_models" / "quantized-in-graph.safetensors").exists()
 
