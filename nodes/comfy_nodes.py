@@ -184,8 +184,8 @@ class SVDQModelPatch(io.ComfyNode):
             node_id="SVDQModelPatch",
             display_name="SVDQ Model Patch",
             category="svdq",
-            description="Per-sampling options: first-block cache for Flux-type DiTs (skip the remaining blocks while the "
-                        "first block's residual changes less than the threshold). Composes with other block patches.",
+            description="Per-sampling options: first-block cache for Flux-type DiTs and UNets (skip the remaining blocks "
+                        "while the first block's output changes less than the threshold). Composes with other patches.",
             inputs=[
                 io.Model.Input("model"),
                 io.Float.Input("cache_threshold", default=0.12, min=0.0, max=1.0, step=0.001,

@@ -1,9 +1,13 @@
-"""First-block cache for DiTs, built on ComfyUI's block-replacement patches (``patches_replace["dit"]``).
+"""First-block cache for DiTs and UNets, built on ComfyUI's patch and wrapper mechanisms.
+
+DiTs (Flux-type): ComfyUI's block-replacement patches (``patches_replace["dit"]``).
 
 Each step runs the first block and compares its residual with the previous step's. If the relative change is
 below the threshold (inside the start/end range of the schedule), the remaining blocks are skipped and their
 cached total residual is added instead. Blocks are passed through as identities, so ControlNet additions and any
 block patch already installed keep working; patches present before this one are called, not replaced.
+UNets: an input-block patch measures the first block's output change; when it is small it stops the forward
+(a private exception) and a diffusion-model wrapper returns the last fully computed prediction instead.
 State is kept per cond/uncond batch and reset whenever a new sampling run starts (sigma goes up).
 """
 
@@ -88,18 +92,64 @@ class FirstBlockCache:
         return patch
 
 
+class _SkipRest(Exception):
+    pass
+
+
+class UNetFirstBlockCache(FirstBlockCache):
+    def __init__(self, threshold, sigma_start, sigma_end, probe_block: int):
+        super().__init__(threshold, sigma_start, sigma_end, 0, 0)
+        self.probe_block = probe_block
+
+    def input_block_patch(self, h, topts):
+        if topts.get("block") != ("input", self.probe_block):
+            return h
+        st = self._state(topts)
+        if self.threshold > 0 and st["prev_r0"] is not None and st["residual"] is not None and self._in_range(st):
+            if st["prev_r0"].shape == h.shape:
+                change = (h - st["prev_r0"]).abs().mean() / st["prev_r0"].abs().mean().clamp(min=1e-12)
+                if float(change) < self.threshold:
+                    self.skipped_steps += 1
+                    raise _SkipRest()
+        st["prev_r0"] = h.detach().clone()
+        self.computed_steps += 1
+        return h
+
+    def wrapper(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
+        try:
+            out = executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+        except _SkipRest:
+            return self._state(transformer_options)["residual"].clone()
+        self._state(transformer_options)["residual"] = out.detach().clone()
+        return out
+
+
+def _sigma_range(m, start_percent, end_percent):
+    ms = m.get_model_object("model_sampling")
+    return float(ms.percent_to_sigma(start_percent)), float(ms.percent_to_sigma(end_percent))
+
+
 def apply_first_block_cache(model, threshold: float, start_percent: float = 0.0, end_percent: float = 1.0):
-    """A clone of a Flux-type ComfyUI model with the first-block cache installed (threshold 0: off)."""
+    """A clone of a Flux-type DiT or UNet ComfyUI model with the first-block cache installed (threshold 0: off)."""
     dm = model.model.diffusion_model
     n_double = len(getattr(dm, "double_blocks", []))
     n_single = len(getattr(dm, "single_blocks", []))
-    if n_double == 0 or n_single == 0:
+    is_unet = hasattr(dm, "input_blocks") and hasattr(dm, "output_blocks")
+    if not is_unet and (n_double == 0 or n_single == 0):
         raise ValueError(
-            f"first-block cache needs a DiT with double and single blocks (Flux-type); {type(dm).__name__} has none. "
-            "UNet models are not supported yet."
+            f"first-block cache needs a Flux-type DiT (double and single blocks) or a UNet; {type(dm).__name__} is neither"
         )
     m = model.clone()
     if threshold <= 0:
+        return m
+    if is_unet:
+        import comfy.patcher_extension
+
+        s0, s1 = _sigma_range(m, start_percent, end_percent)
+        cache = UNetFirstBlockCache(threshold, s0, s1, probe_block=1 if len(dm.input_blocks) > 1 else 0)
+        m.set_model_input_block_patch(cache.input_block_patch)
+        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "svdq_first_block_cache", cache.wrapper)
+        m.svdq_first_block_cache = cache
         return m
     ms = m.get_model_object("model_sampling")
     cache = FirstBlockCache(threshold, float(ms.percent_to_sigma(start_percent)), float(ms.percent_to_sigma(end_percent)),

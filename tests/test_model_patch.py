@@ -63,13 +63,30 @@ def test_composes_with_an_existing_block_patch(qm):
     assert calls["n"] >= 3  # the earlier patch still runs inside the cache's wrapper
 
 
-def test_unet_is_a_clear_error():
+def test_other_models_are_a_clear_error():
     class Fake:
         class model:
             diffusion_model = torch.nn.Linear(2, 2)
 
     with pytest.raises(ValueError, match="Flux-type"):
         apply_first_block_cache(Fake, 0.1)
+
+
+def test_unet_first_block_cache(tmp_path):
+    from svdq.demo import make_float_model_file
+    from svdq.nodes.pipeline import load_float_model
+    from svdq.synthetic import TINY_UNET
+
+    um = load_float_model(make_float_model_file(tmp_path / "unet.safetensors", TINY_UNET))
+    c = random_conditioning(um, 1, seed=1, tokens=77)[0]
+    base = sample(um, c, seed=0, steps=10, size=8)
+    strict = apply_first_block_cache(um, 1e-9)
+    assert torch.allclose(sample(strict, c, seed=0, steps=10, size=8), base, atol=1e-5)
+    assert strict.svdq_first_block_cache.skipped_steps == 0
+    loose = apply_first_block_cache(um, 0.5)
+    out = sample(loose, c, seed=0, steps=10, size=8)
+    assert loose.svdq_first_block_cache.skipped_steps > 0
+    assert 0 < relative_error(out, base) < 0.5
 
 
 def test_lowvram_partial_load_gives_the_same_output(qm):
