@@ -10,6 +10,7 @@ Rows per shape (times in µs, medians of triton.testing.do_bench; ratios are bf1
   svdq r0     fused Triton kernels, rank 0
   svdq r32    fused Triton kernels, rank 32 (the default)
   svdq r32 a8 the Hopper A8 mode (4-bit weights, int8 per-token activations), rank 32
+  int8w       rank 32 with SVDQ_INT8_WEIGHTS=1 (expanded int8 weights kept resident: 8-bit memory)
 and a breakdown of the r32 layer (activation kernel / weight expansion / GEMM). W4A16 GEMV rows at M = 1, 16.
 """
 
@@ -130,6 +131,9 @@ def run_shape(m, k, n, quick=False):
     r["svdq_r0"] = bench(lambda: svdq_linear(x, l0))
     r["svdq_r32"] = bench(lambda: svdq_linear(x, l32))
     r["svdq_r32_a8"] = bench(lambda: svdq_linear(x, la8))
+    os.environ["SVDQ_INT8_WEIGHTS"] = "1"  # opt-in: int8 weights resident (8-bit memory, no expansion launch)
+    r["svdq_r32_int8w"] = bench(lambda: svdq_linear(x, l32))
+    os.environ["SVDQ_INT8_WEIGHTS"] = "0"
     # the same under CUDA-graph replay: GPU time without Python launch overhead
     r["bf16_graph"] = bench_graph(lambda: torch.nn.functional.linear(x, wb, b))
     r["svdq_r32_graph"] = bench_graph(lambda: svdq_linear(x, l32))
@@ -178,7 +182,7 @@ def main() -> int:
     if not args.quick:
         rows += [run_shape(m, k, n) for m, k, n in M_SWEEP]
     gemv = [run_gemv(m, 3072, 18432) for m in (1, 16)] + [run_gemv(m, 3072, 9216) for m in (1, 16)]
-    cols = ["bf16", "fp8_row", "int8_mm", "unfused", "svdq_r0", "svdq_r32", "svdq_r32_a8"]
+    cols = ["bf16", "fp8_row", "int8_mm", "unfused", "svdq_r0", "svdq_r32", "svdq_r32_a8", "svdq_r32_int8w"]
     print(f"# {env['gpu']}, torch {env['torch']}, triton {env['triton']}")
     print(f"{'M':>6} {'K':>6} {'N':>6} | " + " | ".join(f"{c:>11}" for c in cols) + " | graph: bf16 / r32 | act  expand  gemm (µs) | r32 vs unfused | branch cost")
     for r in rows:
@@ -192,6 +196,7 @@ def main() -> int:
         "geomean_r32_vs_bf16": geomean([r["bf16"] / r["svdq_r32"] for r in main_rows]),
         "geomean_r0_vs_bf16": geomean([r["bf16"] / r["svdq_r0"] for r in main_rows]),
         "geomean_a8_vs_bf16": geomean([r["bf16"] / r["svdq_r32_a8"] for r in main_rows]),
+        "geomean_int8w_vs_bf16": geomean([r["bf16"] / r["svdq_r32_int8w"] for r in main_rows]),
         "geomean_fp8_vs_bf16": geomean([r["bf16"] / r["fp8_row"] for r in main_rows]),
         "geomean_r32_vs_unfused": geomean([r["unfused"] / r["svdq_r32"] for r in main_rows]),
         "geomean_branch_cost": geomean([r["svdq_r32"] / r["svdq_r0"] for r in main_rows]) - 1,

@@ -150,16 +150,19 @@ def quantize_activation(
     else:
         raise ValueError(f"activation kernel supports int4 and int8, not {mode!r}")
     ng = k_padded // 64
-    out = torch.empty(m, k_padded, dtype=torch.int8, device=x2.device)
-    scale = torch.empty(m, dtype=torch.float32, device=x2.device)
-    gmax = torch.empty(m, ng, dtype=torch.float32, device=x2.device)
     block_r = max(16, triton.next_power_of_2(r)) if r else 16
     groups = 4 if ng % 4 == 0 else (2 if ng % 2 == 0 else 1)
     bm = block_m if r <= 64 else 16
     nkt = ng // groups
     grid = (triton.cdiv(m, bm), nkt)
-    lora = torch.empty(m, r, dtype=torch.float32, device=x2.device) if r else None
-    parts = torch.empty(nkt, m, block_r, dtype=torch.float32, device=x2.device) if r else None
+    # one allocation for the fp32 outputs and scratch (scale, group maxima, low-rank result and partials)
+    nf = m + m * ng + (m * r + nkt * m * block_r if r else 0)
+    f32 = torch.empty(nf, dtype=torch.float32, device=x2.device)
+    scale = f32[:m]
+    gmax = f32[m : m + m * ng].view(m, ng)
+    lora = f32[m + m * ng : m + m * ng + m * r].view(m, r) if r else None
+    parts = f32[m + m * ng + m * r :].view(nkt, m, block_r) if r else None
+    out = torch.empty(m, k_padded, dtype=torch.int8, device=x2.device)
     inv = smooth  # the kernels take λ and form 1/λ themselves
     _act_stats_kernel[grid](
         x2, inv if inv is not None else x2, proj_down if r else x2, gmax, parts if r else gmax,

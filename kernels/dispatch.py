@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 
 import torch
 
@@ -30,6 +31,7 @@ except Exception as _exc:  # pragma: no cover - depends on the install
 
 _warned: set[str] = set()
 _workspaces: dict[torch.device, torch.Tensor] = {}
+_resident_int8: dict[int, torch.Tensor] = {}
 W4A16_MAX_M = 64  # above this the dequantize + cuBLAS path wins
 
 
@@ -60,6 +62,20 @@ def weight_workspace(n: int, kp: int, device: torch.device) -> torch.Tensor:
         ws = torch.empty(need, dtype=torch.int8, device=device)
         _workspaces[device] = ws
     return ws[:need].view(n, kp)
+
+
+def int8_weights(w: QuantizedLinearWeights) -> torch.Tensor:
+    """The expanded int8 weight operand: by default re-expanded per call into a shared workspace (weights stay
+    4-bit in memory); with ``SVDQ_INT8_WEIGHTS=1`` kept resident per layer (8-bit memory, one launch fewer)."""
+    if os.environ.get("SVDQ_INT8_WEIGHTS", "0") == "1":
+        key = id(w.qweight)
+        cached = _resident_int8.get(key)
+        if cached is None or cached.device != w.qweight.device:
+            cached = expand_weight(w.qweight, w.wmult)
+            _resident_int8[key] = cached
+            weakref.finalize(w.qweight, _resident_int8.pop, key, None)
+        return cached
+    return expand_weight(w.qweight, w.wmult, out=weight_workspace(w.out_features, w.k_padded, w.qweight.device))
 
 
 def _unsupported(x: torch.Tensor, w: QuantizedLinearWeights) -> str | None:
@@ -102,7 +118,7 @@ def svdq_linear(
         a8, ascale, lora = quantize_activation(
             x2, w.k_padded, w.smooth, down, w.act_shift, w.act_unsigned and w.act_precision == "int4", w.act_precision
         )
-        w8 = expand_weight(w.qweight, w.wmult, out=weight_workspace(w.out_features, w.k_padded, x.device))
+        w8 = int8_weights(w)
         y = w4a4_gemm(a8, ascale, w8, w.wscale, lora, up, w.bias, x.dtype, gelu)
     else:
         _warn_once(f"activation precision {w.act_precision}")

@@ -107,3 +107,14 @@ def test_wrong_feature_count_is_a_clear_error(triton_kernels):
     layer = random_layer(64, 64, 0, False, device=DEV)
     with pytest.raises(ValueError, match="expects 64"):
         triton_kernels.svdq_linear(torch.randn(3, 65, device=DEV), layer)
+
+
+def test_resident_int8_weight_mode_matches(triton_kernels, monkeypatch):
+    layer = random_layer(96, 192, 16, True, device=DEV)
+    x = torch.randn(7, 192, device=DEV, dtype=torch.bfloat16)
+    default = triton_kernels.svdq_linear(x, layer)
+    monkeypatch.setenv("SVDQ_INT8_WEIGHTS", "1")
+    first = triton_kernels.svdq_linear(x, layer)
+    assert id(layer.qweight) in triton_kernels._resident_int8
+    again = triton_kernels.svdq_linear(x, layer)
+    assert torch.equal(first, default) and torch.equal(again, default)
