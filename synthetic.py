@@ -94,6 +94,21 @@ TINY_UNET = {
 }
 
 
+# ComfyUI's Qwen-Image class, 2 layers of 2 heads (head dim 128 = sum of the RoPE axes).
+TINY_QWEN_IMAGE = {
+    "image_model": "qwen_image", "patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 2,
+    "attention_head_dim": 128, "num_attention_heads": 2, "joint_attention_dim": 128, "axes_dims_rope": [16, 56, 56],
+}
+
+
+# ComfyUI's Wan 2.1 text-to-video class, 2 layers of 2 heads (head dim 128).
+TINY_WAN = {
+    "image_model": "wan2.1", "model_type": "t2v", "patch_size": [1, 2, 2], "text_len": 512, "in_dim": 16, "dim": 256,
+    "ffn_dim": 512, "freq_dim": 256, "text_dim": 128, "out_dim": 16, "num_heads": 2, "num_layers": 2,
+    "window_size": [-1, -1], "qk_norm": True, "cross_attn_norm": True, "eps": 1e-6,
+}
+
+
 def fill_generic_weights(state_dict: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:
     """Plausible values for any state dict: norms 1, biases small, linears heavy-tailed, convs He-scaled."""
     gen = torch.Generator().manual_seed(seed)

@@ -51,7 +51,7 @@ def unet_config_of(patcher) -> dict:
 def random_conditioning(patcher, count: int, tokens: int = 16, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
     """Gaussian text-encoder outputs shaped for the model: the fallback when no calibration prompts are given."""
     cfg = patcher.model.model_config.unet_config
-    ctx_dim = cfg.get("context_in_dim") or cfg.get("context_dim") or 4096
+    ctx_dim = cfg.get("context_in_dim") or cfg.get("context_dim") or cfg.get("joint_attention_dim") or cfg.get("text_dim") or 4096
     vec_dim = cfg.get("vec_in_dim") or cfg.get("adm_in_channels")
     gen = torch.Generator().manual_seed(seed)
     out = []
@@ -88,7 +88,9 @@ def sample(patcher, cond, seed: int, steps: int, size: int = 16, cfg: float = 1.
             extra["pooled_output"] = second
     positive = [[ctx, extra]]
     negative = [[torch.zeros_like(ctx), dict(extra)]]
-    latent = torch.zeros(batch, latent_channels(patcher), size, size)
+    dims = getattr(patcher.model.latent_format, "latent_dimensions", 2)
+    shape = (batch, latent_channels(patcher)) + ((1,) if dims == 3 else ()) + (size, size)  # video models: 1 frame
+    latent = torch.zeros(shape)
     noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
     return comfy.sample.sample(
         patcher, noise, steps, cfg, sampler, scheduler, positive, negative, latent, disable_pbar=True, seed=seed
