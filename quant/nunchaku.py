@@ -1,0 +1,135 @@
+"""Nunchaku (deepcompressor) tensor layouts: pack and unpack, written from ``shared/docs/nunchaku-format.md`` §5.
+
+These are the byte-level building blocks of reading Nunchaku SVDQuant checkpoints into our layout. Every unpacker
+has its packer beside it (the spec-derived generator the tests use): ``unpack(pack(x)) == x`` and the byte
+positions are checked against the spec's lane tables.
+"""
+
+from __future__ import annotations
+
+import torch
+
+N_TILE = 128  # output channels per weight tile (warp_n)
+K_TILE = 64  # input channels per weight tile
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+# ---------------------------------------------------------------------------------------------- §5.1 qweight
+# codes [N, K] view (NT, sub 8, half 2, g 8, KT, khalf 2, t 4, j 8) <-> storage (NT, KT, sub, g, t, half, khalf, j)
+_QW_PERM = (0, 4, 1, 3, 6, 2, 5, 7)
+_QW_INV = tuple(_QW_PERM.index(i) for i in range(8))
+
+
+def pack_qweight(codes: torch.Tensor) -> torch.Tensor:
+    """4-bit codes [N, K] (values 0..15, i.e. nibbles) -> Nunchaku ``qweight`` int8 [N, K/2] (MMA fragment order)."""
+    n, k = codes.shape
+    _check(n % N_TILE == 0 and k % (2 * K_TILE) == 0, f"qweight needs N % 128 == 0 and K % 128 == 0, got {n}x{k}")
+    c = (codes.to(torch.int16) & 0xF).reshape(n // N_TILE, 8, 2, 8, k // K_TILE, 2, 4, 8)
+    c = c.permute(*_QW_PERM).reshape(-1, 2)
+    b = (c[:, 0] | (c[:, 1] << 4)).to(torch.uint8)
+    return b.view(torch.int8).reshape(n, k // 2)
+
+
+def unpack_qweight(packed: torch.Tensor) -> torch.Tensor:
+    """Nunchaku ``qweight`` int8 [N, K/2] -> 4-bit codes [N, K] as uint8 nibbles (0..15)."""
+    n, half = packed.shape
+    k = half * 2
+    _check(n % N_TILE == 0 and k % (2 * K_TILE) == 0, f"qweight shape {tuple(packed.shape)} is not a Nunchaku layout")
+    b = packed.contiguous().view(torch.uint8).reshape(-1).to(torch.int16)
+    nib = torch.stack([b & 0xF, (b >> 4) & 0xF], dim=-1)  # j pairs
+    nib = nib.reshape(n // N_TILE, k // K_TILE, 8, 8, 4, 2, 2, 8).permute(*_QW_INV)
+    return nib.reshape(n, k).to(torch.uint8)
+
+
+# ------------------------------------------------------------------------------------ §5.2 per-channel order
+def _channel_order() -> torch.Tensor:
+    """Position p in a 128-channel block's storage -> channel: lane l holds c, c+1, c+8, c+9, c = 16(l/4) + 2(l%4)."""
+    lanes = torch.arange(32)
+    c = 16 * (lanes // 4) + 2 * (lanes % 4)
+    return torch.stack([c, c + 1, c + 8, c + 9], dim=1).reshape(-1)  # [128]
+
+
+def pack_channel_groups(values: torch.Tensor) -> torch.Tensor:
+    """[G, N] group values (or [N] for one group) -> storage order (N-block, group, lane, 4) under the same shape."""
+    one = values.dim() == 1
+    v = values.reshape(1, -1) if one else values
+    g, n = v.shape
+    _check(n % N_TILE == 0, f"per-channel tensors need N % 128 == 0, got {n}")
+    order = _channel_order().to(v.device)
+    blocks = v.reshape(g, n // N_TILE, N_TILE)[:, :, order]  # [G, NB, 128] in storage order within a block
+    flat = blocks.permute(1, 0, 2).reshape(-1)  # (NB, G, 128)
+    return flat.reshape(values.shape)
+
+
+def unpack_channel_groups(stored: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_channel_groups`: storage under nominal [G, N] (or [N]) -> logical values."""
+    one = stored.dim() == 1
+    s = stored.reshape(1, -1) if one else stored
+    g, n = s.shape
+    _check(n % N_TILE == 0, f"per-channel tensors need N % 128 == 0, got {n}")
+    order = _channel_order().to(s.device)
+    flat = s.reshape(-1).reshape(n // N_TILE, g, N_TILE)
+    out = torch.empty(g, n // N_TILE, N_TILE, dtype=s.dtype, device=s.device)
+    out[:, :, order] = flat.permute(1, 0, 2)
+    out = out.reshape(g, n)
+    return out.reshape(stored.shape)
+
+
+# ------------------------------------------------------------------------------------------- §5.4 low rank
+def _fragment_index() -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, col) within a 16x16 fragment for storage position p = lane*8 + rowhalf*4 + colhalf*2 + pair."""
+    lane = torch.arange(32).repeat_interleave(8)
+    rest = torch.arange(8).repeat(32)
+    rowhalf, colhalf, pair = rest // 4, (rest // 2) % 2, rest % 2
+    row = lane // 4 + 8 * rowhalf
+    col = 2 * (lane % 4) + 8 * colhalf + pair
+    return row, col
+
+
+def _pack_fragments(m: torch.Tensor, rows_are_channels: bool) -> torch.Tensor:
+    """Logical matrix m [A, B] cut in 16x16 fragments, channel-tile-major, then rank-tile."""
+    a, b = m.shape
+    _check(a % 16 == 0 and b % 16 == 0, f"low-rank matrices need both dims % 16 == 0, got {a}x{b}")
+    row, col = _fragment_index()
+    tiles = m.reshape(a // 16, 16, b // 16, 16).permute(0, 2, 1, 3)  # [TA, TB, 16, 16]
+    if not rows_are_channels:  # channels are the columns: channel tiles are the outer loop
+        tiles = tiles.permute(1, 0, 2, 3)
+    frag = tiles[:, :, row, col]  # [T_outer, T_inner, 256]
+    return frag.reshape(-1)
+
+
+def _unpack_fragments(flat: torch.Tensor, a: int, b: int, rows_are_channels: bool) -> torch.Tensor:
+    row, col = _fragment_index()
+    ta, tb = a // 16, b // 16
+    outer, inner = (ta, tb) if rows_are_channels else (tb, ta)
+    frag = flat.reshape(outer, inner, 256)
+    tiles = torch.empty(outer, inner, 16, 16, dtype=flat.dtype, device=flat.device)
+    tiles[:, :, row, col] = frag
+    if not rows_are_channels:
+        tiles = tiles.permute(1, 0, 2, 3)
+    return tiles.permute(0, 2, 1, 3).reshape(a, b)
+
+
+def pack_lora_up(up: torch.Tensor) -> torch.Tensor:
+    """Logical up [N, R] -> Nunchaku ``lora_up``/``proj_up`` (nominal [N, R])."""
+    return _pack_fragments(up, rows_are_channels=True).reshape(up.shape)
+
+
+def unpack_lora_up(stored: torch.Tensor) -> torch.Tensor:
+    n, r = stored.shape
+    return _unpack_fragments(stored.reshape(-1), n, r, rows_are_channels=True)
+
+
+def pack_lora_down(down: torch.Tensor) -> torch.Tensor:
+    """Logical down [K, R] (our proj_down) -> Nunchaku ``lora_down`` (fragments of [R, K], nominal [K, R])."""
+    k, r = down.shape
+    return _pack_fragments(down.T.contiguous(), rows_are_channels=False).reshape(k, r)
+
+
+def unpack_lora_down(stored: torch.Tensor) -> torch.Tensor:
+    k, r = stored.shape
+    return _unpack_fragments(stored.reshape(-1), r, k, rows_are_channels=False).T.contiguous()
