@@ -133,3 +133,88 @@ def pack_lora_down(down: torch.Tensor) -> torch.Tensor:
 def unpack_lora_down(stored: torch.Tensor) -> torch.Tensor:
     k, r = stored.shape
     return _unpack_fragments(stored.reshape(-1), r, k, rows_are_channels=False).T.contiguous()
+
+
+# ------------------------------------------------------------------------------ W4A4 INT4 layer conversion
+def _pad(t: torch.Tensor, shape: tuple, value: float = 0.0) -> torch.Tensor:
+    out = torch.full(shape, value, dtype=t.dtype)
+    out[tuple(slice(0, s) for s in t.shape)] = t
+    return out
+
+
+def pack_w4a4_int4_layer(codes: torch.Tensor, scales: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
+                         smooth: torch.Tensor, bias: torch.Tensor, dtype=torch.bfloat16) -> dict[str, torch.Tensor]:
+    """Spec-derived writer of one Nunchaku INT4 W4A4 layer (engine names) from logical tensors.
+
+    codes [N, K] signed -8..7, scales [K/64, N] group scales, down [K, R] (already divided by λ), up [N, R],
+    smooth [K], bias [N]. N and K are padded to 128 (scales/bias/smooth with 1, codes/low-rank with 0) and R to 16.
+    """
+    n, k = codes.shape
+    r = down.shape[1]
+    np_, kp, rp = -(-n // 128) * 128, -(-k // 128) * 128, -(-r // 16) * 16
+    g = kp // 64
+    g_even = g + (g % 2)
+    return {
+        "qweight": pack_qweight(_pad(codes.to(torch.int16) & 0xF, (np_, kp)).to(torch.uint8)),
+        "wscales": pack_channel_groups(_pad(scales.to(dtype), (g_even, np_), 1.0)),
+        "lora_down": pack_lora_down(_pad(down.to(dtype), (kp, rp))),
+        "lora_up": pack_lora_up(_pad(up.to(dtype), (np_, rp))),
+        "smooth": pack_channel_groups(_pad(smooth.to(dtype), (kp,), 1.0)),
+        "smooth_orig": pack_channel_groups(_pad(smooth.to(dtype), (kp,), 1.0)),
+        "bias": pack_channel_groups(_pad(bias.to(dtype), (np_,), 1.0)),
+    }
+
+
+def read_w4a4_int4_layer(t: dict[str, torch.Tensor], in_features: int, out_features: int, rank: int | None = None):
+    """A Nunchaku INT4 W4A4 layer (engine or Python-module tensor names) as logical float tensors.
+
+    Returns dict(residual [N, K] = code * group scale, down [K, R], up [N, R], smooth [K], bias [N]) with padding
+    cropped. ``rank`` crops zero-padded ranks (default: keep all).
+    """
+    get = lambda *names: next((t[n] for n in names if n in t), None)  # noqa: E731
+    qweight, wscales = get("qweight"), get("wscales")
+    down, up = get("lora_down", "proj_down"), get("lora_up", "proj_up")
+    smooth, bias = get("smooth", "smooth_factor"), get("bias")
+    missing = [n for n, v in (("qweight", qweight), ("wscales", wscales), ("lora_down", down), ("lora_up", up)) if v is None]
+    if missing:
+        raise ValueError(f"Nunchaku W4A4 layer is missing tensors: {missing}")
+    if wscales.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"wscales dtype {wscales.dtype}: this is an NVFP4 layer, not INT4")
+    codes = unpack_qweight(qweight).to(torch.int16)
+    codes = torch.where(codes >= 8, codes - 16, codes)
+    scales = unpack_channel_groups(wscales).float()  # [G_even, N_pad]
+    np_, kp = codes.shape
+    residual = codes.float().reshape(np_, kp // 64, 64) * scales[: kp // 64].T[:, :, None]
+    residual = residual.reshape(np_, kp)[:out_features, :in_features]
+    d = unpack_lora_down(down).float()[:in_features]
+    u = unpack_lora_up(up).float()[:out_features]
+    if rank is not None:
+        d, u = d[:, :rank], u[:, :rank]
+    sm = unpack_channel_groups(smooth).float()[:in_features] if smooth is not None else torch.ones(in_features)
+    b = unpack_channel_groups(bias).float()[:out_features] if bias is not None else None
+    return {"residual": residual, "down": d, "up": u, "smooth": sm, "bias": b}
+
+
+def w4a4_int4_to_svdq(t: dict[str, torch.Tensor], in_features: int, out_features: int, rank: int | None = None,
+                      dtype=torch.bfloat16):
+    """Convert one Nunchaku INT4 W4A4 layer to our format. Returns (QuantizedLinearWeights, weight error).
+
+    Nunchaku keeps a 16-bit scale per 64-group; ours are integer multiples of a per-row scale, so the residual is
+    requantized: the returned error is ‖Q_ours(R) − R‖ / ‖R‖ over the residual Nunchaku stored (measured, not
+    assumed). Smoothing, the low-rank branch and the bias carry over exactly.
+    """
+    from ..kernels.reference import QuantizedLinearWeights
+    from .formats import pack_int4, quantize_int4_weight
+
+    f = read_w4a4_int4_layer(t, in_features, out_features, rank)
+    q = quantize_int4_weight(f["residual"])
+    deq = q.dequantize()[:, :in_features]
+    err = float((deq - f["residual"]).norm() / f["residual"].norm().clamp(min=1e-12))
+    r = f["down"].shape[1]
+    layer = QuantizedLinearWeights(
+        in_features=in_features, out_features=out_features, qweight=pack_int4(q.codes), wmult=q.mult, wscale=q.scale,
+        smooth=f["smooth"].to(dtype), proj_down=f["down"].to(dtype) if r else None, proj_up=f["up"].to(dtype) if r else None,
+        bias=f["bias"].to(dtype) if f["bias"] is not None else None,
+    )
+    layer.validate()
+    return layer, err

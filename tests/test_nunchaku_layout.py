@@ -57,3 +57,38 @@ def test_lowrank_roundtrip_and_positions():
     big = torch.zeros(32, 16)
     big[16, 0] = 1.0  # second channel tile comes after all rank tiles of the first
     assert int(pack_lora_up(big).reshape(-1).nonzero()[0]) == 256
+
+
+def test_w4a4_layer_from_known_float_matrices():
+    from svdq.kernels.reference import svdq_linear_reference
+    from svdq.quant.nunchaku import pack_w4a4_int4_layer, read_w4a4_int4_layer, w4a4_int4_to_svdq
+
+    g = torch.Generator().manual_seed(0)
+    n, k, r = 200, 300, 20  # nothing a multiple of the tiles: padding on every axis
+    codes = torch.randint(-8, 8, (n, k), generator=g).to(torch.int8)
+    kp = 384
+    scales = (torch.rand(kp // 64, n, generator=g) * 0.01 + 0.001).to(torch.bfloat16)
+    down = (torch.randn(k, r, generator=g) * 0.05).to(torch.bfloat16)
+    up = (torch.randn(n, r, generator=g) * 0.05).to(torch.bfloat16)
+    smooth = (torch.rand(k, generator=g) + 0.5).to(torch.bfloat16)
+    bias = (torch.randn(n, generator=g) * 0.1).to(torch.bfloat16)
+    tensors = pack_w4a4_int4_layer(codes, scales, down, up, smooth, bias)
+    assert tensors["qweight"].shape == (256, 192) and tensors["wscales"].shape == (6, 256)
+    assert tensors["lora_down"].shape == (384, 32) and tensors["lora_up"].shape == (256, 32)
+
+    f = read_w4a4_int4_layer(tensors, k, n, rank=r)
+    expect = codes.float() * scales.float()[: k // 64 + 1].repeat_interleave(64, 0)[:k].T
+    assert torch.equal(f["residual"], expect)  # exactly the float matrices we started from
+    assert torch.equal(f["down"], down.float()) and torch.equal(f["up"], up.float())
+    assert torch.equal(f["smooth"], smooth.float()) and torch.equal(f["bias"], bias.float())
+
+    layer, err = w4a4_int4_to_svdq(tensors, k, n, rank=r)
+    assert 0 <= err < 0.1  # requantizing 16-bit group scales to integer multipliers: measured, small
+    x = torch.randn(5, k, generator=g)
+    y = svdq_linear_reference(x, layer).float()
+    # reference from the float matrices: quantized activations of x/λ times the exact residual, plus the branch
+    from svdq.quant.formats import fake_quant_activation
+
+    xq = fake_quant_activation(x, "int4", smooth=smooth)
+    y_ref = xq @ f["residual"].T + (x @ down.float()) @ up.float().T + bias.float()
+    assert float((y - y_ref).norm() / y_ref.norm()) < 0.1
