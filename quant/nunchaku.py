@@ -218,3 +218,65 @@ def w4a4_int4_to_svdq(t: dict[str, torch.Tensor], in_features: int, out_features
     )
     layer.validate()
     return layer, err
+
+
+# ------------------------------------------------------------------------------------- §6 AWQ W4A16 layers
+def pack_awq_qweight(q: torch.Tensor) -> torch.Tensor:
+    """Unsigned 4-bit q [N, K] -> TinyChat ``qweight`` int32 [N/4, K/2] (§6).
+
+    Rows in groups of 4; per 64-wide K chunk the four rows' 16 int16 words follow one another; within every 32 K
+    values, word i holds k = i, i+8, i+16, i+24 in nibbles 0..3.
+    """
+    n, k = q.shape
+    _check(n % 4 == 0 and k % 64 == 0, f"AWQ qweight needs N % 4 == 0 and K % 64 == 0, got {n}x{k}")
+    v = (q.to(torch.int32) & 0xF).reshape(n // 4, 4, k // 64, 2, 4, 8)  # (group, r, chunk, s, nibble, i)
+    v = v.permute(0, 2, 1, 3, 5, 4)  # (group, chunk, r, s, i, nibble)
+    shifts = torch.tensor([0, 4, 8, 12], dtype=torch.int32)
+    words = (v << shifts).sum(-1).to(torch.int32)  # 16-bit values
+    words = words.reshape(n // 4, k).to(torch.int16)
+    return words.view(torch.int32).reshape(n // 4, k // 2)
+
+
+def unpack_awq_qweight(packed: torch.Tensor) -> torch.Tensor:
+    """TinyChat ``qweight`` int32 [N/4, K/2] -> unsigned 4-bit q [N, K] (uint8)."""
+    g, half = packed.shape
+    k = half * 2
+    words = packed.contiguous().view(torch.int16).reshape(g, k // 64, 4, 2, 8).to(torch.int32) & 0xFFFF
+    nib = torch.stack([(words >> s) & 0xF for s in (0, 4, 8, 12)], dim=-1)  # (group, chunk, r, s, i, nibble)
+    nib = nib.permute(0, 2, 1, 3, 5, 4)  # (group, r, chunk, s, nibble, i)
+    return nib.reshape(g * 4, k).to(torch.uint8)
+
+
+def deinterleave_chunks(x: torch.Tensor, chunks: int, dim: int = 0) -> torch.Tensor:
+    """Undo AWQ chunk interleaving: channel j of chunk s is stored at j * S + s (weights, scales, bias)."""
+    x = x.movedim(dim, 0)
+    n = x.shape[0]
+    _check(n % chunks == 0, f"{n} channels do not split into {chunks} chunks")
+    out = x.reshape(n // chunks, chunks, *x.shape[1:]).transpose(0, 1).reshape(n, *x.shape[1:])
+    return out.movedim(0, dim)
+
+
+def interleave_chunks(x: torch.Tensor, chunks: int, dim: int = 0) -> torch.Tensor:
+    x = x.movedim(dim, 0)
+    n = x.shape[0]
+    out = x.reshape(chunks, n // chunks, *x.shape[1:]).transpose(0, 1).reshape(n, *x.shape[1:])
+    return out.movedim(0, dim)
+
+
+def read_awq_layer(t: dict[str, torch.Tensor], in_features: int, out_features: int, chunks: int = 1,
+                   plus_one_chunks: tuple = ()) -> dict[str, torch.Tensor]:
+    """An AWQ W4A16 modulation layer as logical float weight [N, K] and bias [N] (chunk order restored; the "+1"
+    folded into the ``plus_one_chunks`` of the bias removed again, so the layer computes what ComfyUI's does)."""
+    q = unpack_awq_qweight(t["qweight"]).float()  # [N, K] in stored (interleaved) row order
+    groups = q.shape[1] // 64
+    scales = t["wscales"].float()[:groups]  # plain row-major [G, N] (not fragment-packed)
+    zeros = t["wzeros"].float()[:groups]
+    w = q.reshape(q.shape[0], groups, 64) * scales.T[:, :, None] + zeros.T[:, :, None]
+    w = deinterleave_chunks(w.reshape(q.shape[0], -1), chunks)[:out_features, :in_features]
+    bias = t.get("bias")
+    b = deinterleave_chunks(bias.float(), chunks)[:out_features] if bias is not None else None
+    if b is not None and plus_one_chunks:
+        per = out_features // chunks
+        for c in plus_one_chunks:
+            b[c * per : (c + 1) * per] -= 1.0
+    return {"weight": w, "bias": b}

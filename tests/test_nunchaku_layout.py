@@ -92,3 +92,40 @@ def test_w4a4_layer_from_known_float_matrices():
     xq = fake_quant_activation(x, "int4", smooth=smooth)
     y_ref = xq @ f["residual"].T + (x @ down.float()) @ up.float().T + bias.float()
     assert float((y - y_ref).norm() / y_ref.norm()) < 0.1
+
+
+def test_awq_qweight_roundtrip_and_positions():
+    from svdq.quant.nunchaku import pack_awq_qweight, unpack_awq_qweight
+
+    q = torch.randint(0, 16, (16, 192), dtype=torch.uint8)
+    packed = pack_awq_qweight(q)
+    assert packed.dtype == torch.int32 and packed.shape == (4, 96)
+    assert torch.equal(unpack_awq_qweight(packed), q)
+    one = torch.zeros(8, 64, dtype=torch.uint8)
+    one[1, 9] = 0xA  # row 1 of group 0, chunk 0, first 32-block, word 1, nibble 1 (9 = 1 + 8)
+    words = pack_awq_qweight(one).view(torch.int16).reshape(-1)
+    idx = int(words.nonzero()[0])
+    assert idx == 1 * 16 + 1 and int(words[idx]) == 0xA << 4
+
+
+def test_awq_layer_with_chunk_interleave_and_plus_one():
+    from svdq.quant.nunchaku import interleave_chunks, pack_awq_qweight, read_awq_layer
+
+    g = torch.Generator().manual_seed(1)
+    n, k, s = 24, 128, 6
+    q = torch.randint(0, 16, (n, k), generator=g).to(torch.uint8)
+    scales = torch.rand(k // 64, n, generator=g) * 0.01
+    zeros = -7 * scales
+    bias = torch.randn(n, generator=g)
+    w_true = (q.float().reshape(n, 2, 64) * scales.T[:, :, None] + zeros.T[:, :, None]).reshape(n, k)
+    stored_bias = bias.clone()
+    stored_bias[4:8] += 1.0  # chunk 1 (scale_msa) and chunk 4 (scale_mlp) carry the folded +1
+    stored_bias[16:20] += 1.0
+    t = {
+        "qweight": pack_awq_qweight(interleave_chunks(q, s)),
+        "wscales": interleave_chunks(scales, s, dim=1),
+        "wzeros": interleave_chunks(zeros, s, dim=1),
+        "bias": interleave_chunks(stored_bias, s),
+    }
+    f = read_awq_layer(t, k, n, chunks=s, plus_one_chunks=(1, 4))
+    assert torch.allclose(f["weight"], w_true) and torch.allclose(f["bias"], bias)
