@@ -70,21 +70,16 @@ def describe(path: str) -> dict:
     if meta.get("format") != "svdq":
         raise CheckpointError(f"{path}: not an svdq checkpoint (a plain safetensors file with {len(header)} tensors)")
     ckpt = load_checkpoint(path, check_finite=False)
-    q_bytes = sum(l.nbytes() for l in ckpt.layers.values())
-    q_params = sum(l.in_features * l.out_features for l in ckpt.layers.values())
-    other = sum(t.numel() * t.element_size() for t in ckpt.tensors.values())
-    kinds: dict[str, int] = {}
-    for l in ckpt.layers.values():
-        kinds[l.kind] = kinds.get(l.kind, 0) + 1
+    info = ckpt.summary()
     return {
         "file": str(path),
         "format": f"svdq v{meta.get('format_version')}",
-        "family": meta.get("model_family"),
+        "family": info["family"],
         "config": ckpt.config,
-        "layers": kinds,
-        "bytes": q_bytes + other,
-        "bytes_16bit_equivalent": 2 * q_params + other,
-        "bits_per_weight": 8.0 * q_bytes / q_params if q_params else 0.0,
+        "layers": info["layers"],
+        "bytes": info["bytes"],
+        "bytes_16bit_equivalent": info["bytes_16bit"],
+        "bits_per_weight": info["bits_per_weight"],
     }
 
 

@@ -82,34 +82,10 @@ def load_svdq_model(path: str | os.PathLike, dtype: torch.dtype | None = None):
     """Load an svdq checkpoint as a ComfyUI ModelPatcher. Raises ``CheckpointError`` with the file named."""
     ckpt = load_checkpoint(path)
     layer_meta = {
-        name: {
-            "kind": l.kind,
-            "precision": l.precision,
-            "act_precision": l.act_precision,
-            "act_unsigned": l.act_unsigned,
-            "act_shift": l.act_shift,
-        }
-        for name, l in ckpt.layers.items()
+        name: {k: getattr(layer, k) for k in ("kind", "precision", "act_precision", "act_unsigned", "act_shift")}
+        for name, layer in ckpt.layers.items()
     }
     sd = logical_state_dict(ckpt)
     patcher = build_model_patcher(sd, ckpt.metadata, layer_meta, dtype=dtype, path=str(path))
-    patcher.model.svdq_info = summarize(ckpt)
+    patcher.model.svdq_info = ckpt.summary()
     return patcher
-
-
-def summarize(ckpt: Checkpoint) -> dict:
-    """What the loader node shows: precision, rank, bytes and the 16-bit bytes they replace."""
-    q_bytes = sum(l.nbytes() for l in ckpt.layers.values())
-    q_params = sum(l.in_features * l.out_features for l in ckpt.layers.values())
-    other = sum(t.numel() * t.element_size() for t in ckpt.tensors.values())
-    ranks = sorted({l.rank for l in ckpt.layers.values()})
-    return {
-        "precision": ckpt.config.get("precision"),
-        "act_precision": ckpt.config.get("act_precision"),
-        "rank": ranks[-1] if ranks else 0,
-        "quantized_layers": len(ckpt.layers),
-        "bytes": q_bytes + other,
-        "bytes_16bit": q_params * 2 + other,
-        "bits_per_weight": (8.0 * q_bytes / q_params) if q_params else 0.0,
-        "family": ckpt.metadata.get("model_family"),
-    }

@@ -46,6 +46,28 @@ class Checkpoint:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.state_dict().values())
 
+    def summary(self) -> dict:
+        """Precision, rank, layer kinds, bytes and the 16-bit bytes they replace (what `svdq info` and the loader show)."""
+        layers = list(self.layers.values())
+        q_bytes = sum(layer.nbytes() for layer in layers)
+        q_params = sum(layer.in_features * layer.out_features for layer in layers)
+        other = sum(t.numel() * t.element_size() for t in self.tensors.values())
+        kinds: dict[str, int] = {}
+        for layer in layers:
+            kinds[layer.kind] = kinds.get(layer.kind, 0) + 1
+        ranks = sorted({layer.rank for layer in layers})
+        return {
+            "precision": self.config.get("precision"),
+            "act_precision": self.config.get("act_precision"),
+            "rank": ranks[-1] if ranks else 0,
+            "quantized_layers": len(layers),
+            "layers": kinds,
+            "bytes": q_bytes + other,
+            "bytes_16bit": q_params * 2 + other,
+            "bits_per_weight": (8.0 * q_bytes / q_params) if q_params else 0.0,
+            "family": self.metadata.get("model_family"),
+        }
+
 
 def read_header(path: str | os.PathLike) -> tuple[dict, dict]:
     """Parse a safetensors header without loading tensors: (tensor entries, metadata). Clear errors on garbage."""

@@ -2,7 +2,6 @@
 registered, and example workflows posted through the HTTP API produce images; the svdq image is compared with
 the 16-bit model's image."""
 
-import io
 import json
 import math
 import os
