@@ -280,3 +280,31 @@ def read_awq_layer(t: dict[str, torch.Tensor], in_features: int, out_features: i
         for c in plus_one_chunks:
             b[c * per : (c + 1) * per] -= 1.0
     return {"weight": w, "bias": b}
+
+
+# ---------------------------------------------------------------------------------- §5.3 NVFP4 micro-scales
+def _nvfp4_channel_index() -> torch.Tensor:
+    """[32 lanes, 4 words] -> channel within a 128-block: word p of lane l is channel 32p + 8(l % 4) + l // 4."""
+    lane = torch.arange(32)[:, None]
+    p = torch.arange(4)[None, :]
+    return 32 * p + 8 * (lane % 4) + lane // 4
+
+
+def pack_nvfp4_scales(scales: torch.Tensor) -> torch.Tensor:
+    """E4M3 group scales [N, K/16] -> Nunchaku ``wscales`` (nominal [K/16, N]), order (N-block, K-tile, lane, word, byte)."""
+    n, g16 = scales.shape
+    _check(n % N_TILE == 0 and g16 % 4 == 0, f"NVFP4 scales need N % 128 == 0 and K % 64 == 0, got {n}x{g16 * 16}")
+    b = scales.contiguous().view(torch.uint8).reshape(n // N_TILE, N_TILE, g16 // 4, 4)  # (NB, ch, KT, group)
+    ch = _nvfp4_channel_index()
+    out = b[:, ch]  # (NB, lane, word, KT, group)
+    out = out.permute(0, 3, 1, 2, 4).reshape(g16, n)
+    return out.contiguous().view(torch.float8_e4m3fn)
+
+
+def unpack_nvfp4_scales(stored: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_nvfp4_scales`: returns E4M3 scales [N, K/16]."""
+    g16, n = stored.shape
+    b = stored.contiguous().view(torch.uint8).reshape(n // N_TILE, g16 // 4, 32, 4, 4)  # (NB, KT, lane, word, byte)
+    out = torch.empty(n // N_TILE, N_TILE, g16 // 4, 4, dtype=torch.uint8)
+    out[:, _nvfp4_channel_index()] = b.permute(0, 2, 3, 1, 4)
+    return out.reshape(n, g16).view(torch.float8_e4m3fn)

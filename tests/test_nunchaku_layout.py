@@ -129,3 +129,16 @@ def test_awq_layer_with_chunk_interleave_and_plus_one():
     }
     f = read_awq_layer(t, k, n, chunks=s, plus_one_chunks=(1, 4))
     assert torch.allclose(f["weight"], w_true) and torch.allclose(f["bias"], bias)
+
+
+def test_nvfp4_micro_scales_roundtrip_and_positions():
+    from svdq.quant.nunchaku import pack_nvfp4_scales, unpack_nvfp4_scales
+
+    s = (torch.rand(256, 16) * 4 + 0.1).to(torch.float8_e4m3fn)
+    stored = pack_nvfp4_scales(s)
+    assert stored.shape == (16, 256) and stored.dtype == torch.float8_e4m3fn
+    assert torch.equal(unpack_nvfp4_scales(stored).view(torch.uint8), s.view(torch.uint8))
+    one = torch.zeros(128, 4).to(torch.float8_e4m3fn)
+    one[9, 2] = 1.0  # channel 9 = 32*0 + 8*1 + 1 -> lane 5 (l%4 = 1, l//4 = 1), word 0; third group -> byte 2
+    flat = pack_nvfp4_scales(one).view(torch.uint8).reshape(-1)
+    assert int(flat.nonzero()[0]) == 5 * 16 + 0 * 4 + 2
