@@ -38,6 +38,7 @@ def make_svdq_ops(layer_meta: dict[str, dict]):
                 self.bias = None
                 self.svdq_meta = None
                 self.svdq_lora: list = []  # (down [K, r], up [N, r]) extra low-rank factors (LoRA), see patcher
+                self.svdq_bias_delta = None  # LoRA bias patches on a quantized layer, see patcher
 
             def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
                 name = prefix[:-1]
@@ -73,8 +74,9 @@ def make_svdq_ops(layer_meta: dict[str, dict]):
                 destination[f"{prefix}weight"] = self.weight
                 for field in QuantizedLinearWeights.TENSOR_FIELDS:
                     t = getattr(self, f"svdq_{field}", None)
-                    if t is not None:
-                        destination[f"{prefix}svdq_{field}"] = t if keep_vars else t.detach()
+                    if t is not None:  # the bias under its usual name, so LoRA bias patches find it
+                        name = "bias" if field == "bias" else f"svdq_{field}"
+                        destination[f"{prefix}{name}"] = t if keep_vars else t.detach()
 
             @property
             def is_quantized(self) -> bool:
@@ -100,6 +102,9 @@ def make_svdq_ops(layer_meta: dict[str, dict]):
                 if self.svdq_lora:
                     down = torch.cat([d.to(x.device) for d, _ in self.svdq_lora], dim=1)
                     up = torch.cat([u.to(x.device) for _, u in self.svdq_lora], dim=1)
-                return svdq_linear(x, w, extra_down=down, extra_up=up)
+                y = svdq_linear(x, w, extra_down=down, extra_up=up)
+                if self.svdq_bias_delta is not None:
+                    y = y + self.svdq_bias_delta.to(device=y.device, dtype=y.dtype)
+                return y
 
     return SVDQOps

@@ -117,9 +117,10 @@ class SVDQModelPatcher(comfy.model_patcher.ModelPatcher):
         return out
 
     def _svdq_key(self, key: str):
-        if not key.endswith(".weight"):
+        suffix = next((x for x in (".weight", ".bias") if key.endswith(x)), None)
+        if suffix is None:
             return None
-        mod = comfy.utils.get_attr(self.model, key[: -len(".weight")]) if "." in key else None
+        mod = comfy.utils.get_attr(self.model, key[: -len(suffix)]) if "." in key else None
         return mod if getattr(mod, "svdq_meta", None) is not None else None
 
     def patch_weight_to_device(self, key, device_to=None, inplace_update=False):
@@ -134,9 +135,14 @@ class SVDQModelPatcher(comfy.model_patcher.ModelPatcher):
             patches = self.patches.get(key)
             if not patches:
                 m.svdq_lora = []
-                continue
-            d, u = lora_factors(patches, m.out_features, m.in_features, key, device)
-            m.svdq_lora = [] if d is None else [(d, u)]
+            else:
+                d, u = lora_factors(patches, m.out_features, m.in_features, key, device)
+                m.svdq_lora = [] if d is None else [(d, u)]
+            bias_patches = self.patches.get(f"diffusion_model.{name}.bias")
+            m.svdq_bias_delta = None
+            if bias_patches:  # bias deltas (diff_b): ComfyUI's own arithmetic on a zero bias
+                zero = torch.zeros(m.out_features, dtype=torch.float32, device=device)
+                m.svdq_bias_delta = comfy.lora.calculate_weight(bias_patches, zero, f"diffusion_model.{name}.bias")
 
     def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False):
         super().load(device_to, lowvram_model_memory=lowvram_model_memory, force_patch_weights=force_patch_weights,
@@ -147,4 +153,5 @@ class SVDQModelPatcher(comfy.model_patcher.ModelPatcher):
         if unpatch_weights:
             for _, m in svdq_modules(self.model.diffusion_model):
                 m.svdq_lora = []
+                m.svdq_bias_delta = None
         return super().unpatch_model(device_to, unpatch_weights)

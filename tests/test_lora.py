@@ -140,3 +140,22 @@ def test_bad_loras_are_clear_errors_and_model_unchanged(models):
     with pytest.raises(ValueError, match="do not fit"):
         apply_lora(qm, bad, 1.0, name="mismatched.safetensors")
     assert not qm.patches  # nothing was added to the shared model
+
+
+def test_lora_bias_deltas_on_quantized_layers(models):
+    _, qm = models
+    g = torch.Generator().manual_seed(8)
+    name = "diffusion_model.double_blocks.0.img_attn.qkv"
+    diff_b = torch.randn(3 * H, generator=g)
+    lora = make_lora(rank=4, seed=9)
+    lora[f"{name}.diff_b"] = diff_b
+    ql = apply_lora(qm, lora, 0.5)
+    comfy.model_management.load_models_gpu([ql])
+    lin = ql.model.diffusion_model.double_blocks[0].img_attn.qkv
+    assert lin.svdq_bias_delta is not None
+    x = torch.randn(2, H)
+    with_b = lin(x)
+    saved, lin.svdq_bias_delta = lin.svdq_bias_delta, None
+    without_b = lin(x)
+    lin.svdq_bias_delta = saved
+    assert torch.allclose(with_b - without_b, (0.5 * diff_b).expand(2, -1), atol=1e-5)
