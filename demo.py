@@ -92,7 +92,6 @@ def run_demo(out_dir: str | Path = "svdq-demo", fast: bool = False, rank: int = 
         got = sample(q_model, cond, seed=i, steps=steps)
         errs.append(relative_error(got, ref))
         psnrs.append(psnr(got, ref))
-    # the same latents through a W4A4 model without SVDQuant (plain RTN, no smoothing, no branch) for contrast
     info = q_model.model.svdq_info
     report = {
         "float_file": str(float_path),

@@ -58,12 +58,10 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-_interpreting = interpreting
-
 
 def fp32_dots(*tensors) -> bool:
     """Use fp32 dots: for fp32 data, and under the interpreter (which mishandles 16-bit float dots)."""
-    if _interpreting():
+    if interpreting():
         return True
     return any(t is not None and t.dtype == torch.float32 for t in tensors)
 
@@ -95,7 +93,7 @@ class TunedKernel:
         m_, n_, kp_ = args[8], args[9], args[10]
         if config is not None:
             return self._launch(config, args, flags, m_, n_)
-        if _interpreting() or not torch.cuda.is_available():
+        if interpreting() or not torch.cuda.is_available():
             return self._launch(self._cfg_dict(self.configs[-1]), args, flags, m_, n_)
         fast_key = (args[0].device.index, m_bucket(m_), n_, kp_, tuple(flags.items()))
         cfg = self._fast.get(fast_key)  # hot path: no string building, no file access

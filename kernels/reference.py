@@ -19,10 +19,9 @@ from ..quant.formats import (
     INT4_GROUP,
     NVFP4_GROUP,
     e2m1_decode,
-    inv_smooth,
+    quantize_int8_activation,
     quantize_int4_activation,
     quantize_nvfp4_activation,
-    round_half_even,
     unpack_int4,
 )
 
@@ -137,27 +136,12 @@ def dequantize_weight(w: QuantizedLinearWeights) -> torch.Tensor:
     return deq[:, : w.in_features]
 
 
-def quantize_activation_int8(x: torch.Tensor, smooth: torch.Tensor | None, shift: float, k_padded: int):
-    """Per-token symmetric INT8 of (x + shift) / λ (the optional Hopper A8 mode): operand and fp32 scale."""
-    xf = x.float()
-    if shift:
-        xf = xf + shift
-    if smooth is not None:
-        xf = xf * inv_smooth(smooth)
-    amax = xf.abs().amax(dim=-1)
-    scale = torch.where(amax > 0, amax / torch.full_like(amax, 127.0), torch.ones_like(amax))
-    q = round_half_even(xf * torch.reciprocal(scale)[:, None]).clamp(-127, 127).to(torch.int8)
-    if k_padded > q.shape[1]:
-        q = torch.cat([q, q.new_zeros(q.shape[0], k_padded - q.shape[1])], dim=1)
-    return q, scale
-
-
 def activation_operand(x2: torch.Tensor, w: QuantizedLinearWeights) -> tuple[torch.Tensor, torch.Tensor]:
     """The activation kernel's quantized output: int8 operand [M, Kp] and per-token scale [M]."""
     if w.act_precision == "int4":
         return quantize_int4_activation(x2, w.smooth, w.act_shift, w.act_unsigned)
     if w.act_precision == "int8":
-        return quantize_activation_int8(x2, w.smooth, w.act_shift, w.k_padded)
+        return quantize_int8_activation(x2, w.smooth, w.act_shift, w.k_padded)
     raise ValueError(f"no integer operand for activation precision {w.act_precision!r}")
 
 

@@ -99,7 +99,9 @@ def make_svdq_ops(layer_meta: dict[str, dict]):
                 comfy.ops.run_every_op()
                 w = self.quantized_weights(device=x.device)
                 down = up = None
-                if self.svdq_lora:
+                if len(self.svdq_lora) == 1:
+                    down, up = (t.to(x.device) for t in self.svdq_lora[0])
+                elif self.svdq_lora:
                     down = torch.cat([d.to(x.device) for d, _ in self.svdq_lora], dim=1)
                     up = torch.cat([u.to(x.device) for _, u in self.svdq_lora], dim=1)
                 y = svdq_linear(x, w, extra_down=down, extra_up=up)

@@ -173,6 +173,23 @@ def quantize_int4_activation(
     return operand, scale
 
 
+def quantize_int8_activation(
+    x: torch.Tensor, smooth: torch.Tensor | None = None, shift: float = 0.0, k_padded: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token symmetric INT8 of (x + shift) / λ (the Hopper A8 mode): int8 operand [M, Kp] and fp32 scale [M]."""
+    xf = x.float()
+    if shift:
+        xf = xf + shift
+    if smooth is not None:
+        xf = xf * inv_smooth(smooth)
+    amax = xf.abs().amax(dim=-1)
+    scale = torch.where(amax > 0, amax / torch.full_like(amax, 127.0), torch.ones_like(amax))
+    q = round_half_even(xf * torch.reciprocal(scale)[:, None]).clamp(-127, 127).to(torch.int8)
+    if k_padded is not None and k_padded > q.shape[1]:
+        q = torch.cat([q, q.new_zeros(q.shape[0], k_padded - q.shape[1])], dim=1)
+    return q, scale
+
+
 def inv_smooth(smooth: torch.Tensor) -> torch.Tensor:
     """fp32 1/λ, computed once per layer call by the launcher and by the reference alike."""
     return torch.reciprocal(smooth.float())
@@ -279,9 +296,6 @@ def fake_quant_activation(
         xs = x.float() + shift if shift else x.float()
         return quantize_nvfp4_activation(xs, smooth)[:, :k]
     if precision == "int8":
-        xf = x.float() + shift if shift else x.float()
-        if smooth is not None:
-            xf = xf / smooth.float()
-        scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 127.0
-        return round_half_even(xf / scale).clamp(-127, 127) * scale
+        op, scale = quantize_int8_activation(x, smooth, shift)
+        return op.float() * scale[:, None]
     raise ValueError(f"unknown activation precision {precision!r}")
