@@ -1,4 +1,4 @@
-"""The ``svdq`` command: quantize, info, demo."""
+"""The ``svdq`` command: quantize, info, convert, pull, demo."""
 
 from __future__ import annotations
 
@@ -65,15 +65,25 @@ def _quantize(args) -> int:
 
 def describe(path: str) -> dict:
     from .quant.checkpoint import CheckpointError, load_checkpoint, read_header
+    from .quant.nunchaku_file import is_nunchaku_checkpoint, load_nunchaku_checkpoint
 
-    header, meta = read_header(path)
-    if meta.get("format") != "svdq":
-        raise CheckpointError(f"{path}: not an svdq checkpoint (a plain safetensors file with {len(header)} tensors)")
-    ckpt = load_checkpoint(path, check_finite=False)
+    conversion = None
+    if is_nunchaku_checkpoint(path):
+        ckpt, report = load_nunchaku_checkpoint(path)
+        fmt = "nunchaku (" + ("legacy folder" if Path(path).is_dir() else "single file") + ")"
+        conversion = report.as_dict()
+    else:
+        header, meta = read_header(path)
+        if meta.get("format") != "svdq":
+            raise CheckpointError(f"{path}: not an svdq or Nunchaku checkpoint (a plain safetensors file with "
+                                  f"{len(header)} tensors)")
+        ckpt = load_checkpoint(path, check_finite=False)
+        fmt = f"svdq v{meta.get('format_version')}"
     info = ckpt.summary()
     return {
         "file": str(path),
-        "format": f"svdq v{meta.get('format_version')}",
+        "format": fmt,
+        "conversion": conversion,
         "family": info["family"],
         "config": ckpt.config,
         "layers": info["layers"],
@@ -94,6 +104,41 @@ def _info(args) -> int:
     print(f"  layers          {', '.join(f'{v} {k}' for k, v in d['layers'].items())}")
     print(f"  size            {d['bytes'] / 2**20:.2f} MiB ({d['bytes'] / d['bytes_16bit_equivalent']:.3f}x of 16-bit)")
     print(f"  bits/weight     {d['bits_per_weight']:.2f} (quantized layers, scales and low-rank branch included)")
+    if d["conversion"]:
+        c = d["conversion"]
+        print(f"  loads as        {c['exact_layers']} layers exactly (16-bit group scales kept: int4g path); "
+              "`svdq convert --requantize` trades a measured error for the int4 kernel path")
+        for note in c["notes"]:
+            print(f"  note            {note}")
+    return 0
+
+
+def _convert(args) -> int:
+    from .quant.checkpoint import save_checkpoint
+    from .quant.nunchaku_file import is_nunchaku_checkpoint, load_nunchaku_checkpoint
+
+    src, out = Path(args.input), Path(args.output)
+    if not is_nunchaku_checkpoint(src):
+        raise ValueError(f"{src}: not a Nunchaku SVDQuant checkpoint (file or legacy folder)")
+    if not out.parent.exists():
+        raise FileNotFoundError(f"output folder {out.parent} does not exist")
+    ckpt, report = load_nunchaku_checkpoint(src, scales="requantize" if args.requantize else "exact")
+    save_checkpoint(out, ckpt.layers, ckpt.tensors, ckpt.config, ckpt.metadata)
+    print(f"wrote {out}: {report.describe()}")
+    if report.requantized:
+        worst = sorted(report.requantized.items(), key=lambda kv: -kv[1])[:3]
+        print("  changed numbers: requantized residual weights; largest relative weight errors: "
+              + ", ".join(f"{k} {v:.4f}" for k, v in worst))
+    else:
+        print("  nothing lost: every tensor carried over exactly (smooth_orig is unused at run time and not kept)")
+    return 0
+
+
+def _pull(args) -> int:
+    from .hub import pull
+
+    path = pull(args.repo_id, args.file, dest_dir=args.dir, revision=args.revision, token=args.token)
+    print(f"{path}")
     return 0
 
 
@@ -130,10 +175,25 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default=None, help="device for quantization math (default: ComfyUI's device)")
     q.set_defaults(func=_quantize)
 
-    i = sub.add_parser("info", help="describe an svdq checkpoint")
+    i = sub.add_parser("info", help="describe an svdq or Nunchaku checkpoint")
     i.add_argument("file")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=_info)
+
+    c = sub.add_parser("convert", help="convert a Nunchaku SVDQuant checkpoint (file or legacy folder) to svdq format")
+    c.add_argument("input")
+    c.add_argument("-o", "--output", required=True)
+    c.add_argument("--requantize", action="store_true",
+                   help="re-express 16-bit group scales as integer multipliers (fast int4 kernels; error is measured and shown)")
+    c.set_defaults(func=_convert)
+
+    pl = sub.add_parser("pull", help="fetch a checkpoint from the Hugging Face Hub into ComfyUI's diffusion_models")
+    pl.add_argument("repo_id")
+    pl.add_argument("file", nargs="?", default=None, help="file in the repository (default: the svdq-* checkpoint)")
+    pl.add_argument("--dir", default=None, help="destination folder (default: ComfyUI's diffusion_models)")
+    pl.add_argument("--revision", default=None)
+    pl.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the stored login)")
+    pl.set_defaults(func=_pull)
 
     d = sub.add_parser("demo", help="generate, quantize and run a small Flux-type model end to end")
     d.add_argument("--out", default="svdq-demo")
@@ -147,11 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from .hub import HubError
     from .quant.checkpoint import CheckpointError
 
     try:
         return args.func(args)
-    except (CheckpointError, FileNotFoundError, IsADirectoryError, ValueError) as exc:
+    except (CheckpointError, HubError, FileNotFoundError, IsADirectoryError, ValueError) as exc:
         print(f"svdq {args.cmd}: error: {exc}", file=sys.stderr)
         return 2
 

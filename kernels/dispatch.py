@@ -81,7 +81,7 @@ def int8_weights(w: QuantizedLinearWeights) -> torch.Tensor:
 def _unsupported(x: torch.Tensor, w: QuantizedLinearWeights) -> str | None:
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"input dtype {x.dtype}"
-    if w.precision != "int4":
+    if w.precision == "nvfp4":
         return "NVFP4 has no native MMA before Blackwell; emulated with dequantized operands"
     if w.qweight.device != x.device:
         return "weights and input on different devices"
@@ -112,7 +112,9 @@ def svdq_linear(
     if extra_down is not None:
         down = extra_down if down is None else torch.cat([down, extra_down.to(down.dtype)], dim=1)
         up = extra_up if up is None else torch.cat([up, extra_up.to(up.dtype)], dim=1)
-    if w.kind == "w4a16" or w.act_precision == "none":
+    if w.precision == "int4g":
+        y = _int4g(x2, w, down, up, gelu)
+    elif w.kind == "w4a16" or w.act_precision == "none":
         y = _w4a16(x2, w, down, up, gelu)
     elif w.act_precision in ("int4", "int8"):
         a8, ascale, lora = quantize_activation(
@@ -136,6 +138,30 @@ def _w4a16(x2, w, down, up, gelu):
         y = (xs @ wd.T).float()
         if w.bias is not None:
             y = y + w.bias.float()
+    if down is not None:
+        y = y + (x2.float() @ down.float()) @ up.float().T
+    if gelu:
+        y = torch.nn.functional.gelu(y, approximate="tanh")
+    return y.to(x2.dtype)
+
+
+def _int4g(x2, w, down, up, gelu):
+    """Layers with one float scale per group (Nunchaku/AWQ files loaded exactly): the activation kernel quantizes,
+    the weight is dequantized to 16 bit per call and cuBLAS multiplies. Exact int8 codes times 16-bit weights;
+    slower than the int4 path (``svdq convert --requantize`` trades a measured error for that path)."""
+    from .reference import dequantize_weight
+
+    wd = dequantize_weight(w).to(x2.dtype)
+    if w.kind == "w4a16" or w.act_precision == "none":
+        xs = x2 / w.smooth.to(x2.dtype) if w.smooth is not None else x2
+        y = (xs @ wd.T).float()
+    else:
+        a8, ascale, lora = quantize_activation(
+            x2, w.k_padded, w.smooth, None, w.act_shift, w.act_unsigned and w.act_precision == "int4", w.act_precision
+        )
+        y = (a8[:, : w.in_features].to(x2.dtype) @ wd.T).float() * ascale[:, None]
+    if w.bias is not None:
+        y = y + w.bias.float()
     if down is not None:
         y = y + (x2.float() @ down.float()) @ up.float().T
     if gelu:

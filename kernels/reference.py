@@ -26,7 +26,7 @@ from ..quant.formats import (
 )
 
 KINDS = ("w4a4", "w4a16")
-PRECISIONS = ("int4", "nvfp4")
+PRECISIONS = ("int4", "int4g", "nvfp4")
 ACT_PRECISIONS = ("int4", "int8", "nvfp4", "none")
 
 
@@ -35,7 +35,10 @@ class QuantizedLinearWeights:
     """The tensors of one quantized linear layer (the checkpoint format's per-layer contract).
 
     INT4:  qweight uint8 [N, Kp/2] (two codes a byte, low nibble first), wmult uint8 [N, Kp/64], wscale fp32 [N]
-    NVFP4: qweight uint8 [N, Kp/2] (E2M1 codes),  wscales float8_e4m3fn [N, Kp/16], wtscale fp32 [1]
+    INT4G: qweight as INT4, wscales 16-bit [N, Kp/64] (one float scale per group, the Nunchaku/AWQ layout);
+           with wzeros [N, Kp/64] the codes are unsigned 0..15 and value = code * scale + zero (AWQ)
+    NVFP4: qweight uint8 [N, Kp/2] (E2M1 codes),  wscales float8_e4m3fn [N, Kp/16], wtscale fp32 [1],
+           optional wcscales [N] per-channel factor
     smooth [K] (λ; ones if unsmoothed), proj_down [K, R], proj_up [N, R] (R may be 0), bias [N] or None.
     """
 
@@ -49,6 +52,8 @@ class QuantizedLinearWeights:
     wscale: torch.Tensor | None = None
     wscales: torch.Tensor | None = None
     wtscale: torch.Tensor | None = None
+    wzeros: torch.Tensor | None = None
+    wcscales: torch.Tensor | None = None
     smooth: torch.Tensor | None = None
     proj_down: torch.Tensor | None = None
     proj_up: torch.Tensor | None = None
@@ -57,7 +62,8 @@ class QuantizedLinearWeights:
     act_shift: float = 0.0
     extra: dict = field(default_factory=dict)
 
-    TENSOR_FIELDS = ("qweight", "wmult", "wscale", "wscales", "wtscale", "smooth", "proj_down", "proj_up", "bias")
+    TENSOR_FIELDS = ("qweight", "wmult", "wscale", "wscales", "wtscale", "wzeros", "wcscales", "smooth", "proj_down",
+                     "proj_up", "bias")
 
     @property
     def rank(self) -> int:
@@ -89,7 +95,7 @@ class QuantizedLinearWeights:
             raise ValueError(f"unknown precision {self.precision!r}; expected one of {PRECISIONS}")
         if self.act_precision not in ACT_PRECISIONS:
             raise ValueError(f"unknown activation precision {self.act_precision!r}; expected one of {ACT_PRECISIONS}")
-        group = INT4_GROUP if self.precision == "int4" else NVFP4_GROUP
+        group = NVFP4_GROUP if self.precision == "nvfp4" else INT4_GROUP
         kp = k + (-k) % INT4_GROUP  # both formats pad K to 64 so kernels see one layout
         if tuple(self.qweight.shape) != (n, kp // 2) or self.qweight.dtype != torch.uint8:
             raise ValueError(f"qweight must be uint8 [{n}, {kp // 2}], got {self.qweight.dtype} {tuple(self.qweight.shape)}")
@@ -98,11 +104,20 @@ class QuantizedLinearWeights:
                 raise ValueError(f"wmult must be [{n}, {kp // group}], got {None if self.wmult is None else tuple(self.wmult.shape)}")
             if self.wscale is None or tuple(self.wscale.shape) != (n,):
                 raise ValueError(f"wscale must be [{n}]")
+        elif self.precision == "int4g":
+            if self.wscales is None or tuple(self.wscales.shape) != (n, kp // group) or not self.wscales.is_floating_point():
+                raise ValueError(f"int4g wscales must be float [{n}, {kp // group}]")
+            if self.wzeros is not None and tuple(self.wzeros.shape) != (n, kp // group):
+                raise ValueError(f"wzeros must be [{n}, {kp // group}], got {tuple(self.wzeros.shape)}")
         else:
             if self.wscales is None or tuple(self.wscales.shape) != (n, kp // group):
                 raise ValueError(f"wscales must be [{n}, {kp // group}]")
             if self.wtscale is None or self.wtscale.numel() != 1:
                 raise ValueError("wtscale must hold one value")
+        if self.wzeros is not None and self.precision != "int4g":
+            raise ValueError("wzeros (asymmetric codes) exist only for int4g layers")
+        if self.wcscales is not None and tuple(self.wcscales.shape) != (n,):
+            raise ValueError(f"wcscales must be [{n}], got {tuple(self.wcscales.shape)}")
         if (self.proj_down is None) != (self.proj_up is None):
             raise ValueError("proj_down and proj_up must both be present or both absent")
         if self.proj_down is not None:
@@ -129,10 +144,19 @@ def dequantize_weight(w: QuantizedLinearWeights) -> torch.Tensor:
     """The 4-bit residual as fp32 [N, K] (padding cropped); ``Q(R)`` of the smoothed weight."""
     if w.precision == "int4":
         deq = int8_weight_operand(w).float() * w.wscale.float()[:, None]
+    elif w.precision == "int4g":
+        codes = unpack_int4(w.qweight, signed=w.wzeros is None).float()
+        n, kp = codes.shape
+        deq = codes.reshape(n, kp // INT4_GROUP, INT4_GROUP) * w.wscales.float()[:, :, None]
+        if w.wzeros is not None:
+            deq = deq + w.wzeros.float()[:, :, None]
+        deq = deq.reshape(n, kp)
     else:
         codes = unpack_int4(w.qweight, signed=False)
         s = w.wscales.float().repeat_interleave(NVFP4_GROUP, dim=1)
         deq = e2m1_decode(codes) * s * w.wtscale.float().reshape(())
+    if w.wcscales is not None:
+        deq = deq * w.wcscales.float()[:, None]
     return deq[:, : w.in_features]
 
 
@@ -192,7 +216,7 @@ def svdq_linear_reference(
     if w.kind == "w4a16" or w.act_precision == "none":
         xs = x2.float() / w.smooth.float() if w.smooth is not None else x2.float()
         acc = xs @ dequantize_weight(w).T
-    elif w.precision == "nvfp4" or w.act_precision == "nvfp4":
+    elif w.precision != "int4" or w.act_precision == "nvfp4":
         if w.act_precision == "nvfp4":
             xs = x2.float() + w.act_shift if w.act_shift else x2.float()
             a = quantize_nvfp4_activation(xs, w.smooth)[:, : w.in_features]

@@ -31,8 +31,8 @@ def logical_state_dict(ckpt: Checkpoint, dtype: torch.dtype = torch.bfloat16) ->
     tensor has the right shape and costs two bytes.
     """
     sd = ckpt.state_dict()
-    for name, layer in ckpt.layers.items():
-        sd[f"{name}.weight"] = torch.zeros((), dtype=dtype).expand(layer.out_features, layer.in_features)
+    for name, shape in ckpt.logical_shapes().items():
+        sd[f"{name}.weight"] = torch.zeros((), dtype=dtype).expand(*shape)
     return sd
 
 
@@ -78,14 +78,17 @@ def build_model_patcher(
     return SVDQModelPatcher(model, load_device=load_device, offload_device=offload_device)
 
 
-def load_svdq_model(path: str | os.PathLike, dtype: torch.dtype | None = None):
-    """Load an svdq checkpoint as a ComfyUI ModelPatcher. Raises ``CheckpointError`` with the file named."""
-    ckpt = load_checkpoint(path)
-    layer_meta = {
-        name: {k: getattr(layer, k) for k in ("kind", "precision", "act_precision", "act_unsigned", "act_shift")}
-        for name, layer in ckpt.layers.items()
-    }
+def load_svdq_model(path: str | os.PathLike, dtype: torch.dtype | None = None, nunchaku_scales: str = "exact"):
+    """Load an svdq checkpoint, or a Nunchaku SVDQuant file/folder (converted in memory), as a ComfyUI
+    ModelPatcher. Raises ``CheckpointError`` with the file named."""
+    from ..quant.nunchaku_file import is_nunchaku_checkpoint, load_nunchaku_checkpoint
+
+    if is_nunchaku_checkpoint(path):
+        ckpt, report = load_nunchaku_checkpoint(path, scales=nunchaku_scales)
+        log.info("svdq: %s", report.describe())
+    else:
+        ckpt = load_checkpoint(path)
     sd = logical_state_dict(ckpt)
-    patcher = build_model_patcher(sd, ckpt.metadata, layer_meta, dtype=dtype, path=str(path))
+    patcher = build_model_patcher(sd, ckpt.metadata, ckpt.layer_meta(), dtype=dtype, path=str(path))
     patcher.model.svdq_info = ckpt.summary()
     return patcher

@@ -39,11 +39,12 @@ def make_svdq_ops(layer_meta: dict[str, dict]):
                 self.svdq_meta = None
                 self.svdq_lora: list = []  # (down [K, r], up [N, r]) extra low-rank factors (LoRA), see patcher
                 self.svdq_bias_delta = None  # LoRA bias patches on a quantized layer, see patcher
+                self.svdq_parts: list = []  # (attribute prefix, meta, in_range, out_range, state-dict prefix)
 
             def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
                 name = prefix[:-1]
                 meta = layer_meta.get(name)
-                if meta is None or f"{prefix}qweight" not in state_dict:
+                if meta is None or not (f"{prefix}qweight" in state_dict or f"{prefix}parts.0.qweight" in state_dict):
                     w = state_dict.get(f"{prefix}weight")
                     if w is None:
                         missing_keys.append(f"{prefix}weight")
@@ -55,58 +56,98 @@ def make_svdq_ops(layer_meta: dict[str, dict]):
                     elif self.has_bias:
                         missing_keys.append(f"{prefix}bias")
                     return
-                self.svdq_meta = {k: meta[k] for k in _META if k in meta}
-                for field in QuantizedLinearWeights.TENSOR_FIELDS:
-                    t = state_dict.get(f"{prefix}{field}")
-                    if t is not None:
-                        setattr(self, f"svdq_{field}", torch.nn.Parameter(t, requires_grad=False))
-                    else:
-                        setattr(self, f"svdq_{field}", None)
-                # the layer's float bias lives in svdq_bias (shift compensation folded in); ``weight`` is a
-                # storage-free tensor of the logical shape so ComfyUI's LoRA key maps and shape checks see the layer
+                # a plain layer is one part with tensors at the prefix; a composite layer (a fused ComfyUI linear
+                # made of parts quantized separately, e.g. Nunchaku's FLUX single blocks) has parts.i.* tensors
+                parts = meta.get("parts") or [{"meta": meta, "in_range": None, "out_range": None}]
+                self.svdq_parts = []
+                for i, part in enumerate(parts):
+                    attr = "svdq_" if "parts" not in meta else f"svdq_p{i}_"
+                    src = prefix if "parts" not in meta else f"{prefix}parts.{i}."
+                    for field in QuantizedLinearWeights.TENSOR_FIELDS:
+                        t = state_dict.get(f"{src}{field}")
+                        setattr(self, f"{attr}{field}", None if t is None else torch.nn.Parameter(t, requires_grad=False))
+                    self.svdq_parts.append((attr, {k: part["meta"][k] for k in _META if k in part["meta"]},
+                                            part.get("in_range"), part.get("out_range"), src))
+                self.svdq_meta = {"parts": len(self.svdq_parts)} if "parts" in meta else self.svdq_parts[0][1]
+                # the layer's float bias lives in svdq_bias (shift compensation folded in); ``weight`` (and a
+                # composite's ``bias``) are storage-free tensors of the logical shape, so ComfyUI's LoRA key maps
+                # and shape checks see the layer
                 self.bias = None
                 self.weight = torch.zeros((), dtype=torch.bfloat16).expand(self.out_features, self.in_features)
-                self.quantized_weights().validate()
+                for i in range(len(self.svdq_parts)):
+                    self.quantized_weights(part=i).validate()
 
             def _save_to_state_dict(self, destination, prefix, keep_vars):
                 if self.svdq_meta is None:
                     return super()._save_to_state_dict(destination, prefix, keep_vars)
                 destination[f"{prefix}weight"] = self.weight
-                for field in QuantizedLinearWeights.TENSOR_FIELDS:
-                    t = getattr(self, f"svdq_{field}", None)
-                    if t is not None:  # the bias under its usual name, so LoRA bias patches find it
-                        name = "bias" if field == "bias" else f"svdq_{field}"
+                composite = len(self.svdq_parts) > 1 or "parts" in self.svdq_meta
+                if composite:
+                    destination[f"{prefix}bias"] = torch.zeros((), dtype=torch.bfloat16).expand(self.out_features)
+                for attr, _, _, _, src in self.svdq_parts:
+                    for field in QuantizedLinearWeights.TENSOR_FIELDS:
+                        t = getattr(self, f"{attr}{field}", None)
+                        if t is None:
+                            continue
+                        if composite:  # parts keep their own names
+                            name = f"{src[len(prefix):]}{field}"
+                        else:  # the bias under its usual name, so LoRA bias patches find it
+                            name = "bias" if field == "bias" else f"svdq_{field}"
                         destination[f"{prefix}{name}"] = t if keep_vars else t.detach()
 
             @property
             def is_quantized(self) -> bool:
                 return self.svdq_meta is not None
 
-            def quantized_weights(self, device=None) -> QuantizedLinearWeights:
+            def quantized_weights(self, device=None, part: int = 0) -> QuantizedLinearWeights:
+                attr, meta, in_range, out_range, _ = self.svdq_parts[part]
                 tensors = {}
                 for field in QuantizedLinearWeights.TENSOR_FIELDS:
-                    t = getattr(self, f"svdq_{field}", None)
+                    t = getattr(self, f"{attr}{field}", None)
                     if t is not None and device is not None and t.device != device:
                         t = comfy.model_management.cast_to(t, None, device, non_blocking=True, copy=False)
                     tensors[field] = t
-                return QuantizedLinearWeights(
-                    in_features=self.in_features, out_features=self.out_features, **self.svdq_meta, **tensors
-                )
+                n = self.out_features if out_range is None else out_range[1] - out_range[0]
+                k = self.in_features if in_range is None else in_range[1] - in_range[0]
+                return QuantizedLinearWeights(in_features=k, out_features=n, **meta, **tensors)
 
             def forward(self, x, *args, **kwargs):
                 if self.svdq_meta is None:
                     return super().forward(x, *args, **kwargs)
                 comfy.ops.run_every_op()
-                w = self.quantized_weights(device=x.device)
                 down = up = None
                 if len(self.svdq_lora) == 1:
                     down, up = (t.to(x.device) for t in self.svdq_lora[0])
                 elif self.svdq_lora:
                     down = torch.cat([d.to(x.device) for d, _ in self.svdq_lora], dim=1)
                     up = torch.cat([u.to(x.device) for _, u in self.svdq_lora], dim=1)
-                y = svdq_linear(x, w, extra_down=down, extra_up=up)
+                if len(self.svdq_parts) == 1 and self.svdq_parts[0][2] is None and self.svdq_parts[0][3] is None:
+                    y = svdq_linear(x, self.quantized_weights(device=x.device), extra_down=down, extra_up=up)
+                else:
+                    y = self._composite_forward(x, down, up)
                 if self.svdq_bias_delta is not None:
                     y = y + self.svdq_bias_delta.to(device=y.device, dtype=y.dtype)
+                return y
+
+            def _composite_forward(self, x, down, up):
+                """Parts split by output rows are concatenated, parts split by input columns are summed."""
+                outs = []
+                summed = None
+                for i, (_, _, in_range, out_range, _) in enumerate(self.svdq_parts):
+                    xi = x if in_range is None else x[..., in_range[0]: in_range[1]]
+                    yi = svdq_linear(xi, self.quantized_weights(device=x.device, part=i))
+                    if out_range is not None:
+                        outs.append((out_range[0], yi))
+                    else:
+                        summed = yi.float() if summed is None else summed + yi.float()
+                if outs:
+                    y = torch.cat([t for _, t in sorted(outs, key=lambda o: o[0])], dim=-1)
+                    if summed is not None:
+                        raise RuntimeError("a composite layer splits either by rows or by columns, not both")
+                else:
+                    y = summed.to(x.dtype)
+                if down is not None:
+                    y = (y.float() + (x.float() @ down.float()) @ up.float().T).to(x.dtype)
                 return y
 
     return SVDQOps

@@ -26,7 +26,7 @@ DENSE_TO_LOWRANK_MAX_RANK = 64
 
 def is_fake(t) -> bool:
     """The storage-free logical weights of quantized layers (expanded 0-d tensors)."""
-    return torch.is_tensor(t) and t.dim() == 2 and t.numel() > 1 and t.stride() == (0, 0)
+    return torch.is_tensor(t) and t.dim() >= 1 and t.numel() > 1 and all(st == 0 for st in t.stride())
 
 
 def real_module_size(module: torch.nn.Module) -> int:

@@ -23,6 +23,10 @@ FORMAT_NAME = "svdq"
 FORMAT_VERSION = 1
 SUFFIXES = QuantizedLinearWeights.TENSOR_FIELDS
 LAYER_FIELDS = ("kind", "precision", "act_precision", "in_features", "out_features", "act_unsigned", "act_shift")
+# composite layers: one ComfyUI linear made of parts quantized separately (``NAME.parts.i``), e.g. a FLUX single
+# block's linear1 = [qkv; mlp_fc1] (split by output rows) and linear2 = [out_proj | mlp_fc2] (split by input columns)
+PART_FIELDS = ("part_of", "in_range", "out_range", "full_shape")
+META_FIELDS = ("kind", "precision", "act_precision", "act_unsigned", "act_shift")
 
 
 class CheckpointError(ValueError):
@@ -45,6 +49,32 @@ class Checkpoint:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.state_dict().values())
+
+    def logical_shapes(self) -> dict[str, tuple[int, int]]:
+        """ComfyUI layer name -> (out_features, in_features), composite layers under their own name."""
+        shapes = {}
+        for name, layer in self.layers.items():
+            base = layer.extra.get("part_of")
+            if base is None:
+                shapes[name] = (layer.out_features, layer.in_features)
+            else:
+                shapes[base] = tuple(layer.extra["full_shape"])
+        return shapes
+
+    def layer_meta(self) -> dict[str, dict]:
+        """What the quantized op needs per ComfyUI layer: metadata, or ``parts`` with their ranges."""
+        out: dict[str, dict] = {}
+        for name, layer in self.layers.items():
+            meta = {k: getattr(layer, k) for k in META_FIELDS}
+            base = layer.extra.get("part_of")
+            if base is None:
+                out[name] = meta
+                continue
+            idx = int(name.rsplit(".", 1)[1])
+            parts = out.setdefault(base, {"parts": []})["parts"]
+            parts.extend([None] * (idx + 1 - len(parts)))
+            parts[idx] = {"meta": meta, "in_range": layer.extra.get("in_range"), "out_range": layer.extra.get("out_range")}
+        return out
 
     def summary(self) -> dict:
         """Precision, rank, layer kinds, bytes and the 16-bit bytes they replace (what `svdq info` and the loader show)."""
@@ -152,6 +182,10 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
     layers: dict[str, QuantizedLinearWeights] = {}
     for name, info in layer_info.items():
         kw = {k: info[k] for k in LAYER_FIELDS if k in info}
+        kw["extra"] = {k: info[k] for k in PART_FIELDS if info.get(k) is not None}
+        if kw["extra"] and (name != f"{kw['extra'].get('part_of')}.parts.{name.rsplit('.', 1)[-1]}"
+                            or "full_shape" not in kw["extra"]):
+            raise CheckpointError(f"{p}: layer {name!r} has inconsistent composite-part metadata")
         for suffix in SUFFIXES:
             kw[suffix] = raw.pop(f"{name}.{suffix}", None)
         if kw["qweight"] is None:
@@ -167,8 +201,8 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
                     raise CheckpointError(f"{p}: tensor '{name}.{suffix}' contains NaN/Inf values")
         layers[name] = layer
     other = {k: v for k, v in meta.items() if k not in ("layers", "quantization_config")}
-    for k in ("model_config",):
-        if k in other:
+    for k, v in other.items():  # structured entries (written with json.dumps) come back parsed
+        if isinstance(v, str) and v[:1] in ("{", "["):
             other[k] = _json_meta(meta, k, p)
     return Checkpoint(layers=layers, tensors=raw, config=config, metadata=other)
 
@@ -191,6 +225,7 @@ def save_checkpoint(
     for name, layer in layers.items():
         layer.validate()
         info[name] = {k: getattr(layer, k) for k in LAYER_FIELDS}
+        info[name].update({k: layer.extra[k] for k in PART_FIELDS if layer.extra.get(k) is not None})
         for suffix, t in layer.tensors().items():
             sd[f"{name}.{suffix}"] = t.detach().to("cpu").contiguous()
     for name, t in tensors.items():
