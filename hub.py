@@ -102,8 +102,8 @@ def pull(repo_id: str, filename: str | None = None, dest_dir: str | os.PathLike 
         hint = (" HF_HUB_OFFLINE is set and the file is not in the local cache; unset it to download."
                 if _offline() else " Check the file name, your network and, for gated repositories, your token.")
         raise HubError(f"{repo_id}/{filename}: cannot fetch ({type(exc).__name__}: {exc}).{hint}") from exc
-    cached = Path(cached)
-    if dest.exists() and dest.stat().st_size == cached.stat().st_size and os.path.samefile(dest, cached):
+    cached = Path(cached).resolve()  # the blob, not the snapshot symlink
+    if dest.exists() and os.path.samefile(dest, cached):
         return dest
     _place(cached, dest)
     log.info("svdq: %s/%s -> %s", repo_id, filename, dest)

@@ -35,10 +35,11 @@ TINY_FLUX = {
 FLUX_DEV = dict(TINY_FLUX, context_in_dim=4096, vec_in_dim=768, hidden_size=3072, num_heads=24, depth=19, depth_single_blocks=38)
 
 
-def heavy_tailed(shape, fan_in: int, gen: torch.Generator, dof: float = 4.0, gain: float = 0.8) -> torch.Tensor:
+def heavy_tailed(shape, fan_in: int, gen: torch.Generator, dof: float = 4.0, gain: float = 0.8,
+                 device=None) -> torch.Tensor:
     """Student-t samples normalised to variance gain²/fan_in."""
-    n = torch.randn(shape, generator=gen)
-    chi2 = torch.randn((*shape, int(dof)), generator=gen).pow(2).sum(-1)
+    n = torch.randn(shape, generator=gen, device=device)
+    chi2 = torch.randn((*shape, int(dof)), generator=gen, device=device).pow(2).sum(-1)
     t = n / torch.sqrt(chi2 / dof)
     std = math.sqrt(dof / (dof - 2))
     return t * (gain / std / math.sqrt(fan_in))
@@ -137,3 +138,29 @@ def flux_inputs(cfg: dict, batch: int = 1, image: int = 16, tokens: int = 16, se
     ctx = torch.randn(batch, tokens, cfg["context_in_dim"], generator=gen)
     y = torch.randn(batch, cfg["vec_in_dim"], generator=gen)
     return x, ctx, y
+
+
+@torch.no_grad()
+def fill_flux_weights_(module: torch.nn.Module, hidden: int, seed: int = 0) -> None:
+    """``fill_flux_weights`` in place, on the module's own device (a 12B model is generated on the GPU in
+    seconds; the CPU version is for tiny models and files)."""
+    for i, (key, t) in enumerate(module.state_dict(keep_vars=True).items()):
+        if not t.is_floating_point():
+            continue
+        gen = torch.Generator(device=t.device).manual_seed(seed * 100003 + i)
+        shape = tuple(t.shape)
+        if key.endswith(".scale") or re.search(r"norm.*\.weight$", key):
+            t.fill_(1.0)
+        elif key.endswith(".weight") and len(shape) == 2:
+            rows = max(1, (1 << 26) // shape[1])  # in slices: the chi-square draw needs 5 floats per value
+            for r0 in range(0, shape[0], rows):
+                part = heavy_tailed((min(rows, shape[0] - r0), shape[1]), shape[1], gen, device=t.device)
+                if re.search(r"(_mod|modulation)\.lin\.weight$", key):
+                    part = part * 0.05
+                t[r0 : r0 + part.shape[0]].copy_(part)
+        elif key.endswith("_mod.lin.bias"):
+            t.copy_(outlier_mod_bias(shape[0], hidden, 6, (1, 4), torch.Generator().manual_seed(seed + i)))
+        elif key.endswith("modulation.lin.bias"):
+            t.copy_(outlier_mod_bias(shape[0], hidden, 3, (1,), torch.Generator().manual_seed(seed + i)))
+        else:
+            t.copy_(torch.randn(shape, generator=gen, device=t.device) * 0.02)

@@ -41,30 +41,57 @@ class SVDQLoadDiffusionModel(io.ComfyNode):
             node_id="SVDQLoadDiffusionModel",
             display_name="SVDQ Load Diffusion Model",
             category="svdq",
-            description="Loads an svdq 4-bit checkpoint into ComfyUI's own model class with quantized linears "
-                        "(16-bit files load unchanged).",
+            description="Loads an svdq 4-bit checkpoint, or a Nunchaku SVDQuant file (svdq-int4/fp4_r*-*.safetensors "
+                        "or a legacy folder), into ComfyUI's own model class with quantized linears (16-bit files load "
+                        "unchanged).",
             inputs=[
                 io.Combo.Input("model_name", options=_model_files(),
-                               tooltip="An svdq checkpoint from the diffusion_models folder (svdq quantize / in-graph quantization)."),
+                               tooltip="An svdq or Nunchaku checkpoint from the diffusion_models folder."),
+                io.Combo.Input("nunchaku_scales", options=["exact", "requantize"], default="exact", optional=True,
+                               tooltip="Nunchaku INT4 files: 'exact' keeps their 16-bit group scales (every number "
+                                       "unchanged); 'requantize' re-expresses them as integer multipliers for the "
+                                       "faster int4 kernels, with the added error measured and logged."),
+                io.String.Input("hf_repo", default="", optional=True,
+                                tooltip="Optional OWNER/NAME or OWNER/NAME/FILE on the Hugging Face Hub: fetched into "
+                                        "diffusion_models (resumable; honours HF_HUB_OFFLINE and HF_TOKEN) and loaded "
+                                        "instead of model_name."),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
-    def execute(cls, model_name) -> io.NodeOutput:
+    def execute(cls, model_name, nunchaku_scales="exact", hf_repo="") -> io.NodeOutput:
+        import os
+
         from ..quant.checkpoint import is_svdq_file, read_header
+        from ..quant.nunchaku_file import LEGACY_FILES, is_nunchaku_checkpoint
         from .loading import load_svdq_model
         from .pipeline import load_float_model
 
-        path = folder_paths.get_full_path_or_raise("diffusion_models", model_name)
-        read_header(path)  # clear errors for corrupt or non-safetensors files, naming the file
-        if not is_svdq_file(path):  # a 16-bit model: load it as ComfyUI would, so graphs can compare both
+        if hf_repo and hf_repo.strip():
+            from ..hub import pull
+
+            parts = hf_repo.strip().strip("/").split("/")
+            repo, fname = "/".join(parts[:2]), ("/".join(parts[2:]) or None)
+            path = str(pull(repo, fname, dest_dir=_output_folder()))
+            model_name = os.path.basename(path)
+        else:
+            path = folder_paths.get_full_path_or_raise("diffusion_models", model_name)
+        folder = os.path.dirname(path)
+        if os.path.basename(path) in LEGACY_FILES and is_nunchaku_checkpoint(folder):
+            path = folder  # a legacy Nunchaku folder, picked through one of its files
+        else:
+            read_header(path)  # clear errors for corrupt or non-safetensors files, naming the file
+        if not is_svdq_file(path) and not is_nunchaku_checkpoint(path):
+            # a 16-bit model: load it as ComfyUI would, so graphs can compare both
             return io.NodeOutput(load_float_model(path), ui={"text": [f"{model_name}: 16-bit model (not svdq)"]})
-        model = load_svdq_model(path)
+        model = load_svdq_model(path, nunchaku_scales=nunchaku_scales)
         info = model.model.svdq_info
         text = (f"{info['precision']} W / {info['act_precision']} A, rank {info['rank']}, "
                 f"{info['bytes'] / 2**20:.1f} MiB ({info['bytes'] / max(1, info['bytes_16bit']):.2f}x of 16-bit, "
                 f"{(info['bytes_16bit'] - info['bytes']) / 2**20:.1f} MiB saved)")
+        if info.get("conversion"):
+            text += f"; {info['conversion']}"
         return io.NodeOutput(model, ui={"svdq_info": [info], "text": [text]})
 
 

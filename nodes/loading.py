@@ -83,6 +83,7 @@ def load_svdq_model(path: str | os.PathLike, dtype: torch.dtype | None = None, n
     ModelPatcher. Raises ``CheckpointError`` with the file named."""
     from ..quant.nunchaku_file import is_nunchaku_checkpoint, load_nunchaku_checkpoint
 
+    report = None
     if is_nunchaku_checkpoint(path):
         ckpt, report = load_nunchaku_checkpoint(path, scales=nunchaku_scales)
         log.info("svdq: %s", report.describe())
@@ -91,4 +92,6 @@ def load_svdq_model(path: str | os.PathLike, dtype: torch.dtype | None = None, n
     sd = logical_state_dict(ckpt)
     patcher = build_model_patcher(sd, ckpt.metadata, ckpt.layer_meta(), dtype=dtype, path=str(path))
     patcher.model.svdq_info = ckpt.summary()
+    if report is not None:
+        patcher.model.svdq_info["conversion"] = report.describe().split(": ", 1)[-1]
     return patcher

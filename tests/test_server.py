@@ -65,6 +65,13 @@ def server(tmp_path_factory):
     um = load_float_model(uf)
     res = quantize_patcher(um, cfg, random_conditioning(um, 2, tokens=77), steps=2, size=8)
     save_result(res, cfg, um, models / "diffusion_models" / "tiny-unet-svdq.safetensors", uf)
+    # the same tiny FLUX weights as a Nunchaku single file and, number for number, in our own format
+    import nunchaku_gen
+    from safetensors.torch import load_file
+
+    nunchaku_gen.flux_nunchaku_file(load_file(str(f)), tiny_assets.E2E_FLUX,
+                                    models / "diffusion_models" / "svdq-int4_r16-tiny-flux.safetensors",
+                                    models / "diffusion_models" / "tiny-flux-nunchaku-as-svdq.safetensors")
     g = torch.Generator().manual_seed(0)
     from safetensors.torch import save_file
 
@@ -168,6 +175,38 @@ def test_text_to_image_svdq_vs_16bit(server):
     p = psnr(a, b)
     print(f"PSNR svdq vs 16-bit image: {p:.1f} dB")
     assert p > 20.0
+
+
+def test_nunchaku_file_through_the_loader_node(server):
+    """A Nunchaku single file loads by itself through the svdq loader and gives the image of the same weights
+    stored in our own format (bit for bit); requantized, it stays close."""
+    n, sn = run_prompt(server, text_to_image("svdq-int4_r16-tiny-flux.safetensors", prefix="nunchaku"))
+    o, so = run_prompt(server, text_to_image("tiny-flux-nunchaku-as-svdq.safetensors", prefix="nunchaku-ours"))
+    assert n is not None, json.dumps(sn)[:2000]
+    assert o is not None, json.dumps(so)[:2000]
+    a, b = load_image(server, n), load_image(server, o)
+    assert torch.equal(a, b) and a.std() > 0
+    g = text_to_image("svdq-int4_r16-tiny-flux.safetensors", prefix="nunchaku-rq")
+    g["1"]["inputs"]["nunchaku_scales"] = "requantize"
+    r, sr = run_prompt(server, g)
+    assert r is not None, json.dumps(sr)[:2000]
+    p = psnr(load_image(server, r), a)
+    print(f"PSNR Nunchaku requantized vs exact: {p:.1f} dB")
+    assert 25.0 < p < float("inf")
+    # a damaged Nunchaku file (a layer's tensor missing): a clear error naming the file and the tensor
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    src = server["base"] / "models" / "diffusion_models" / "svdq-int4_r16-tiny-flux.safetensors"
+    with safe_open(str(src), framework="pt") as fh:
+        meta = fh.metadata()
+        tensors = {k: fh.get_tensor(k) for k in fh.keys() if k != "transformer_blocks.0.qkv_proj.wscales"}
+    save_file(tensors, str(src.with_name("svdq-int4_r16-damaged.safetensors")), metadata=meta)
+    out, status = run_prompt(server, text_to_image("svdq-int4_r16-damaged.safetensors", prefix="damaged"))
+    assert out is None
+    msgs = json.dumps(status)
+    assert "svdq-int4_r16-damaged.safetensors" in msgs and "wscales" in msgs, msgs[:1500]
+    assert server["proc"].poll() is None
 
 
 def test_unet_svdq_vs_16bit(server):

@@ -1,0 +1,410 @@
+"""One denoising step of a full-size FLUX.1-dev model through ComfyUI's own model, for every weight format, in one run.
+
+    python bench/e2e.py [--config flux-dev|tiny] [--rows bf16,fp8,nf4,svdq,svdq_lora,svdq_fbc] [--cap-gb 16]
+                        [--batch 1,2] [--profile] [--json OUT]
+
+The model is ComfyUI's Flux class at the FLUX.1-dev configuration (19 double + 38 single blocks, hidden 3072) with
+generated weights (heavy tails, outlier modulation channels: ``svdq.synthetic``), built on the GPU; no download.
+Each row loads the model the way ComfyUI does (its loader, dtype choice, model management and attention) and
+times ``apply_model`` on 1024x1024 inputs (4096 image + 512 text tokens):
+
+  bf16        core loader, bf16 weights
+  fp8         core loader, float8_e4m3fn weights with ``fp8_optimizations`` (UNETLoader "fp8_e4m3fn_fast")
+  nf4         bitsandbytes NF4 weight-only linears (block 64, bf16 compute) through ``custom_operations``
+  svdq        svdq INT4 W4A4 rank 32 (+ W4A16 modulation), our loader and kernels
+  svdq_lora   svdq with a rank-64 LoRA on every quantized linear (extends the low-rank branch)
+  svdq_fbc    svdq with the first-block cache at threshold 0.12: a 20-step sampler run against svdq without it
+With ``--cap-gb`` the bf16 and svdq rows run again with ComfyUI believing the card has that much memory
+(``EXTRA_RESERVED_VRAM`` + a per-process memory fraction), so ComfyUI's own partial loading/offloading kicks in.
+The svdq weights are quantized round-to-nearest with a random rank-32 branch: step time depends only on the
+shapes and the format (``bench/quantize_time.py`` times the real quantizer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _path  # noqa: E402,F401
+
+from svdq.comfy_runtime import import_comfy  # noqa: E402
+
+import_comfy()
+
+import comfy.model_detection  # noqa: E402
+import comfy.model_management as mm  # noqa: E402
+import comfy.model_patcher  # noqa: E402
+import comfy.ops  # noqa: E402
+import comfy.sd  # noqa: E402
+
+from svdq.synthetic import FLUX_DEV, TINY_FLUX, fill_flux_weights_  # noqa: E402
+
+GIB = 2**30
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------- model sources
+def generate_state_dict(cfg: dict, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The 16-bit FLUX state dict (ComfyUI key names), generated on the GPU, kept in host memory."""
+    mc = comfy.model_detection.model_config_from_unet_config(dict(cfg))
+    mc.set_inference_dtype(torch.bfloat16, None)
+    dev = mm.get_torch_device()
+    model = mc.get_model({}, "", device=dev)
+    fill_flux_weights_(model.diffusion_model, cfg["hidden_size"], seed)
+    sd = {k: v.detach().to("cpu", copy=True) for k, v in model.diffusion_model.state_dict().items()}
+    del model
+    gc.collect()
+    mm.soft_empty_cache(True)
+    return sd
+
+
+def load_core(sd, dtype=None, fp8_fast=False):
+    opts = {}
+    if dtype is not None:
+        opts["dtype"] = dtype
+    if fp8_fast:
+        opts["fp8_optimizations"] = True
+    return comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options=opts)
+
+
+def nf4_ops():
+    """ComfyUI ``custom_operations`` whose Linears hold bitsandbytes NF4 weights (weight-only, bf16 compute)."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+
+    class NF4Ops(comfy.ops.manual_cast):
+        class Linear(comfy.ops.manual_cast.Linear):
+            def _load_from_state_dict(self, sd, prefix, *args, **kwargs):
+                w = sd.get(prefix + "weight")
+                if w is None or w.dim() != 2 or min(w.shape) < 256:
+                    return super()._load_from_state_dict(sd, prefix, *args, **kwargs)
+                q, state = bnbf.quantize_4bit(w.to(mm.get_torch_device(), torch.bfloat16), blocksize=64, quant_type="nf4")
+                self.nf4 = (q, state)
+                self.weight = torch.nn.Parameter(q, requires_grad=False)  # counted by ComfyUI's memory management
+                b = sd.get(prefix + "bias")
+                self.bias = None if b is None else torch.nn.Parameter(b.to(torch.bfloat16), requires_grad=False)
+
+            def forward(self, x, *args, **kwargs):
+                if not hasattr(self, "nf4"):
+                    return super().forward(x, *args, **kwargs)
+                state = self.nf4[1]
+                y = bnb.matmul_4bit(x.to(torch.bfloat16), self.weight.t(), quant_state=state)
+                return y + self.bias.to(y.device) if self.bias is not None else y
+
+    return NF4Ops
+
+
+def load_nf4(sd):
+    return comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options={"custom_operations": nf4_ops(),
+                                                                             "dtype": torch.bfloat16})
+
+
+def svdq_checkpoint(sd, cfg: dict, rank: int = 32):
+    """An svdq checkpoint in memory: the same layers the quantizer plans (rules), RTN INT4 + a random branch."""
+    from svdq.kernels.reference import QuantizedLinearWeights
+    from svdq.quant.checkpoint import Checkpoint
+    from svdq.quant.formats import pack_int4, quantize_int4_weight
+    from svdq.quant.layer import GELU_SHIFT
+    from svdq.quant.rules import classify
+
+    dev = mm.get_torch_device()
+    layers, tensors = {}, {}
+    g = torch.Generator(device=dev).manual_seed(1)
+    for key, t in sd.items():
+        name = key[: -len(".weight")] if key.endswith(".weight") else None
+        kind = classify(name, "flux") if (name and t.dim() == 2) else "skip"
+        if kind == "skip" or min(t.shape) < 256:
+            if not (key.endswith(".bias") and key[: -len(".bias")] in layers):
+                tensors[key] = t
+            continue
+        w = t.to(dev, torch.float32)
+        q = quantize_int4_weight(w)
+        n, k = w.shape
+        fc2 = name.endswith(("mlp.2", "linear2"))
+        r = rank if kind == "w4a4" else 0
+        layers[name] = QuantizedLinearWeights(
+            in_features=k, out_features=n, kind=kind, act_precision="int4" if kind == "w4a4" else "none",
+            qweight=pack_int4(q.codes).cpu(), wmult=q.mult.cpu(), wscale=q.scale.cpu(),
+            smooth=torch.ones(k, dtype=torch.bfloat16),
+            proj_down=(torch.randn(k, r, device=dev, generator=g) * 0.02).to(torch.bfloat16).cpu() if r else None,
+            proj_up=(torch.randn(n, r, device=dev, generator=g) * 0.02).to(torch.bfloat16).cpu() if r else None,
+            bias=sd.get(name + ".bias"), act_unsigned=fc2 and kind == "w4a4", act_shift=GELU_SHIFT if fc2 and kind == "w4a4" else 0.0,
+        )
+        tensors.pop(name + ".bias", None)
+    return Checkpoint(layers=layers, tensors=tensors, config={"precision": "int4", "act_precision": "int4", "rank": rank},
+                      metadata={"comfy_unet_config": cfg, "model_family": "flux"})
+
+
+def load_svdq(ckpt):
+    from svdq.nodes.loading import build_model_patcher, logical_state_dict
+
+    p = build_model_patcher(logical_state_dict(ckpt), ckpt.metadata, ckpt.layer_meta(), path="generated")
+    p.model.svdq_info = ckpt.summary()
+    return p
+
+
+def random_lora(ckpt, rank: int = 64) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    lora = {}
+    for name, layer in ckpt.layers.items():
+        if layer.kind != "w4a4":
+            continue
+        lora[f"diffusion_model.{name}.lora_up.weight"] = (torch.randn(layer.out_features, rank, generator=g) * 0.01).to(torch.bfloat16)
+        lora[f"diffusion_model.{name}.lora_down.weight"] = (torch.randn(rank, layer.in_features, generator=g) * 0.01).to(torch.bfloat16)
+    return lora
+
+
+# ----------------------------------------------------------------------------------------------- measuring
+def inputs(cfg, batch, image_px=1024, text_tokens=512, seed=0):
+    dev = mm.get_torch_device()
+    g = torch.Generator(device=dev).manual_seed(seed)
+    lat = image_px // 8
+    x = torch.randn(batch, cfg["in_channels"], lat, lat, device=dev, generator=g)
+    ctx = torch.randn(batch, text_tokens, cfg["context_in_dim"], device=dev, generator=g)
+    y = torch.randn(batch, cfg["vec_in_dim"], device=dev, generator=g)
+    return x, ctx, y
+
+
+def model_bytes(patcher) -> int:
+    from svdq.nodes.patcher import is_fake
+
+    return sum(t.numel() * t.element_size() for t in patcher.model.diffusion_model.state_dict().values() if not is_fake(t))
+
+
+CUDA = torch.cuda.is_available()
+
+
+def sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def time_step(patcher, cfg, batch, reps=5, warmup=2, image_px=1024):
+    mm.load_models_gpu([patcher])
+    x, ctx, y = inputs(cfg, batch, image_px)
+    t = torch.full((batch,), 0.7, device=x.device)
+    guid = torch.full((batch,), 3.5, device=x.device)
+    opts = dict(patcher.model_options.get("transformer_options", {}))
+
+    def step():
+        return patcher.model.apply_model(x, t, c_crossattn=ctx, y=y, guidance=guid, transformer_options=opts)
+
+    sync()
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad():
+        for _ in range(warmup):
+            out = step()
+        times = []
+        for _ in range(reps):
+            sync()
+            t0 = time.perf_counter()
+            out = step()
+            sync()
+            times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times), (torch.cuda.max_memory_allocated() if CUDA else 0), out.float()
+
+
+def unload():
+    mm.unload_all_models()
+    gc.collect()
+    mm.soft_empty_cache(True)
+
+
+def profile_step(patcher, cfg, batch=1):
+    """Share of GPU time by kernel class in one svdq step (where the next speedup is)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    mm.load_models_gpu([patcher])
+    x, ctx, y = inputs(cfg, batch)
+    t = torch.full((batch,), 0.7, device=x.device)
+    guid = torch.full((batch,), 3.5, device=x.device)
+    with torch.no_grad():
+        patcher.model.apply_model(x, t, c_crossattn=ctx, y=y, guidance=guid)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            patcher.model.apply_model(x, t, c_crossattn=ctx, y=y, guidance=guid)
+            torch.cuda.synchronize()
+    classes = {"4-bit GEMM (w4a4)": 0.0, "activation quant + low-rank down": 0.0, "weight expansion": 0.0,
+               "W4A16 GEMV": 0.0, "attention": 0.0, "other GEMM (cuBLAS)": 0.0, "rest": 0.0}
+    kernels = {}
+    for ev in prof.key_averages():
+        us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if us <= 0 or ev.key.startswith(("cudaLaunch", "cuLaunch")):
+            continue
+        name = ev.key.lower()
+        if "_w4a4_gemm" in name or "w4a4" in name:
+            c = "4-bit GEMM (w4a4)"
+        elif "_act_" in name:
+            c = "activation quant + low-rank down"
+        elif "expand" in name:
+            c = "weight expansion"
+        elif "w4a16" in name or "gemv" in name:
+            c = "W4A16 GEMV"
+        elif "flash" in name or "fmha" in name or "attention" in name or "sdpa" in name:
+            c = "attention"
+        elif "gemm" in name or "cutlass" in name or "sm90_xmma" in name or "nvjet" in name:
+            c = "other GEMM (cuBLAS)"
+        else:
+            c = "rest"
+        classes[c] += us
+        kernels[ev.key] = kernels.get(ev.key, 0) + us
+    total = sum(classes.values())
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:12]
+    return {k: v / total for k, v in classes.items()}, [(k[:90], v / total) for k, v in top], total / 1000
+
+
+def first_block_cache_run(patcher, cfg, steps=20, threshold=0.12):
+    from svdq.nodes.first_block_cache import apply_first_block_cache
+    from svdq.nodes.pipeline import sample
+
+    g = torch.Generator().manual_seed(5)
+    cond = (torch.randn(1, 512, cfg["context_in_dim"], generator=g), torch.randn(1, cfg["vec_in_dim"], generator=g))
+    res = {}
+    for label, m in (("no cache", patcher), ("cache", apply_first_block_cache(patcher, threshold))):
+        sample(m, cond, seed=1, steps=2, size=128 if cfg is FLUX_DEV else 16)  # warm-up
+        sync()
+        t0 = time.perf_counter()
+        lat = sample(m, cond, seed=1, steps=steps, size=128 if cfg is FLUX_DEV else 16)
+        sync()
+        res[label] = (time.perf_counter() - t0, lat.float())
+        skipped = getattr(getattr(m, "svdq_first_block_cache", None), "skipped_steps", None)
+        if skipped is not None:
+            res["skipped"] = skipped
+    a, b = res["no cache"][1], res["cache"][1]
+    return {"steps": steps, "threshold": threshold, "time_no_cache_s": res["no cache"][0], "time_cache_s": res["cache"][0],
+            "speedup": res["no cache"][0] / res["cache"][0], "skipped_steps": res.get("skipped"),
+            "latent_rel_diff": float((a - b).norm() / a.norm())}
+
+
+# ---------------------------------------------------------------------------------------------------- main
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", choices=["flux-dev", "tiny"], default="flux-dev")
+    ap.add_argument("--rows", default="bf16,fp8,nf4,svdq,svdq_lora,svdq_fbc")
+    ap.add_argument("--batch", default="1,2")
+    ap.add_argument("--cap-gb", type=float, default=16.0, help="0 disables the capped runs")
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--image", type=int, default=1024, help="image side in pixels (1024: 4096 image tokens)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    cfg = FLUX_DEV if args.config == "flux-dev" else dict(TINY_FLUX, context_in_dim=4096, vec_in_dim=768)
+    rows = args.rows.split(",")
+    batches = [int(b) for b in args.batch.split(",")]
+    import triton
+
+    env = {"gpu": torch.cuda.get_device_name(0) if CUDA else "cpu", "torch": torch.__version__, "triton": triton.__version__,
+           "python": platform.python_version(), "config": args.config}
+    log(f"{env}")
+    results: dict = {"env": env, "rows": {}, "capped": {}}
+    t0 = time.time()
+    sd = generate_state_dict(cfg)
+    log(f"generated {sum(v.numel() for v in sd.values()) / 1e9:.2f}B parameters in {time.time() - t0:.0f}s")
+    ckpt = None
+    ref_out = None
+
+    def record(label, patcher, table):
+        nonlocal ref_out
+        mb = model_bytes(patcher)
+        for b in batches:
+            ms, peak, out = time_step(patcher, cfg, b, reps=args.reps, image_px=args.image)
+            entry = {"ms": ms, "peak_gib": peak / GIB, "model_gib": mb / GIB}
+            if b == 1 and table is results["rows"]:
+                if label == "bf16":
+                    ref_out = out
+                elif ref_out is not None:
+                    entry["out_rel_diff_vs_bf16"] = float((out - ref_out).norm() / ref_out.norm())
+            table.setdefault(label, {})[b] = entry
+            log(f"{label:10s} batch {b}: {ms:8.1f} ms/step, peak {peak / GIB:6.2f} GiB, model {mb / GIB:6.2f} GiB")
+
+    for row in rows:
+        try:
+            if row == "bf16":
+                record("bf16", load_core(sd), results["rows"])
+            elif row == "fp8":
+                record("fp8", load_core(sd, torch.float8_e4m3fn, fp8_fast=True), results["rows"])
+            elif row == "nf4":
+                record("nf4", load_nf4(sd), results["rows"])
+            elif row in ("svdq", "svdq_lora", "svdq_fbc"):
+                if ckpt is None:
+                    t1 = time.time()
+                    ckpt = svdq_checkpoint(sd, cfg)
+                    log(f"svdq layers built in {time.time() - t1:.0f}s")
+                p = load_svdq(ckpt)
+                if row == "svdq":
+                    record("svdq", p, results["rows"])
+                    if args.profile:
+                        shares, top, total_ms = profile_step(p, cfg)
+                        results["profile"] = {"shares": shares, "top_kernels": top, "gpu_ms": total_ms}
+                        log("profile: " + ", ".join(f"{k} {v:.1%}" for k, v in shares.items()))
+                        for k, v in top:
+                            log(f"   {v:6.1%}  {k}")
+                elif row == "svdq_lora":
+                    from svdq.nodes.lora import apply_lora
+
+                    record("svdq_lora", apply_lora(p, random_lora(ckpt), 1.0, "rank-64 LoRA"), results["rows"])
+                else:
+                    results["first_block_cache"] = first_block_cache_run(p, cfg)
+                    log(f"first-block cache: {results['first_block_cache']}")
+            unload()
+        except Exception as exc:  # one row failing must not lose the others
+            import traceback
+
+            traceback.print_exc()
+            results["rows"][row] = {"error": f"{type(exc).__name__}: {exc}"}
+            unload()
+    if args.cap_gb > 0:
+        total = torch.cuda.get_device_properties(0).total_memory
+        mm.EXTRA_RESERVED_VRAM = max(0, int(total - args.cap_gb * GIB))
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gb * GIB / total))
+        log(f"capped at {args.cap_gb} GiB (EXTRA_RESERVED_VRAM {mm.EXTRA_RESERVED_VRAM / GIB:.1f} GiB)")
+        for row in ("bf16", "svdq"):
+            try:
+                p = load_core(sd) if row == "bf16" else load_svdq(ckpt if ckpt is not None else svdq_checkpoint(sd, cfg))
+                saved = batches
+                batches = [1]
+                record(row, p, results["capped"])
+                batches = saved
+            except Exception as exc:
+                import traceback
+
+                traceback.print_exc()
+                results["capped"][row] = {"error": f"{type(exc).__name__}: {exc}"}
+            unload()
+    r = results["rows"]
+    if "bf16" in r and "svdq" in r and "error" not in r["svdq"] and "error" not in r["bf16"]:
+        results["summary"] = {
+            "svdq_speedup_vs_bf16": {b: r["bf16"][b]["ms"] / r["svdq"][b]["ms"] for b in batches},
+            "svdq_model_bytes_vs_bf16": r["svdq"][1]["model_gib"] / r["bf16"][1]["model_gib"],
+        }
+        if "fp8" in r and "error" not in r["fp8"]:
+            results["summary"]["svdq_speedup_vs_fp8"] = {b: r["fp8"][b]["ms"] / r["svdq"][b]["ms"] for b in batches}
+        if "nf4" in r and "error" not in r["nf4"]:
+            results["summary"]["svdq_speedup_vs_nf4"] = {b: r["nf4"][b]["ms"] / r["svdq"][b]["ms"] for b in batches}
+        if "svdq_lora" in r and "error" not in r["svdq_lora"]:
+            results["summary"]["lora_r64_overhead"] = {b: r["svdq_lora"][b]["ms"] / r["svdq"][b]["ms"] - 1 for b in batches}
+    c = results["capped"]
+    if "bf16" in c and "svdq" in c and "error" not in c["bf16"] and "error" not in c["svdq"]:
+        results.setdefault("summary", {})["capped_svdq_speedup_vs_bf16"] = c["bf16"][1]["ms"] / c["svdq"][1]["ms"]
+    log("summary: " + json.dumps(results.get("summary", {})))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
