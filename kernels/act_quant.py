@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from .launch import launch
 from .autotune_cache import fp32_dots, interpreting
 
 MAGIC = tl.constexpr(12582912.0)
@@ -164,19 +165,19 @@ def quantize_activation(
     parts = f32[m + m * ng + m * r :].view(nkt, m, block_r) if r else None
     out = torch.empty(m, k_padded, dtype=torch.int8, device=x2.device)
     inv = smooth  # the kernels take λ and form 1/λ themselves
-    _act_stats_kernel[grid](
+    launch(_act_stats_kernel, grid, (
         x2, inv if inv is not None else x2, proj_down if r else x2, gmax, parts if r else gmax,
         m, k, r,
         x2.stride(0), proj_down.stride(0) if r else 0, gmax.stride(0),
-        float(shift),
+        float(shift)),
         UNSIGNED=bool(unsigned), HAS_SMOOTH=inv is not None, HAS_LORA=r > 0, DOT_FP32=fp32_dots(x2),
         BLOCK_M=bm, BLOCK_R=block_r, GROUP=64, GROUPS=groups, num_warps=4,
     )
-    _act_quant_kernel[grid](
+    launch(_act_quant_kernel, grid, (
         x2, inv if inv is not None else x2, gmax, out, scale, parts if r else gmax, lora if r else gmax,
         m, k, k_padded, ng, r, nkt,
         x2.stride(0), out.stride(0), gmax.stride(0), lora.stride(0) if r else 0,
-        float(shift),
+        float(shift)),
         QMAX=qmax, UMAX=umax, QMIN=qmin,
         UNSIGNED=bool(unsigned), HAS_SMOOTH=inv is not None, INT8_MODE=mode == "int8", USE_RINT=not interpreting(),
         HAS_LORA=r > 0, BLOCK_R=block_r,

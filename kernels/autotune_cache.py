@@ -86,7 +86,9 @@ class TunedKernel:
         grid = (triton.cdiv(m, kw["BLOCK_M"]) * triton.cdiv(n, kw["BLOCK_N"]),)
         if self.even_k:
             kw["EVEN_K"] = args[10] % kw["BLOCK_K"] == 0
-        self.kernel[grid](*args, **flags, **kw, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        from .launch import launch
+
+        launch(self.kernel, grid, args, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags, **kw)
 
     def __call__(self, args: tuple, flags: dict, m: int, n: int | None = None, kp: int | None = None, config: dict | None = None):
         # by convention args[8], args[9], args[10] are M, N, KP

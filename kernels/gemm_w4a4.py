@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
 from .autotune_cache import autotune_configs, fp32_dots
 
 
@@ -51,8 +52,8 @@ def expand_weight(qweight: torch.Tensor, wmult: torch.Tensor, out: torch.Tensor 
         out = torch.empty(n, kp, dtype=torch.int8, device=qweight.device)
     bn, bk = 32, 256
     grid = (triton.cdiv(n, bn), triton.cdiv(kp, bk))
-    _expand_kernel[grid](qweight, wmult, out, n, kp, qweight.stride(0), wmult.stride(0), out.stride(0),
-                         BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
+    launch(_expand_kernel, grid, (qweight, wmult, out, n, kp, qweight.stride(0), wmult.stride(0), out.stride(0)),
+           BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
     return out
 
 

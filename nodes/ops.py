@@ -100,7 +100,23 @@ def make_svdq_ops(layer_meta: dict[str, dict]):
                 return self.svdq_meta is not None
 
             def quantized_weights(self, device=None, part: int = 0) -> QuantizedLinearWeights:
+                """The part's tensors as one object; reused while they stay where they are (a forward at batch 1
+                is host-bound, so the object is not rebuilt per call), rebuilt after ComfyUI moves them."""
                 attr, meta, in_range, out_range, _ = self.svdq_parts[part]
+                q = getattr(self, f"{attr}qweight")
+                if device is not None and q.device == device:
+                    cache = self.__dict__.setdefault("_svdq_cache", {})
+                    key = tuple(t.data_ptr() for f in QuantizedLinearWeights.TENSOR_FIELDS
+                                if (t := getattr(self, f"{attr}{f}", None)) is not None)
+                    hit = cache.get(part)
+                    if hit is not None and hit[0] == key:
+                        return hit[1]
+                    w = self._build_weights(attr, meta, in_range, out_range, None)
+                    cache[part] = (key, w)
+                    return w
+                return self._build_weights(attr, meta, in_range, out_range, device)
+
+            def _build_weights(self, attr, meta, in_range, out_range, device) -> QuantizedLinearWeights:
                 tensors = {}
                 for field in QuantizedLinearWeights.TENSOR_FIELDS:
                     t = getattr(self, f"{attr}{field}", None)

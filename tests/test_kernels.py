@@ -87,13 +87,30 @@ def test_expand_weight_exact(n, k, triton_kernels):
     assert torch.equal(expand_weight(layer.qweight, layer.wmult), int8_weight_operand(layer))
 
 
-@pytest.mark.parametrize("m", [1, 3, 16, 40])
-def test_w4a16_matches_reference(m, triton_kernels):
+@pytest.mark.parametrize("m", [1, 2, 3, 16, 40])
+@pytest.mark.parametrize("small", ["1", "0"])
+def test_w4a16_matches_reference(m, small, triton_kernels, monkeypatch):
+    """Both W4A16 kernels (CUDA-core for M <= 4, tensor-core otherwise) against the reference."""
+    monkeypatch.setenv("SVDQ_W4A16_SMALL", small)
     k, n = (3072, 9216) if GPU else (256, 96)
     layer = random_layer(n, k, 0, True, kind="w4a16", device=DEV, seed=m)
     x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
     out = triton_kernels.svdq_linear(x, layer)
     assert rel(out, svdq_linear_reference(x, layer)) <= 1e-2
+
+
+def test_fast_launch_reuses_kernels_correctly(triton_kernels):
+    """Repeated calls (the cached-launcher path on a GPU) with changing M, alignment and rank stay exact."""
+    from svdq.kernels import launch
+
+    for i, (m, off, r) in enumerate([(5, 0, 16), (5, 0, 16), (9, 1, 16), (5, 3, 0), (33, 0, 32), (5, 0, 16)]):
+        layer = random_layer(96, 192, r, True, device=DEV, seed=3)
+        buf = torch.randn(m * 192 + off, device=DEV, dtype=torch.bfloat16, generator=None)
+        x = buf[off:].view(m, 192)  # misaligned views change Triton's specialization
+        out = triton_kernels.svdq_linear(x, layer)
+        assert rel(out, svdq_linear_reference(x, layer)) <= 1e-2, (i, m, off, r)
+    if GPU:
+        assert launch._cache, "the fast launcher cached nothing"
 
 
 def test_fallback_for_unsupported_dtype(triton_kernels):

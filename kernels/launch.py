@@ -1,0 +1,59 @@
+"""Launch a Triton kernel with less host time: the compiled kernel is cached per specialization and launched
+directly, skipping ``JITFunction.run``'s argument binding and cache-key building on every call.
+
+Why: a 12B DiT step makes ~1,200 launches; at batch 1 the host (not the GPU) set the step time (bench/e2e.py).
+The key reproduces what Triton specializes on (tensor dtype and 16-byte alignment; integers equal to 1, divisible
+by 16, or past 32 bits; constexpr values; warps and stages), so a call that would compile differently never reuses
+a kernel. ``SVDQ_FAST_LAUNCH=0`` turns it off; the interpreter always takes the plain path.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .autotune_cache import interpreting
+
+_cache: dict = {}
+
+
+def _spec(a):
+    if isinstance(a, torch.Tensor):
+        return (a.dtype, a.data_ptr() % 16 == 0)
+    if isinstance(a, bool):
+        return ("b", a)
+    if isinstance(a, int):
+        return ("i", a == 1, a % 16 == 0, -(2**31) <= a < 2**31)
+    if isinstance(a, float):
+        return "f"
+    return a
+
+
+def enabled() -> bool:
+    return os.environ.get("SVDQ_FAST_LAUNCH", "1") != "0" and not interpreting()
+
+
+def launch(kernel, grid: tuple, args: tuple, num_warps: int = 4, num_stages: int | None = None, **constexprs) -> None:
+    """``kernel[grid](*args, **constexprs, num_warps=..., num_stages=...)``, with the compiled kernel reused.
+
+    ``args`` are the leading positional (runtime) arguments; every later parameter is given in ``constexprs``.
+    """
+    opts = {"num_warps": num_warps}
+    if num_stages is not None:
+        opts["num_stages"] = num_stages
+    if not enabled():
+        kernel[grid](*args, **constexprs, **opts)
+        return
+    dev = next((a.device.index for a in args if isinstance(a, torch.Tensor)), None)
+    key = (kernel, dev, num_warps, num_stages, tuple(sorted(constexprs.items())), tuple(_spec(a) for a in args))
+    hit = _cache.get(key)
+    if hit is None:
+        compiled = kernel[grid](*args, **constexprs, **opts)
+        names = list(getattr(kernel, "arg_names", []))
+        tail = names[len(args):]
+        if compiled is not None and set(tail) == set(constexprs):
+            _cache[key] = (compiled, tuple(tail))
+        return
+    compiled, tail = hit
+    compiled[grid](*args, *(constexprs[n] for n in tail))
