@@ -9,6 +9,7 @@ a kernel. ``SVDQ_FAST_LAUNCH=0`` turns it off; the interpreter always takes the 
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -16,6 +17,8 @@ import torch
 from .autotune_cache import interpreting
 
 _cache: dict = {}
+_broken = False
+log = logging.getLogger("svdq")
 
 
 def _spec(a):
@@ -31,7 +34,7 @@ def _spec(a):
 
 
 def enabled() -> bool:
-    return os.environ.get("SVDQ_FAST_LAUNCH", "1") != "0" and not interpreting()
+    return os.environ.get("SVDQ_FAST_LAUNCH", "1") != "0" and not interpreting() and not _broken
 
 
 def launch(kernel, grid: tuple, args: tuple, num_warps: int = 4, num_stages: int | None = None, **constexprs) -> None:
@@ -56,4 +59,12 @@ def launch(kernel, grid: tuple, args: tuple, num_warps: int = 4, num_stages: int
             _cache[key] = (compiled, tuple(tail))
         return
     compiled, tail = hit
-    compiled[grid](*args, *(constexprs[n] for n in tail))
+    grid3 = tuple(grid) + (1,) * (3 - len(grid))  # the compiled kernel's runner reads grid[0..2]
+    try:
+        compiled[grid3](*args, *(constexprs[n] for n in tail))
+    except Exception as exc:  # a Triton whose launcher differs: fall back to the plain path for good
+        global _broken
+        if not _broken:
+            _broken = True
+            log.warning("svdq: direct kernel launch unavailable with this Triton (%s); using the standard launch", exc)
+        kernel[grid](*args, **constexprs, **opts)
