@@ -9,12 +9,14 @@ device, four times fewer bytes than a 16-bit layer.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 import comfy.model_management
 import comfy.ops
 
-from ..kernels.dispatch import svdq_linear
+from ..kernels.dispatch import svdq_linear, triton_usable
 from ..kernels.reference import QuantizedLinearWeights
 
 _META = ("kind", "precision", "act_precision", "act_unsigned", "act_shift")
@@ -131,19 +133,40 @@ def make_svdq_ops(layer_meta: dict[str, dict]):
                 if self.svdq_meta is None:
                     return super().forward(x, *args, **kwargs)
                 comfy.ops.run_every_op()
-                down = up = None
-                if len(self.svdq_lora) == 1:
-                    down, up = (t.to(x.device) for t in self.svdq_lora[0])
-                elif self.svdq_lora:
-                    down = torch.cat([d.to(x.device) for d, _ in self.svdq_lora], dim=1)
-                    up = torch.cat([u.to(x.device) for _, u in self.svdq_lora], dim=1)
                 if len(self.svdq_parts) == 1 and self.svdq_parts[0][2] is None and self.svdq_parts[0][3] is None:
-                    y = svdq_linear(x, self.quantized_weights(device=x.device), extra_down=down, extra_up=up)
+                    w = self.quantized_weights(device=x.device)
+                    if self.svdq_lora and triton_usable(x):  # the kernels take one branch: merge once
+                        y = svdq_linear(x, self._with_lora_branch(w, x.device))
+                    elif self.svdq_lora:  # the reference keeps the LoRA factors separate and in fp32
+                        down = torch.cat([d.to(x.device) for d, _ in self.svdq_lora], dim=1)
+                        up = torch.cat([u.to(x.device) for _, u in self.svdq_lora], dim=1)
+                        y = svdq_linear(x, w, extra_down=down, extra_up=up)
+                    else:
+                        y = svdq_linear(x, w)
                 else:
+                    down = up = None
+                    if self.svdq_lora:
+                        down = torch.cat([d.to(x.device) for d, _ in self.svdq_lora], dim=1)
+                        up = torch.cat([u.to(x.device) for _, u in self.svdq_lora], dim=1)
                     y = self._composite_forward(x, down, up)
                 if self.svdq_bias_delta is not None:
                     y = y + self.svdq_bias_delta.to(device=y.device, dtype=y.dtype)
                 return y
+
+            def _with_lora_branch(self, w: QuantizedLinearWeights, device) -> QuantizedLinearWeights:
+                """The layer with its LoRA factors appended to the low-rank branch, built once per LoRA set (the
+                patcher installs a new list on every change) instead of concatenated on every call."""
+                c = self.__dict__.get("_svdq_lora_cat")
+                if c is not None and c[0] is self.svdq_lora and c[1] is w and c[2] == device:
+                    return c[3]
+                d = torch.cat([t.to(device) for t, _ in self.svdq_lora], dim=1)
+                u = torch.cat([t.to(device) for _, t in self.svdq_lora], dim=1)
+                if w.proj_down is not None:
+                    d = torch.cat([w.proj_down, d.to(w.proj_down.dtype)], dim=1)
+                    u = torch.cat([w.proj_up, u.to(w.proj_up.dtype)], dim=1)
+                merged = dataclasses.replace(w, proj_down=d.contiguous(), proj_up=u.contiguous())
+                self._svdq_lora_cat = (self.svdq_lora, w, device, merged)
+                return merged
 
             def _composite_forward(self, x, down, up):
                 """Parts split by output rows are concatenated, parts split by input columns are summed."""

@@ -159,3 +159,20 @@ def test_lora_bias_deltas_on_quantized_layers(models):
     without_b = lin(x)
     lin.svdq_bias_delta = saved
     assert torch.allclose(with_b - without_b, (0.5 * diff_b).expand(2, -1), atol=1e-5)
+
+
+def test_kernel_path_merges_the_lora_branch_once(models, triton_kernels, monkeypatch):
+    """On the kernel path the LoRA factors are appended to the layer's branch once per LoRA set (no per-call
+    concatenation) and the result matches the reference path."""
+    _, qm = models
+    ql = apply_lora(qm, make_lora(rank=4, seed=3), 0.8)
+    comfy.model_management.load_models_gpu([ql])
+    lin = ql.model.diffusion_model.double_blocks[0].img_attn.qkv
+    x = torch.randn(3, H)
+    fast = lin(x)
+    merged = lin._svdq_lora_cat[3]
+    assert merged.rank == lin.quantized_weights().rank + 4
+    assert lin(x) is not None and lin._svdq_lora_cat[3] is merged  # reused, not rebuilt
+    monkeypatch.setenv("SVDQ_KERNELS", "reference")
+    ref = lin(x)
+    assert relative_error(fast, ref) < 1e-2
