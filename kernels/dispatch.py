@@ -138,11 +138,7 @@ def _w4a16(x2, w, down, up, gelu):
         y = (xs @ wd.T).float()
         if w.bias is not None:
             y = y + w.bias.float()
-    if down is not None:
-        y = y + (x2.float() @ down.float()) @ up.float().T
-    if gelu:
-        y = torch.nn.functional.gelu(y, approximate="tanh")
-    return y.to(x2.dtype)
+    return _finish(y, x2, down, up, gelu)
 
 
 def _int4g(x2, w, down, up, gelu):
@@ -162,6 +158,11 @@ def _int4g(x2, w, down, up, gelu):
         y = (a8[:, : w.in_features].to(x2.dtype) @ wd.T).float() * ascale[:, None]
     if w.bias is not None:
         y = y + w.bias.float()
+    return _finish(y, x2, down, up, gelu)
+
+
+def _finish(y, x2, down, up, gelu):
+    """The unfused tail of the W4A16 and int4g paths: low-rank branch, GELU, output dtype."""
     if down is not None:
         y = y + (x2.float() @ down.float()) @ up.float().T
     if gelu:

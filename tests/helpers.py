@@ -1,4 +1,6 @@
-"""Shared builders for tests: random quantized layers with realistic tensors."""
+"""Shared builders for tests: random quantized layers with realistic tensors; a Hugging Face cache layout."""
+
+from pathlib import Path
 
 import torch
 
@@ -23,3 +25,24 @@ def random_layer(n, k, rank=32, bias=True, unsigned=False, shift=0.0, act="int4"
     )
     layer.validate()
     return layer.to(device)
+
+
+def make_hf_cache(root: Path, repo: str, files: dict[str, bytes], commit: str = "0123456789abcdef0123456789abcdef01234567"):
+    """models--OWNER--NAME/{refs/main, snapshots/COMMIT/FILE -> ../../blobs/HASH}."""
+    import hashlib
+    import os
+
+    d = root / f"models--{repo.replace('/', '--')}"
+    (d / "refs").mkdir(parents=True)
+    (d / "refs" / "main").write_text(commit)
+    for name, data in files.items():
+        h = hashlib.sha256(data).hexdigest()
+        blob = d / "blobs" / h
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = d / "snapshots" / commit / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(os.path.relpath(blob, link.parent), link)
+    return root
+
+

@@ -7,23 +7,7 @@ from pathlib import Path
 
 import pytest
 
-
-def make_cache(root: Path, repo: str, files: dict[str, bytes], commit: str = "0123456789abcdef0123456789abcdef01234567"):
-    """models--OWNER--NAME/{refs/main, snapshots/COMMIT/FILE -> ../../blobs/HASH}."""
-    import hashlib
-
-    d = root / f"models--{repo.replace('/', '--')}"
-    (d / "refs").mkdir(parents=True)
-    (d / "refs" / "main").write_text(commit)
-    for name, data in files.items():
-        h = hashlib.sha256(data).hexdigest()
-        blob = d / "blobs" / h
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        blob.write_bytes(data)
-        link = d / "snapshots" / commit / name
-        link.parent.mkdir(parents=True, exist_ok=True)
-        os.symlink(os.path.relpath(blob, link.parent), link)
-    return root
+from helpers import make_hf_cache as make_cache
 
 
 def run_cli(args, cache, tmp_path, offline=True):

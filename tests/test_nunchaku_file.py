@@ -250,3 +250,31 @@ def load_header_meta(path):
     from svdq.quant.checkpoint import read_header
 
     return read_header(path)[1]
+
+
+def test_lora_on_composite_single_block_layers(flux_files):
+    """A LoRA on a FLUX single block's linear1/linear2 (composite layers of a Nunchaku file) extends the branch."""
+    import comfy.model_management
+
+    from svdq.nodes.loading import load_svdq_model
+    from svdq.nodes.lora import apply_lora
+
+    m = load_svdq_model(flux_files / "svdq-int4_r16-tiny.safetensors")
+    g = torch.Generator().manual_seed(4)
+    lora = {}
+    for name, (n, k) in {"single_blocks.0.linear1": (1792, 256), "single_blocks.1.linear2": (256, 1280)}.items():
+        lora[f"diffusion_model.{name}.lora_up.weight"] = torch.randn(n, 4, generator=g) * 0.1
+        lora[f"diffusion_model.{name}.lora_down.weight"] = torch.randn(4, k, generator=g) * 0.1
+    ml = apply_lora(m, lora, 0.5)
+    comfy.model_management.load_models_gpu([ml])
+    for name, (n, k) in {"single_blocks.0.linear1": (1792, 256), "single_blocks.1.linear2": (256, 1280)}.items():
+        lin = ml.model.diffusion_model.get_submodule(name)
+        assert len(lin.svdq_parts) == 2 and len(lin.svdq_lora) == 1
+        x = torch.randn(3, k, generator=g)
+        with_lora = lin(x)
+        saved, lin.svdq_lora = lin.svdq_lora, []
+        without = lin(x)
+        lin.svdq_lora = saved
+        up, down = lora[f"diffusion_model.{name}.lora_up.weight"], lora[f"diffusion_model.{name}.lora_down.weight"]
+        expected = 0.5 * (x @ down.T) @ up.T
+        assert float((with_lora - without - expected).norm() / expected.norm()) < 1e-4

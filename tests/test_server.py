@@ -72,6 +72,12 @@ def server(tmp_path_factory):
     nunchaku_gen.flux_nunchaku_file(load_file(str(f)), tiny_assets.E2E_FLUX,
                                     models / "diffusion_models" / "svdq-int4_r16-tiny-flux.safetensors",
                                     models / "diffusion_models" / "tiny-flux-nunchaku-as-svdq.safetensors")
+    # a Hugging Face cache (offline) holding the same file under another name, for the loader's hf_repo option
+    from helpers import make_hf_cache
+
+    hub = make_hf_cache(base / "hf-cache", "svdq-test/tiny-flux", {
+        "svdq-int4_r16-hub-flux.safetensors": (models / "diffusion_models" / "svdq-int4_r16-tiny-flux.safetensors").read_bytes(),
+    })
     g = torch.Generator().manual_seed(0)
     from safetensors.torch import save_file
 
@@ -84,7 +90,8 @@ def server(tmp_path_factory):
     proc = subprocess.Popen(
         [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory", str(base),
          "--disable-auto-launch"],
-        cwd=comfy_dir, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        cwd=comfy_dir, stdout=log, stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1"},
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -193,6 +200,13 @@ def test_nunchaku_file_through_the_loader_node(server):
     p = psnr(load_image(server, r), a)
     print(f"PSNR Nunchaku requantized vs exact: {p:.1f} dB")
     assert 25.0 < p < float("inf")
+    # the loader's hf_repo option: fetched from the (offline) Hugging Face cache into diffusion_models, then loaded
+    g = text_to_image("svdq-int4_r16-tiny-flux.safetensors", prefix="nunchaku-hub")
+    g["1"]["inputs"]["hf_repo"] = "svdq-test/tiny-flux"
+    h, sh = run_prompt(server, g)
+    assert h is not None, json.dumps(sh)[:2000]
+    assert torch.equal(load_image(server, h), a)
+    assert (server["base"] / "models" / "diffusion_models" / "svdq-int4_r16-hub-flux.safetensors").exists()
     # a damaged Nunchaku file (a layer's tensor missing): a clear error naming the file and the tensor
     from safetensors import safe_open
     from safetensors.torch import save_file
