@@ -40,9 +40,10 @@ def model_config_for(sd: dict, metadata: dict, path: str = "model"):
     unet_config = metadata.get("comfy_unet_config")
     if isinstance(unet_config, str):
         unet_config = json.loads(unet_config)
+    cfg = None
     if unet_config:
         cfg = comfy.model_detection.model_config_from_unet_config(dict(unet_config), sd)
-    else:
+    if cfg is None:  # no stored config, or one ComfyUI does not match: detect from the tensors' names and shapes
         cfg = comfy.model_detection.model_config_from_unet(sd, "")
     if cfg is None:
         raise CheckpointError(f"{path}: ComfyUI does not recognise this model's architecture")

@@ -440,7 +440,8 @@ def _unet_config(meta: dict) -> dict | None:
     cc = meta.get("comfy_config") or {}
     mc = cc.get("model_config")
     if isinstance(mc, dict) and mc:
-        cfg = dict(mc)
+        # ComfyUI-nunchaku's own flag would stop ComfyUI from building the model: we build it
+        cfg = {k: v for k, v in mc.items() if k != "disable_unet_model_creation"}
         cfg.setdefault("image_model", "flux")
         return cfg
     return None

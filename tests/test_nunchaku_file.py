@@ -278,3 +278,14 @@ def test_lora_on_composite_single_block_layers(flux_files):
         up, down = lora[f"diffusion_model.{name}.lora_up.weight"], lora[f"diffusion_model.{name}.lora_down.weight"]
         expected = 0.5 * (x @ down.T) @ up.T
         assert float((with_lora - without - expected).norm() / expected.norm()) < 1e-4
+
+
+def test_comfy_config_from_comfyui_nunchaku_is_usable(flux_files):
+    """ComfyUI-nunchaku's model_config may carry ``disable_unet_model_creation``; the loader still builds the model."""
+    from svdq.nodes.loading import load_svdq_model
+
+    src = flux_files / "svdq-int4_r16-tiny.safetensors"
+    cc = json.loads(load_header_meta(src)["comfy_config"])
+    cc["model_config"]["disable_unet_model_creation"] = True
+    f = _rewrite(src, flux_files / "svdq-int4_r16-cn.safetensors", meta_update={"comfy_config": json.dumps(cc)})
+    assert torch.equal(_forward(load_svdq_model(f)), _forward(load_svdq_model(src)))
