@@ -268,12 +268,22 @@ def convert_w4a4(t: dict[str, torch.Tensor], n: int, k: int, precision: str, shi
         return layer, None
     residual = (signed.float().reshape(n, kp // INT4_GROUP, INT4_GROUP) * gscales.float()[:, :, None]).reshape(n, kp)
     residual = residual[:, :k]
-    q = quantize_int4_weight(residual)
-    err = float((q.dequantize()[:, :k] - residual).norm() / residual.norm().clamp(min=1e-12))
+    q, err = _requantize(residual)
     layer = QuantizedLinearWeights(in_features=k, out_features=n, qweight=pack_int4(q.codes), wmult=q.mult, wscale=q.scale,
                                    smooth=smooth, bias=bias, **lowrank, **act)
     layer.validate()
     return layer, err
+
+
+def _requantize(w: torch.Tensor):
+    """Our INT4 (integer group multipliers) of a float residual, on the GPU when there is one; returns the
+    quantized tensor on the CPU and the measured relative weight error it adds."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    wd = w.to(dev, torch.float32)
+    q = quantize_int4_weight(wd)
+    err = float((q.dequantize()[:, : w.shape[1]] - wd).norm() / wd.norm().clamp(min=1e-12))
+    q.codes, q.mult, q.scale = q.codes.cpu(), q.mult.cpu(), q.scale.cpu()
+    return q, err
 
 
 def _normalize(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -314,8 +324,7 @@ def convert_awq(t: dict[str, torch.Tensor], n: int, k: int, chunks: int, scales:
         layer.validate()
         return layer, None
     f = read_awq_layer(t, k, n, chunks, plus_one)
-    q = quantize_int4_weight(f["weight"])
-    err = float((q.dequantize()[:, :k] - f["weight"]).norm() / f["weight"].norm().clamp(min=1e-12))
+    q, err = _requantize(f["weight"])
     layer = QuantizedLinearWeights(in_features=k, out_features=n, qweight=pack_int4(q.codes), kind="w4a16",
                                    act_precision="none", wmult=q.mult, wscale=q.scale, smooth=torch.ones(k, dtype=dtype),
                                    bias=None if f["bias"] is None else f["bias"].to(dtype))
