@@ -289,3 +289,19 @@ def test_comfy_config_from_comfyui_nunchaku_is_usable(flux_files):
     cc["model_config"]["disable_unet_model_creation"] = True
     f = _rewrite(src, flux_files / "svdq-int4_r16-cn.safetensors", meta_update={"comfy_config": json.dumps(cc)})
     assert torch.equal(_forward(load_svdq_model(f)), _forward(load_svdq_model(src)))
+
+
+def test_cli_on_legacy_folder_and_nvfp4(flux_files, capsys):
+    """`svdq info` on a legacy folder and `svdq convert` of an NVFP4 file (exact: nothing requantized)."""
+    from svdq.cli import main
+    from svdq.quant.checkpoint import load_checkpoint
+
+    assert main(["info", str(flux_files / "legacy")]) == 0
+    text = capsys.readouterr().out
+    assert "legacy folder" in text and "int4g" in text
+    out = flux_files / "converted-fp4.safetensors"
+    assert main(["convert", str(flux_files / "svdq-fp4_r16-tiny.safetensors"), "-o", str(out), "--requantize"]) == 0
+    assert "nothing lost" in capsys.readouterr().out  # NVFP4 scales carry over exactly even when asked to requantize
+    ck = load_checkpoint(out)
+    assert {layer.precision for layer in ck.layers.values() if layer.kind == "w4a4"} == {"nvfp4"}
+    assert main(["convert", str(flux_files / "nope"), "-o", str(out)]) == 2
