@@ -267,7 +267,7 @@ def test_lora_on_composite_single_block_layers(flux_files):
         lora[f"diffusion_model.{name}.lora_down.weight"] = torch.randn(4, k, generator=g) * 0.1
     ml = apply_lora(m, lora, 0.5)
     comfy.model_management.load_models_gpu([ml])
-    for name, (n, k) in {"single_blocks.0.linear1": (1792, 256), "single_blocks.1.linear2": (256, 1280)}.items():
+    for name, (_n, k) in {"single_blocks.0.linear1": (1792, 256), "single_blocks.1.linear2": (256, 1280)}.items():
         lin = ml.model.diffusion_model.get_submodule(name)
         assert len(lin.svdq_parts) == 2 and len(lin.svdq_lora) == 1
         x = torch.randn(3, k, generator=g)
