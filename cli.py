@@ -106,8 +106,11 @@ def _info(args) -> int:
     print(f"  bits/weight     {d['bits_per_weight']:.2f} (quantized layers, scales and low-rank branch included)")
     if d["conversion"]:
         c = d["conversion"]
-        print(f"  loads as        {c['exact_layers']} layers exactly (16-bit group scales kept: int4g path); "
-              "`svdq convert --requantize` trades a measured error for the int4 kernel path")
+        if c["precision"] == "int4":
+            print(f"  loads as        {c['exact_layers']} layers exactly (16-bit group scales kept: int4g path); "
+                  "`svdq convert --requantize` trades a measured error for the int4 kernel path")
+        else:
+            print(f"  loads as        {c['exact_layers']} layers exactly (E2M1 codes and E4M3 scales carried over)")
         for note in c["notes"]:
             print(f"  note            {note}")
     return 0

@@ -184,8 +184,6 @@ def model_bytes(patcher) -> int:
 
 
 CUDA = torch.cuda.is_available()
-FBC_THRESHOLDS = [0.12]
-_fbc_base: dict = {}
 
 
 def sync():
@@ -268,31 +266,32 @@ def profile_step(patcher, cfg, batch=1):
     return {k: v / total for k, v in classes.items()}, [(k[:90], v / total) for k, v in top], total / 1000
 
 
-def first_block_cache_run(patcher, cfg, steps=20, threshold=0.12):
+def first_block_cache_runs(patcher, cfg, thresholds, steps=20):
+    """A sampler run without the cache, then one per threshold, each against that same baseline."""
     from svdq.nodes.first_block_cache import apply_first_block_cache
     from svdq.nodes.pipeline import sample
 
     g = torch.Generator().manual_seed(5)
     cond = (torch.randn(1, 512, cfg["context_in_dim"], generator=g), torch.randn(1, cfg["vec_in_dim"], generator=g))
-    res = {}
-    runs = [("no cache", patcher)] if threshold == FBC_THRESHOLDS[0] or "no cache" not in _fbc_base else []
-    for label, m in runs + [("cache", apply_first_block_cache(patcher, threshold))]:
-        sample(m, cond, seed=1, steps=2, size=128 if cfg is FLUX_DEV else 16)  # warm-up
+    size = 128 if cfg is FLUX_DEV else 16
+
+    def timed(m):
+        sample(m, cond, seed=1, steps=2, size=size)  # warm-up
         sync()
         t0 = time.perf_counter()
-        lat = sample(m, cond, seed=1, steps=steps, size=128 if cfg is FLUX_DEV else 16)
+        lat = sample(m, cond, seed=1, steps=steps, size=size)
         sync()
-        res[label] = (time.perf_counter() - t0, lat.float())
-        if label == "no cache":
-            _fbc_base["no cache"] = res[label]
-        skipped = getattr(getattr(m, "svdq_first_block_cache", None), "skipped_steps", None)
-        if skipped is not None:
-            res["skipped"] = skipped
-    res.setdefault("no cache", _fbc_base["no cache"])
-    a, b = res["no cache"][1], res["cache"][1]
-    return {"steps": steps, "threshold": threshold, "time_no_cache_s": res["no cache"][0], "time_cache_s": res["cache"][0],
-            "speedup": res["no cache"][0] / res["cache"][0], "skipped_steps": res.get("skipped"),
-            "latent_rel_diff": float((a - b).norm() / a.norm())}
+        return time.perf_counter() - t0, lat.float()
+
+    t_base, base = timed(patcher)
+    out = []
+    for threshold in thresholds:
+        m = apply_first_block_cache(patcher, threshold)
+        t_cache, lat = timed(m)
+        out.append({"steps": steps, "threshold": threshold, "time_no_cache_s": t_base, "time_cache_s": t_cache,
+                    "speedup": t_base / t_cache, "skipped_steps": m.svdq_first_block_cache.skipped_steps,
+                    "latent_rel_diff": float((base - lat).norm() / base.norm())})
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -308,7 +307,7 @@ def main() -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--fbc-thresholds", default="0.12", help="first-block cache thresholds (first = the reported one)")
     args = ap.parse_args()
-    FBC_THRESHOLDS[:] = [float(t) for t in args.fbc_thresholds.split(",")]
+    thresholds = [float(t) for t in args.fbc_thresholds.split(",")]
     cfg = FLUX_DEV if args.config == "flux-dev" else dict(TINY_FLUX, context_in_dim=4096, vec_in_dim=768)
     rows = args.rows.split(",")
     batches = [int(b) for b in args.batch.split(",")]
@@ -324,10 +323,10 @@ def main() -> int:
     ckpt = None
     ref_out = None
 
-    def record(label, patcher, table):
+    def record(label, patcher, table, batch_sizes=batches):
         nonlocal ref_out
         mb = model_bytes(patcher)
-        for b in batches:
+        for b in batch_sizes:
             ms, peak, out = time_step(patcher, cfg, b, reps=args.reps, image_px=args.image)
             entry = {"ms": ms, "peak_gib": peak / GIB, "model_gib": mb / GIB}
             if b == 1 and table is results["rows"]:
@@ -365,10 +364,8 @@ def main() -> int:
 
                     record("svdq_lora", apply_lora(p, random_lora(ckpt), 1.0, "rank-64 LoRA"), results["rows"])
                 else:
-                    results["first_block_cache"] = []
-                    for th in FBC_THRESHOLDS:
-                        r_ = first_block_cache_run(p, cfg, threshold=th)
-                        results["first_block_cache"].append(r_)
+                    results["first_block_cache"] = first_block_cache_runs(p, cfg, thresholds)
+                    for r_ in results["first_block_cache"]:
                         log(f"first-block cache: {r_}")
             unload()
         except Exception as exc:  # one row failing must not lose the others
@@ -385,10 +382,7 @@ def main() -> int:
         for row in ("bf16", "svdq"):
             try:
                 p = load_core(sd) if row == "bf16" else load_svdq(ckpt if ckpt is not None else svdq_checkpoint(sd, cfg))
-                saved = batches
-                batches = [1]
-                record(row, p, results["capped"])
-                batches = saved
+                record(row, p, results["capped"], batch_sizes=[1])
             except Exception as exc:
                 import traceback
 

@@ -13,7 +13,7 @@ import weakref
 
 import torch
 
-from .reference import QuantizedLinearWeights, svdq_linear_reference
+from .reference import QuantizedLinearWeights, dequantize_weight, svdq_linear_reference
 
 log = logging.getLogger("svdq")
 
@@ -145,8 +145,6 @@ def _int4g(x2, w, down, up, gelu):
     """Layers with one float scale per group (Nunchaku/AWQ files loaded exactly): the activation kernel quantizes,
     the weight is dequantized to 16 bit per call and cuBLAS multiplies. Exact int8 codes times 16-bit weights;
     slower than the int4 path (``svdq convert --requantize`` trades a measured error for that path)."""
-    from .reference import dequantize_weight
-
     wd = dequantize_weight(w).to(x2.dtype)
     if w.kind == "w4a16" or w.act_precision == "none":
         xs = x2 / w.smooth.to(x2.dtype) if w.smooth is not None else x2

@@ -138,20 +138,22 @@ def make_svdq_ops(layer_meta: dict[str, dict]):
                     if self.svdq_lora and triton_usable(x):  # the kernels take one branch: merge once
                         y = svdq_linear(x, self._with_lora_branch(w, x.device))
                     elif self.svdq_lora:  # the reference keeps the LoRA factors separate and in fp32
-                        down = torch.cat([d.to(x.device) for d, _ in self.svdq_lora], dim=1)
-                        up = torch.cat([u.to(x.device) for _, u in self.svdq_lora], dim=1)
+                        down, up = self._lora_factors(x.device)
                         y = svdq_linear(x, w, extra_down=down, extra_up=up)
                     else:
                         y = svdq_linear(x, w)
                 else:
-                    down = up = None
-                    if self.svdq_lora:
-                        down = torch.cat([d.to(x.device) for d, _ in self.svdq_lora], dim=1)
-                        up = torch.cat([u.to(x.device) for _, u in self.svdq_lora], dim=1)
+                    down, up = self._lora_factors(x.device) if self.svdq_lora else (None, None)
                     y = self._composite_forward(x, down, up)
                 if self.svdq_bias_delta is not None:
                     y = y + self.svdq_bias_delta.to(device=y.device, dtype=y.dtype)
                 return y
+
+            def _lora_factors(self, device):
+                """Every attached LoRA's (down [K, r], up [N, r]) side by side along the rank."""
+                down = torch.cat([d.to(device) for d, _ in self.svdq_lora], dim=1)
+                up = torch.cat([u.to(device) for _, u in self.svdq_lora], dim=1)
+                return down, up
 
             def _with_lora_branch(self, w: QuantizedLinearWeights, device) -> QuantizedLinearWeights:
                 """The layer with its LoRA factors appended to the low-rank branch, built once per LoRA set (the
@@ -159,8 +161,7 @@ def make_svdq_ops(layer_meta: dict[str, dict]):
                 c = self.__dict__.get("_svdq_lora_cat")
                 if c is not None and c[0] is self.svdq_lora and c[1] is w and c[2] == device:
                     return c[3]
-                d = torch.cat([t.to(device) for t, _ in self.svdq_lora], dim=1)
-                u = torch.cat([t.to(device) for _, t in self.svdq_lora], dim=1)
+                d, u = self._lora_factors(device)
                 if w.proj_down is not None:
                     d = torch.cat([w.proj_down, d.to(w.proj_down.dtype)], dim=1)
                     u = torch.cat([w.proj_up, u.to(w.proj_up.dtype)], dim=1)

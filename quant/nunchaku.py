@@ -195,31 +195,6 @@ def read_w4a4_int4_layer(t: dict[str, torch.Tensor], in_features: int, out_featu
     return {"residual": residual, "down": d, "up": u, "smooth": sm, "bias": b}
 
 
-def w4a4_int4_to_svdq(t: dict[str, torch.Tensor], in_features: int, out_features: int, rank: int | None = None,
-                      dtype=torch.bfloat16):
-    """Convert one Nunchaku INT4 W4A4 layer to our format. Returns (QuantizedLinearWeights, weight error).
-
-    Nunchaku keeps a 16-bit scale per 64-group; ours are integer multiples of a per-row scale, so the residual is
-    requantized: the returned error is ‖Q_ours(R) − R‖ / ‖R‖ over the residual Nunchaku stored (measured, not
-    assumed). Smoothing, the low-rank branch and the bias carry over exactly.
-    """
-    from ..kernels.reference import QuantizedLinearWeights
-    from .formats import pack_int4, quantize_int4_weight
-
-    f = read_w4a4_int4_layer(t, in_features, out_features, rank)
-    q = quantize_int4_weight(f["residual"])
-    deq = q.dequantize()[:, :in_features]
-    err = float((deq - f["residual"]).norm() / f["residual"].norm().clamp(min=1e-12))
-    r = f["down"].shape[1]
-    layer = QuantizedLinearWeights(
-        in_features=in_features, out_features=out_features, qweight=pack_int4(q.codes), wmult=q.mult, wscale=q.scale,
-        smooth=f["smooth"].to(dtype), proj_down=f["down"].to(dtype) if r else None, proj_up=f["up"].to(dtype) if r else None,
-        bias=f["bias"].to(dtype) if f["bias"] is not None else None,
-    )
-    layer.validate()
-    return layer, err
-
-
 # ------------------------------------------------------------------------------------- §6 AWQ W4A16 layers
 def pack_awq_qweight(q: torch.Tensor) -> torch.Tensor:
     """Unsigned 4-bit q [N, K] -> TinyChat ``qweight`` int32 [N/4, K/2] (§6).

@@ -53,7 +53,7 @@ SUFFIX_ALIASES = {
     "smooth": ("smooth", "smooth_factor"), "smooth_orig": ("smooth_orig", "smooth_factor_orig"),
     "wtscale": ("wtscale",), "wcscales": ("wcscales",),
 }
-_ALL_SUFFIXES = sorted({s for names in SUFFIX_ALIASES.values() for s in names}, key=len, reverse=True)
+_ALIAS = {s: key for key, names in SUFFIX_ALIASES.items() for s in names}  # stored suffix -> our key
 
 # FLUX (§7): engine / Python-V2 layer name inside a block -> (ComfyUI name, how it maps)
 # how: ("w4a4", shift) | ("awq", chunks) | ("part", comfy composite, index, split, shift) | ("norm", None)
@@ -186,13 +186,12 @@ def read_nunchaku_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tens
 # ---------------------------------------------------------------------------------------------- layer groups
 def _split_layers(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
     """Group block tensors by layer (suffix aliases resolved to our keys); return (layers, everything else)."""
-    alias = {s: key for key, names in SUFFIX_ALIASES.items() for s in names}
     layers: dict[str, dict[str, torch.Tensor]] = {}
     rest: dict[str, torch.Tensor] = {}
     for k, t in tensors.items():
         base, _, suffix = k.rpartition(".")
-        if suffix in alias and base and (suffix != "bias" or f"{base}.qweight" in tensors):
-            layers.setdefault(base, {})[alias[suffix]] = t
+        if suffix in _ALIAS and base and (suffix != "bias" or f"{base}.qweight" in tensors):
+            layers.setdefault(base, {})[_ALIAS[suffix]] = t
         else:
             rest[k] = t
     return layers, rest
@@ -288,8 +287,7 @@ def _requantize(w: torch.Tensor):
 
 
 def _normalize(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    alias = {s: key for key, names in SUFFIX_ALIASES.items() for s in names}
-    return {alias.get(k, k): v for k, v in t.items()}
+    return {_ALIAS.get(k, k): v for k, v in t.items()}
 
 
 def _awq_bias(bias: torch.Tensor | None, n: int, chunks: int, plus_one: tuple) -> torch.Tensor | None:
@@ -334,14 +332,12 @@ def convert_awq(t: dict[str, torch.Tensor], n: int, k: int, chunks: int, scales:
 
 
 # ------------------------------------------------------------------------------------------------ FLUX renames
-def _flux_shapes(rest: dict[str, torch.Tensor], config: dict, path) -> tuple[int, int, int]:
-    """(hidden, mlp hidden, num heads) from the unquantized tensors / config."""
+def _flux_hidden(rest: dict[str, torch.Tensor], path) -> int:
+    """The hidden size, from the image embedder (FLUX's MLP is 4x that)."""
     w = rest.get("x_embedder.weight")
     if w is None:
         raise CheckpointError(f"{path}: missing tensor 'x_embedder.weight' (not a FLUX-type Nunchaku file?)")
-    hidden = int(w.shape[0])
-    heads = int(config.get("num_attention_heads") or max(1, hidden // int(config.get("attention_head_dim") or 128)))
-    return hidden, 4 * hidden, heads
+    return int(w.shape[0])
 
 
 def _lookup(table: dict, local: str):
@@ -355,7 +351,8 @@ def convert_flux(tensors: dict[str, torch.Tensor], meta: dict, path, scales: str
     """FLUX-structured Nunchaku tensors -> (layers, unquantized tensors, report) under ComfyUI's names."""
     layers_raw, rest = _split_layers(tensors)
     precision = _detect_precision(layers_raw, meta.get("quantization_config") or {}, path)
-    hidden, mlp, _ = _flux_shapes(rest, meta.get("config") or {}, path)
+    hidden = _flux_hidden(rest, path)
+    mlp = 4 * hidden
     report = ConversionReport(source=str(path), precision=precision, scales=scales)
     layers: dict[str, QuantizedLinearWeights] = {}
     out: dict[str, torch.Tensor] = {}
@@ -363,7 +360,7 @@ def convert_flux(tensors: dict[str, torch.Tensor], meta: dict, path, scales: str
     shapes_single = {"linear1": [(0, 3 * hidden), (3 * hidden, 3 * hidden + mlp)],
                      "linear2": [(0, hidden), (hidden, hidden + mlp)]}
 
-    def w4a4_shape(local: str, double: bool) -> tuple[int, int]:
+    def w4a4_shape(local: str) -> tuple[int, int]:
         if local.startswith("qkv"):
             return 3 * hidden, hidden
         if "fc1" in local or "net.0" in local:
@@ -392,7 +389,7 @@ def convert_flux(tensors: dict[str, torch.Tensor], meta: dict, path, scales: str
                 layer, err = convert_awq(t, n, hidden, how[1], "exact", base)
                 layers[prefix + comfy_name] = layer
             elif how[0] == "w4a4":
-                n, k = w4a4_shape(local, double)
+                n, k = w4a4_shape(local)
                 layer, err = convert_w4a4(t, n, k, precision, how[1] and precision == "int4", scales, base)
                 layers[prefix + comfy_name] = layer
             else:  # a part of a composite single-block layer
@@ -479,15 +476,16 @@ def load_nunchaku_checkpoint(path: str | os.PathLike, scales: str = "exact") -> 
     layers, rest, report = convert_flux(tensors, meta, p, scales)
     qc = meta.get("quantization_config") or {}
     stored_rank = qc.get("rank")
-    config = {"method": "svdquant", "rank": report.rank, "precision": report.precision if scales == "exact" or
-              report.precision == "nvfp4" else "int4", "act_precision": report.precision,
-              "source_format": "nunchaku", "nunchaku_scales": scales,
-              "weight_scales": {"int4": "16-bit per group" if scales == "exact" else "int-multiplier",
-                                "nvfp4": "e4m3"}[report.precision]}
+    if report.precision == "nvfp4":
+        precision, weight_scales = "nvfp4", "e4m3"
+    elif scales == "exact":
+        precision, weight_scales = "int4g", "16-bit per group"
+    else:
+        precision, weight_scales = "int4", "int-multiplier"
+    config = {"method": "svdquant", "rank": report.rank, "precision": precision, "act_precision": report.precision,
+              "source_format": "nunchaku", "nunchaku_scales": scales, "weight_scales": weight_scales}
     if stored_rank is not None:
         config["nunchaku_rank"] = stored_rank
-    if report.precision == "int4" and scales == "exact":
-        config["precision"] = "int4g"
     metadata = {"model_family": "flux", "source": str(p), "nunchaku_conversion": report.as_dict()}
     unet = _unet_config(meta)
     if unet:

@@ -299,6 +299,8 @@ def test_cli_on_legacy_folder_and_nvfp4(flux_files, capsys):
     assert main(["info", str(flux_files / "legacy")]) == 0
     text = capsys.readouterr().out
     assert "legacy folder" in text and "int4g" in text
+    assert main(["info", str(flux_files / "svdq-fp4_r16-tiny.safetensors")]) == 0
+    assert "E4M3 scales carried over" in capsys.readouterr().out
     out = flux_files / "converted-fp4.safetensors"
     assert main(["convert", str(flux_files / "svdq-fp4_r16-tiny.safetensors"), "-o", str(out), "--requantize"]) == 0
     assert "nothing lost" in capsys.readouterr().out  # NVFP4 scales carry over exactly even when asked to requantize

@@ -61,7 +61,8 @@ def test_lowrank_roundtrip_and_positions():
 
 def test_w4a4_layer_from_known_float_matrices():
     from svdq.kernels.reference import svdq_linear_reference
-    from svdq.quant.nunchaku import pack_w4a4_int4_layer, read_w4a4_int4_layer, w4a4_int4_to_svdq
+    from svdq.quant.nunchaku import pack_w4a4_int4_layer, read_w4a4_int4_layer
+    from svdq.quant.nunchaku_file import convert_w4a4
 
     g = torch.Generator().manual_seed(0)
     n, k, r = 200, 300, 20  # nothing a multiple of the tiles: padding on every axis
@@ -82,7 +83,7 @@ def test_w4a4_layer_from_known_float_matrices():
     assert torch.equal(f["down"], down.float()) and torch.equal(f["up"], up.float())
     assert torch.equal(f["smooth"], smooth.float()) and torch.equal(f["bias"], bias.float())
 
-    layer, err = w4a4_int4_to_svdq(tensors, k, n, rank=r)
+    layer, err = convert_w4a4(tensors, n, k, "int4", False, "requantize", "test")
     assert 0 <= err < 0.1  # requantizing 16-bit group scales to integer multipliers: measured, small
     x = torch.randn(5, k, generator=g)
     y = svdq_linear_reference(x, layer).float()
