@@ -94,5 +94,5 @@ def load_svdq_model(path: str | os.PathLike, dtype: torch.dtype | None = None, n
     patcher = build_model_patcher(sd, ckpt.metadata, ckpt.layer_meta(), dtype=dtype, path=str(path))
     patcher.model.svdq_info = ckpt.summary()
     if report is not None:
-        patcher.model.svdq_info["conversion"] = report.describe().split(": ", 1)[-1]
+        patcher.model.svdq_info["conversion"] = report.describe(with_source=False)
     return patcher

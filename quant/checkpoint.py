@@ -200,6 +200,13 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
                 if t.is_floating_point() and t.dtype.itemsize > 1 and not torch.isfinite(t).all():
                     raise CheckpointError(f"{p}: tensor '{name}.{suffix}' contains NaN/Inf values")
         layers[name] = layer
+    parts: dict[str, list[int]] = {}
+    for name, layer in layers.items():
+        if layer.extra.get("part_of"):
+            parts.setdefault(layer.extra["part_of"], []).append(int(name.rsplit(".", 1)[1]))
+    for base, idx in parts.items():
+        if sorted(idx) != list(range(len(idx))):
+            raise CheckpointError(f"{p}: composite layer {base!r} has parts {sorted(idx)}; parts 0..{len(idx) - 1} expected")
     other = {k: v for k, v in meta.items() if k not in ("layers", "quantization_config")}
     for k, v in other.items():  # structured entries (written with json.dumps) come back parsed
         if isinstance(v, str) and v[:1] in ("{", "["):

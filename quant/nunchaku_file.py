@@ -107,9 +107,9 @@ class ConversionReport:
     requantized: dict[str, float] = field(default_factory=dict)  # layer -> relative weight error added
     notes: list[str] = field(default_factory=list)
 
-    def describe(self) -> str:
-        s = (f"{self.source}: Nunchaku {self.precision} rank {self.rank} checkpoint, {self.exact_layers} layers "
-             f"converted exactly")
+    def describe(self, with_source: bool = True) -> str:
+        s = (f"{self.source}: " if with_source else "") + (
+            f"Nunchaku {self.precision} rank {self.rank} checkpoint, {self.exact_layers} layers converted exactly")
         if self.requantized:
             errs = list(self.requantized.values())
             s += (f", {len(errs)} requantized into integer group multipliers (added relative weight error "

@@ -307,3 +307,13 @@ def test_cli_on_legacy_folder_and_nvfp4(flux_files, capsys):
     ck = load_checkpoint(out)
     assert {layer.precision for layer in ck.layers.values() if layer.kind == "w4a4"} == {"nvfp4"}
     assert main(["convert", str(flux_files / "nope"), "-o", str(out)]) == 2
+
+
+def test_composite_layer_with_a_missing_part_is_a_clear_error(flux_files):
+    from svdq.quant.checkpoint import load_checkpoint, save_checkpoint
+
+    ck = load_checkpoint(flux_files / "ours-int4.safetensors")
+    del ck.layers["single_blocks.0.linear2.parts.0"]
+    out = save_checkpoint(flux_files / "ours-missing-part.safetensors", ck.layers, ck.tensors, ck.config, ck.metadata)
+    with pytest.raises(CheckpointError, match=r"ours-missing-part.safetensors.*single_blocks\.0\.linear2.*parts \[1\]"):
+        load_checkpoint(out)
