@@ -59,6 +59,18 @@ def interpreting() -> bool:
 
 
 
+_SMS: dict = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device (1 elsewhere), cached: persistent grids are sized by it."""
+    if device.type != "cuda":
+        return 1
+    if device.index not in _SMS:
+        _SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SMS[device.index]
+
+
 def fp32_dots(*tensors) -> bool:
     """Use fp32 dots: for fp32 data, and under the interpreter (which mishandles 16-bit float dots)."""
     if interpreting():

@@ -13,12 +13,14 @@ per-device workspace (a bandwidth-bound pass, a few percent of the GEMM).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from .launch import launch
-from .autotune_cache import autotune_configs, fp32_dots
+from .autotune_cache import TunedKernel, autotune_configs, fp32_dots, interpreting, sm_count
 
 
 @triton.jit
@@ -44,12 +46,40 @@ def _expand_kernel(p_ptr, mult_ptr, out_ptr, N, KP, stride_p, stride_mult, strid
     tl.store(out_ptr + n[:, None] * stride_o + k[None, :], vals.to(tl.int8), mask=nmask[:, None] & (k[None, :] < KP))
 
 
+@triton.jit
+def _expand_words_kernel(p_ptr, mult_ptr, out_ptr, N, W16, stride_p, stride_mult, stride_o,
+                         BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+    """16-bit words of 4 codes [N, Kp/4] × mult [N, Kp/64] → int32 words of 4 int8 operands [N, Kp/4].
+
+    Purely elementwise (no interleave), so loads and stores are 16-byte vectors."""
+    pid_n = tl.program_id(0)
+    pid_w = tl.program_id(1)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
+    m2 = (n < N)[:, None] & (w < W16)[None, :]
+    p = tl.load(p_ptr + n[:, None] * stride_p + w[None, :], mask=m2, other=0).to(tl.int32)
+    u = tl.load(mult_ptr + n[:, None] * stride_mult + (w // 16)[None, :], mask=m2, other=0).to(tl.int32)
+    b0 = ((((p << 28) >> 28) * u) & 0xFF)
+    b1 = ((((p << 24) >> 28) * u) & 0xFF) << 8
+    b2 = ((((p << 20) >> 28) * u) & 0xFF) << 16
+    b3 = (((p << 16) >> 28) * u) << 24
+    tl.store(out_ptr + n[:, None] * stride_o + w[None, :], b0 | b1 | b2 | b3, mask=m2)
+
+
 def expand_weight(qweight: torch.Tensor, wmult: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """INT4 codes × group multipliers as the int8 [N, Kp] GEMM operand (``reference.int8_weight_operand``)."""
     n, half = qweight.shape
     kp = half * 2
     if out is None:
         out = torch.empty(n, kp, dtype=torch.int8, device=qweight.device)
+    if os.environ.get("SVDQ_EXPAND", "words") == "words" and out.is_contiguous() and qweight.is_contiguous():
+        p16, o32 = qweight.view(torch.int16), out.view(torch.int32)
+        words = kp // 4
+        bn, bw = 16, 256
+        grid = (triton.cdiv(n, bn), triton.cdiv(words, bw))
+        launch(_expand_words_kernel, grid, (p16, wmult, o32, n, words, p16.stride(0), wmult.stride(0), o32.stride(0)),
+               BLOCK_N=bn, BLOCK_W=bw, num_warps=4)
+        return out
     bn, bk = 32, 256
     grid = (triton.cdiv(n, bn), triton.cdiv(kp, bk))
     launch(_expand_kernel, grid, (qweight, wmult, out, n, kp, qweight.stride(0), wmult.stride(0), out.stride(0)),
@@ -63,6 +93,33 @@ def _gelu_tanh(y):
     u = c * (y + 0.044715 * y * y * y)
     t = 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
     return 0.5 * y * (1.0 + t)
+
+
+@triton.jit
+def _epilogue(acc, rm, rn, M, N, R, ascale_ptr, wscale_ptr, lora_ptr, up_ptr, bias_ptr, c_ptr, stride_lm, stride_un,
+              stride_cm, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, DOT_FP32: tl.constexpr,
+              BLOCK_R: tl.constexpr):
+    """Scales, low-rank up-projection (accumulated into the same registers), bias, GELU, one 16-bit store."""
+    mmask = rm < M
+    nmask = rn < N
+    sa = tl.load(ascale_ptr + rm, mask=mmask, other=0.0)
+    sw = tl.load(wscale_ptr + rn, mask=nmask, other=0.0)
+    y = acc.to(tl.float32) * sa[:, None] * sw[None, :]
+    if HAS_LORA:
+        rr = tl.arange(0, BLOCK_R)
+        la = tl.load(lora_ptr + rm[:, None] * stride_lm + rr[None, :], mask=mmask[:, None] & (rr[None, :] < R), other=0.0)
+        up = tl.load(up_ptr + rn[None, :] * stride_un + rr[:, None], mask=nmask[None, :] & (rr[:, None] < R), other=0.0)
+        if DOT_FP32:
+            y = tl.dot(la, up.to(tl.float32), y, input_precision="ieee")
+        else:
+            y = tl.dot(la.to(up.dtype), up, y)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
+        y += bias[None, :]
+    if GELU:
+        y = _gelu_tanh(y)
+    c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :]
+    tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
 
 
 @triton.jit
@@ -104,26 +161,45 @@ def _w4a4_gemm_kernel(
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
 
-    mmask = rm < M
-    nmask = rn < N
-    sa = tl.load(ascale_ptr + rm, mask=mmask, other=0.0)
-    sw = tl.load(wscale_ptr + rn, mask=nmask, other=0.0)
-    y = acc.to(tl.float32) * sa[:, None] * sw[None, :]
-    if HAS_LORA:
-        rr = tl.arange(0, BLOCK_R)
-        la = tl.load(lora_ptr + rm[:, None] * stride_lm + rr[None, :], mask=mmask[:, None] & (rr[None, :] < R), other=0.0)
-        up = tl.load(up_ptr + rn[None, :] * stride_un + rr[:, None], mask=nmask[None, :] & (rr[:, None] < R), other=0.0)
-        if DOT_FP32:
-            y += tl.dot(la, up.to(tl.float32), input_precision="ieee")
-        else:
-            y += tl.dot(la.to(up.dtype), up)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
-        y += bias[None, :]
-    if GELU:
-        y = _gelu_tanh(y)
-    c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :]
-    tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+    _epilogue(acc, rm, rn, M, N, R, ascale_ptr, wscale_ptr, lora_ptr, up_ptr, bias_ptr, c_ptr, stride_lm, stride_un,
+              stride_cm, HAS_LORA, HAS_BIAS, GELU, DOT_FP32, BLOCK_R)
+
+
+@triton.jit
+def _w4a4_gemm_tma_kernel(
+    a_desc, b_desc, ascale_ptr, wscale_ptr, lora_ptr, up_ptr, bias_ptr, c_ptr,
+    M, N, KP, R,
+    stride_lm, stride_un, stride_cm, NUM_PROGRAMS,
+    HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, FLATTEN: tl.constexpr,
+):
+    """Hopper schedule of the same product: one program per SM walks the output tiles (grouped order), operands
+    arrive by TMA (bulk tensor copies, out-of-range rows and columns zero-filled), and the flattened tile loop
+    lets the compiler overlap one tile's epilogue with the next tile's loads."""
+    start = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(KP, BLOCK_K)
+    num_tiles = num_m * num_n
+    group = GROUP_M * num_n
+    for tile in tl.range(start, num_tiles, NUM_PROGRAMS, flatten=FLATTEN):
+        gid = tile // group
+        first_m = gid * GROUP_M
+        size_m = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + ((tile % group) % size_m)
+        pid_n = (tile % group) // size_m
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+        for ki in range(k_tiles):
+            a = a_desc.load([off_m, ki * BLOCK_K])
+            b = b_desc.load([off_n, ki * BLOCK_K])
+            acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+        rm = off_m + tl.arange(0, BLOCK_M)
+        rn = off_n + tl.arange(0, BLOCK_N)
+        _epilogue(acc, rm, rn, M, N, R, ascale_ptr, wscale_ptr, lora_ptr, up_ptr, bias_ptr, c_ptr, stride_lm,
+                  stride_un, stride_cm, HAS_LORA, HAS_BIAS, GELU, DOT_FP32, BLOCK_R)
 
 
 def _configs():
@@ -140,6 +216,55 @@ def _configs():
 _gemm_tuned = autotune_configs(_w4a4_gemm_kernel, _configs(), key=["M_BUCKET", "N", "KP", "BLOCK_R", "HAS_LORA"])
 
 
+def _tma_configs():
+    out = []
+    for bm, bn, bk, w, s in [
+        (128, 256, 128, 8, 3), (128, 256, 128, 8, 4), (256, 128, 128, 8, 3), (256, 128, 128, 8, 4),
+        (128, 128, 128, 8, 4), (128, 128, 256, 8, 3), (128, 128, 128, 4, 4), (128, 256, 64, 8, 5),
+    ]:
+        for flat in (True, False):
+            out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "FLATTEN": flat},
+                                     num_warps=w, num_stages=s))
+    return out
+
+
+class _TmaTuned(TunedKernel):
+    """The persistent TMA kernel under the same tuning/caching as the pointer kernel: the logical arguments are
+    the pointer kernel's; descriptors for each config's tile shape are made here."""
+
+    def _launch(self, cfg: dict, args: tuple, flags: dict, m: int, n: int) -> None:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        from .launch import launch
+
+        kw = dict(cfg["kwargs"])
+        a8, w8 = args[0], args[1]
+        kp = args[10]
+        bm, bn, bk = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]
+        a_desc = TensorDescriptor(a8, [m, kp], [a8.stride(0), 1], [bm, bk])
+        b_desc = TensorDescriptor(w8, [n, kp], [w8.stride(0), 1], [bn, bk])
+        tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+        programs = min(tiles, sm_count(a8.device))
+        launch(self.kernel, (programs,), (a_desc, b_desc) + tuple(args[2:12]) + tuple(args[14:17]) + (programs,),
+               num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags, **kw)
+
+
+_gemm_tma_tuned = _TmaTuned(_w4a4_gemm_tma_kernel, _tma_configs(), key=[])
+
+
+def gemm_schedule(device: torch.device) -> str:
+    """``tma`` (persistent, bulk tensor copies: sm_90+) or ``pointer``; ``SVDQ_GEMM`` overrides."""
+    choice = os.environ.get("SVDQ_GEMM", "auto").lower()
+    if choice in ("tma", "pointer"):
+        return choice
+    if device.type == "cuda" and not interpreting() and torch.cuda.get_device_capability(device)[0] >= 9:
+        return DEFAULT_SM90_SCHEDULE
+    return "pointer"
+
+
+DEFAULT_SM90_SCHEDULE = "pointer"
+
+
 def w4a4_gemm(
     a8: torch.Tensor,
     ascale: torch.Tensor,
@@ -151,6 +276,7 @@ def w4a4_gemm(
     out_dtype: torch.dtype,
     gelu: bool = False,
     config: dict | None = None,
+    schedule: str | None = None,
 ) -> torch.Tensor:
     """y [M, N] = (a8 · w8ᵀ) · ascale · wscale + lora_act · proj_upᵀ + bias (then GELU)."""
     m, kp = a8.shape
@@ -164,5 +290,6 @@ def w4a4_gemm(
         a8.stride(0), w8.stride(0), lora_act.stride(0) if r else 0, proj_up.stride(0) if r else 0, out.stride(0),
     )
     flags = dict(HAS_LORA=r > 0, HAS_BIAS=bias is not None, GELU=gelu, BLOCK_R=block_r, DOT_FP32=fp32_dots(a8, proj_up))
-    _gemm_tuned(args, flags, m, config=config)
+    tuned = _gemm_tma_tuned if (schedule or gemm_schedule(a8.device)) == "tma" else _gemm_tuned
+    tuned(args, flags, m, config=config)
     return out

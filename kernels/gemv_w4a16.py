@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .launch import launch
-from .autotune_cache import fp32_dots, interpreting
+from .autotune_cache import fp32_dots, interpreting, sm_count
 
 
 
@@ -133,16 +133,54 @@ def _w4a16_small_kernel(
         tl.store(optrs, y, mask=mmask[:, None] & nmask[None, :])
 
 
+@triton.jit
+def _w4a16_gemv_kernel(
+    x_ptr, p_ptr, mult_ptr, wscale_ptr, smooth_ptr, bias_ptr, out_ptr,
+    M, N, K, W16, W_PER_SPLIT,
+    stride_xm, stride_p, stride_mult, stride_om,
+    HAS_SMOOTH: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    """M <= 4 on the CUDA cores, reading the packed weights as 16-bit words (4 codes each, 8 words = one 16-byte
+    load a thread). Products accumulate elementwise in a [BLOCK_M, BLOCK_N, BLOCK_W] register tile and are
+    reduced across threads once at the end, not every K step."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rm = tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mmask = rm < M
+    nmask = rn < N
+    rn_c = tl.where(nmask, rn, 0)
+    wi = tl.arange(0, BLOCK_W)
+    acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_W], dtype=tl.float32)
+    w_start = pid_s * W_PER_SPLIT
+    for w0 in range(w_start, w_start + W_PER_SPLIT, BLOCK_W):
+        w = w0 + wi  # word index: input columns 4w .. 4w+3
+        wmask = w < W16
+        p = tl.load(p_ptr + rn_c[:, None] * stride_p + w[None, :], mask=wmask[None, :], other=0).to(tl.int32)
+        u = tl.load(mult_ptr + rn_c[:, None] * stride_mult + (w // 16)[None, :], mask=wmask[None, :], other=0).to(tl.int32)
+        for i in tl.static_range(4):
+            code = (p << (28 - 4 * i)) >> 28  # sign-extended nibble i
+            wv = (code * u).to(tl.float32)
+            kc = 4 * w + i
+            xv = tl.load(x_ptr + rm[:, None] * stride_xm + kc[None, :], mask=mmask[:, None] & (kc[None, :] < K), other=0.0).to(tl.float32)
+            if HAS_SMOOTH:
+                lam = tl.load(smooth_ptr + kc, mask=kc < K, other=1.0).to(tl.float32)
+                xv = xv / lam[None, :]
+            acc += xv[:, None, :] * wv[None, :, :]
+    ws = tl.load(wscale_ptr + rn, mask=nmask, other=0.0)
+    y = tl.sum(acc, axis=2) * ws[None, :]
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
+        y += tl.where(pid_s == 0, bias, 0.0)[None, :]
+    optrs = out_ptr + rm[:, None] * stride_om + rn[None, :]
+    if SPLIT > 1:
+        tl.atomic_add(optrs, y, mask=mmask[:, None] & nmask[None, :])
+    else:
+        tl.store(optrs, y, mask=mmask[:, None] & nmask[None, :])
+
+
 SMALL_M = 4  # up to this many rows the CUDA-core kernel runs (measured faster than padding M to 16 for MMA)
-_SMS: dict = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    if device.index not in _SMS:
-        _SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _SMS[device.index]
 
 
 def w4a16_linear(x2: torch.Tensor, qweight: torch.Tensor, wmult: torch.Tensor, wscale: torch.Tensor,
@@ -154,7 +192,10 @@ def w4a16_linear(x2: torch.Tensor, qweight: torch.Tensor, wmult: torch.Tensor, w
     kp = qweight.shape[1] * 2
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
-    if m <= SMALL_M and os.environ.get("SVDQ_W4A16_SMALL", "1") != "0":
+    impl = os.environ.get("SVDQ_W4A16", "gemv")
+    if m <= SMALL_M and impl == "gemv":
+        return _w4a16_gemv(x2, qweight, wmult, wscale, smooth, bias)
+    if m <= SMALL_M and impl == "small":
         return _w4a16_small(x2, qweight, wmult, wscale, smooth, in_features, bias)
     while block_k > 64 and kp % block_k:
         block_k //= 2
@@ -162,7 +203,7 @@ def w4a16_linear(x2: torch.Tensor, qweight: torch.Tensor, wmult: torch.Tensor, w
         block_n = 32
     blocks_n = triton.cdiv(n, block_n)
     if split is None:
-        sms = _sm_count(x2.device)
+        sms = sm_count(x2.device)
         split = max(1, min(kp // block_k, (3 * sms) // max(blocks_n, 1)))
     k_per_split = triton.cdiv(triton.cdiv(kp, split), block_k) * block_k
     split = triton.cdiv(kp, k_per_split)
@@ -188,7 +229,7 @@ def _w4a16_small(x2, qweight, wmult, wscale, smooth, in_features, bias, block_n:
     if interpreting():
         block_n = 32
     blocks_n = triton.cdiv(n, block_n)
-    split = max(1, min(kp // block_k, (4 * _sm_count(x2.device)) // max(blocks_n, 1)))
+    split = max(1, min(kp // block_k, (4 * sm_count(x2.device)) // max(blocks_n, 1)))
     k_per_split = triton.cdiv(triton.cdiv(kp, split), block_k) * block_k
     split = triton.cdiv(kp, k_per_split)
     out = (torch.zeros if split > 1 else torch.empty)(m, n, dtype=torch.float32, device=x2.device)
@@ -199,5 +240,29 @@ def _w4a16_small(x2, qweight, wmult, wscale, smooth, in_features, bias, block_n:
         x2.stride(0), qweight.stride(0), wmult.stride(0), out.stride(0)),
         HAS_SMOOTH=smooth is not None, SPLIT=split, HAS_BIAS=bias is not None,
         BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=3,
+    )
+    return out
+
+
+def _w4a16_gemv(x2, qweight, wmult, wscale, smooth, bias, block_w: int = 128):
+    m, k = x2.shape
+    n = qweight.shape[0]
+    words = qweight.shape[1] // 2
+    p16 = qweight.view(torch.int16)  # [N, Kp/4]: Kp is a multiple of 64, so rows stay whole words
+    bm = 1 if m == 1 else (2 if m == 2 else 4)
+    block_n = 4096 // (bm * block_w)
+    if interpreting():
+        block_w = 32
+    blocks_n = triton.cdiv(n, block_n)
+    split = max(1, min(triton.cdiv(words, block_w), (4 * sm_count(x2.device)) // max(blocks_n, 1)))
+    w_per_split = triton.cdiv(triton.cdiv(words, split), block_w) * block_w
+    split = triton.cdiv(words, w_per_split)
+    out = (torch.zeros if split > 1 else torch.empty)(m, n, dtype=torch.float32, device=x2.device)
+    launch(_w4a16_gemv_kernel, (blocks_n, split), (
+        x2, p16, wmult, wscale, smooth if smooth is not None else wscale, bias if bias is not None else wscale, out,
+        m, n, k, words, w_per_split,
+        x2.stride(0), p16.stride(0), wmult.stride(0), out.stride(0)),
+        HAS_SMOOTH=smooth is not None, SPLIT=split, HAS_BIAS=bias is not None,
+        BLOCK_M=bm, BLOCK_N=block_n, BLOCK_W=block_w, num_warps=4, num_stages=3,
     )
     return out

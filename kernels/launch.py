@@ -16,12 +16,20 @@ import torch
 
 from .autotune_cache import interpreting
 
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # an older Triton: no host-side descriptors (the TMA schedule is then not offered)
+    class TensorDescriptor:  # type: ignore[no-redef]
+        pass
+
 _cache: dict = {}
-_broken = False
+_broken: set = set()  # kernels whose direct launch failed once: plain launches from then on
 log = logging.getLogger("svdq")
 
 
 def _spec(a):
+    if isinstance(a, TensorDescriptor):  # compiled per element type and tile shape
+        return ("desc", a.base.dtype, tuple(a.block_shape), a.padding)
     if isinstance(a, torch.Tensor):
         return (a.dtype, a.data_ptr() % 16 == 0)
     if isinstance(a, bool):
@@ -34,7 +42,7 @@ def _spec(a):
 
 
 def enabled() -> bool:
-    return os.environ.get("SVDQ_FAST_LAUNCH", "1") != "0" and not interpreting() and not _broken
+    return os.environ.get("SVDQ_FAST_LAUNCH", "1") != "0" and not interpreting()
 
 
 def launch(kernel, grid: tuple, args: tuple, num_warps: int = 4, num_stages: int | None = None, **constexprs) -> None:
@@ -45,7 +53,7 @@ def launch(kernel, grid: tuple, args: tuple, num_warps: int = 4, num_stages: int
     opts = {"num_warps": num_warps}
     if num_stages is not None:
         opts["num_stages"] = num_stages
-    if not enabled():
+    if not enabled() or kernel in _broken:
         kernel[grid](*args, **constexprs, **opts)
         return
     dev = next((a.device.index for a in args if isinstance(a, torch.Tensor)), None)
@@ -62,9 +70,8 @@ def launch(kernel, grid: tuple, args: tuple, num_warps: int = 4, num_stages: int
     grid3 = tuple(grid) + (1,) * (3 - len(grid))  # the compiled kernel's runner reads grid[0..2]
     try:
         compiled[grid3](*args, *(constexprs[n] for n in tail))
-    except Exception as exc:  # a Triton whose launcher differs: fall back to the plain path for good
-        global _broken
-        if not _broken:
-            _broken = True
-            log.warning("svdq: direct kernel launch unavailable with this Triton (%s); using the standard launch", exc)
+    except Exception as exc:  # a Triton whose launcher differs: this kernel takes the plain path for good
+        _broken.add(kernel)
+        log.warning("svdq: direct launch of %s unavailable with this Triton (%s); using the standard launch",
+                    getattr(kernel, "__name__", kernel), exc)
         kernel[grid](*args, **constexprs, **opts)

@@ -55,6 +55,17 @@ def test_w4a4_linear_matches_reference(m, k, n, rank, bias, unsigned, triton_ker
     assert rel(out, ref) <= 1e-2
 
 
+@pytest.mark.parametrize("schedule", ["pointer", "tma"])
+@pytest.mark.parametrize("m,k,n,rank,bias,unsigned", SHAPES[1:] + ([(300, 3072, 9216, 32, True, False)] if GPU else []))
+def test_gemm_schedules_match_reference(m, k, n, rank, bias, unsigned, schedule, triton_kernels, monkeypatch):
+    """The grouped pointer kernel and the persistent TMA kernel compute the same layer."""
+    monkeypatch.setenv("SVDQ_GEMM", schedule)
+    layer = random_layer(n, k, rank, bias, unsigned, 0.171875 if unsigned else 0.0, device=DEV, seed=k + 1)
+    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+    assert rel(triton_kernels.svdq_linear(x, layer), svdq_linear_reference(x, layer)) <= 1e-2
+    assert rel(triton_kernels.svdq_linear(x, layer, gelu=True), svdq_linear_reference(x, layer, gelu=True)) <= 1e-2
+
+
 def test_int8_activation_mode(triton_kernels):
     layer = random_layer(96, 192, 32, True, act="int8", device=DEV)
     x = torch.randn(9, 192, device=DEV, dtype=torch.bfloat16)
@@ -79,19 +90,21 @@ def test_lora_extension_matches_reference(triton_kernels):
     assert rel(out, svdq_linear_reference(x, layer)) > 1e-3  # the LoRA term did something
 
 
+@pytest.mark.parametrize("impl", ["words", "bytes"])
 @pytest.mark.parametrize("n,k", [(64, 128), (130, 200), (96, 3072)] + ([(18432, 3072), (3072, 12288)] if GPU else []))
-def test_expand_weight_exact(n, k, triton_kernels):
+def test_expand_weight_exact(n, k, impl, triton_kernels, monkeypatch):
     from svdq.kernels.gemm_w4a4 import expand_weight
 
+    monkeypatch.setenv("SVDQ_EXPAND", impl)
     layer = random_layer(n, k, 0, False, device=DEV)
     assert torch.equal(expand_weight(layer.qweight, layer.wmult), int8_weight_operand(layer))
 
 
-@pytest.mark.parametrize("m", [1, 2, 3, 16, 40])
-@pytest.mark.parametrize("small", ["1", "0"])
-def test_w4a16_matches_reference(m, small, triton_kernels, monkeypatch):
-    """Both W4A16 kernels (CUDA-core for M <= 4, tensor-core otherwise) against the reference."""
-    monkeypatch.setenv("SVDQ_W4A16_SMALL", small)
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 16, 40])
+@pytest.mark.parametrize("impl", ["gemv", "small", "mma"])
+def test_w4a16_matches_reference(m, impl, triton_kernels, monkeypatch):
+    """Every W4A16 kernel (CUDA-core word or byte kernel for M <= 4, tensor-core otherwise) against the reference."""
+    monkeypatch.setenv("SVDQ_W4A16", impl)
     k, n = (3072, 9216) if GPU else (256, 96)
     layer = random_layer(n, k, 0, True, kind="w4a16", device=DEV, seed=m)
     x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
