@@ -12,11 +12,43 @@ from linear import make_layer  # noqa: E402
 
 from svdq.kernels.dispatch import svdq_linear  # noqa: E402
 
+from svdq.kernels.act_quant import quantize_activation  # noqa: E402
+from svdq.kernels.dispatch import int8_weights  # noqa: E402
+from svdq.kernels.gemm_w4a4 import w4a4_gemm  # noqa: E402
+
 layer = make_layer(256, 256, 32)
+mod = make_layer(256, 256, 0, kind="w4a16")
 x = torch.randn(16, 256, device="cuda", dtype=torch.bfloat16)
-for _ in range(20):
-    svdq_linear(x, layer)
-torch.cuda.synchronize()
+x1 = x[:1].contiguous()
+wb = torch.randn(256, 256, device="cuda", dtype=torch.bfloat16)
+a8, sa, lora = quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down)
+w8 = int8_weights(layer)
+
+
+def per_call_us(fn, calls=2000):
+    import time
+
+    for _ in range(50):
+        fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / calls * 1e6
+
+
+stages = {
+    "F.linear (bf16)": lambda: torch.nn.functional.linear(x, wb),
+    "torch.empty": lambda: torch.empty(16, 256, device="cuda", dtype=torch.bfloat16),
+    "activation kernels": lambda: quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down),
+    "weight expansion": lambda: int8_weights(layer),
+    "GEMM + epilogue": lambda: w4a4_gemm(a8, sa, w8, layer.wscale, lora, layer.proj_up, layer.bias, torch.bfloat16),
+    "svdq_linear W4A4 r32": lambda: svdq_linear(x, layer),
+    "svdq_linear W4A16 M=1": lambda: svdq_linear(x1, mod),
+}
+for name, fn in stages.items():
+    print(f"host µs per call  {name:<24} {per_call_us(fn):7.1f}", flush=True)
 pr = cProfile.Profile()
 pr.enable()
 for _ in range(300):

@@ -3,8 +3,9 @@
     python bench/kernel_variants.py [--json OUT]
 
 Same process, same data, same GPU for every pair; µs are medians of ``triton.testing.do_bench``:
-  gemm     the int8 GEMM with the rank-32 epilogue: grouped pointer kernel vs persistent TMA kernel
-           (each autotuned over its own configs, from an empty cache), and ``torch._int_mm`` as a reference point
+  gemm     the int8 GEMM with the rank-32 epilogue: grouped pointer kernel vs persistent TMA kernel vs the tuner
+           choosing from both (each autotuned from an empty cache), eager and CUDA-graph replay, the chosen
+           configs, and ``torch._int_mm`` as a reference point
   expand   4-bit → int8 weight expansion: byte/interleave kernel vs 16-bit-word kernel
   w4a16    small-M W4A16: CUDA-core kernel with per-step reductions vs the word kernel, cuBLAS bf16 alongside
   layer    the whole svdq rank-32 layer with the old and new defaults, and bf16
@@ -39,7 +40,7 @@ def main() -> int:
 
     from svdq.kernels.act_quant import quantize_activation
     from svdq.kernels.dispatch import svdq_linear
-    from svdq.kernels.gemm_w4a4 import expand_weight, w4a4_gemm
+    from svdq.kernels.gemm_w4a4 import _TUNERS, expand_weight, w4a4_gemm
 
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
     print(f"# {env['gpu']}, torch {env['torch']}, triton {env['triton']}", flush=True)
@@ -53,15 +54,18 @@ def main() -> int:
         w8 = expand_weight(layer.qweight, layer.wmult)
         row = {"M": m, "K": k, "N": n}
         ys = {}
-        for sched in ("pointer", "tma"):
+        for sched in ("pointer", "tma", "auto"):
             try:
                 fn = lambda s=sched: w4a4_gemm(a8, sa, w8, layer.wscale, lora, layer.proj_up, layer.bias, torch.bfloat16, schedule=s)  # noqa: E731
                 ys[sched] = fn()
                 row[sched] = bench(fn)
+                row[sched + "_graph"] = triton.testing.do_bench_cudagraph(fn, rep=50) * 1e3
+                row[sched + "_cfg"] = str(next(iter(_TUNERS[sched]._fast.values()), None))
+                _TUNERS[sched]._fast.clear()
             except Exception as exc:
                 print(f"{sched} failed: {str(exc)[-1500:]}", flush=True)
                 row[sched] = float("nan")
-        if len(ys) == 2:
+        if "tma" in ys and "pointer" in ys:
             row["max_rel_diff"] = float((ys["tma"].float() - ys["pointer"].float()).abs().max() / ys["pointer"].float().abs().max())
         row["int_mm"] = bench(lambda: torch._int_mm(a8, w8.T))
         out["gemm"].append(row)
@@ -80,7 +84,7 @@ def main() -> int:
         lr = {"M": m, "K": k, "N": n}
         wb = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.05
         lr["bf16"] = bench(lambda: torch.nn.functional.linear(x, wb, layer.bias))
-        for name, sched, exp in (("old", "pointer", "bytes"), ("new", "tma", "words")):
+        for name, sched, exp in (("old", "pointer", "bytes"), ("new", "auto", "words")):
             os.environ["SVDQ_GEMM"], os.environ["SVDQ_EXPAND"] = sched, exp
             lr[name] = bench(lambda: svdq_linear(x, layer))
         os.environ.pop("SVDQ_GEMM")

@@ -147,7 +147,3 @@ class TunedKernel:
             raise RuntimeError(f"svdq: no kernel configuration of {self.name} runs on this GPU")
         log.info("svdq: tuned %s for M~%d N=%d: %s (%.1f us)", self.name, m, n, best[1]["kwargs"], best[0] * 1e3)
         return best[1]
-
-
-def autotune_configs(kernel, configs: list, key: list[str]) -> TunedKernel:
-    return TunedKernel(kernel, configs, key)

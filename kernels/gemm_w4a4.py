@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import launch
-from .autotune_cache import TunedKernel, autotune_configs, fp32_dots, interpreting, sm_count
+from .autotune_cache import TunedKernel, fp32_dots, interpreting, sm_count
+from .launch import HAS_HOST_DESCRIPTORS, TensorDescriptor, launch
 
 
 @triton.jit
@@ -202,18 +202,16 @@ def _w4a4_gemm_tma_kernel(
                   stride_un, stride_cm, HAS_LORA, HAS_BIAS, GELU, DOT_FP32, BLOCK_R)
 
 
-def _configs():
+def _pointer_configs():
     out = []
     for bm, bn, bk, w, s in [
         (128, 128, 128, 8, 3), (128, 128, 128, 8, 4), (128, 256, 128, 8, 3), (256, 128, 128, 8, 3),
         (128, 256, 128, 8, 4), (256, 128, 128, 8, 4), (128, 128, 256, 8, 3), (64, 256, 128, 4, 4),
         (128, 64, 128, 4, 4), (64, 128, 128, 4, 4), (64, 64, 128, 4, 3), (32, 64, 128, 4, 3),
     ]:
-        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s))
+        out.append(triton.Config({"SCHEDULE": "pointer", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                                 num_warps=w, num_stages=s))
     return out
-
-
-_gemm_tuned = autotune_configs(_w4a4_gemm_kernel, _configs(), key=["M_BUCKET", "N", "KP", "BLOCK_R", "HAS_LORA"])
 
 
 def _tma_configs():
@@ -223,46 +221,53 @@ def _tma_configs():
         (128, 128, 128, 8, 4), (128, 128, 256, 8, 3), (128, 128, 128, 4, 4), (128, 256, 64, 8, 5),
     ]:
         for flat in (True, False):
-            out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "FLATTEN": flat},
-                                     num_warps=w, num_stages=s))
+            out.append(triton.Config({"SCHEDULE": "tma", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8,
+                                      "FLATTEN": flat}, num_warps=w, num_stages=s))
     return out
 
 
-class _TmaTuned(TunedKernel):
-    """The persistent TMA kernel under the same tuning/caching as the pointer kernel: the logical arguments are
-    the pointer kernel's; descriptors for each config's tile shape are made here."""
+class _GemmTuned(TunedKernel):
+    """Both GEMM schedules under one shape-keyed tuner: each config names its kernel (``SCHEDULE``), so the
+    cached winner per shape may be either. TMA configs get descriptors for their tile shape at launch."""
+
+    def __init__(self, name: str, configs: list):
+        super().__init__(_w4a4_gemm_kernel, configs, key=[])
+        self.name = name
+        self.even_k = True
 
     def _launch(self, cfg: dict, args: tuple, flags: dict, m: int, n: int) -> None:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        from .launch import launch
-
         kw = dict(cfg["kwargs"])
-        a8, w8 = args[0], args[1]
-        kp = args[10]
-        bm, bn, bk = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]
-        a_desc = TensorDescriptor(a8, [m, kp], [a8.stride(0), 1], [bm, bk])
-        b_desc = TensorDescriptor(w8, [n, kp], [w8.stride(0), 1], [bn, bk])
+        bm, bn = kw["BLOCK_M"], kw["BLOCK_N"]
         tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-        programs = min(tiles, sm_count(a8.device))
-        launch(self.kernel, (programs,), (a_desc, b_desc) + tuple(args[2:12]) + tuple(args[14:17]) + (programs,),
-               num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags, **kw)
+        if kw.pop("SCHEDULE") == "tma":
+            a8, w8, kp = args[0], args[1], args[10]
+            a_desc = TensorDescriptor(a8, [m, kp], [a8.stride(0), 1], [bm, kw["BLOCK_K"]])
+            b_desc = TensorDescriptor(w8, [n, kp], [w8.stride(0), 1], [bn, kw["BLOCK_K"]])
+            programs = min(tiles, sm_count(a8.device))
+            launch(_w4a4_gemm_tma_kernel, (programs,), (a_desc, b_desc) + args[2:12] + args[14:17] + (programs,),
+                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags, **kw)
+        else:
+            kw["EVEN_K"] = args[10] % kw["BLOCK_K"] == 0
+            launch(_w4a4_gemm_kernel, (tiles,), args, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                   **flags, **kw)
 
 
-_gemm_tma_tuned = _TmaTuned(_w4a4_gemm_tma_kernel, _tma_configs(), key=[])
+_TUNERS = {
+    "pointer": _GemmTuned("w4a4_gemm_pointer", _pointer_configs()),
+    "tma": _GemmTuned("w4a4_gemm_tma", _tma_configs()),
+    "auto": _GemmTuned("w4a4_gemm_auto", _pointer_configs() + _tma_configs()),
+}
 
 
 def gemm_schedule(device: torch.device) -> str:
-    """``tma`` (persistent, bulk tensor copies: sm_90+) or ``pointer``; ``SVDQ_GEMM`` overrides."""
+    """Which configs the tuner may pick from: ``auto`` (both kernels on sm_90+, where TMA exists), ``tma`` or
+    ``pointer``; ``SVDQ_GEMM`` overrides."""
     choice = os.environ.get("SVDQ_GEMM", "auto").lower()
     if choice in ("tma", "pointer"):
         return choice
-    if device.type == "cuda" and not interpreting() and torch.cuda.get_device_capability(device)[0] >= 9:
-        return DEFAULT_SM90_SCHEDULE
+    if HAS_HOST_DESCRIPTORS and device.type == "cuda" and not interpreting() and torch.cuda.get_device_capability(device)[0] >= 9:
+        return "auto"
     return "pointer"
-
-
-DEFAULT_SM90_SCHEDULE = "pointer"
 
 
 def w4a4_gemm(
@@ -290,6 +295,5 @@ def w4a4_gemm(
         a8.stride(0), w8.stride(0), lora_act.stride(0) if r else 0, proj_up.stride(0) if r else 0, out.stride(0),
     )
     flags = dict(HAS_LORA=r > 0, HAS_BIAS=bias is not None, GELU=gelu, BLOCK_R=block_r, DOT_FP32=fp32_dots(a8, proj_up))
-    tuned = _gemm_tma_tuned if (schedule or gemm_schedule(a8.device)) == "tma" else _gemm_tuned
-    tuned(args, flags, m, config=config)
+    _TUNERS[schedule or gemm_schedule(a8.device)](args, flags, m, config=config)
     return out

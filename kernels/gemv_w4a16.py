@@ -159,15 +159,19 @@ def _w4a16_gemv_kernel(
         wmask = w < W16
         p = tl.load(p_ptr + rn_c[:, None] * stride_p + w[None, :], mask=wmask[None, :], other=0).to(tl.int32)
         u = tl.load(mult_ptr + rn_c[:, None] * stride_mult + (w // 16)[None, :], mask=wmask[None, :], other=0).to(tl.int32)
+        # integers to floats without conversion instructions (a quarter-rate unit): OR the value into the
+        # mantissa of 2^23 and subtract. Nibble XOR 8 is the code + 8, so 2^23 + 8 is taken off.
+        uf = (u | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        part = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_W], dtype=tl.float32)
         for i in tl.static_range(4):
-            code = (p << (28 - 4 * i)) >> 28  # sign-extended nibble i
-            wv = (code * u).to(tl.float32)
+            code = (((p >> (4 * i)) & 0xF) ^ 0x4B000008).to(tl.float32, bitcast=True) - 8388616.0
             kc = 4 * w + i
             xv = tl.load(x_ptr + rm[:, None] * stride_xm + kc[None, :], mask=mmask[:, None] & (kc[None, :] < K), other=0.0).to(tl.float32)
             if HAS_SMOOTH:
                 lam = tl.load(smooth_ptr + kc, mask=kc < K, other=1.0).to(tl.float32)
                 xv = xv / lam[None, :]
-            acc += xv[:, None, :] * wv[None, :, :]
+            part += xv[:, None, :] * code[None, :, :]
+        acc += part * uf[None, :, :]  # the group multiplier once per word, not per code
     ws = tl.load(wscale_ptr + rn, mask=nmask, other=0.0)
     y = tl.sum(acc, axis=2) * ws[None, :]
     if HAS_BIAS:

@@ -18,7 +18,11 @@ from .autotune_cache import interpreting
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
+
+    HAS_HOST_DESCRIPTORS = True
 except ImportError:  # an older Triton: no host-side descriptors (the TMA schedule is then not offered)
+    HAS_HOST_DESCRIPTORS = False
+
     class TensorDescriptor:  # type: ignore[no-redef]
         pass
 
