@@ -48,7 +48,11 @@ stages = {
     "svdq_linear W4A16 M=1": lambda: svdq_linear(x1, mod),
 }
 for name, fn in stages.items():
-    print(f"host µs per call  {name:<24} {per_call_us(fn):7.1f}", flush=True)
+    print(f"host µs per call  {name:<34} {per_call_us(fn):7.1f}", flush=True)
+os.environ["SVDQ_PLANS"] = "0"  # the same calls re-deriving every launch (no call plans)
+for name in ("svdq_linear W4A4 r32", "svdq_linear W4A16 M=1"):
+    print(f"host µs per call  {name + ' (plans off)':<34} {per_call_us(stages[name]):7.1f}", flush=True)
+os.environ.pop("SVDQ_PLANS")
 pr = cProfile.Profile()
 pr.enable()
 for _ in range(300):

@@ -30,7 +30,7 @@ from linear import M4608, bench, make_layer  # noqa: E402
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
-    ap.add_argument("--shapes", default="all", help="'all' or 'first' (one GEMM shape, for a quick look)")
+    ap.add_argument("--shapes", default="all", help="'all', 'first' (one GEMM shape) or 'none' (W4A16 rows only)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
@@ -45,7 +45,7 @@ def main() -> int:
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
     print(f"# {env['gpu']}, torch {env['torch']}, triton {env['triton']}", flush=True)
     out = {"env": env, "gemm": [], "expand": [], "w4a16": [], "layer": []}
-    shapes = M4608 if args.shapes == "all" else M4608[:1]
+    shapes = {"all": M4608, "first": M4608[:1], "none": []}[args.shapes]
     for k, n in shapes:
         m = 4608
         layer = make_layer(n, k, 32)

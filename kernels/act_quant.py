@@ -137,8 +137,12 @@ def quantize_activation(
     unsigned: bool = False,
     mode: str = "int4",
     block_m: int = 32,
+    scratch=None,
 ):
-    """Launch the activation kernels on x2 [M, K]. Returns (int8 [M, Kp], scale [M], lora [M, R] fp32 | None)."""
+    """Launch the activation kernels on x2 [M, K]. Returns (int8 [M, Kp], scale [M], lora [M, R] fp32 | None).
+
+    ``scratch(name, numel, dtype)``, where given, supplies reused buffers instead of fresh allocations (the
+    dispatcher's per-device arena: the results live until the next call)."""
     m, k = x2.shape
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
@@ -158,12 +162,16 @@ def quantize_activation(
     grid = (triton.cdiv(m, bm), nkt)
     # one allocation for the fp32 outputs and scratch (scale, group maxima, low-rank result and partials)
     nf = m + m * ng + (m * r + nkt * m * block_r if r else 0)
-    f32 = torch.empty(nf, dtype=torch.float32, device=x2.device)
+    if scratch is None:
+        f32 = torch.empty(nf, dtype=torch.float32, device=x2.device)
+        out = torch.empty(m, k_padded, dtype=torch.int8, device=x2.device)
+    else:
+        f32 = scratch("act_f32", nf, torch.float32)
+        out = scratch("act_i8", m * k_padded, torch.int8).view(m, k_padded)
     scale = f32[:m]
     gmax = f32[m : m + m * ng].view(m, ng)
     lora = f32[m + m * ng : m + m * ng + m * r].view(m, r) if r else None
     parts = f32[m + m * ng + m * r :].view(nkt, m, block_r) if r else None
-    out = torch.empty(m, k_padded, dtype=torch.int8, device=x2.device)
     inv = smooth  # the kernels take λ and form 1/λ themselves
     launch(_act_stats_kernel, grid, (
         x2, inv if inv is not None else x2, proj_down if r else x2, gmax, parts if r else gmax,

@@ -113,10 +113,20 @@ class TunedKernel:
         cfg = self._fast.get(fast_key)  # hot path: no string building, no file access
         if cfg is None:
             cfg = self._lookup_or_tune(args, flags, m_, n_, kp_)
-            if cfg is None:  # capturing a graph or tuning disabled: default config, not remembered
-                return self._launch(self._cfg_dict(self.configs[0]), args, flags, m_, n_)
+            if cfg is None:  # capturing a graph or tuning disabled: the first default that fits, not remembered
+                return self._launch_default(args, flags, m_, n_)
             self._fast[fast_key] = cfg
         return self._launch(cfg, args, flags, m_, n_)
+
+    def _launch_default(self, args, flags, m, n):
+        """configs[0], or the next config where a larger one does not fit this GPU's shared memory (a wide
+        low-rank branch makes the epilogue bigger)."""
+        for i, c in enumerate(self.configs):
+            try:
+                return self._launch(self._cfg_dict(c), args, flags, m, n)
+            except Exception as exc:
+                if "out of resource" not in str(exc).lower() or i == len(self.configs) - 1:
+                    raise
 
     def _lookup_or_tune(self, args, flags, m_, n_, kp_):
         dev = torch.cuda.get_device_name(args[0].device)
@@ -133,6 +143,12 @@ class TunedKernel:
         return cfg
 
     def _tune(self, args, flags, m, n) -> dict:
+        from .launch import not_recorded
+
+        with not_recorded():
+            return self._tune_all(args, flags, m, n)
+
+    def _tune_all(self, args, flags, m, n) -> dict:
         best = None
         for c in self.configs:
             cd = self._cfg_dict(c)

@@ -23,6 +23,7 @@ try:  # Triton is optional: CPU-only installs run the reference
     from .act_quant import quantize_activation
     from .gemm_w4a4 import expand_weight, w4a4_gemm
     from .gemv_w4a16 import w4a16_linear
+    from .launch import TensorDescriptor, recording
 
     HAS_TRITON = True
 except Exception as _exc:  # pragma: no cover - depends on the install
@@ -30,9 +31,43 @@ except Exception as _exc:  # pragma: no cover - depends on the install
     _TRITON_ERROR = _exc
 
 _warned: set[str] = set()
-_workspaces: dict[torch.device, torch.Tensor] = {}
 _resident_int8: dict[int, torch.Tensor] = {}
 W4A16_MAX_M = 64  # above this the dequantize + cuBLAS path wins
+_ENV = ("SVDQ_GEMM", "SVDQ_EXPAND", "SVDQ_W4A16", "SVDQ_INT8_WEIGHTS", "SVDQ_FAST_LAUNCH", "SVDQ_PLANS")
+
+
+class _Arena:
+    """Per-device buffers reused call after call: the expanded int8 weight and the activation kernel's outputs.
+
+    Reuse is safe because one layer call's kernels run in stream order before the next call's (ComfyUI runs
+    the model on one stream). Buffers only grow; each growth bumps ``generation``, which retires call plans
+    that point at the old buffers. A CUDA graph captured over svdq calls bakes these addresses in: capture
+    after a warm-up call at the largest shape, so nothing grows afterwards."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.generation = 0
+
+    def get(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        nbytes = numel * dtype.itemsize
+        buf = self.buffers.get(name)
+        if buf is None or buf.numel() < nbytes:
+            nbytes = max(nbytes, 0 if buf is None else buf.numel() * 5 // 4)  # grow by at least a quarter
+            buf = torch.empty((nbytes + 255) // 256 * 256, dtype=torch.uint8, device=self.device)
+            self.buffers[name] = buf
+            self.generation += 1
+        return buf[:nbytes].view(dtype)[:numel]
+
+
+_arenas: dict[torch.device, _Arena] = {}
+
+
+def arena(device: torch.device) -> _Arena:
+    a = _arenas.get(device)
+    if a is None:
+        a = _arenas[device] = _Arena(device)
+    return a
 
 
 def _warn_once(reason: str) -> None:
@@ -56,12 +91,7 @@ def triton_usable(x: torch.Tensor) -> bool:
 
 def weight_workspace(n: int, kp: int, device: torch.device) -> torch.Tensor:
     """A reused int8 buffer for the just-in-time expanded weight (one per device, grown to the largest layer)."""
-    need = n * kp
-    ws = _workspaces.get(device)
-    if ws is None or ws.numel() < need:
-        ws = torch.empty(need, dtype=torch.int8, device=device)
-        _workspaces[device] = ws
-    return ws[:need].view(n, kp)
+    return arena(device).get("weights", n * kp, torch.int8).view(n, kp)
 
 
 def int8_weights(w: QuantizedLinearWeights) -> torch.Tensor:
@@ -108,29 +138,111 @@ def svdq_linear(
     x2 = x.reshape(-1, w.in_features)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
+    if extra_down is None:
+        y = _planned(x2, w, gelu)
+        if y is not None:
+            return y.reshape(*lead, w.out_features)
     down, up = w.proj_down, w.proj_up
     if extra_down is not None:
         down = extra_down if down is None else torch.cat([down, extra_down.to(down.dtype)], dim=1)
         up = extra_up if up is None else torch.cat([up, extra_up.to(up.dtype)], dim=1)
-    if w.precision == "int4g":
-        y = _int4g(x2, w, down, up, gelu)
-    elif w.kind == "w4a16" or w.act_precision == "none":
-        y = _w4a16(x2, w, down, up, gelu)
-    elif w.act_precision in ("int4", "int8"):
-        a8, ascale, lora = quantize_activation(
-            x2, w.k_padded, w.smooth, down, w.act_shift, w.act_unsigned and w.act_precision == "int4", w.act_precision
-        )
-        w8 = int8_weights(w)
-        y = w4a4_gemm(a8, ascale, w8, w.wscale, lora, up, w.bias, x.dtype, gelu)
-    else:
+    y = _run(x2, w, down, up, gelu)
+    if y is None:
         _warn_once(f"activation precision {w.act_precision}")
         return svdq_linear_reference(x, w, extra_down, extra_up, gelu)
     return y.reshape(*lead, w.out_features)
 
 
+def _run(x2, w, down, up, gelu):
+    if w.precision == "int4g":
+        return _int4g(x2, w, down, up, gelu)
+    if w.kind == "w4a16" or w.act_precision == "none":
+        return _w4a16(x2, w, down, up, gelu)
+    if w.act_precision in ("int4", "int8"):
+        a8, ascale, lora = quantize_activation(
+            x2, w.k_padded, w.smooth, down, w.act_shift, w.act_unsigned and w.act_precision == "int4", w.act_precision,
+            scratch=arena(x2.device).get,
+        )
+        w8 = int8_weights(w)
+        return w4a4_gemm(a8, ascale, w8, w.wscale, lora, up, w.bias, x2.dtype, gelu)
+    return None
+
+
+class _Plan:
+    """One layer call at one shape, replayable: the compiled kernels, grids and arguments of its launches, with
+    the input and the freshly allocated output put in per call. Everything else they touch is the layer's own
+    tensors or the device arena, so a replay costs one allocation and the launches (a 12B DiT step at batch 1
+    was host-bound on re-deriving all of this per call)."""
+
+    __slots__ = ("launches", "shape", "dtype", "generation")
+
+    @classmethod
+    def build(cls, rec: list, x2: torch.Tensor, y: torch.Tensor, w: QuantizedLinearWeights, ar: _Arena):
+        if not rec or any(r is None for r in rec) or y is x2:
+            return None
+        allowed = {b.untyped_storage().data_ptr() for b in ar.buffers.values()}
+        allowed |= {t.untyped_storage().data_ptr() for t in w.tensors().values()}
+        launches = []
+        for runner, args in rec:
+            xpos, ypos = [], []
+            for i, a in enumerate(args):
+                if a is x2:
+                    xpos.append(i)
+                elif a is y:
+                    ypos.append(i)
+                elif isinstance(a, torch.Tensor):
+                    if a.untyped_storage().data_ptr() not in allowed:
+                        return None
+                elif isinstance(a, TensorDescriptor) and a.base.untyped_storage().data_ptr() not in allowed:
+                    return None
+            launches.append((runner, tuple(args), tuple(xpos), tuple(ypos)))
+        if not any(lp[3] for lp in launches):  # the output came from a torch op, not a kernel: not replayable
+            return None
+        plan = cls()
+        plan.launches, plan.shape, plan.dtype, plan.generation = launches, tuple(y.shape), y.dtype, ar.generation
+        return plan
+
+    def run(self, x2: torch.Tensor) -> torch.Tensor:
+        y = torch.empty(self.shape, dtype=self.dtype, device=x2.device)
+        for runner, args, xpos, ypos in self.launches:
+            a = list(args)
+            for i in xpos:
+                a[i] = x2
+            for i in ypos:
+                a[i] = y
+            runner(*a)
+        return y
+
+
+def _planned(x2: torch.Tensor, w: QuantizedLinearWeights, gelu: bool) -> torch.Tensor | None:
+    """Replay this layer's recorded launches for this shape, or run the call once while recording them."""
+    settings = tuple(map(os.environ.get, _ENV))
+    if settings[-1] == "0" or not x2.is_cuda:
+        return None
+    key = (x2.shape[0], x2.dtype, x2.data_ptr() % 16 == 0, gelu, settings)
+    plans = w.__dict__.setdefault("_svdq_plans", {})
+    plan = plans.get(key)
+    ar = arena(x2.device)
+    if plan is False:
+        return None
+    if plan is not None and plan.generation == ar.generation:
+        return plan.run(x2)
+    if torch.cuda.is_current_stream_capturing():
+        return None
+    with recording() as rec:
+        y = _run(x2, w, w.proj_down, w.proj_up, gelu)
+    if y is None:
+        return None
+    plan = _Plan.build(rec, x2, y, w, ar)
+    plans[key] = plan if plan is not None else False
+    return y
+
+
 def _w4a16(x2, w, down, up, gelu):
     if x2.shape[0] <= W4A16_MAX_M:
-        y = w4a16_linear(x2, w.qweight, w.wmult, w.wscale, w.smooth, w.in_features, bias=w.bias)
+        final = down is None and not gelu  # then the kernel may write the output dtype itself
+        y = w4a16_linear(x2, w.qweight, w.wmult, w.wscale, w.smooth, w.in_features, bias=w.bias,
+                         out_dtype=x2.dtype if final else torch.float32)
     else:
         w8 = expand_weight(w.qweight, w.wmult, out=weight_workspace(w.out_features, w.k_padded, x2.device))
         wd = (w8[:, : w.in_features].to(x2.dtype) * w.wscale.to(x2.dtype)[:, None])
@@ -151,7 +263,8 @@ def _int4g(x2, w, down, up, gelu):
         y = (xs @ wd.T).float()
     else:
         a8, ascale, lora = quantize_activation(
-            x2, w.k_padded, w.smooth, None, w.act_shift, w.act_unsigned and w.act_precision == "int4", w.act_precision
+            x2, w.k_padded, w.smooth, None, w.act_shift, w.act_unsigned and w.act_precision == "int4", w.act_precision,
+            scratch=arena(x2.device).get,
         )
         y = (a8[:, : w.in_features].to(x2.dtype) @ wd.T).float() * ascale[:, None]
     if w.bias is not None:

@@ -154,11 +154,20 @@ def _w4a16_gemv_kernel(
     wi = tl.arange(0, BLOCK_W)
     acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_W], dtype=tl.float32)
     w_start = pid_s * W_PER_SPLIT
-    for w0 in range(w_start, w_start + W_PER_SPLIT, BLOCK_W):
+    w_end = tl.minimum(w_start + W_PER_SPLIT, W16)
+    # software prefetch: the next step's words are requested before this step's arithmetic (loads that feed
+    # no dot are not pipelined by the compiler), so two steps of weights are in flight per program
+    wmask = (w_start + wi) < w_end
+    p_next = tl.load(p_ptr + rn_c[:, None] * stride_p + (w_start + wi)[None, :], mask=wmask[None, :], other=0)
+    u_next = tl.load(mult_ptr + rn_c[:, None] * stride_mult + ((w_start + wi) // 16)[None, :], mask=wmask[None, :], other=0)
+    for w0 in range(w_start, w_end, BLOCK_W):
         w = w0 + wi  # word index: input columns 4w .. 4w+3
-        wmask = w < W16
-        p = tl.load(p_ptr + rn_c[:, None] * stride_p + w[None, :], mask=wmask[None, :], other=0).to(tl.int32)
-        u = tl.load(mult_ptr + rn_c[:, None] * stride_mult + (w // 16)[None, :], mask=wmask[None, :], other=0).to(tl.int32)
+        p = p_next.to(tl.int32)
+        u = u_next.to(tl.int32)
+        wn = w + BLOCK_W
+        wn_mask = wn < w_end
+        p_next = tl.load(p_ptr + rn_c[:, None] * stride_p + wn[None, :], mask=wn_mask[None, :], other=0)
+        u_next = tl.load(mult_ptr + rn_c[:, None] * stride_mult + (wn // 16)[None, :], mask=wn_mask[None, :], other=0)
         # integers to floats without conversion instructions (a quarter-rate unit): OR the value into the
         # mantissa of 2^23 and subtract. Nibble XOR 8 is the code + 8, so 2^23 + 8 is taken off.
         uf = (u | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
@@ -181,7 +190,7 @@ def _w4a16_gemv_kernel(
     if SPLIT > 1:
         tl.atomic_add(optrs, y, mask=mmask[:, None] & nmask[None, :])
     else:
-        tl.store(optrs, y, mask=mmask[:, None] & nmask[None, :])
+        tl.store(optrs, y.to(out_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
 
 
 SMALL_M = 4  # up to this many rows the CUDA-core kernel runs (measured faster than padding M to 16 for MMA)
@@ -189,8 +198,10 @@ SMALL_M = 4  # up to this many rows the CUDA-core kernel runs (measured faster t
 
 def w4a16_linear(x2: torch.Tensor, qweight: torch.Tensor, wmult: torch.Tensor, wscale: torch.Tensor,
                  smooth: torch.Tensor | None, in_features: int, bias: torch.Tensor | None = None,
-                 block_n: int = 128, block_k: int = 512, split: int | None = None) -> torch.Tensor:
-    """fp32 [M, N] = (x2 / smooth) · (codes · mult · wscale)ᵀ + bias; low-rank terms are added by the caller."""
+                 block_n: int = 128, block_k: int = 512, split: int | None = None,
+                 out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[M, N] = (x2 / smooth) · (codes · mult · wscale)ᵀ + bias in fp32, or directly in ``out_dtype`` where the
+    kernel needs no split-K atomics; low-rank terms are added by the caller."""
     m, k = x2.shape
     n = qweight.shape[0]
     kp = qweight.shape[1] * 2
@@ -198,7 +209,7 @@ def w4a16_linear(x2: torch.Tensor, qweight: torch.Tensor, wmult: torch.Tensor, w
         x2 = x2.contiguous()
     impl = os.environ.get("SVDQ_W4A16", "gemv")
     if m <= SMALL_M and impl == "gemv":
-        return _w4a16_gemv(x2, qweight, wmult, wscale, smooth, bias)
+        return _w4a16_gemv(x2, qweight, wmult, wscale, smooth, bias, out_dtype)
     if m <= SMALL_M and impl == "small":
         return _w4a16_small(x2, qweight, wmult, wscale, smooth, in_features, bias)
     while block_k > 64 and kp % block_k:
@@ -248,20 +259,23 @@ def _w4a16_small(x2, qweight, wmult, wscale, smooth, in_features, bias, block_n:
     return out
 
 
-def _w4a16_gemv(x2, qweight, wmult, wscale, smooth, bias, block_w: int = 128):
+def _w4a16_gemv(x2, qweight, wmult, wscale, smooth, bias, out_dtype):
     m, k = x2.shape
     n = qweight.shape[0]
     words = qweight.shape[1] // 2
     p16 = qweight.view(torch.int16)  # [N, Kp/4]: Kp is a multiple of 64, so rows stay whole words
     bm = 1 if m == 1 else (2 if m == 2 else 4)
-    block_n = 4096 // (bm * block_w)
+    block_n, block_w = {1: (32, 128), 2: (16, 128), 4: (16, 64)}[bm]
     if interpreting():
         block_w = 32
     blocks_n = triton.cdiv(n, block_n)
     split = max(1, min(triton.cdiv(words, block_w), (4 * sm_count(x2.device)) // max(blocks_n, 1)))
     w_per_split = triton.cdiv(triton.cdiv(words, split), block_w) * block_w
     split = triton.cdiv(words, w_per_split)
-    out = (torch.zeros if split > 1 else torch.empty)(m, n, dtype=torch.float32, device=x2.device)
+    if split > 1:
+        out = torch.zeros(m, n, dtype=torch.float32, device=x2.device)
+    else:
+        out = torch.empty(m, n, dtype=out_dtype, device=x2.device)
     launch(_w4a16_gemv_kernel, (blocks_n, split), (
         x2, p16, wmult, wscale, smooth if smooth is not None else wscale, bias if bias is not None else wscale, out,
         m, n, k, words, w_per_split,

@@ -28,6 +28,7 @@ except ImportError:  # an older Triton: no host-side descriptors (the TMA schedu
 
 _cache: dict = {}
 _broken: set = set()  # kernels whose direct launch failed once: plain launches from then on
+_recording: list | None = None  # see ``recording``: launches of one svdq call, for dispatch's call plans
 log = logging.getLogger("svdq")
 
 
@@ -45,6 +46,32 @@ def _spec(a):
     return a
 
 
+class recording:
+    """Collect ``(runner, grid, all arguments)`` of every launch in the block (``None`` for one that cannot be
+    replayed), so a layer call can be replayed later without re-deriving its launches."""
+
+    def __enter__(self) -> list:
+        global _recording
+        self.prev, _recording = _recording, []
+        return _recording
+
+    def __exit__(self, *exc) -> None:
+        global _recording
+        _recording = self.prev
+
+
+class not_recorded:
+    """Launches in the block (autotuning candidates) are not part of the call being recorded."""
+
+    def __enter__(self) -> None:
+        global _recording
+        self.prev, _recording = _recording, None
+
+    def __exit__(self, *exc) -> None:
+        global _recording
+        _recording = self.prev
+
+
 def enabled() -> bool:
     return os.environ.get("SVDQ_FAST_LAUNCH", "1") != "0" and not interpreting()
 
@@ -59,6 +86,8 @@ def launch(kernel, grid: tuple, args: tuple, num_warps: int = 4, num_stages: int
         opts["num_stages"] = num_stages
     if not enabled() or kernel in _broken:
         kernel[grid](*args, **constexprs, **opts)
+        if _recording is not None:
+            _recording.append(None)
         return
     dev = next((a.device.index for a in args if isinstance(a, torch.Tensor)), None)
     key = (kernel, dev, num_warps, num_stages, tuple(sorted(constexprs.items())), tuple(_spec(a) for a in args))
@@ -68,10 +97,14 @@ def launch(kernel, grid: tuple, args: tuple, num_warps: int = 4, num_stages: int
         names = list(getattr(kernel, "arg_names", []))
         tail = names[len(args):]
         if compiled is not None and set(tail) == set(constexprs):
-            _cache[key] = (compiled, tuple(tail))
+            _cache[key] = hit = (compiled, tuple(tail))
+        if _recording is not None:
+            _recording.append(_replayable(hit, grid, args, constexprs))
         return
     compiled, tail = hit
     grid3 = tuple(grid) + (1,) * (3 - len(grid))  # the compiled kernel's runner reads grid[0..2]
+    if _recording is not None:
+        _recording.append(_replayable(hit, grid, args, constexprs))
     try:
         compiled[grid3](*args, *(constexprs[n] for n in tail))
     except Exception as exc:  # a Triton whose launcher differs: this kernel takes the plain path for good
@@ -79,3 +112,13 @@ def launch(kernel, grid: tuple, args: tuple, num_warps: int = 4, num_stages: int
         log.warning("svdq: direct launch of %s unavailable with this Triton (%s); using the standard launch",
                     getattr(kernel, "__name__", kernel), exc)
         kernel[grid](*args, **constexprs, **opts)
+        if _recording is not None:
+            _recording[-1] = None
+
+
+def _replayable(hit, grid, args, constexprs):
+    if hit is None:
+        return None
+    compiled, tail = hit
+    grid3 = tuple(grid) + (1,) * (3 - len(grid))
+    return compiled[grid3], tuple(args) + tuple(constexprs[n] for n in tail)

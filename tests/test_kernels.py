@@ -148,3 +148,49 @@ def test_resident_int8_weight_mode_matches(triton_kernels, monkeypatch):
     assert id(layer.qweight) in triton_kernels._resident_int8
     again = triton_kernels.svdq_linear(x, layer)
     assert torch.equal(first, default) and torch.equal(again, default)
+
+
+@pytest.mark.skipif(not GPU, reason="call plans replay compiled CUDA kernels")
+@pytest.mark.parametrize("kind", ["w4a4", "w4a16"])
+def test_call_plans_replay_exactly(kind, triton_kernels, monkeypatch):
+    """A layer call is recorded once per shape and replayed after: same numbers as the unplanned path, across
+    changing inputs, shapes and an arena that grows in between (which retires the plans)."""
+    layer = random_layer(256, 512, 0 if kind == "w4a16" else 32, True, kind=kind, device=DEV, seed=11)
+    ms = [1, 2] if kind == "w4a16" else [64, 7, 64]
+    monkeypatch.setenv("SVDQ_PLANS", "0")
+    xs = [torch.randn(m, 512, device=DEV, dtype=torch.bfloat16) for m in ms * 2]
+    expect = [triton_kernels.svdq_linear(x, layer) for x in xs]
+    monkeypatch.setenv("SVDQ_PLANS", "1")
+    got = []
+    for i, x in enumerate(xs):
+        if i == len(xs) // 2:  # a bigger layer elsewhere grows the arena: plans must be rebuilt, not reused
+            big = random_layer(1024, 4096, 32, True, device=DEV, seed=12)
+            triton_kernels.svdq_linear(torch.randn(300, 4096, device=DEV, dtype=torch.bfloat16), big)
+        got.append(triton_kernels.svdq_linear(x, layer))
+    plans = [p for p in layer.__dict__.get("_svdq_plans", {}).values() if p]
+    assert plans, "no call plan was recorded"
+    for e, g in zip(expect, got):
+        assert torch.equal(e, g)
+
+
+def test_call_plan_substitutes_input_and_output():
+    """The plan logic alone (CPU): recorded launches get this call's input and a fresh output."""
+    from svdq.kernels.dispatch import _Arena, _Plan
+
+    layer = random_layer(8, 64, 0, False)
+    ar = _Arena(torch.device("cpu"))
+    scratch = ar.get("act_f32", 16, torch.float32)
+    x_rec, y_rec = torch.randn(2, 4), torch.empty(2, 4)
+
+    def add_runner(x, s, y, k):  # stands in for a compiled kernel: y = x * k + s[0]
+        y.copy_(x * k + s[0])
+
+    rec = [(add_runner, (x_rec, scratch, y_rec, 3.0))]
+    plan = _Plan.build(rec, x_rec, y_rec, layer, ar)
+    assert plan is not None
+    scratch[0] = 1.5
+    x = torch.randn(2, 4)
+    assert torch.equal(plan.run(x), x * 3.0 + 1.5)
+    foreign = torch.zeros(4)  # a per-call allocation that is neither input nor output: not replayable
+    assert _Plan.build([(add_runner, (x_rec, foreign, y_rec, 3.0))], x_rec, y_rec, layer, ar) is None
+    assert _Plan.build([None], x_rec, y_rec, layer, ar) is None
