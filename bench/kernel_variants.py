@@ -9,6 +9,7 @@ Same process, same data, same GPU for every pair; µs are medians of ``triton.te
   expand   4-bit → int8 weight expansion: byte/interleave kernel vs 16-bit-word kernel
   w4a16    small-M W4A16: CUDA-core kernel with per-step reductions vs the word kernel, cuBLAS bf16 alongside
   layer    the whole svdq rank-32 layer with the old and new defaults, and bf16
+  act      (--act) activation kernels: one fused launch per 16 tokens vs the split-K pair of launches
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from linear import M4608, bench, make_layer  # noqa: E402
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
+    ap.add_argument("--no-w4a16", action="store_true")
+    ap.add_argument("--act", action="store_true", help="also compare the activation kernels (fused vs split-K)")
     ap.add_argument("--shapes", default="all", help="'all', 'first' (one GEMM shape) or 'none' (W4A16 rows only)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -44,7 +47,28 @@ def main() -> int:
 
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
     print(f"# {env['gpu']}, torch {env['torch']}, triton {env['triton']}", flush=True)
-    out = {"env": env, "gemm": [], "expand": [], "w4a16": [], "layer": []}
+    out = {"env": env, "gemm": [], "expand": [], "w4a16": [], "layer": [], "act": []}
+    if args.act:
+        from svdq.kernels.act_quant import quantize_activation as qa
+
+        for m, k in [(4608, 3072), (4608, 12288), (4608, 15360), (512, 3072), (1024, 3072)]:
+            layer = make_layer(256, k, 32)
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            a = {"M": m, "K": k, "floor_us_3TBps": (2 * x.numel() + m * layer.k_padded) / 3.0e6}
+            res = {}
+            for impl in ("split", "fused"):
+                os.environ["SVDQ_ACT"] = impl
+                res[impl] = [t.clone() for t in qa(x, layer.k_padded, layer.smooth, layer.proj_down)]
+                a[impl] = bench(lambda: qa(x, layer.k_padded, layer.smooth, layer.proj_down))
+                a[impl + "_graph"] = triton.testing.do_bench_cudagraph(lambda: qa(x, layer.k_padded, layer.smooth, layer.proj_down), rep=50) * 1e3
+            os.environ.pop("SVDQ_ACT")
+            a["codes_equal"] = bool(torch.equal(res["split"][0], res["fused"][0]) and torch.equal(res["split"][1], res["fused"][1]))
+            a["lora_rel"] = float((res["split"][2] - res["fused"][2]).norm() / res["split"][2].norm())
+            out["act"].append(a)
+            print("act", a, flush=True)
+        big = [a for a in out["act"] if a["M"] == 4608]
+        out["act_best"] = "fused" if sum(a["fused_graph"] for a in big) < sum(a["split_graph"] for a in big) else "split"
+        print("act_best", out["act_best"], flush=True)
     shapes = {"all": M4608, "first": M4608[:1], "none": []}[args.shapes]
     for k, n in shapes:
         m = 4608
@@ -92,7 +116,7 @@ def main() -> int:
         out["layer"].append(lr)
         print("layer", lr, {k2: round(lr["bf16"] / lr[k2], 3) for k2 in ("old", "new")}, flush=True)
 
-    for m, k, n in [(1, 3072, 18432), (1, 3072, 9216), (2, 3072, 18432), (4, 3072, 18432), (1, 3072, 3072)]:
+    for m, k, n in [] if args.no_w4a16 else [(1, 3072, 18432), (1, 3072, 9216), (2, 3072, 18432), (4, 3072, 18432), (1, 3072, 3072)]:
         layer = make_layer(n, k, 0, kind="w4a16")
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         wb = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)

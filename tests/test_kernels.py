@@ -27,10 +27,12 @@ SHAPES = [  # (M, K, N, rank, bias, unsigned)
 ] + ([(4608, 3072, 3072, 32, True, False), (1000, 3072, 12288, 32, True, True), (77, 12288, 3072, 32, False, False)] if GPU else [])
 
 
+@pytest.mark.parametrize("impl", ["fused", "split"])
 @pytest.mark.parametrize("m,k,n,rank,bias,unsigned", SHAPES)
-def test_activation_kernel_codes_match(m, k, n, rank, bias, unsigned, triton_kernels):
+def test_activation_kernel_codes_match(m, k, n, rank, bias, unsigned, impl, triton_kernels, monkeypatch):
     from svdq.kernels.act_quant import quantize_activation
 
+    monkeypatch.setenv("SVDQ_ACT", impl)
     layer = random_layer(n, k, rank, bias, unsigned, 0.171875 if unsigned else 0.0, device=DEV, seed=m)
     x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16) * 2
     if unsigned:
