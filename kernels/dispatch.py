@@ -184,18 +184,17 @@ class _Plan:
         allowed |= {t.untyped_storage().data_ptr() for t in w.tensors().values()}
         launches = []
         for runner, args in rec:
-            xpos, ypos = [], []
+            xpos, ypos, kept = [], [], list(args)
             for i, a in enumerate(args):
-                if a is x2:
-                    xpos.append(i)
-                elif a is y:
-                    ypos.append(i)
+                if a is x2 or a is y:  # slots filled per call; the recording call's tensors are not kept alive
+                    (xpos if a is x2 else ypos).append(i)
+                    kept[i] = None
                 elif isinstance(a, torch.Tensor):
                     if a.untyped_storage().data_ptr() not in allowed:
                         return None
                 elif isinstance(a, TensorDescriptor) and a.base.untyped_storage().data_ptr() not in allowed:
                     return None
-            launches.append((runner, tuple(args), tuple(xpos), tuple(ypos)))
+            launches.append((runner, tuple(kept), tuple(xpos), tuple(ypos)))
         if not any(lp[3] for lp in launches):  # the output came from a torch op, not a kernel: not replayable
             return None
         plan = cls()

@@ -190,9 +190,27 @@ def test_call_plan_substitutes_input_and_output():
     rec = [(add_runner, (x_rec, scratch, y_rec, 3.0))]
     plan = _Plan.build(rec, x_rec, y_rec, layer, ar)
     assert plan is not None
+    kept = [a for _, args, _, _ in plan.launches for a in args]
+    assert not any(a is x_rec or a is y_rec for a in kept), "a plan must not keep the recording call's tensors alive"
     scratch[0] = 1.5
     x = torch.randn(2, 4)
     assert torch.equal(plan.run(x), x * 3.0 + 1.5)
     foreign = torch.zeros(4)  # a per-call allocation that is neither input nor output: not replayable
     assert _Plan.build([(add_runner, (x_rec, foreign, y_rec, 3.0))], x_rec, y_rec, layer, ar) is None
     assert _Plan.build([None], x_rec, y_rec, layer, ar) is None
+
+
+@pytest.mark.skipif(not GPU, reason="measures CUDA memory")
+def test_call_plans_do_not_hold_inputs_or_outputs(triton_kernels):
+    """Recording a plan must not keep that call's input and output alive (it did once: +22 GiB on a 12B model)."""
+    layers = [random_layer(3072, 3072, 32, True, device=DEV, seed=s) for s in range(3)]
+    triton_kernels.svdq_linear(torch.randn(2048, 3072, device=DEV, dtype=torch.bfloat16), layers[0])  # arena at size
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    for layer in layers[1:]:  # each records a new plan
+        x = torch.randn(2048, 3072, device=DEV, dtype=torch.bfloat16)
+        y = triton_kernels.svdq_linear(x, layer)
+        assert layer.__dict__["_svdq_plans"]
+        del x, y
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() - before < 2048 * 3072  # less than one input's worth stays
