@@ -12,8 +12,6 @@ bit for bit.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -106,49 +104,6 @@ def _quantize_store(xf, scale, out_ptr, rows, rmask, k, KP, stride_om, QMAX: tl.
 
 
 @triton.jit
-def _act_fused_kernel(
-    x_ptr, inv_ptr, down_ptr, out_ptr, scale_ptr, lora_ptr,
-    M, K, KP, R,
-    stride_xm, stride_dk, stride_om, stride_lm,
-    shift,
-    QMAX: tl.constexpr, UMAX: tl.constexpr, QMIN: tl.constexpr,
-    UNSIGNED: tl.constexpr, HAS_SMOOTH: tl.constexpr, INT8_MODE: tl.constexpr, USE_RINT: tl.constexpr,
-    HAS_LORA: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_M: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr,
-):
-    """One launch, one program per BLOCK_M tokens over all of K: pass 1 takes the row maxima and x·L1, pass 2
-    walks K backwards (the tiles pass 1 read last are still in L2) and writes the codes. No scratch buffers."""
-    BLOCK_K: tl.constexpr = GROUP * GROUPS
-    pid_m = tl.program_id(0)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < M
-    kk = tl.arange(0, BLOCK_K)
-    row_max = tl.zeros([BLOCK_M], dtype=tl.float32)
-    rcols = tl.arange(0, BLOCK_R)
-    lora = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-    for k0 in range(0, KP, BLOCK_K):
-        k = k0 + kk
-        x, xf = _load_smoothed(x_ptr, inv_ptr, rows, rmask, k, K, stride_xm, shift, UNSIGNED, HAS_SMOOTH, BLOCK_K)
-        row_max = tl.maximum(row_max, tl.max(tl.abs(xf), axis=1))
-        if HAS_LORA:
-            d = tl.load(down_ptr + k[:, None] * stride_dk + rcols[None, :], mask=(k[:, None] < K) & (rcols[None, :] < R), other=0.0)
-            if DOT_FP32:
-                lora = tl.dot(x.to(tl.float32), d.to(tl.float32), lora, input_precision="ieee")
-            else:
-                lora = tl.dot(x, d.to(x.dtype), lora)
-    scale = tl.where(row_max > 0, tl.math.div_rn(row_max, tl.full([BLOCK_M], QMAX * UMAX, tl.float32)), 1.0)
-    tl.store(scale_ptr + rows, scale, mask=rmask)
-    if HAS_LORA:
-        tl.store(lora_ptr + rows[:, None] * stride_lm + rcols[None, :], lora, mask=rmask[:, None] & (rcols[None, :] < R))
-    n_k = tl.cdiv(KP, BLOCK_K)
-    for i in range(0, n_k):
-        k = (n_k - 1 - i) * BLOCK_K + kk
-        _, xf = _load_smoothed(x_ptr, inv_ptr, rows, rmask, k, K, stride_xm, shift, UNSIGNED, HAS_SMOOTH, BLOCK_K)
-        _quantize_store(xf, scale, out_ptr, rows, rmask, k, KP, stride_om, QMAX, UMAX, QMIN, INT8_MODE, USE_RINT,
-                        BLOCK_M, GROUP, GROUPS)
-
-
-@triton.jit
 def _act_quant_kernel(
     x_ptr, inv_ptr, gmax_ptr, out_ptr, scale_ptr, part_ptr, lora_ptr,
     M, K, KP, NG, R, NKT,
@@ -211,8 +166,6 @@ def quantize_activation(
         raise ValueError(f"activation kernel supports int4 and int8, not {mode!r}")
     ng = k_padded // 64
     block_r = max(16, triton.next_power_of_2(r)) if r else 16
-    if os.environ.get("SVDQ_ACT", "fused") == "fused":
-        return _fused(x2, k_padded, smooth, proj_down, shift, unsigned, mode, qmax, umax, qmin, r, block_r, ng, scratch)
     groups = 4 if ng % 4 == 0 else (2 if ng % 2 == 0 else 1)
     bm = block_m if r <= 64 else 16
     nkt = ng // groups
@@ -250,27 +203,3 @@ def quantize_activation(
     )
     return out, scale, lora
 
-
-def _fused(x2, k_padded, smooth, proj_down, shift, unsigned, mode, qmax, umax, qmin, r, block_r, ng, scratch,
-           block_m: int = 16):
-    m, k = x2.shape
-    groups = 8 if ng % 8 == 0 else (4 if ng % 4 == 0 else (2 if ng % 2 == 0 else 1))
-    if scratch is None:
-        f32 = torch.empty(m + m * r, dtype=torch.float32, device=x2.device)
-        out = torch.empty(m, k_padded, dtype=torch.int8, device=x2.device)
-    else:
-        f32 = scratch("act_f32", m + m * r, torch.float32)
-        out = scratch("act_i8", m * k_padded, torch.int8).view(m, k_padded)
-    scale = f32[:m]
-    lora = f32[m:].view(m, r) if r else None
-    launch(_act_fused_kernel, (triton.cdiv(m, block_m),), (
-        x2, smooth if smooth is not None else x2, proj_down if r else x2, out, scale, lora if r else scale,
-        m, k, k_padded, r,
-        x2.stride(0), proj_down.stride(0) if r else 0, out.stride(0), lora.stride(0) if r else 0,
-        float(shift)),
-        QMAX=qmax, UMAX=umax, QMIN=qmin,
-        UNSIGNED=bool(unsigned), HAS_SMOOTH=smooth is not None, INT8_MODE=mode == "int8", USE_RINT=not interpreting(),
-        HAS_LORA=r > 0, DOT_FP32=fp32_dots(x2), BLOCK_R=block_r,
-        BLOCK_M=block_m, GROUP=64, GROUPS=groups, num_warps=4, num_stages=3,
-    )
-    return out, scale, lora

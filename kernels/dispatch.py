@@ -33,7 +33,7 @@ except Exception as _exc:  # pragma: no cover - depends on the install
 _warned: set[str] = set()
 _resident_int8: dict[int, torch.Tensor] = {}
 W4A16_MAX_M = 64  # above this the dequantize + cuBLAS path wins
-_ENV = ("SVDQ_ACT", "SVDQ_GEMM", "SVDQ_EXPAND", "SVDQ_W4A16", "SVDQ_INT8_WEIGHTS", "SVDQ_FAST_LAUNCH", "SVDQ_PLANS")
+_ENV = ("SVDQ_GEMM", "SVDQ_W4A16", "SVDQ_INT8_WEIGHTS", "SVDQ_FAST_LAUNCH", "SVDQ_PLANS")
 
 
 class _Arena:

@@ -4,9 +4,13 @@ Reference: ``kernels.reference.svdq_linear_reference`` with ``act_precision == "
 
 Memory-bound, so the goal is reading the packed weights once: ~0.53 bytes per weight (codes + multipliers)
 instead of 2. Each program owns BLOCK_N output channels and a K slice (split-K with fp32 atomics when N alone
-cannot fill the GPU). Nibbles are consumed without interleaving: even input columns multiply the low nibbles,
-odd columns the high ones; ``code * mult`` (|·| ≤ 105) is exact in 16 bit, so the dots run on the tensor
-cores with M padded to 16. Tiles are 128 channels × 256 packed bytes so enough loads are in flight.
+cannot fill the GPU).
+
+Two kernels: for M ≤ 4 (the batch sizes that occur) a CUDA-core kernel reads the packed weights as 16-bit words,
+turns nibbles into floats with the mantissa trick (no conversion instructions), prefetches the next step and
+reduces across threads once at the end (M = 1: 1.35–1.40× cuBLAS bf16 on the H100, BENCHMARKS.md); above that a
+tensor-core kernel where even input columns multiply the low nibbles and odd columns the high ones
+(``code * mult``, |·| ≤ 120, is exact in 16 bit), M padded to 16.
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ import triton.language as tl
 
 from .launch import launch
 from .autotune_cache import fp32_dots, interpreting, sm_count
-
 
 
 @triton.jit
@@ -69,58 +72,6 @@ def _w4a16_kernel(
         else:  # code * mult (|.| <= 105) is exact in 16 bit: tensor cores, M padded to 16
             acc += tl.dot(xe, tl.trans(lo.to(x_ptr.dtype.element_ty)))
             acc += tl.dot(xo, tl.trans(hi.to(x_ptr.dtype.element_ty)))
-    ws = tl.load(wscale_ptr + rn, mask=nmask, other=0.0)
-    y = acc * ws[None, :]
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
-        y += tl.where(pid_s == 0, bias, 0.0)[None, :]
-    optrs = out_ptr + rm[:, None] * stride_om + rn[None, :]
-    if SPLIT > 1:
-        tl.atomic_add(optrs, y, mask=mmask[:, None] & nmask[None, :])
-    else:
-        tl.store(optrs, y, mask=mmask[:, None] & nmask[None, :])
-
-
-@triton.jit
-def _w4a16_small_kernel(
-    x_ptr, p_ptr, mult_ptr, wscale_ptr, smooth_ptr, bias_ptr, out_ptr,
-    M, N, K, KP, K_PER_SPLIT,
-    stride_xm, stride_p, stride_mult, stride_om,
-    HAS_SMOOTH: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """M <= 4 on the CUDA cores: no tensor-core padding of M to 16 and no MMA operand shuffles; every weight
-    byte is read once, unpacked in registers and multiplied into BLOCK_M fp32 accumulators."""
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    rm = tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mmask = rm < M
-    nmask = rn < N
-    rn_c = tl.where(nmask, rn, 0)
-    j = tl.arange(0, BLOCK_K // 2)
-    gi = tl.arange(0, BLOCK_K // 64)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    k_start = pid_s * K_PER_SPLIT
-    for k0 in range(k_start, k_start + K_PER_SPLIT, BLOCK_K):
-        jj = k0 // 2 + j
-        ke = 2 * jj
-        jmask = ke < KP
-        p = tl.load(p_ptr + rn_c[:, None] * stride_p + jj[None, :], mask=jmask[None, :], other=0).to(tl.int32)
-        g = k0 // 64 + gi
-        u = tl.load(mult_ptr + rn_c[:, None] * stride_mult + g[None, :], mask=(g * 64 < KP)[None, :], other=0).to(tl.int32)
-        lo = ((p << 28) >> 28)  # sign-extend the low nibble
-        hi = ((p << 24) >> 28)
-        lo = tl.reshape(tl.reshape(lo, [BLOCK_N, BLOCK_K // 64, 32]) * u[:, :, None], [BLOCK_N, BLOCK_K // 2]).to(tl.float32)
-        hi = tl.reshape(tl.reshape(hi, [BLOCK_N, BLOCK_K // 64, 32]) * u[:, :, None], [BLOCK_N, BLOCK_K // 2]).to(tl.float32)
-        xe = tl.load(x_ptr + rm[:, None] * stride_xm + ke[None, :], mask=mmask[:, None] & (ke[None, :] < K), other=0.0).to(tl.float32)
-        xo = tl.load(x_ptr + rm[:, None] * stride_xm + (ke + 1)[None, :], mask=mmask[:, None] & ((ke + 1)[None, :] < K), other=0.0).to(tl.float32)
-        if HAS_SMOOTH:
-            se = tl.load(smooth_ptr + ke, mask=ke < K, other=1.0).to(tl.float32)
-            so = tl.load(smooth_ptr + ke + 1, mask=(ke + 1) < K, other=1.0).to(tl.float32)
-            xe = xe / se[None, :]
-            xo = xo / so[None, :]
-        acc += tl.sum(xe[:, None, :] * lo[None, :, :] + xo[:, None, :] * hi[None, :, :], axis=2)
     ws = tl.load(wscale_ptr + rn, mask=nmask, other=0.0)
     y = acc * ws[None, :]
     if HAS_BIAS:
@@ -210,8 +161,6 @@ def w4a16_linear(x2: torch.Tensor, qweight: torch.Tensor, wmult: torch.Tensor, w
     impl = os.environ.get("SVDQ_W4A16", "gemv")
     if m <= SMALL_M and impl == "gemv":
         return _w4a16_gemv(x2, qweight, wmult, wscale, smooth, bias, out_dtype)
-    if m <= SMALL_M and impl == "small":
-        return _w4a16_small(x2, qweight, wmult, wscale, smooth, in_features, bias)
     while block_k > 64 and kp % block_k:
         block_k //= 2
     if interpreting():
@@ -231,30 +180,6 @@ def w4a16_linear(x2: torch.Tensor, qweight: torch.Tensor, wmult: torch.Tensor, w
         x2.stride(0), qweight.stride(0), wmult.stride(0), out.stride(0)),
         HAS_SMOOTH=smooth is not None, SPLIT=split, DOT_FP32=fp32_dots(x2), HAS_BIAS=bias is not None,
         BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8, num_stages=3,
-    )
-    return out
-
-
-def _w4a16_small(x2, qweight, wmult, wscale, smooth, in_features, bias, block_n: int = 64, block_k: int = 256):
-    m, k = x2.shape
-    n = qweight.shape[0]
-    kp = qweight.shape[1] * 2
-    while block_k > 64 and kp % block_k:
-        block_k //= 2
-    if interpreting():
-        block_n = 32
-    blocks_n = triton.cdiv(n, block_n)
-    split = max(1, min(kp // block_k, (4 * sm_count(x2.device)) // max(blocks_n, 1)))
-    k_per_split = triton.cdiv(triton.cdiv(kp, split), block_k) * block_k
-    split = triton.cdiv(kp, k_per_split)
-    out = (torch.zeros if split > 1 else torch.empty)(m, n, dtype=torch.float32, device=x2.device)
-    bm = 1 if m == 1 else (2 if m == 2 else 4)
-    launch(_w4a16_small_kernel, (blocks_n, split), (
-        x2, qweight, wmult, wscale, smooth if smooth is not None else wscale, bias if bias is not None else wscale, out,
-        m, n, k, kp, k_per_split,
-        x2.stride(0), qweight.stride(0), wmult.stride(0), out.stride(0)),
-        HAS_SMOOTH=smooth is not None, SPLIT=split, HAS_BIAS=bias is not None,
-        BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=3,
     )
     return out
 

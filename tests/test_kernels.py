@@ -27,12 +27,10 @@ SHAPES = [  # (M, K, N, rank, bias, unsigned)
 ] + ([(4608, 3072, 3072, 32, True, False), (1000, 3072, 12288, 32, True, True), (77, 12288, 3072, 32, False, False)] if GPU else [])
 
 
-@pytest.mark.parametrize("impl", ["fused", "split"])
 @pytest.mark.parametrize("m,k,n,rank,bias,unsigned", SHAPES)
-def test_activation_kernel_codes_match(m, k, n, rank, bias, unsigned, impl, triton_kernels, monkeypatch):
+def test_activation_kernel_codes_match(m, k, n, rank, bias, unsigned, triton_kernels):
     from svdq.kernels.act_quant import quantize_activation
 
-    monkeypatch.setenv("SVDQ_ACT", impl)
     layer = random_layer(n, k, rank, bias, unsigned, 0.171875 if unsigned else 0.0, device=DEV, seed=m)
     x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16) * 2
     if unsigned:
@@ -92,20 +90,18 @@ def test_lora_extension_matches_reference(triton_kernels):
     assert rel(out, svdq_linear_reference(x, layer)) > 1e-3  # the LoRA term did something
 
 
-@pytest.mark.parametrize("impl", ["words", "bytes"])
 @pytest.mark.parametrize("n,k", [(64, 128), (130, 200), (96, 3072)] + ([(18432, 3072), (3072, 12288)] if GPU else []))
-def test_expand_weight_exact(n, k, impl, triton_kernels, monkeypatch):
+def test_expand_weight_exact(n, k, triton_kernels):
     from svdq.kernels.gemm_w4a4 import expand_weight
 
-    monkeypatch.setenv("SVDQ_EXPAND", impl)
     layer = random_layer(n, k, 0, False, device=DEV)
     assert torch.equal(expand_weight(layer.qweight, layer.wmult), int8_weight_operand(layer))
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 16, 40])
-@pytest.mark.parametrize("impl", ["gemv", "small", "mma"])
+@pytest.mark.parametrize("impl", ["gemv", "mma"])
 def test_w4a16_matches_reference(m, impl, triton_kernels, monkeypatch):
-    """Every W4A16 kernel (CUDA-core word or byte kernel for M <= 4, tensor-core otherwise) against the reference."""
+    """Both W4A16 kernels (CUDA-core word kernel for M <= 4 unless SVDQ_W4A16=mma, tensor-core otherwise)."""
     monkeypatch.setenv("SVDQ_W4A16", impl)
     k, n = (3072, 9216) if GPU else (256, 96)
     layer = random_layer(n, k, 0, True, kind="w4a16", device=DEV, seed=m)
