@@ -155,7 +155,9 @@ class TunedKernel:
             try:
                 t = triton.testing.do_bench(lambda: self._launch(cd, args, flags, m, n), warmup=5, rep=20, return_mode="median")
             except Exception as exc:  # e.g. out of shared memory for this config on this GPU
-                log.warning("svdq: kernel config %s failed: %s", cd, str(exc)[-2000:])
+                # a tile too big for this GPU (a wide low-rank branch grows the epilogue) is an expected skip
+                level = logging.DEBUG if "out of resource" in str(exc).lower() else logging.WARNING
+                log.log(level, "svdq: kernel config %s failed: %s", cd, str(exc)[-2000:])
                 continue
             if best is None or t < best[0]:
                 best = (t, cd)
