@@ -8,7 +8,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _path  # noqa: E402,F401
-from linear import make_layer  # noqa: E402
+from linear import launch_overhead_us, make_layer  # noqa: E402
 
 from svdq.kernels.dispatch import svdq_linear  # noqa: E402
 
@@ -25,17 +25,8 @@ a8, sa, lora = quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_d
 w8 = int8_weights(layer)
 
 
-def per_call_us(fn, calls=2000):
-    import time
-
-    for _ in range(50):
-        fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / calls * 1e6
+def per_call_us(fn):
+    return launch_overhead_us(fn, calls=2000)
 
 
 stages = {
