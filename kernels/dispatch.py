@@ -50,14 +50,14 @@ class _Arena:
         self.generation = 0
 
     def get(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        nbytes = numel * dtype.itemsize
+        need = numel * dtype.itemsize
         buf = self.buffers.get(name)
-        if buf is None or buf.numel() < nbytes:
-            nbytes = max(nbytes, 0 if buf is None else buf.numel() * 5 // 4)  # grow by at least a quarter
-            buf = torch.empty((nbytes + 255) // 256 * 256, dtype=torch.uint8, device=self.device)
+        if buf is None or buf.numel() < need:
+            size = max(need, 0 if buf is None else buf.numel() * 5 // 4)  # grow by at least a quarter
+            buf = torch.empty((size + 255) // 256 * 256, dtype=torch.uint8, device=self.device)
             self.buffers[name] = buf
             self.generation += 1
-        return buf[:nbytes].view(dtype)[:numel]
+        return buf[:need].view(dtype)
 
 
 _arenas: dict[torch.device, _Arena] = {}

@@ -171,6 +171,20 @@ def test_call_plans_replay_exactly(kind, triton_kernels, monkeypatch):
         assert torch.equal(e, g)
 
 
+def test_arena_grows_and_retires_plans():
+    from svdq.kernels.dispatch import _Arena
+
+    ar = _Arena(torch.device("cpu"))
+    a = ar.get("act_f32", 250, torch.float32)
+    g = ar.generation
+    assert a.shape == (250,) and a.dtype == torch.float32
+    assert ar.get("act_f32", 100, torch.float32).data_ptr() == a.data_ptr() and ar.generation == g  # reused
+    b = ar.get("act_f32", 301, torch.float32)  # grows (by at least a quarter): plans recorded before are retired
+    assert b.shape == (301,) and ar.generation == g + 1
+    assert ar.get("act_i8", 999, torch.int8).shape == (999,)
+    assert ar.get("act_f32", 377, torch.float32).shape == (377,)  # within the grown buffer, any size
+
+
 def test_call_plan_substitutes_input_and_output():
     """The plan logic alone (CPU): recorded launches get this call's input and a fresh output."""
     from svdq.kernels.dispatch import _Arena, _Plan
