@@ -59,16 +59,23 @@ def interpreting() -> bool:
 
 
 
-_SMS: dict = {}
+_PROPS: dict = {}
+
+
+def _props(device: torch.device):
+    if device.index not in _PROPS:
+        _PROPS[device.index] = torch.cuda.get_device_properties(device)
+    return _PROPS[device.index]
 
 
 def sm_count(device: torch.device) -> int:
     """Multiprocessors of a CUDA device (1 elsewhere), cached: persistent grids are sized by it."""
-    if device.type != "cuda":
-        return 1
-    if device.index not in _SMS:
-        _SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _SMS[device.index]
+    return _props(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def capability_major(device: torch.device) -> int:
+    """The CUDA compute capability's major number (0 elsewhere), cached."""
+    return _props(device).major if device.type == "cuda" else 0
 
 
 def fp32_dots(*tensors) -> bool:
@@ -79,31 +86,22 @@ def fp32_dots(*tensors) -> bool:
 
 
 class TunedKernel:
-    """Launches a GEMM-style kernel whose grid is cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N)."""
+    """Picks one of ``configs`` per shape bucket for a GEMM-style launch (tuned once, cached on disk); subclasses
+    say how a config is launched. By convention ``args[8:11]`` are M, N, Kp."""
 
-    def __init__(self, kernel, configs: list, key: list[str]):
-        self.kernel = kernel
+    def __init__(self, name: str, configs: list):
+        self.name = name
         self.configs = configs
-        self.key = key
-        self.even_k = "EVEN_K" in getattr(kernel, "arg_names", [])
         self._fast: dict = {}
-        self.name = getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", "kernel")
 
     @staticmethod
     def _cfg_dict(cfg) -> dict:
         return {"kwargs": dict(cfg.kwargs), "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
 
     def _launch(self, cfg: dict, args: tuple, flags: dict, m: int, n: int) -> None:
-        kw = dict(cfg["kwargs"])
-        grid = (triton.cdiv(m, kw["BLOCK_M"]) * triton.cdiv(n, kw["BLOCK_N"]),)
-        if self.even_k:
-            kw["EVEN_K"] = args[10] % kw["BLOCK_K"] == 0
-        from .launch import launch
+        raise NotImplementedError
 
-        launch(self.kernel, grid, args, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags, **kw)
-
-    def __call__(self, args: tuple, flags: dict, m: int, n: int | None = None, kp: int | None = None, config: dict | None = None):
-        # by convention args[8], args[9], args[10] are M, N, KP
+    def __call__(self, args: tuple, flags: dict, config: dict | None = None):
         m_, n_, kp_ = args[8], args[9], args[10]
         if config is not None:
             return self._launch(config, args, flags, m_, n_)

@@ -33,7 +33,7 @@ except Exception as _exc:  # pragma: no cover - depends on the install
 _warned: set[str] = set()
 _resident_int8: dict[int, torch.Tensor] = {}
 W4A16_MAX_M = 64  # above this the dequantize + cuBLAS path wins
-_ENV = ("SVDQ_GEMM", "SVDQ_W4A16", "SVDQ_INT8_WEIGHTS", "SVDQ_FAST_LAUNCH", "SVDQ_PLANS")
+_ENV = ("SVDQ_GEMM", "SVDQ_W4A16", "SVDQ_INT8_WEIGHTS", "SVDQ_FAST_LAUNCH")  # what a recorded plan depends on
 
 
 class _Arena:
@@ -215,8 +215,8 @@ class _Plan:
 
 def _planned(x2: torch.Tensor, w: QuantizedLinearWeights, gelu: bool) -> torch.Tensor | None:
     """Replay this layer's recorded launches for this shape, or run the call once while recording them."""
-    settings = tuple(map(os.environ.get, _ENV))
-    if settings[-1] == "0" or not x2.is_cuda:
+    settings = tuple(map(os.environ.get, _ENV))  # a switch changed mid-run must not reuse older plans
+    if os.environ.get("SVDQ_PLANS") == "0" or not x2.is_cuda:
         return None
     key = (x2.shape[0], x2.dtype, x2.data_ptr() % 16 == 0, gelu, settings)
     plans = w.__dict__.setdefault("_svdq_plans", {})

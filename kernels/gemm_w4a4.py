@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune_cache import TunedKernel, fp32_dots, interpreting, sm_count
+from .autotune_cache import TunedKernel, capability_major, fp32_dots, interpreting, sm_count
 from .launch import HAS_HOST_DESCRIPTORS, TensorDescriptor, launch
 
 
@@ -208,11 +208,6 @@ class _GemmTuned(TunedKernel):
     """Both GEMM schedules under one shape-keyed tuner: each config names its kernel (``SCHEDULE``), so the
     cached winner per shape may be either. TMA configs get descriptors for their tile shape at launch."""
 
-    def __init__(self, name: str, configs: list):
-        super().__init__(_w4a4_gemm_kernel, configs, key=[])
-        self.name = name
-        self.even_k = True
-
     def _launch(self, cfg: dict, args: tuple, flags: dict, m: int, n: int) -> None:
         kw = dict(cfg["kwargs"])
         bm, bn = kw["BLOCK_M"], kw["BLOCK_N"]
@@ -243,7 +238,7 @@ def gemm_schedule(device: torch.device) -> str:
     choice = os.environ.get("SVDQ_GEMM", "auto").lower()
     if choice in ("tma", "pointer"):
         return choice
-    if HAS_HOST_DESCRIPTORS and device.type == "cuda" and not interpreting() and torch.cuda.get_device_capability(device)[0] >= 9:
+    if HAS_HOST_DESCRIPTORS and not interpreting() and capability_major(device) >= 9:
         return "auto"
     return "pointer"
 
@@ -273,5 +268,5 @@ def w4a4_gemm(
         a8.stride(0), w8.stride(0), lora_act.stride(0) if r else 0, proj_up.stride(0) if r else 0, out.stride(0),
     )
     flags = dict(HAS_LORA=r > 0, HAS_BIAS=bias is not None, GELU=gelu, BLOCK_R=block_r, DOT_FP32=fp32_dots(a8, proj_up))
-    _TUNERS[schedule or gemm_schedule(a8.device)](args, flags, m, config=config)
+    _TUNERS[schedule or gemm_schedule(a8.device)](args, flags, config=config)
     return out

@@ -26,6 +26,23 @@ from .autotune_cache import fp32_dots, interpreting, sm_count
 
 
 @triton.jit
+def _store_rows(y, rm, rn, mmask, nmask, pid_s, wscale_ptr, bias_ptr, out_ptr, stride_om, SPLIT: tl.constexpr,
+                HAS_BIAS: tl.constexpr):
+    """Channel scale, bias (added by the first K split only), then a store in the output dtype or, split over K,
+    an fp32 atomic add."""
+    ws = tl.load(wscale_ptr + rn, mask=nmask, other=0.0)
+    y = y * ws[None, :]
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
+        y += tl.where(pid_s == 0, bias, 0.0)[None, :]
+    optrs = out_ptr + rm[:, None] * stride_om + rn[None, :]
+    if SPLIT > 1:
+        tl.atomic_add(optrs, y, mask=mmask[:, None] & nmask[None, :])
+    else:
+        tl.store(optrs, y.to(out_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+
+
+@triton.jit
 def _w4a16_kernel(
     x_ptr, p_ptr, mult_ptr, wscale_ptr, smooth_ptr, bias_ptr, out_ptr,
     M, N, K, KP, K_PER_SPLIT,
@@ -72,16 +89,7 @@ def _w4a16_kernel(
         else:  # code * mult (|.| <= 105) is exact in 16 bit: tensor cores, M padded to 16
             acc += tl.dot(xe, tl.trans(lo.to(x_ptr.dtype.element_ty)))
             acc += tl.dot(xo, tl.trans(hi.to(x_ptr.dtype.element_ty)))
-    ws = tl.load(wscale_ptr + rn, mask=nmask, other=0.0)
-    y = acc * ws[None, :]
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
-        y += tl.where(pid_s == 0, bias, 0.0)[None, :]
-    optrs = out_ptr + rm[:, None] * stride_om + rn[None, :]
-    if SPLIT > 1:
-        tl.atomic_add(optrs, y, mask=mmask[:, None] & nmask[None, :])
-    else:
-        tl.store(optrs, y, mask=mmask[:, None] & nmask[None, :])
+    _store_rows(acc, rm, rn, mmask, nmask, pid_s, wscale_ptr, bias_ptr, out_ptr, stride_om, SPLIT, HAS_BIAS)
 
 
 @triton.jit
@@ -132,16 +140,7 @@ def _w4a16_gemv_kernel(
                 xv = xv / lam[None, :]
             part += xv[:, None, :] * code[None, :, :]
         acc += part * uf[None, :, :]  # the group multiplier once per word, not per code
-    ws = tl.load(wscale_ptr + rn, mask=nmask, other=0.0)
-    y = tl.sum(acc, axis=2) * ws[None, :]
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
-        y += tl.where(pid_s == 0, bias, 0.0)[None, :]
-    optrs = out_ptr + rm[:, None] * stride_om + rn[None, :]
-    if SPLIT > 1:
-        tl.atomic_add(optrs, y, mask=mmask[:, None] & nmask[None, :])
-    else:
-        tl.store(optrs, y.to(out_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+    _store_rows(tl.sum(acc, axis=2), rm, rn, mmask, nmask, pid_s, wscale_ptr, bias_ptr, out_ptr, stride_om, SPLIT, HAS_BIAS)
 
 
 SMALL_M = 4  # up to this many rows the CUDA-core kernel runs (measured faster than padding M to 16 for MMA)

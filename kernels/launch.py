@@ -9,6 +9,7 @@ a kernel. ``SVDQ_FAST_LAUNCH=0`` turns it off; the interpreter always takes the 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -46,30 +47,25 @@ def _spec(a):
     return a
 
 
-class recording:
-    """Collect ``(runner, grid, all arguments)`` of every launch in the block (``None`` for one that cannot be
+@contextlib.contextmanager
+def _recording_into(target: list | None):
+    global _recording
+    prev, _recording = _recording, target
+    try:
+        yield target
+    finally:
+        _recording = prev
+
+
+def recording():
+    """Collect ``(runner, all arguments)`` of every launch in the block (``None`` for one that cannot be
     replayed), so a layer call can be replayed later without re-deriving its launches."""
-
-    def __enter__(self) -> list:
-        global _recording
-        self.prev, _recording = _recording, []
-        return _recording
-
-    def __exit__(self, *exc) -> None:
-        global _recording
-        _recording = self.prev
+    return _recording_into([])
 
 
-class not_recorded:
+def not_recorded():
     """Launches in the block (autotuning candidates) are not part of the call being recorded."""
-
-    def __enter__(self) -> None:
-        global _recording
-        self.prev, _recording = _recording, None
-
-    def __exit__(self, *exc) -> None:
-        global _recording
-        _recording = self.prev
+    return _recording_into(None)
 
 
 def enabled() -> bool:
@@ -99,12 +95,12 @@ def launch(kernel, grid: tuple, args: tuple, num_warps: int = 4, num_stages: int
         if compiled is not None and set(tail) == set(constexprs):
             _cache[key] = hit = (compiled, tuple(tail))
         if _recording is not None:
-            _recording.append(_replayable(hit, grid, args, constexprs))
+            _recording.append(None if hit is None else _replayable(compiled, tuple(tail), grid, args, constexprs))
         return
     compiled, tail = hit
     grid3 = tuple(grid) + (1,) * (3 - len(grid))  # the compiled kernel's runner reads grid[0..2]
     if _recording is not None:
-        _recording.append(_replayable(hit, grid, args, constexprs))
+        _recording.append(_replayable(compiled, tail, grid3, args, constexprs))
     try:
         compiled[grid3](*args, *(constexprs[n] for n in tail))
     except Exception as exc:  # a Triton whose launcher differs: this kernel takes the plain path for good
@@ -116,9 +112,6 @@ def launch(kernel, grid: tuple, args: tuple, num_warps: int = 4, num_stages: int
             _recording[-1] = None
 
 
-def _replayable(hit, grid, args, constexprs):
-    if hit is None:
-        return None
-    compiled, tail = hit
+def _replayable(compiled, tail, grid, args, constexprs):
     grid3 = tuple(grid) + (1,) * (3 - len(grid))
     return compiled[grid3], tuple(args) + tuple(constexprs[n] for n in tail)
