@@ -7,6 +7,9 @@ Same process, same data, same GPU for every pair; µs are medians of ``triton.te
            choosing from both (each autotuned from an empty cache), eager and CUDA-graph replay, the chosen
            configs, and ``torch._int_mm`` as a reference point
   w4a16    small-M W4A16: CUDA-core word kernel vs the tensor-core kernel (M padded to 16), cuBLAS bf16 alongside
+  act      the activation kernel pair under CUDA-graph replay over its tile knobs (rows per program, 64-groups
+           per K tile, warps, K tiles per pass-1 program, pass 2's visiting order), rank 32 and a LoRA-widened
+           rank 96, against its memory floor (x read twice, the int8 operand written once, at the copy rate)
 
 Variants measured and removed (numbers in BENCHMARKS.md, raw runs in bench/results-*-variants-h100.*): the
 byte-wise weight expansion, the CUDA-core W4A16 kernel with per-step reductions, and a one-launch activation
@@ -87,10 +90,65 @@ def w4a16_rows(triton) -> list[dict]:
     return rows
 
 
+ACT_VARIANTS = [  # (block_m, groups, num_warps, k_per_program, reverse); the first is the old default
+    (32, 4, 4, 1, False), (32, 4, 4, 1, True), (32, 4, 4, 4, True), (32, 4, 4, None, True),
+    (64, 4, 8, None, True), (32, 8, 8, None, True), (16, 8, 4, None, True), (64, 2, 4, None, True),
+]
+
+
+def copy_rate_bytes_per_us() -> float:
+    """Device-to-device copy rate (bytes read + written per µs): the floor's yardstick, measured here."""
+    import triton.testing
+
+    a = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    t = triton.testing.do_bench(lambda: b.copy_(a), warmup=10, rep=50, return_mode="median") * 1e3
+    return 2 * a.numel() / t
+
+
+def act_rows(triton) -> list[dict]:
+    from svdq.kernels.act_quant import quantize_activation
+
+    rate = copy_rate_bytes_per_us()
+    rows = []
+    for k, rank in [(3072, 32), (12288, 32), (15360, 32), (3072, 96), (15360, 96)]:
+        m = 4608
+        layer = make_layer(64, k, rank)
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        floor = (2 * x.numel() * 2 + m * layer.k_padded) / rate
+        row = {"M": m, "K": k, "rank": rank, "floor_us": floor}
+        ref = quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down, k_per_program=1, reverse=False)
+        for bm, groups, warps, kpp, rev in ACT_VARIANTS:
+            name = f"bm{bm}_g{groups}_w{warps}_k{kpp or 'auto'}_{'rev' if rev else 'fwd'}"
+
+            def fn(bm=bm, groups=groups, warps=warps, kpp=kpp, rev=rev):
+                return quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down, block_m=bm, groups=groups,
+                                           num_warps=warps, k_per_program=kpp, reverse=rev)
+
+            try:
+                a, s, lora = fn()
+                same = torch.equal(a, ref[0]) and torch.equal(s, ref[1])
+                lrel = float((lora - ref[2]).norm() / ref[2].norm())
+                row[name] = triton.testing.do_bench_cudagraph(fn, rep=50) * 1e3
+                row[name + "_ok"] = bool(same and lrel < 1e-4)
+            except Exception as exc:
+                print(f"act {name} failed: {str(exc)[-800:]}", flush=True)
+                row[name] = float("nan")
+        rows.append(row)
+        best = min((v, n) for n, v in row.items() if n.startswith("bm") and not n.endswith("_ok") and v == v)
+        print(f"act K={k} r={rank}: floor {floor:.1f} µs, old {row[ACT_NAME0]:.1f}, best {best[1]} {best[0]:.1f}; "
+              + ", ".join(f"{n} {v:.1f}" for n, v in row.items() if n.startswith("bm") and not n.endswith("_ok")), flush=True)
+    return rows
+
+
+ACT_NAME0 = "bm32_g4_w4_k1_fwd"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
     ap.add_argument("--shapes", default="all", help="'all', 'first' (one GEMM shape) or 'none' (W4A16 rows only)")
+    ap.add_argument("--only", default="gemm,w4a16,act", help="which sections to run (comma-separated)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
@@ -102,7 +160,14 @@ def main() -> int:
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
     print(f"# {env['gpu']}, torch {env['torch']}, triton {env['triton']}", flush=True)
     shapes = {"all": M4608, "first": M4608[:1], "none": []}[args.shapes]
-    out = {"env": env, "gemm": gemm_rows(shapes, triton), "w4a16": w4a16_rows(triton)}
+    only = set(args.only.split(","))
+    out = {"env": env}
+    if "act" in only:
+        out["act"] = act_rows(triton)
+    if "gemm" in only:
+        out["gemm"] = gemm_rows(shapes, triton)
+    if "w4a16" in only:
+        out["w4a16"] = w4a16_rows(triton)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -10,8 +10,9 @@ Rows per shape (times in µs, medians of triton.testing.do_bench; ratios are bf1
   svdq r0     fused Triton kernels, rank 0
   svdq r32    fused Triton kernels, rank 32 (the default)
   svdq r32 a8 the Hopper A8 mode (4-bit weights, int8 per-token activations), rank 32
-  int8w       rank 32 with SVDQ_INT8_WEIGHTS=1 (expanded int8 weights kept resident: 8-bit memory)
-and a breakdown of the r32 layer (activation kernel / weight expansion / GEMM). W4A16 GEMV rows at M = 1, 16.
+  svdq r96    rank 96: the default branch widened by a rank-64 LoRA (what an attached LoRA costs a layer)
+and a breakdown of the r32 layer under CUDA-graph replay (activation kernels / weight expansion / GEMM: GPU time,
+no launch overhead). W4A16 GEMV rows at M = 1, 16.
 """
 
 from __future__ import annotations
@@ -131,9 +132,8 @@ def run_shape(m, k, n, quick=False):
     r["svdq_r0"] = bench(lambda: svdq_linear(x, l0))
     r["svdq_r32"] = bench(lambda: svdq_linear(x, l32))
     r["svdq_r32_a8"] = bench(lambda: svdq_linear(x, la8))
-    os.environ["SVDQ_INT8_WEIGHTS"] = "1"  # opt-in: int8 weights resident (8-bit memory, no expansion launch)
-    r["svdq_r32_int8w"] = bench(lambda: svdq_linear(x, l32))
-    os.environ["SVDQ_INT8_WEIGHTS"] = "0"
+    l96 = make_layer(n, k, 96)
+    r["svdq_r96"] = bench(lambda: svdq_linear(x, l96))
     # the same under CUDA-graph replay: GPU time without Python launch overhead
     r["bf16_graph"] = bench_graph(lambda: torch.nn.functional.linear(x, wb, b))
     r["svdq_r32_graph"] = bench_graph(lambda: svdq_linear(x, l32))
@@ -141,9 +141,9 @@ def run_shape(m, k, n, quick=False):
     a8, sa, lora = quantize_activation(x, l32.k_padded, l32.smooth, l32.proj_down)
     wsp = weight_workspace(n, l32.k_padded, x.device)
     w8 = expand_weight(l32.qweight, l32.wmult, out=wsp)
-    r["part_act"] = bench(lambda: quantize_activation(x, l32.k_padded, l32.smooth, l32.proj_down))
-    r["part_expand"] = bench(lambda: expand_weight(l32.qweight, l32.wmult, out=wsp))
-    r["part_gemm"] = bench(lambda: w4a4_gemm(a8, sa, w8, l32.wscale, lora, l32.proj_up, l32.bias, torch.bfloat16))
+    r["part_act"] = bench_graph(lambda: quantize_activation(x, l32.k_padded, l32.smooth, l32.proj_down))
+    r["part_expand"] = bench_graph(lambda: expand_weight(l32.qweight, l32.wmult, out=wsp))
+    r["part_gemm"] = bench_graph(lambda: w4a4_gemm(a8, sa, w8, l32.wscale, lora, l32.proj_up, l32.bias, torch.bfloat16))
     r["weight_bytes_ratio_r32"] = sum(t.numel() * t.element_size() for t in l32.tensors().values() if t is not l32.bias) / (n * k * 2)
     return r
 
@@ -182,9 +182,9 @@ def main() -> int:
     if not args.quick:
         rows += [run_shape(m, k, n) for m, k, n in M_SWEEP]
     gemv = [run_gemv(m, 3072, 18432) for m in (1, 16)] + [run_gemv(m, 3072, 9216) for m in (1, 16)]
-    cols = ["bf16", "fp8_row", "int8_mm", "unfused", "svdq_r0", "svdq_r32", "svdq_r32_a8", "svdq_r32_int8w"]
+    cols = ["bf16", "fp8_row", "int8_mm", "unfused", "svdq_r0", "svdq_r32", "svdq_r32_a8", "svdq_r96"]
     print(f"# {env['gpu']}, torch {env['torch']}, triton {env['triton']}")
-    print(f"{'M':>6} {'K':>6} {'N':>6} | " + " | ".join(f"{c:>11}" for c in cols) + " | graph: bf16 / r32 | act  expand  gemm (µs) | r32 vs unfused | branch cost")
+    print(f"{'M':>6} {'K':>6} {'N':>6} | " + " | ".join(f"{c:>11}" for c in cols) + " | graph: bf16 / r32 | graph µs: act expand gemm | r32 vs unfused | branch cost")
     for r in rows:
         cells = [f"{r['bf16']:7.1f}    "] + [f"{r[c]:6.1f} {r['bf16'] / r[c]:4.2f}x" for c in cols[1:]]
         print(f"{r['M']:>6} {r['K']:>6} {r['N']:>6} | " + " | ".join(cells)
@@ -196,7 +196,8 @@ def main() -> int:
         "geomean_r32_vs_bf16": geomean([r["bf16"] / r["svdq_r32"] for r in main_rows]),
         "geomean_r0_vs_bf16": geomean([r["bf16"] / r["svdq_r0"] for r in main_rows]),
         "geomean_a8_vs_bf16": geomean([r["bf16"] / r["svdq_r32_a8"] for r in main_rows]),
-        "geomean_int8w_vs_bf16": geomean([r["bf16"] / r["svdq_r32_int8w"] for r in main_rows]),
+        "geomean_r96_vs_bf16": geomean([r["bf16"] / r["svdq_r96"] for r in main_rows]),
+        "geomean_lora64_cost": geomean([r["svdq_r96"] / r["svdq_r32"] for r in main_rows]) - 1,
         "geomean_fp8_vs_bf16": geomean([r["bf16"] / r["fp8_row"] for r in main_rows]),
         "geomean_r32_vs_unfused": geomean([r["unfused"] / r["svdq_r32"] for r in main_rows]),
         "geomean_branch_cost": geomean([r["svdq_r32"] / r["svdq_r0"] for r in main_rows]) - 1,

@@ -3,9 +3,10 @@
 Reference: ``quant.formats.quantize_int4_activation`` (codes) and ``kernels.reference.lowrank_down``.
 
 Two launches over a (token block × K tile) grid, so every SM has work whatever M is. Pass 1 writes each
-64-group's absmax and the tile's ``x · L1`` partial product (tensor cores). Pass 2 derives the per-token scale
-from all group maxima, writes the int8 operand ``code * multiplier`` and sums the low-rank partials in a fixed
-order (deterministic, no atomics). The launcher passes 1/λ; per-group
+64-group's absmax and, per program (one or a few K tiles), an ``x · L1`` partial product (tensor cores). Pass 2
+derives the per-token scale from all group maxima, writes the int8 operand ``code * multiplier`` and sums the
+low-rank partials in a fixed order (deterministic, no atomics), visiting tiles in reverse so that it starts on
+the input pass 1 left in L2. The launcher passes 1/λ; per-group
 reciprocals are IEEE (``div_rn``) and rounding is the fp32 magic-number trick, so codes equal the reference's
 bit for bit.
 """
@@ -18,7 +19,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from .launch import launch
-from .autotune_cache import fp32_dots, interpreting
+from .autotune_cache import fp32_dots, interpreting, sm_count
 
 MAGIC = tl.constexpr(12582912.0)
 
@@ -52,33 +53,39 @@ def _load_smoothed(x_ptr, inv_ptr, rows, rmask, k, K, stride_xm, shift, UNSIGNED
 @triton.jit
 def _act_stats_kernel(
     x_ptr, inv_ptr, down_ptr, gmax_ptr, lora_ptr,
-    M, K, R,
+    M, K, R, NSUB,
     stride_xm, stride_dk, stride_gm,
     shift,
     UNSIGNED: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_LORA: tl.constexpr, DOT_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, KSUB: tl.constexpr,
 ):
-    """Pass 1, one [BLOCK_M, GROUPS*64] tile per program: group absmax and this tile's x·L1 partial product."""
+    """Pass 1, KSUB [BLOCK_M, GROUPS*64] tiles per program: group absmax, and the x·L1 partial product of those
+    tiles (one partial per program: KSUB times fewer partials to write and sum at large K)."""
     BLOCK_K: tl.constexpr = GROUP * GROUPS
     pid_m = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    pid_p = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
-    k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    x, xf = _load_smoothed(x_ptr, inv_ptr, rows, rmask, k, K, stride_xm, shift, UNSIGNED, HAS_SMOOTH, BLOCK_K)
-    g = tl.reshape(tl.abs(xf), [BLOCK_M, GROUPS, GROUP])
-    amax = tl.max(g, axis=2)
-    gi = pid_k * GROUPS + tl.arange(0, GROUPS)
-    tl.store(gmax_ptr + rows[:, None] * stride_gm + gi[None, :], amax, mask=rmask[:, None])
-    if HAS_LORA:
-        rcols = tl.arange(0, BLOCK_R)
-        d = tl.load(down_ptr + k[:, None] * stride_dk + rcols[None, :], mask=(k[:, None] < K) & (rcols[None, :] < R), other=0.0)
-        if DOT_FP32:
-            part = tl.dot(x.to(tl.float32), d.to(tl.float32), input_precision="ieee")
-        else:
-            part = tl.dot(x, d.to(x.dtype))
-        base = lora_ptr + pid_k * M * BLOCK_R  # partials [n_ktiles, M, BLOCK_R]
-        tl.store(base + rows[:, None] * BLOCK_R + rcols[None, :], part, mask=rmask[:, None])
+    rcols = tl.arange(0, BLOCK_R)
+    part = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    for s in tl.static_range(KSUB):
+        sub = pid_p * KSUB + s
+        if sub < NSUB:
+            k = sub * BLOCK_K + tl.arange(0, BLOCK_K)
+            x, xf = _load_smoothed(x_ptr, inv_ptr, rows, rmask, k, K, stride_xm, shift, UNSIGNED, HAS_SMOOTH, BLOCK_K)
+            g = tl.reshape(tl.abs(xf), [BLOCK_M, GROUPS, GROUP])
+            amax = tl.max(g, axis=2)
+            gi = sub * GROUPS + tl.arange(0, GROUPS)
+            tl.store(gmax_ptr + rows[:, None] * stride_gm + gi[None, :], amax, mask=rmask[:, None])
+            if HAS_LORA:
+                d = tl.load(down_ptr + k[:, None] * stride_dk + rcols[None, :], mask=(k[:, None] < K) & (rcols[None, :] < R), other=0.0)
+                if DOT_FP32:
+                    part = tl.dot(x.to(tl.float32), d.to(tl.float32), part, input_precision="ieee")
+                else:
+                    part = tl.dot(x, d.to(x.dtype), part)
+    if HAS_LORA:  # partials [n_parts, M, R]: only the real rank travels through memory, not its power-of-two pad
+        base = lora_ptr + pid_p * M * R
+        tl.store(base + rows[:, None] * R + rcols[None, :], part, mask=rmask[:, None] & (rcols[None, :] < R))
 
 
 @triton.jit
@@ -106,36 +113,52 @@ def _quantize_store(xf, scale, out_ptr, rows, rmask, k, KP, stride_om, QMAX: tl.
 @triton.jit
 def _act_quant_kernel(
     x_ptr, inv_ptr, gmax_ptr, out_ptr, scale_ptr, part_ptr, lora_ptr,
-    M, K, KP, NG, R, NKT,
+    M, K, KP, NG, R, NPARTS,
     stride_xm, stride_om, stride_gm, stride_lm,
     shift,
     QMAX: tl.constexpr, UMAX: tl.constexpr, QMIN: tl.constexpr,
     UNSIGNED: tl.constexpr, HAS_SMOOTH: tl.constexpr, INT8_MODE: tl.constexpr, USE_RINT: tl.constexpr,
     HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_M: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, NG_POW2: tl.constexpr,
+    BLOCK_M: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, NG_POW2: tl.constexpr, REVERSE: tl.constexpr,
 ):
-    """Pass 2: per-token scale from all group maxima, then this tile's codes (int8 operand = code * mult)."""
+    """Pass 2: per-token scale from all group maxima, then this tile's codes (int8 operand = code * mult).
+
+    Tiles are visited in the reverse of pass 1's order, so the first ones read the input pass 1 touched last,
+    while it is still in L2."""
     BLOCK_K: tl.constexpr = GROUP * GROUPS
-    pid_m = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    if REVERSE:
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+        pid_k = tl.num_programs(1) - 1 - tl.program_id(1)
+    else:
+        pid_m = tl.program_id(0)
+        pid_k = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
     ga = tl.arange(0, NG_POW2)
     allg = tl.load(gmax_ptr + rows[:, None] * stride_gm + ga[None, :], mask=rmask[:, None] & (ga[None, :] < NG), other=0.0)
     row_max = tl.max(allg, axis=1)
     scale = tl.where(row_max > 0, tl.math.div_rn(row_max, tl.full([BLOCK_M], QMAX * UMAX, tl.float32)), 1.0)
-    if pid_k == 0:
+    if pid_k == tl.num_programs(1) - 1:  # one tile per row block (the first to run) writes the per-row results
         tl.store(scale_ptr + rows, scale, mask=rmask)
-        if HAS_LORA:  # sum the K-tile partials in a fixed order: deterministic, no atomics, no memset
+        if HAS_LORA:  # sum the partials in a fixed order: deterministic, no atomics, no memset
             rcols = tl.arange(0, BLOCK_R)
+            m2 = rmask[:, None] & (rcols[None, :] < R)
             tot = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-            for t in range(0, NKT):
-                tot += tl.load(part_ptr + t * M * BLOCK_R + rows[:, None] * BLOCK_R + rcols[None, :], mask=rmask[:, None], other=0.0)
-            tl.store(lora_ptr + rows[:, None] * stride_lm + rcols[None, :], tot, mask=rmask[:, None] & (rcols[None, :] < R))
+            for t in range(0, NPARTS):
+                tot += tl.load(part_ptr + t * M * R + rows[:, None] * R + rcols[None, :], mask=m2, other=0.0)
+            tl.store(lora_ptr + rows[:, None] * stride_lm + rcols[None, :], tot, mask=m2)
     k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     _, xf = _load_smoothed(x_ptr, inv_ptr, rows, rmask, k, K, stride_xm, shift, UNSIGNED, HAS_SMOOTH, BLOCK_K)
     _quantize_store(xf, scale, out_ptr, rows, rmask, k, KP, stride_om, QMAX, UMAX, QMIN, INT8_MODE, USE_RINT,
                     BLOCK_M, GROUP, GROUPS)
+
+
+def tiles_per_program(m_blocks: int, tiles: int, rank: int, device: torch.device) -> int:
+    """K tiles one pass-1 program covers: 1 without a branch or where the grid would not fill the GPU, else up to
+    4 (at K = 15360 that writes and sums 4× fewer low-rank partials while keeping ~8 programs per SM)."""
+    if rank == 0 or interpreting() or device.type != "cuda":
+        return 1
+    return max(1, min(4, m_blocks * tiles // (8 * sm_count(device))))
 
 
 def quantize_activation(
@@ -146,13 +169,19 @@ def quantize_activation(
     shift: float = 0.0,
     unsigned: bool = False,
     mode: str = "int4",
-    block_m: int = 32,
+    block_m: int | None = None,
     scratch=None,
+    k_per_program: int | None = None,
+    groups: int | None = None,
+    num_warps: int = 4,
+    reverse: bool = True,
 ):
     """Launch the activation kernels on x2 [M, K]. Returns (int8 [M, Kp], scale [M], lora [M, R] fp32 | None).
 
     ``scratch(name, numel, dtype)``, where given, supplies reused buffers instead of fresh allocations (the
-    dispatcher's per-device arena: the results live until the next call)."""
+    dispatcher's per-device arena: the results live until the next call). Tile knobs (``bench/kernel_variants.py``
+    measures them): ``k_per_program`` pass 1's K tiles per program (default ``tiles_per_program``), ``groups``
+    64-groups per K tile (default 4 where they divide), ``reverse`` pass 2's reverse visiting order."""
     m, k = x2.shape
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
@@ -166,12 +195,17 @@ def quantize_activation(
         raise ValueError(f"activation kernel supports int4 and int8, not {mode!r}")
     ng = k_padded // 64
     block_r = max(16, triton.next_power_of_2(r)) if r else 16
-    groups = 4 if ng % 4 == 0 else (2 if ng % 2 == 0 else 1)
-    bm = block_m if r <= 64 else 16
-    nkt = ng // groups
-    grid = (triton.cdiv(m, bm), nkt)
+    if groups is None:
+        groups = 4 if ng % 4 == 0 else (2 if ng % 2 == 0 else 1)
+    elif ng % groups:
+        raise ValueError(f"{groups} groups per tile do not divide the {ng} groups of K = {k_padded}")
+    bm = block_m or (32 if r <= 64 else 16)  # a wide branch's partial product needs the registers
+    nsub = ng // groups
+    m_blocks = triton.cdiv(m, bm)
+    ksub = k_per_program or tiles_per_program(m_blocks, nsub, r, x2.device)
+    nparts = triton.cdiv(nsub, ksub)
     # one allocation for the fp32 outputs and scratch (scale, group maxima, low-rank result and partials)
-    nf = m + m * ng + (m * r + nkt * m * block_r if r else 0)
+    nf = m + m * ng + (m * r + nparts * m * r if r else 0)
     if scratch is None:
         f32 = torch.empty(nf, dtype=torch.float32, device=x2.device)
         out = torch.empty(m, k_padded, dtype=torch.int8, device=x2.device)
@@ -181,25 +215,25 @@ def quantize_activation(
     scale = f32[:m]
     gmax = f32[m : m + m * ng].view(m, ng)
     lora = f32[m + m * ng : m + m * ng + m * r].view(m, r) if r else None
-    parts = f32[m + m * ng + m * r :].view(nkt, m, block_r) if r else None
+    parts = f32[m + m * ng + m * r :].view(nparts, m, r) if r else None
     inv = smooth  # the kernels take λ and form 1/λ themselves
-    launch(_act_stats_kernel, grid, (
+    launch(_act_stats_kernel, (m_blocks, nparts), (
         x2, inv if inv is not None else x2, proj_down if r else x2, gmax, parts if r else gmax,
-        m, k, r,
+        m, k, r, nsub,
         x2.stride(0), proj_down.stride(0) if r else 0, gmax.stride(0),
         float(shift)),
         UNSIGNED=bool(unsigned), HAS_SMOOTH=inv is not None, HAS_LORA=r > 0, DOT_FP32=fp32_dots(x2),
-        BLOCK_M=bm, BLOCK_R=block_r, GROUP=64, GROUPS=groups, num_warps=4,
+        BLOCK_M=bm, BLOCK_R=block_r, GROUP=64, GROUPS=groups, KSUB=ksub, num_warps=num_warps,
     )
-    launch(_act_quant_kernel, grid, (
+    launch(_act_quant_kernel, (m_blocks, nsub), (
         x2, inv if inv is not None else x2, gmax, out, scale, parts if r else gmax, lora if r else gmax,
-        m, k, k_padded, ng, r, nkt,
+        m, k, k_padded, ng, r, nparts,
         x2.stride(0), out.stride(0), gmax.stride(0), lora.stride(0) if r else 0,
         float(shift)),
         QMAX=qmax, UMAX=umax, QMIN=qmin,
         UNSIGNED=bool(unsigned), HAS_SMOOTH=inv is not None, INT8_MODE=mode == "int8", USE_RINT=not interpreting(),
         HAS_LORA=r > 0, BLOCK_R=block_r,
-        BLOCK_M=bm, GROUP=64, GROUPS=groups, NG_POW2=max(2, triton.next_power_of_2(ng)), num_warps=4,
+        BLOCK_M=bm, GROUP=64, GROUPS=groups, NG_POW2=max(2, triton.next_power_of_2(ng)), REVERSE=reverse,
+        num_warps=num_warps,
     )
     return out, scale, lora
-

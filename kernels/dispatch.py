@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import weakref
 
 import torch
 
@@ -31,9 +30,8 @@ except Exception as _exc:  # pragma: no cover - depends on the install
     _TRITON_ERROR = _exc
 
 _warned: set[str] = set()
-_resident_int8: dict[int, torch.Tensor] = {}
 W4A16_MAX_M = 64  # above this the dequantize + cuBLAS path wins
-_ENV = ("SVDQ_GEMM", "SVDQ_W4A16", "SVDQ_INT8_WEIGHTS", "SVDQ_FAST_LAUNCH")  # what a recorded plan depends on
+_ENV = ("SVDQ_GEMM", "SVDQ_W4A16", "SVDQ_FAST_LAUNCH")  # what a recorded plan depends on
 
 
 class _Arena:
@@ -95,16 +93,8 @@ def weight_workspace(n: int, kp: int, device: torch.device) -> torch.Tensor:
 
 
 def int8_weights(w: QuantizedLinearWeights) -> torch.Tensor:
-    """The expanded int8 weight operand: by default re-expanded per call into a shared workspace (weights stay
-    4-bit in memory); with ``SVDQ_INT8_WEIGHTS=1`` kept resident per layer (8-bit memory, one launch fewer)."""
-    if os.environ.get("SVDQ_INT8_WEIGHTS", "0") == "1":
-        key = id(w.qweight)
-        cached = _resident_int8.get(key)
-        if cached is None or cached.device != w.qweight.device:
-            cached = expand_weight(w.qweight, w.wmult)
-            _resident_int8[key] = cached
-            weakref.finalize(w.qweight, _resident_int8.pop, key, None)
-        return cached
+    """The expanded int8 weight operand, re-expanded per call into the shared workspace (weights stay 4-bit in
+    memory; a resident int8 copy measured slower on the H100 as well as doubling weight memory, and was removed)."""
     return expand_weight(w.qweight, w.wmult, out=weight_workspace(w.out_features, w.k_padded, w.qweight.device))
 
 

@@ -76,21 +76,27 @@ def _gelu_tanh(y):
 @triton.jit
 def _epilogue(acc, rm, rn, M, N, R, ascale_ptr, wscale_ptr, lora_ptr, up_ptr, bias_ptr, c_ptr, stride_lm, stride_un,
               stride_cm, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, DOT_FP32: tl.constexpr,
-              BLOCK_R: tl.constexpr):
-    """Scales, low-rank up-projection (accumulated into the same registers), bias, GELU, one 16-bit store."""
+              BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr):
+    """Scales, low-rank up-projection (accumulated into the same registers), bias, GELU, one 16-bit store.
+
+    The branch is taken R_CHUNK ranks at a time, so a LoRA-widened branch (rank 96 = 32 + 64, say) is neither
+    padded to a power of two nor staged in shared memory all at once (which pushed the best tiles out)."""
     mmask = rm < M
     nmask = rn < N
     sa = tl.load(ascale_ptr + rm, mask=mmask, other=0.0)
     sw = tl.load(wscale_ptr + rn, mask=nmask, other=0.0)
     y = acc.to(tl.float32) * sa[:, None] * sw[None, :]
     if HAS_LORA:
-        rr = tl.arange(0, BLOCK_R)
-        la = tl.load(lora_ptr + rm[:, None] * stride_lm + rr[None, :], mask=mmask[:, None] & (rr[None, :] < R), other=0.0)
-        up = tl.load(up_ptr + rn[None, :] * stride_un + rr[:, None], mask=nmask[None, :] & (rr[:, None] < R), other=0.0)
-        if DOT_FP32:
-            y = tl.dot(la, up.to(tl.float32), y, input_precision="ieee")
-        else:
-            y = tl.dot(la.to(up.dtype), up, y)
+        for r0 in tl.static_range(0, BLOCK_R, R_CHUNK):
+            rr = r0 + tl.arange(0, R_CHUNK)
+            la = tl.load(lora_ptr + rm[:, None] * stride_lm + rr[None, :], mask=mmask[:, None] & (rr[None, :] < R),
+                         other=0.0)
+            up = tl.load(up_ptr + rn[None, :] * stride_un + rr[:, None], mask=nmask[None, :] & (rr[:, None] < R),
+                         other=0.0)
+            if DOT_FP32:
+                y = tl.dot(la, up.to(tl.float32), y, input_precision="ieee")
+            else:
+                y = tl.dot(la.to(up.dtype), up, y)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
         y += bias[None, :]
@@ -107,7 +113,7 @@ def _w4a4_gemm_kernel(
     stride_am, stride_bn, stride_lm, stride_un, stride_cm,
     HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+    R_CHUNK: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -140,7 +146,7 @@ def _w4a4_gemm_kernel(
         b_ptrs += BLOCK_K
 
     _epilogue(acc, rm, rn, M, N, R, ascale_ptr, wscale_ptr, lora_ptr, up_ptr, bias_ptr, c_ptr, stride_lm, stride_un,
-              stride_cm, HAS_LORA, HAS_BIAS, GELU, DOT_FP32, BLOCK_R)
+              stride_cm, HAS_LORA, HAS_BIAS, GELU, DOT_FP32, BLOCK_R, R_CHUNK)
 
 
 @triton.jit
@@ -150,7 +156,7 @@ def _w4a4_gemm_tma_kernel(
     stride_lm, stride_un, stride_cm, NUM_PROGRAMS,
     HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr, FLATTEN: tl.constexpr,
+    R_CHUNK: tl.constexpr, GROUP_M: tl.constexpr, FLATTEN: tl.constexpr,
 ):
     """Hopper schedule of the same product: one program per SM walks the output tiles (grouped order), operands
     arrive by TMA (bulk tensor copies, out-of-range rows and columns zero-filled), and the flattened tile loop
@@ -177,7 +183,7 @@ def _w4a4_gemm_tma_kernel(
         rm = off_m + tl.arange(0, BLOCK_M)
         rn = off_n + tl.arange(0, BLOCK_N)
         _epilogue(acc, rm, rn, M, N, R, ascale_ptr, wscale_ptr, lora_ptr, up_ptr, bias_ptr, c_ptr, stride_lm,
-                  stride_un, stride_cm, HAS_LORA, HAS_BIAS, GELU, DOT_FP32, BLOCK_R)
+                  stride_un, stride_cm, HAS_LORA, HAS_BIAS, GELU, DOT_FP32, BLOCK_R, R_CHUNK)
 
 
 def _pointer_configs():
@@ -197,6 +203,7 @@ def _tma_configs():
     for bm, bn, bk, w, s in [
         (128, 256, 128, 8, 3), (128, 256, 128, 8, 4), (256, 128, 128, 8, 3), (256, 128, 128, 8, 4),
         (128, 128, 128, 8, 4), (128, 128, 256, 8, 3), (128, 128, 128, 4, 4), (128, 256, 64, 8, 5),
+        (128, 256, 256, 8, 2), (256, 128, 256, 8, 2),
     ]:
         for flat in (True, False):
             out.append(triton.Config({"SCHEDULE": "tma", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8,
@@ -243,6 +250,12 @@ def gemm_schedule(device: torch.device) -> str:
     return "pointer"
 
 
+def branch_chunks(rank: int) -> tuple[int, int]:
+    """(ranks the epilogue covers, ranks per dot): the rank rounded up to 16, taken 64, 32 or 16 at a time."""
+    padded = max(16, -(-rank // 16) * 16)
+    return padded, next(c for c in (64, 32, 16) if padded % c == 0)
+
+
 def w4a4_gemm(
     a8: torch.Tensor,
     ascale: torch.Tensor,
@@ -261,12 +274,12 @@ def w4a4_gemm(
     n = w8.shape[0]
     r = 0 if proj_up is None else proj_up.shape[1]
     out = torch.empty(m, n, dtype=out_dtype, device=a8.device)
-    block_r = max(16, triton.next_power_of_2(r)) if r else 16
+    block_r, r_chunk = branch_chunks(r)
     args = (
         a8, w8, ascale, wscale, lora_act if r else ascale, proj_up if r else ascale, bias if bias is not None else ascale, out,
         m, n, kp, r,
         a8.stride(0), w8.stride(0), lora_act.stride(0) if r else 0, proj_up.stride(0) if r else 0, out.stride(0),
     )
-    flags = dict(HAS_LORA=r > 0, HAS_BIAS=bias is not None, GELU=gelu, BLOCK_R=block_r, DOT_FP32=fp32_dots(a8, proj_up))
+    flags = dict(HAS_LORA=r > 0, HAS_BIAS=bias is not None, GELU=gelu, BLOCK_R=block_r, R_CHUNK=r_chunk, DOT_FP32=fp32_dots(a8, proj_up))
     _TUNERS[schedule or gemm_schedule(a8.device)](args, flags, config=config)
     return out

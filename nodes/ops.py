@@ -134,17 +134,9 @@ def make_svdq_ops(layer_meta: dict[str, dict]):
                     return super().forward(x, *args, **kwargs)
                 comfy.ops.run_every_op()
                 if len(self.svdq_parts) == 1 and self.svdq_parts[0][2] is None and self.svdq_parts[0][3] is None:
-                    w = self.quantized_weights(device=x.device)
-                    if self.svdq_lora and triton_usable(x):  # the kernels take one branch: merge once
-                        y = svdq_linear(x, self._with_lora_branch(w, x.device))
-                    elif self.svdq_lora:  # the reference keeps the LoRA factors separate and in fp32
-                        down, up = self._lora_factors(x.device)
-                        y = svdq_linear(x, w, extra_down=down, extra_up=up)
-                    else:
-                        y = svdq_linear(x, w)
+                    y = self._part_linear(x, 0)
                 else:
-                    down, up = self._lora_factors(x.device) if self.svdq_lora else (None, None)
-                    y = self._composite_forward(x, down, up)
+                    y = self._composite_forward(x)
                 if self.svdq_bias_delta is not None:
                     y = y + self.svdq_bias_delta.to(device=y.device, dtype=y.dtype)
                 return y
@@ -155,39 +147,58 @@ def make_svdq_ops(layer_meta: dict[str, dict]):
                 up = torch.cat([u.to(device) for _, u in self.svdq_lora], dim=1)
                 return down, up
 
-            def _with_lora_branch(self, w: QuantizedLinearWeights, device) -> QuantizedLinearWeights:
-                """The layer with its LoRA factors appended to the low-rank branch, built once per LoRA set (the
-                patcher installs a new list on every change) instead of concatenated on every call."""
-                c = self.__dict__.get("_svdq_lora_cat")
+            def _with_lora_branch(self, w: QuantizedLinearWeights, device, part: int = 0) -> QuantizedLinearWeights:
+                """The layer (or one part of a composite) with its LoRA factors appended to the low-rank branch,
+                built once per LoRA set (the patcher installs a new list on every change) instead of concatenated
+                on every call. A part split by output rows takes those rows of ``up``; a part split by input
+                columns takes those rows of ``down`` (the parts' products then sum to x · down · upᵀ)."""
+                cache = self.__dict__.setdefault("_svdq_lora_cat", {})
+                c = cache.get(part)
                 if c is not None and c[0] is self.svdq_lora and c[1] is w and c[2] == device:
                     return c[3]
                 d, u = self._lora_factors(device)
+                _, _, in_range, out_range, _ = self.svdq_parts[part]
+                if in_range is not None:
+                    d = d[in_range[0]: in_range[1]]
+                if out_range is not None:
+                    u = u[out_range[0]: out_range[1]]
                 if w.proj_down is not None:
                     d = torch.cat([w.proj_down, d.to(w.proj_down.dtype)], dim=1)
                     u = torch.cat([w.proj_up, u.to(w.proj_up.dtype)], dim=1)
                 merged = dataclasses.replace(w, proj_down=d.contiguous(), proj_up=u.contiguous())
-                self._svdq_lora_cat = (self.svdq_lora, w, device, merged)
+                cache[part] = (self.svdq_lora, w, device, merged)
                 return merged
 
-            def _composite_forward(self, x, down, up):
-                """Parts split by output rows are concatenated, parts split by input columns are summed."""
+            def _part_linear(self, x, part: int):
+                w = self.quantized_weights(device=x.device, part=part)
+                if not self.svdq_lora:
+                    return svdq_linear(x, w)
+                if triton_usable(x):  # the kernels take one branch: merged once per LoRA set
+                    return svdq_linear(x, self._with_lora_branch(w, x.device, part))
+                down, up = self._lora_factors(x.device)  # the reference keeps the factors separate, in fp32
+                _, _, in_range, out_range, _ = self.svdq_parts[part]
+                if in_range is not None:
+                    down = down[in_range[0]: in_range[1]]
+                if out_range is not None:
+                    up = up[out_range[0]: out_range[1]]
+                return svdq_linear(x, w, extra_down=down, extra_up=up)
+
+            def _composite_forward(self, x):
+                """Parts split by output rows are concatenated, parts split by input columns are summed; each
+                part carries its share of an attached LoRA in its own low-rank branch."""
                 outs = []
                 summed = None
                 for i, (_, _, in_range, out_range, _) in enumerate(self.svdq_parts):
                     xi = x if in_range is None else x[..., in_range[0]: in_range[1]]
-                    yi = svdq_linear(xi, self.quantized_weights(device=x.device, part=i))
+                    yi = self._part_linear(xi, i)
                     if out_range is not None:
                         outs.append((out_range[0], yi))
                     else:
                         summed = yi.float() if summed is None else summed + yi.float()
                 if outs:
-                    y = torch.cat([t for _, t in sorted(outs, key=lambda o: o[0])], dim=-1)
                     if summed is not None:
                         raise RuntimeError("a composite layer splits either by rows or by columns, not both")
-                else:
-                    y = summed.to(x.dtype)
-                if down is not None:
-                    y = (y.float() + (x.float() @ down.float()) @ up.float().T).to(x.dtype)
-                return y
+                    return torch.cat([t for _, t in sorted(outs, key=lambda o: o[0])], dim=-1)
+                return summed.to(x.dtype)
 
     return SVDQOps

@@ -24,6 +24,8 @@ SHAPES = [  # (M, K, N, rank, bias, unsigned)
     (33, 128, 130, 32, True, True),  # unsigned activations after the GELU shift
     (17, 320, 96, 64, False, False),
     (5, 256, 48, 128, True, False),
+    (9, 640, 80, 96, True, False),  # a LoRA-widened branch: 3 epilogue chunks of 32, no power-of-two pad
+    (12, 448, 64, 48, False, False),  # 3 chunks of 16
 ] + ([(4608, 3072, 3072, 32, True, False), (1000, 3072, 12288, 32, True, True), (77, 12288, 3072, 32, False, False)] if GPU else [])
 
 
@@ -42,6 +44,21 @@ def test_activation_kernel_codes_match(m, k, n, rank, bias, unsigned, triton_ker
     if rank:
         lref = x.float() @ layer.proj_down.float()
         assert rel(lora, lref) < 1e-3
+
+
+@pytest.mark.parametrize("per_program", [2, 3])
+def test_activation_tiles_per_program(per_program, triton_kernels):
+    """Pass 1 covering several K tiles per program (fewer low-rank partials; the last program's share may be
+    short) gives the same codes and branch product as one tile per program."""
+    from svdq.kernels.act_quant import quantize_activation
+
+    layer = random_layer(64, 1280, 96, True, device=DEV, seed=per_program)  # 5 tiles of 256
+    x = torch.randn(37, 1280, device=DEV, dtype=torch.bfloat16)
+    a1, s1, l1 = quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down, k_per_program=1)
+    a, s, lora = quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down, k_per_program=per_program)
+    assert torch.equal(a, a1) and torch.equal(s, s1)
+    assert rel(lora, l1) < 1e-5
+    assert rel(lora, x.float() @ layer.proj_down.float()) < 1e-3
 
 
 @pytest.mark.parametrize("m,k,n,rank,bias,unsigned", SHAPES)
@@ -135,17 +152,6 @@ def test_wrong_feature_count_is_a_clear_error(triton_kernels):
     layer = random_layer(64, 64, 0, False, device=DEV)
     with pytest.raises(ValueError, match="expects 64"):
         triton_kernels.svdq_linear(torch.randn(3, 65, device=DEV), layer)
-
-
-def test_resident_int8_weight_mode_matches(triton_kernels, monkeypatch):
-    layer = random_layer(96, 192, 16, True, device=DEV)
-    x = torch.randn(7, 192, device=DEV, dtype=torch.bfloat16)
-    default = triton_kernels.svdq_linear(x, layer)
-    monkeypatch.setenv("SVDQ_INT8_WEIGHTS", "1")
-    first = triton_kernels.svdq_linear(x, layer)
-    assert id(layer.qweight) in triton_kernels._resident_int8
-    again = triton_kernels.svdq_linear(x, layer)
-    assert torch.equal(first, default) and torch.equal(again, default)
 
 
 @pytest.mark.skipif(not GPU, reason="call plans replay compiled CUDA kernels")

@@ -170,9 +170,9 @@ def test_kernel_path_merges_the_lora_branch_once(models, triton_kernels, monkeyp
     lin = ql.model.diffusion_model.double_blocks[0].img_attn.qkv
     x = torch.randn(3, H)
     fast = lin(x)
-    merged = lin._svdq_lora_cat[3]
+    merged = lin._svdq_lora_cat[0][3]
     assert merged.rank == lin.quantized_weights().rank + 4
-    assert lin(x) is not None and lin._svdq_lora_cat[3] is merged  # reused, not rebuilt
+    assert lin(x) is not None and lin._svdq_lora_cat[0][3] is merged  # reused, not rebuilt
     monkeypatch.setenv("SVDQ_KERNELS", "reference")
     ref = lin(x)
     assert relative_error(fast, ref) < 1e-2

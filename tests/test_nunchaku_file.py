@@ -252,8 +252,13 @@ def load_header_meta(path):
     return read_header(path)[1]
 
 
-def test_lora_on_composite_single_block_layers(flux_files):
-    """A LoRA on a FLUX single block's linear1/linear2 (composite layers of a Nunchaku file) extends the branch."""
+@pytest.mark.parametrize("path", ["reference", "triton"])
+def test_lora_on_composite_single_block_layers(flux_files, path, monkeypatch):
+    """A LoRA on a FLUX single block's linear1/linear2 (composite layers of a Nunchaku file) extends the branch:
+    each part takes its rows of the LoRA factors (on the kernel path merged into that part's branch)."""
+    if path == "triton":
+        monkeypatch.setenv("SVDQ_KERNELS", "triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
     import comfy.model_management
 
     from svdq.nodes.loading import load_svdq_model
@@ -277,7 +282,8 @@ def test_lora_on_composite_single_block_layers(flux_files):
         lin.svdq_lora = saved
         up, down = lora[f"diffusion_model.{name}.lora_up.weight"], lora[f"diffusion_model.{name}.lora_down.weight"]
         expected = 0.5 * (x @ down.T) @ up.T
-        assert float((with_lora - without - expected).norm() / expected.norm()) < 1e-4
+        tol = 1e-4 if path == "reference" else 1e-2  # the kernel path carries the factors in 16 bits
+        assert float((with_lora - without - expected).norm() / expected.norm()) < tol
 
 
 def test_comfy_config_from_comfyui_nunchaku_is_usable(flux_files):
