@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -135,7 +136,7 @@ def act_rows(triton) -> list[dict]:
                 print(f"act {name} failed: {str(exc)[-800:]}", flush=True)
                 row[name] = float("nan")
         rows.append(row)
-        best = min((v, n) for n, v in row.items() if n.startswith("bm") and not n.endswith("_ok") and v == v)
+        best = min((v, n) for n, v in row.items() if n.startswith("bm") and not n.endswith("_ok") and not math.isnan(v))
         print(f"act K={k} r={rank}: floor {floor:.1f} µs, old {row[ACT_NAME0]:.1f}, best {best[1]} {best[0]:.1f}; "
               + ", ".join(f"{n} {v:.1f}" for n, v in row.items() if n.startswith("bm") and not n.endswith("_ok")), flush=True)
     return rows

@@ -2,11 +2,11 @@
 
 Reference: ``quant.formats.quantize_int4_activation`` (codes) and ``kernels.reference.lowrank_down``.
 
-Two launches over a (token block × K tile) grid, so every SM has work whatever M is. Pass 1 writes each
-64-group's absmax and, per program (one or a few K tiles), an ``x · L1`` partial product (tensor cores). Pass 2
-derives the per-token scale from all group maxima, writes the int8 operand ``code * multiplier`` and sums the
-low-rank partials in a fixed order (deterministic, no atomics), visiting tiles in reverse so that it starts on
-the input pass 1 left in L2. The launcher passes 1/λ; per-group
+Two launches over a (token block × K tile) grid, so every SM has work whatever M is. Pass 1 writes, per program
+(one or a few K tiles), each row's absmax and an ``x · L1`` partial product (tensor cores). Pass 2 derives the
+per-token scale from those few maxima (re-deriving the group maxima from its own tile), writes the int8 operand
+``code * multiplier`` and sums the low-rank partials in a fixed order (deterministic, no atomics), visiting
+tiles in reverse so that it starts on the input pass 1 left in L2. The launcher passes 1/λ; per-group
 reciprocals are IEEE (``div_rn``) and rounding is the fp32 magic-number trick, so codes equal the reference's
 bit for bit.
 """
@@ -59,8 +59,8 @@ def _act_stats_kernel(
     UNSIGNED: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_LORA: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, KSUB: tl.constexpr,
 ):
-    """Pass 1, KSUB [BLOCK_M, GROUPS*64] tiles per program: group absmax, and the x·L1 partial product of those
-    tiles (one partial per program: KSUB times fewer partials to write and sum at large K)."""
+    """Pass 1, KSUB [BLOCK_M, GROUPS*64] tiles per program: each row's absmax over those tiles, and their x·L1
+    partial product (one of each per program: KSUB times fewer partials to write and sum at large K)."""
     BLOCK_K: tl.constexpr = GROUP * GROUPS
     pid_m = tl.program_id(0)
     pid_p = tl.program_id(1)
@@ -68,21 +68,20 @@ def _act_stats_kernel(
     rmask = rows < M
     rcols = tl.arange(0, BLOCK_R)
     part = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    rmax = tl.zeros([BLOCK_M], dtype=tl.float32)
     for s in tl.static_range(KSUB):
         sub = pid_p * KSUB + s
         if sub < NSUB:
             k = sub * BLOCK_K + tl.arange(0, BLOCK_K)
             x, xf = _load_smoothed(x_ptr, inv_ptr, rows, rmask, k, K, stride_xm, shift, UNSIGNED, HAS_SMOOTH, BLOCK_K)
-            g = tl.reshape(tl.abs(xf), [BLOCK_M, GROUPS, GROUP])
-            amax = tl.max(g, axis=2)
-            gi = sub * GROUPS + tl.arange(0, GROUPS)
-            tl.store(gmax_ptr + rows[:, None] * stride_gm + gi[None, :], amax, mask=rmask[:, None])
+            rmax = tl.maximum(rmax, tl.max(tl.abs(xf), axis=1))
             if HAS_LORA:
                 d = tl.load(down_ptr + k[:, None] * stride_dk + rcols[None, :], mask=(k[:, None] < K) & (rcols[None, :] < R), other=0.0)
                 if DOT_FP32:
                     part = tl.dot(x.to(tl.float32), d.to(tl.float32), part, input_precision="ieee")
                 else:
                     part = tl.dot(x, d.to(x.dtype), part)
+    tl.store(gmax_ptr + rows * stride_gm + pid_p, rmax, mask=rmask)  # [M, n_parts]
     if HAS_LORA:  # partials [n_parts, M, R]: only the real rank travels through memory, not its power-of-two pad
         base = lora_ptr + pid_p * M * R
         tl.store(base + rows[:, None] * R + rcols[None, :], part, mask=rmask[:, None] & (rcols[None, :] < R))
@@ -113,15 +112,15 @@ def _quantize_store(xf, scale, out_ptr, rows, rmask, k, KP, stride_om, QMAX: tl.
 @triton.jit
 def _act_quant_kernel(
     x_ptr, inv_ptr, gmax_ptr, out_ptr, scale_ptr, part_ptr, lora_ptr,
-    M, K, KP, NG, R, NPARTS,
+    M, K, KP, R, NPARTS,
     stride_xm, stride_om, stride_gm, stride_lm,
     shift,
     QMAX: tl.constexpr, UMAX: tl.constexpr, QMIN: tl.constexpr,
     UNSIGNED: tl.constexpr, HAS_SMOOTH: tl.constexpr, INT8_MODE: tl.constexpr, USE_RINT: tl.constexpr,
     HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_M: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, NG_POW2: tl.constexpr, REVERSE: tl.constexpr,
+    BLOCK_M: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, NP_POW2: tl.constexpr, REVERSE: tl.constexpr,
 ):
-    """Pass 2: per-token scale from all group maxima, then this tile's codes (int8 operand = code * mult).
+    """Pass 2: per-token scale from pass 1's row maxima (a handful per row), then this tile's codes (int8 operand = code * mult).
 
     Tiles are visited in the reverse of pass 1's order, so the first ones read the input pass 1 touched last,
     while it is still in L2."""
@@ -134,9 +133,10 @@ def _act_quant_kernel(
         pid_k = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
-    ga = tl.arange(0, NG_POW2)
-    allg = tl.load(gmax_ptr + rows[:, None] * stride_gm + ga[None, :], mask=rmask[:, None] & (ga[None, :] < NG), other=0.0)
-    row_max = tl.max(allg, axis=1)
+    pa = tl.arange(0, NP_POW2)
+    maxima = tl.load(gmax_ptr + rows[:, None] * stride_gm + pa[None, :], mask=rmask[:, None] & (pa[None, :] < NPARTS),
+                     other=0.0)
+    row_max = tl.max(maxima, axis=1)
     scale = tl.where(row_max > 0, tl.math.div_rn(row_max, tl.full([BLOCK_M], QMAX * UMAX, tl.float32)), 1.0)
     if pid_k == tl.num_programs(1) - 1:  # one tile per row block (the first to run) writes the per-row results
         tl.store(scale_ptr + rows, scale, mask=rmask)
@@ -207,7 +207,7 @@ def quantize_activation(
     ksub = k_per_program or tiles_per_program(m_blocks, nsub, r, x2.device)
     nparts = triton.cdiv(nsub, ksub)
     # one allocation for the fp32 outputs and scratch (scale, group maxima, low-rank result and partials)
-    nf = m + m * ng + (m * r + nparts * m * r if r else 0)
+    nf = m + m * nparts + (m * r + nparts * m * r if r else 0)
     if scratch is None:
         f32 = torch.empty(nf, dtype=torch.float32, device=x2.device)
         out = torch.empty(m, k_padded, dtype=torch.int8, device=x2.device)
@@ -215,9 +215,9 @@ def quantize_activation(
         f32 = scratch("act_f32", nf, torch.float32)
         out = scratch("act_i8", m * k_padded, torch.int8).view(m, k_padded)
     scale = f32[:m]
-    gmax = f32[m : m + m * ng].view(m, ng)
-    lora = f32[m + m * ng : m + m * ng + m * r].view(m, r) if r else None
-    parts = f32[m + m * ng + m * r :].view(nparts, m, r) if r else None
+    gmax = f32[m : m + m * nparts].view(m, nparts)  # each pass-1 program's row maxima
+    lora = f32[m + m * nparts : m + m * nparts + m * r].view(m, r) if r else None
+    parts = f32[m + m * nparts + m * r :].view(nparts, m, r) if r else None
     inv = smooth  # the kernels take λ and form 1/λ themselves
     launch(_act_stats_kernel, (m_blocks, nparts), (
         x2, inv if inv is not None else x2, proj_down if r else x2, gmax, parts if r else gmax,
@@ -229,13 +229,13 @@ def quantize_activation(
     )
     launch(_act_quant_kernel, (m_blocks, nsub), (
         x2, inv if inv is not None else x2, gmax, out, scale, parts if r else gmax, lora if r else gmax,
-        m, k, k_padded, ng, r, nparts,
+        m, k, k_padded, r, nparts,
         x2.stride(0), out.stride(0), gmax.stride(0), lora.stride(0) if r else 0,
         float(shift)),
         QMAX=qmax, UMAX=umax, QMIN=qmin,
         UNSIGNED=bool(unsigned), HAS_SMOOTH=inv is not None, INT8_MODE=mode == "int8", USE_RINT=not interpreting(),
         HAS_LORA=r > 0, BLOCK_R=block_r,
-        BLOCK_M=bm, GROUP=64, GROUPS=groups, NG_POW2=max(2, triton.next_power_of_2(ng)), REVERSE=reverse,
+        BLOCK_M=bm, GROUP=64, GROUPS=groups, NP_POW2=max(2, triton.next_power_of_2(nparts)), REVERSE=reverse,
         num_warps=num_warps,
     )
     return out, scale, lora
