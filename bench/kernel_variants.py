@@ -91,8 +91,8 @@ def w4a16_rows(triton) -> list[dict]:
     return rows
 
 
-ACT_VARIANTS = [  # (block_m, groups, num_warps, k_per_program, reverse); the first is the old default
-    (32, 4, 4, 1, False), (32, 4, 4, 1, True), (32, 4, 4, 4, True), (32, 4, 4, None, True),
+ACT_VARIANTS = [  # (block_m, groups, num_warps, k_per_program, reverse); the first is the old default, None = default
+    (32, 4, 4, 1, False), (None, None, 4, None, True), (32, 4, 4, 1, True), (32, 4, 4, 4, True), (32, 4, 4, None, True),
     (64, 4, 8, None, True), (32, 8, 8, None, True), (16, 8, 4, None, True), (64, 2, 4, None, True),
 ]
 
@@ -120,7 +120,7 @@ def act_rows(triton) -> list[dict]:
         row = {"M": m, "K": k, "rank": rank, "floor_us": floor}
         ref = quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down, k_per_program=1, reverse=False)
         for bm, groups, warps, kpp, rev in ACT_VARIANTS:
-            name = f"bm{bm}_g{groups}_w{warps}_k{kpp or 'auto'}_{'rev' if rev else 'fwd'}"
+            name = f"bm{bm or 'auto'}_g{groups or 'auto'}_w{warps}_k{kpp or 'auto'}_{'rev' if rev else 'fwd'}"
 
             def fn(bm=bm, groups=groups, warps=warps, kpp=kpp, rev=rev):
                 return quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down, block_m=bm, groups=groups,

@@ -197,11 +197,13 @@ def quantize_activation(
         raise ValueError(f"activation kernel supports int4 and int8, not {mode!r}")
     ng = k_padded // 64
     block_r = max(16, triton.next_power_of_2(r)) if r else 16
+    wide = k_padded >= 8192 or r > 32  # H100 tile sweep (bench/kernel_variants.py): taller, narrower tiles win there
     if groups is None:
-        groups = 4 if ng % 4 == 0 else (2 if ng % 2 == 0 else 1)
+        want = 2 if wide else 4
+        groups = next(g for g in (want, 2, 1) if ng % g == 0)
     elif ng % groups:
         raise ValueError(f"{groups} groups per tile do not divide the {ng} groups of K = {k_padded}")
-    bm = block_m or 32
+    bm = block_m or (64 if wide else 32)
     nsub = ng // groups
     m_blocks = triton.cdiv(m, bm)
     ksub = k_per_program or tiles_per_program(m_blocks, nsub, r, x2.device)
