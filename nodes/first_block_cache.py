@@ -31,16 +31,45 @@ class FirstBlockCache:
         self.skipped_steps = 0
         self.computed_steps = 0
 
-    def _state(self, topts) -> dict:
-        key = tuple(topts.get("cond_or_uncond", []))
-        sig = topts.get("sigmas")
-        sigma = float(sig.max()) if torch.is_tensor(sig) else None
+    @staticmethod
+    def _key(topts) -> tuple:
+        return tuple(topts.get("cond_or_uncond", []))
+
+    def _begin_step(self, topts, sigma: float | None) -> dict:
+        """This batch's state at the start of a step; a fresh one when a new sampling run begins (sigma goes up)."""
+        key = self._key(topts)
         st = self.state.get(key)
         if st is None or (sigma is not None and st["sigma"] is not None and sigma > st["sigma"]):
             st = {"prev_r0": None, "residual": None, "skip": False, "sigma": sigma, "first": None}
             self.state[key] = st
         st["sigma"] = sigma
         return st
+
+    def _current(self, topts) -> dict:
+        """The state the step's first block set up: later blocks read no tensor (no host-GPU synchronisation per
+        block, which kept the host from running ahead: 57 synchronisations per FLUX step)."""
+        st = self.state.get(self._key(topts))
+        return st if st is not None else self._begin_step(topts, None)
+
+    def _step_values(self, topts, change: torch.Tensor | None, device) -> tuple[float | None, float | None]:
+        """(sigma, relative change) on the host with one device-to-host copy: the one synchronisation a step needs
+        (whether to skip decides which kernels the host launches next)."""
+        sig = topts.get("sigmas")
+        vals = []
+        if torch.is_tensor(sig):
+            vals.append(sig.detach().max().float().to(device))
+        if change is not None:
+            vals.append(change.detach().float().reshape(()).to(device))
+        host = torch.stack(vals).tolist() if vals else []
+        sigma = host[0] if torch.is_tensor(sig) else None
+        return sigma, (host[-1] if change is not None else None)
+
+    def _relative_change(self, prev: dict | None, r0: torch.Tensor) -> torch.Tensor | None:
+        if self.threshold <= 0 or prev is None or prev["prev_r0"] is None or prev["residual"] is None:
+            return None
+        if prev["prev_r0"].shape != r0.shape:
+            return None
+        return (r0 - prev["prev_r0"]).abs().mean() / prev["prev_r0"].abs().mean().clamp(min=1e-12)
 
     def _in_range(self, st) -> bool:
         s = st["sigma"]
@@ -49,15 +78,14 @@ class FirstBlockCache:
     def first_double(self, prev):
         def patch(args, extra):
             topts = args["transformer_options"]
-            st = self._state(topts)
             img_in = args["img"].clone()  # ComfyUI's blocks update their input in place
             out = prev(args, extra) if prev is not None else extra["original_block"](args)
             r0 = out["img"] - img_in
-            skip = False
-            if self.threshold > 0 and st["prev_r0"] is not None and st["residual"] is not None and self._in_range(st):
-                if st["prev_r0"].shape == r0.shape:
-                    change = (r0 - st["prev_r0"]).abs().mean() / st["prev_r0"].abs().mean().clamp(min=1e-12)
-                    skip = float(change) < self.threshold
+            before = self.state.get(self._key(topts))
+            change = self._relative_change(before, r0)
+            sigma, value = self._step_values(topts, change, r0.device)
+            st = self._begin_step(topts, sigma)
+            skip = value is not None and st is before and self._in_range(st) and value < self.threshold
             st["skip"] = skip
             if not skip:
                 st["prev_r0"] = r0  # compare against the last step that was fully computed
@@ -72,7 +100,7 @@ class FirstBlockCache:
 
     def passthrough(self, prev, keys):
         def patch(args, extra):
-            st = self._state(args["transformer_options"])
+            st = self._current(args["transformer_options"])
             if st["skip"]:
                 return {k: args[k] for k in keys}
             return prev(args, extra) if prev is not None else extra["original_block"](args)
@@ -81,7 +109,7 @@ class FirstBlockCache:
 
     def last_single(self, prev):
         def patch(args, extra):
-            st = self._state(args["transformer_options"])
+            st = self._current(args["transformer_options"])
             if st["skip"]:
                 return {"img": args["img"] + st["residual"]}
             out = prev(args, extra) if prev is not None else extra["original_block"](args)
@@ -104,13 +132,13 @@ class UNetFirstBlockCache(FirstBlockCache):
     def input_block_patch(self, h, topts):
         if topts.get("block") != ("input", self.probe_block):
             return h
-        st = self._state(topts)
-        if self.threshold > 0 and st["prev_r0"] is not None and st["residual"] is not None and self._in_range(st):
-            if st["prev_r0"].shape == h.shape:
-                change = (h - st["prev_r0"]).abs().mean() / st["prev_r0"].abs().mean().clamp(min=1e-12)
-                if float(change) < self.threshold:
-                    self.skipped_steps += 1
-                    raise _SkipRest()
+        before = self.state.get(self._key(topts))
+        change = self._relative_change(before, h)
+        sigma, value = self._step_values(topts, change, h.device)
+        st = self._begin_step(topts, sigma)
+        if value is not None and st is before and self._in_range(st) and value < self.threshold:
+            self.skipped_steps += 1
+            raise _SkipRest()
         st["prev_r0"] = h.detach().clone()
         self.computed_steps += 1
         return h
@@ -119,8 +147,8 @@ class UNetFirstBlockCache(FirstBlockCache):
         try:
             out = executor(x, timesteps, context, y, control, transformer_options, **kwargs)
         except _SkipRest:
-            return self._state(transformer_options)["residual"].clone()
-        self._state(transformer_options)["residual"] = out.detach().clone()
+            return self._current(transformer_options)["residual"].clone()
+        self._current(transformer_options)["residual"] = out.detach().clone()
         return out
 
 

@@ -119,3 +119,47 @@ def test_memory_accounting_counts_4bit_bytes(qm, tiny_models):
     size = qm.model_size()
     file_size = os.path.getsize(tiny_models[1])
     assert 0.5 * file_size < size < 1.5 * file_size  # not the logical 16-bit size of the fake weights
+
+
+class _CountingSigma(torch.Tensor):
+    """A sigmas tensor that counts the reads that would synchronise host and GPU."""
+
+    reads = 0
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in (torch.Tensor.max, torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__float__):
+            cls.reads += 1
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_first_block_cache_reads_the_step_state_once_per_step():
+    """Only the first block reads sigma and the change (one host copy); the other blocks' patches read nothing, so
+    the host keeps running ahead of the GPU. Skipping still follows the threshold."""
+    from svdq.nodes.first_block_cache import FirstBlockCache
+
+    cache = FirstBlockCache(0.05, sigma_start=1.0, sigma_end=0.0, n_double=3, n_single=3)
+    first = cache.first_double(None)
+    mids = [cache.passthrough(None, ("img", "txt")) for _ in range(2)] + [cache.passthrough(None, ("img",))]
+    last = cache.last_single(None)
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(1, 8, 4, generator=g)
+
+    def block(scale):
+        return lambda a: {"img": a["img"] * scale, "txt": a["txt"]} if "txt" in a else {"img": a["img"] * scale}
+
+    for step, (sigma, s0) in enumerate([(0.9, 1.5), (0.8, 1.5), (0.7, 1.51)]):
+        _CountingSigma.reads = 0
+        topts = {"sigmas": torch.tensor([sigma]).as_subclass(_CountingSigma), "cond_or_uncond": [0]}
+        txt = torch.zeros(1, 2, 4)
+        out = first({"img": base.clone(), "txt": txt, "transformer_options": topts}, {"original_block": block(s0)})
+        after_first = _CountingSigma.reads
+        assert 1 <= after_first <= 2
+        for fn in mids[:2]:
+            out = fn({**out, "transformer_options": topts}, {"original_block": block(1.1)})
+        img = torch.cat((out["txt"], out["img"]), 1)
+        img = mids[2]({"img": img, "transformer_options": topts}, {"original_block": block(1.1)})["img"]
+        last({"img": img, "transformer_options": topts}, {"original_block": block(1.1)})
+        assert _CountingSigma.reads == after_first, "a later block read the step state again"
+    # step 0 computes; steps 1 and 2 change the first block's residual by 0% and 2% (< 5%): skipped
+    assert cache.computed_steps == 1 and cache.skipped_steps == 2
