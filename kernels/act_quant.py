@@ -76,7 +76,8 @@ def _act_stats_kernel(
             x, xf = _load_smoothed(x_ptr, inv_ptr, rows, rmask, k, K, stride_xm, shift, UNSIGNED, HAS_SMOOTH, BLOCK_K)
             rmax = tl.maximum(rmax, tl.max(tl.abs(xf), axis=1))
             if HAS_LORA:
-                d = tl.load(down_ptr + k[:, None] * stride_dk + rcols[None, :], mask=(k[:, None] < K) & (rcols[None, :] < R), other=0.0)
+                d = tl.load(down_ptr + k[:, None] * stride_dk + rcols[None, :],
+                            mask=(k[:, None] < K) & (rcols[None, :] < R), other=0.0)
                 if DOT_FP32:
                     part = tl.dot(x.to(tl.float32), d.to(tl.float32), part, input_precision="ieee")
                 else:
@@ -120,7 +121,8 @@ def _act_quant_kernel(
     HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, NP_POW2: tl.constexpr, REVERSE: tl.constexpr,
 ):
-    """Pass 2: per-token scale from pass 1's row maxima (a handful per row), then this tile's codes (int8 operand = code * mult).
+    """Pass 2: per-token scale from pass 1's row maxima (a handful per row), then this tile's codes (int8
+    operand = code * mult).
 
     Tiles are visited in the reverse of pass 1's order, so the first ones read the input pass 1 touched last,
     while it is still in L2."""
@@ -138,7 +140,7 @@ def _act_quant_kernel(
                      other=0.0)
     row_max = tl.max(maxima, axis=1)
     scale = tl.where(row_max > 0, tl.math.div_rn(row_max, tl.full([BLOCK_M], QMAX * UMAX, tl.float32)), 1.0)
-    if pid_k == tl.num_programs(1) - 1:  # one tile per row block (the first to run) writes the per-row results
+    if pid_k == tl.num_programs(1) - 1:  # one tile per row block (the first to run, in reverse) writes per-row results
         tl.store(scale_ptr + rows, scale, mask=rmask)
         if HAS_LORA:  # sum the partials in a fixed order: deterministic, no atomics, no memset
             rcols = tl.arange(0, BLOCK_R)
@@ -156,7 +158,7 @@ def _act_quant_kernel(
 def tiles_per_program(m_blocks: int, tiles: int, rank: int, device: torch.device) -> int:
     """K tiles one pass-1 program covers: 1 without a branch, else up to 4 while the grid keeps ~8 programs per
     SM (rank ≤ 32) or ~2 (a wider, LoRA-extended branch, whose partials cost more than the lost parallelism).
-    Fewer partials to write and sum: H100, M = 4608, K = 15360: 198 → 174 µs at rank 32, 326 → 264 at rank 96."""
+    Fewer partials to write and sum (H100 tile sweep in BENCHMARKS.md: −15 to −20% at K = 15360)."""
     if rank == 0 or interpreting() or device.type != "cuda":
         return 1
     per_sm = 8 if rank <= 32 else 2
