@@ -114,10 +114,33 @@ def svdq_linear(
     extra_down: torch.Tensor | None = None,
     extra_up: torch.Tensor | None = None,
     gelu: bool = False,
+    out: torch.Tensor | None = None,
+    accumulate: bool = False,
 ) -> torch.Tensor:
-    """The quantized linear on [..., K] input; ``extra_down``/``extra_up`` append LoRA ranks to the branch."""
+    """The quantized linear on [..., K] input; ``extra_down``/``extra_up`` append LoRA ranks to the branch.
+
+    ``out`` ([..., N], unit column stride, e.g. a column slice of a wider output) receives the result instead of
+    a new tensor, and with ``accumulate`` the result is added to it (the halves of a layer split by input
+    columns); the W4A4 kernels write there directly, other paths copy. The input may be a column slice too
+    (rows with a stride): the kernels read it in place."""
     if x.shape[-1] != w.in_features:
         raise ValueError(f"input has {x.shape[-1]} features, layer expects {w.in_features}")
+    if out is not None and (out.shape[:-1] != x.shape[:-1] or out.shape[-1] != w.out_features):
+        raise ValueError(f"output shape {tuple(out.shape)} does not fit input {tuple(x.shape)} and {w.out_features} features")
+    if accumulate and out is None:
+        raise ValueError("accumulate needs an output to add to")
+    y = _compute(x, w, extra_down, extra_up, gelu, out, accumulate)
+    if out is None or y is out:
+        return y
+    if accumulate:
+        out.add_(y.to(out.dtype))
+    else:
+        out.copy_(y)
+    return out
+
+
+def _compute(x, w, extra_down, extra_up, gelu, out, accumulate):
+    """The layer's result: ``out`` itself where a kernel wrote (or added) into it, else a new tensor."""
     if not triton_usable(x):
         return svdq_linear_reference(x, w, extra_down, extra_up, gelu)
     reason = _unsupported(x, w)
@@ -126,24 +149,33 @@ def svdq_linear(
         return svdq_linear_reference(x, w, extra_down, extra_up, gelu)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, w.in_features)
-    if not x2.is_contiguous():
+    if x2.stride(-1) != 1:
         x2 = x2.contiguous()
+    out2 = None
+    if out is not None and out.dtype == x.dtype and out.stride(-1) == 1:
+        try:
+            out2 = out.view(-1, w.out_features)  # never a copy: the kernel must write into ``out`` itself
+        except RuntimeError:
+            out2 = None
+    acc = accumulate and out2 is not None
     if extra_down is None:
-        y = _planned(x2, w, gelu)
+        y = _planned(x2, w, gelu, out2, acc)
         if y is not None:
-            return y.reshape(*lead, w.out_features)
+            return out if y is out2 else y.reshape(*lead, w.out_features)
     down, up = w.proj_down, w.proj_up
     if extra_down is not None:
         down = extra_down if down is None else torch.cat([down, extra_down.to(down.dtype)], dim=1)
         up = extra_up if up is None else torch.cat([up, extra_up.to(up.dtype)], dim=1)
-    y = _run(x2, w, down, up, gelu)
+    y = _run(x2, w, down, up, gelu, out2, acc)
     if y is None:
         _warn_once(f"activation precision {w.act_precision}")
         return svdq_linear_reference(x, w, extra_down, extra_up, gelu)
-    return y.reshape(*lead, w.out_features)
+    return out if y is out2 else y.reshape(*lead, w.out_features)
 
 
-def _run(x2, w, down, up, gelu):
+def _run(x2, w, down, up, gelu, out2=None, accumulate=False):
+    """One call on 2-D input. The W4A4 kernels write into ``out2`` when given (adding with ``accumulate``) and
+    return it; the other paths return a new tensor for the caller to place."""
     if w.precision == "int4g":
         return _int4g(x2, w, down, up, gelu)
     if w.kind == "w4a16" or w.act_precision == "none":
@@ -154,7 +186,7 @@ def _run(x2, w, down, up, gelu):
             scratch=arena(x2.device).get,
         )
         w8 = int8_weights(w)
-        return w4a4_gemm(a8, ascale, w8, w.wscale, lora, up, w.bias, x2.dtype, gelu)
+        return w4a4_gemm(a8, ascale, w8, w.wscale, lora, up, w.bias, x2.dtype, gelu, out=out2, accumulate=accumulate)
     return None
 
 
@@ -191,8 +223,8 @@ class _Plan:
         plan.launches, plan.shape, plan.dtype, plan.generation = launches, tuple(y.shape), y.dtype, ar.generation
         return plan
 
-    def run(self, x2: torch.Tensor) -> torch.Tensor:
-        y = torch.empty(self.shape, dtype=self.dtype, device=x2.device)
+    def run(self, x2: torch.Tensor, out2: torch.Tensor | None = None) -> torch.Tensor:
+        y = torch.empty(self.shape, dtype=self.dtype, device=x2.device) if out2 is None else out2
         for runner, args, xpos, ypos in self.launches:
             a = list(args)
             for i in xpos:
@@ -203,26 +235,33 @@ class _Plan:
         return y
 
 
-def _planned(x2: torch.Tensor, w: QuantizedLinearWeights, gelu: bool) -> torch.Tensor | None:
-    """Replay this layer's recorded launches for this shape, or run the call once while recording them."""
+def _planned(x2: torch.Tensor, w: QuantizedLinearWeights, gelu: bool, out2: torch.Tensor | None = None,
+             accumulate: bool = False) -> torch.Tensor | None:
+    """Replay this layer's recorded launches for this shape, or run the call once while recording them.
+
+    The key holds everything a recorded launch bakes in besides the tensors it swaps: the row strides of the
+    input and of a given output, and whether the output is given and added to."""
     settings = tuple(map(os.environ.get, _ENV))  # a switch changed mid-run must not reuse older plans
     if os.environ.get("SVDQ_PLANS") == "0" or not x2.is_cuda:
         return None
-    key = (x2.shape[0], x2.dtype, x2.data_ptr() % 16 == 0, gelu, settings)
+    into = None if out2 is None else (out2.stride(0), out2.data_ptr() % 16 == 0, accumulate)
+    key = (x2.shape[0], x2.dtype, x2.data_ptr() % 16 == 0, x2.stride(0), gelu, into, settings)
     plans = w.__dict__.setdefault("_svdq_plans", {})
     plan = plans.get(key)
     ar = arena(x2.device)
     if plan is False:
         return None
     if plan is not None and plan.generation == ar.generation:
-        return plan.run(x2)
+        return plan.run(x2, out2)
     if torch.cuda.is_current_stream_capturing():
         return None
     with recording() as rec:
-        y = _run(x2, w, w.proj_down, w.proj_up, gelu)
+        y = _run(x2, w, w.proj_down, w.proj_up, gelu, out2, accumulate)
     if y is None:
         return None
     plan = _Plan.build(rec, x2, y, w, ar)
+    if plan is not None and out2 is not None and y is not out2:  # this path ignores ``out2``: replay allocates
+        plan = False
     plans[key] = plan if plan is not None else False
     return y
 

@@ -76,7 +76,7 @@ def _gelu_tanh(y):
 @triton.jit
 def _epilogue(acc, rm, rn, M, N, R, ascale_ptr, wscale_ptr, lora_ptr, up_ptr, bias_ptr, c_ptr, stride_lm, stride_un,
               stride_cm, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, DOT_FP32: tl.constexpr,
-              BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr):
+              BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr, ACCUMULATE: tl.constexpr):
     """Scales, low-rank up-projection (accumulated into the same registers), bias, GELU, one 16-bit store.
 
     The branch is taken R_CHUNK ranks at a time, so a LoRA-widened branch (rank 96 = 32 + 64, say) is neither
@@ -103,7 +103,10 @@ def _epilogue(acc, rm, rn, M, N, R, ascale_ptr, wscale_ptr, lora_ptr, up_ptr, bi
     if GELU:
         y = _gelu_tanh(y)
     c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :]
-    tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+    cmask = mmask[:, None] & nmask[None, :]
+    if ACCUMULATE:  # add to what the output holds (the other half of a layer split by input columns)
+        y += tl.load(c_ptrs, mask=cmask, other=0.0).to(tl.float32)
+    tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=cmask)
 
 
 @triton.jit
@@ -112,6 +115,7 @@ def _w4a4_gemm_kernel(
     M, N, KP, R,
     stride_am, stride_bn, stride_lm, stride_un, stride_cm,
     HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, DOT_FP32: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     R_CHUNK: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
 ):
@@ -146,7 +150,7 @@ def _w4a4_gemm_kernel(
         b_ptrs += BLOCK_K
 
     _epilogue(acc, rm, rn, M, N, R, ascale_ptr, wscale_ptr, lora_ptr, up_ptr, bias_ptr, c_ptr, stride_lm, stride_un,
-              stride_cm, HAS_LORA, HAS_BIAS, GELU, DOT_FP32, BLOCK_R, R_CHUNK)
+              stride_cm, HAS_LORA, HAS_BIAS, GELU, DOT_FP32, BLOCK_R, R_CHUNK, ACCUMULATE)
 
 
 @triton.jit
@@ -155,6 +159,7 @@ def _w4a4_gemm_tma_kernel(
     M, N, KP, R,
     stride_lm, stride_un, stride_cm, NUM_PROGRAMS,
     HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, DOT_FP32: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     R_CHUNK: tl.constexpr, GROUP_M: tl.constexpr, FLATTEN: tl.constexpr,
 ):
@@ -183,7 +188,7 @@ def _w4a4_gemm_tma_kernel(
         rm = off_m + tl.arange(0, BLOCK_M)
         rn = off_n + tl.arange(0, BLOCK_N)
         _epilogue(acc, rm, rn, M, N, R, ascale_ptr, wscale_ptr, lora_ptr, up_ptr, bias_ptr, c_ptr, stride_lm,
-                  stride_un, stride_cm, HAS_LORA, HAS_BIAS, GELU, DOT_FP32, BLOCK_R, R_CHUNK)
+                  stride_un, stride_cm, HAS_LORA, HAS_BIAS, GELU, DOT_FP32, BLOCK_R, R_CHUNK, ACCUMULATE)
 
 
 def _pointer_configs():
@@ -214,6 +219,15 @@ def _tma_configs():
 class _GemmTuned(TunedKernel):
     """Both GEMM schedules under one shape-keyed tuner: each config names its kernel (``SCHEDULE``), so the
     cached winner per shape may be either. TMA configs get descriptors for their tile shape at launch."""
+
+    def _tuning_args(self, args: tuple, flags: dict) -> tuple[tuple, dict]:
+        """Candidates must not add into the real output again and again: an accumulating call is tuned as a
+        plain one on scratch output (the extra load in the epilogue does not change which tile wins)."""
+        if not flags.get("ACCUMULATE"):
+            return args, flags
+        m, n = args[8], args[9]
+        scratch = torch.empty(m, n, dtype=args[7].dtype, device=args[7].device)
+        return args[:7] + (scratch,) + args[8:16] + (scratch.stride(0),), {**flags, "ACCUMULATE": False}
 
     def _launch(self, cfg: dict, args: tuple, flags: dict, m: int, n: int) -> None:
         kw = dict(cfg["kwargs"])
@@ -268,18 +282,30 @@ def w4a4_gemm(
     gelu: bool = False,
     config: dict | None = None,
     schedule: str | None = None,
+    out: torch.Tensor | None = None,
+    accumulate: bool = False,
 ) -> torch.Tensor:
-    """y [M, N] = (a8 · w8ᵀ) · ascale · wscale + lora_act · proj_upᵀ + bias (then GELU)."""
+    """y [M, N] = (a8 · w8ᵀ) · ascale · wscale + lora_act · proj_upᵀ + bias (then GELU).
+
+    ``out``: an [M, N] tensor (any row stride, unit column stride) to write into, e.g. a column slice of a wider
+    output; with ``accumulate`` y is added to what it holds."""
     m, kp = a8.shape
     n = w8.shape[0]
     r = 0 if proj_up is None else proj_up.shape[1]
-    out = torch.empty(m, n, dtype=out_dtype, device=a8.device)
+    if out is None:
+        if accumulate:
+            raise ValueError("accumulate needs an output to add to")
+        out = torch.empty(m, n, dtype=out_dtype, device=a8.device)
+    elif out.shape != (m, n) or out.stride(1) != 1 or out.dtype != out_dtype or out.device != a8.device:
+        raise ValueError(f"output must be {out_dtype} [{m}, {n}] with unit column stride on {a8.device}, got "
+                         f"{out.dtype} {tuple(out.shape)} strides {out.stride()} on {out.device}")
     block_r, r_chunk = branch_chunks(r)
     args = (
         a8, w8, ascale, wscale, lora_act if r else ascale, proj_up if r else ascale, bias if bias is not None else ascale, out,
         m, n, kp, r,
         a8.stride(0), w8.stride(0), lora_act.stride(0) if r else 0, proj_up.stride(0) if r else 0, out.stride(0),
     )
-    flags = dict(HAS_LORA=r > 0, HAS_BIAS=bias is not None, GELU=gelu, BLOCK_R=block_r, R_CHUNK=r_chunk, DOT_FP32=fp32_dots(a8, proj_up))
+    flags = dict(HAS_LORA=r > 0, HAS_BIAS=bias is not None, GELU=gelu, BLOCK_R=block_r, R_CHUNK=r_chunk,
+                 DOT_FP32=fp32_dots(a8, proj_up), ACCUMULATE=bool(accumulate))
     _TUNERS[schedule or gemm_schedule(a8.device)](args, flags, config=config)
     return out

@@ -22,6 +22,25 @@ from ..kernels.reference import QuantizedLinearWeights
 _META = ("kind", "precision", "act_precision", "act_unsigned", "act_shift")
 
 
+def _check_part_ranges(name: str, parts: list, in_features: int, out_features: int) -> None:
+    """A composite layer's parts must tile its outputs (split by rows) or its inputs (split by columns) exactly:
+    the forward writes each part into its slice of one output, so a gap would leave memory unwritten."""
+    by_rows = [p[3] is not None for p in parts]
+    if all(by_rows):
+        ranges, total = [tuple(p[3]) for p in parts], out_features
+    elif not any(by_rows) and all(p[2] is not None for p in parts):
+        ranges, total = [tuple(p[2]) for p in parts], in_features
+    else:
+        raise ValueError(f"{name}: a composite layer splits either by output rows or by input columns, not both")
+    edge = 0
+    for lo, hi in ranges:
+        if lo != edge or hi <= lo:
+            raise ValueError(f"{name}: part ranges {ranges} do not tile 0..{total} in order")
+        edge = hi
+    if edge != total:
+        raise ValueError(f"{name}: part ranges {ranges} cover 0..{edge}, the layer has {total}")
+
+
 def make_svdq_ops(layer_meta: dict[str, dict]):
     """An operations class that knows which layers are quantized (``layer_meta``: name → metadata dict)."""
 
@@ -70,6 +89,8 @@ def make_svdq_ops(layer_meta: dict[str, dict]):
                         setattr(self, f"{attr}{field}", None if t is None else torch.nn.Parameter(t, requires_grad=False))
                     self.svdq_parts.append((attr, {k: part["meta"][k] for k in _META if k in part["meta"]},
                                             part.get("in_range"), part.get("out_range"), src))
+                if "parts" in meta:
+                    _check_part_ranges(name, self.svdq_parts, self.in_features, self.out_features)
                 self.svdq_meta = {"parts": len(self.svdq_parts)} if "parts" in meta else self.svdq_parts[0][1]
                 # the layer's float bias lives in svdq_bias (shift compensation folded in); ``weight`` (and a
                 # composite's ``bias``) are storage-free tensors of the logical shape, so ComfyUI's LoRA key maps
@@ -169,36 +190,36 @@ def make_svdq_ops(layer_meta: dict[str, dict]):
                 cache[part] = (self.svdq_lora, w, device, merged)
                 return merged
 
-            def _part_linear(self, x, part: int):
+            def _part_linear(self, x, part: int, out=None, accumulate: bool = False):
                 w = self.quantized_weights(device=x.device, part=part)
                 if not self.svdq_lora:
-                    return svdq_linear(x, w)
+                    return svdq_linear(x, w, out=out, accumulate=accumulate)
                 if triton_usable(x):  # the kernels take one branch: merged once per LoRA set
-                    return svdq_linear(x, self._with_lora_branch(w, x.device, part))
+                    return svdq_linear(x, self._with_lora_branch(w, x.device, part), out=out, accumulate=accumulate)
                 down, up = self._lora_factors(x.device)  # the reference keeps the factors separate, in fp32
                 _, _, in_range, out_range, _ = self.svdq_parts[part]
                 if in_range is not None:
                     down = down[in_range[0]: in_range[1]]
                 if out_range is not None:
                     up = up[out_range[0]: out_range[1]]
-                return svdq_linear(x, w, extra_down=down, extra_up=up)
+                return svdq_linear(x, w, extra_down=down, extra_up=up, out=out, accumulate=accumulate)
 
             def _composite_forward(self, x):
-                """Parts split by output rows are concatenated, parts split by input columns are summed; each
-                part carries its share of an attached LoRA in its own low-rank branch."""
-                outs = []
-                summed = None
-                for i, (_, _, in_range, out_range, _) in enumerate(self.svdq_parts):
-                    xi = x if in_range is None else x[..., in_range[0]: in_range[1]]
-                    yi = self._part_linear(xi, i)
-                    if out_range is not None:
-                        outs.append((out_range[0], yi))
+                """Parts split by output rows write their column slices of one output (no concatenation); parts
+                split by input columns read their slices of the input in place and add into the first part's
+                output (no fp32 sum). Each part carries its share of an attached LoRA in its own branch."""
+                if self.svdq_parts[0][3] is not None:
+                    y = torch.empty(*x.shape[:-1], self.out_features, dtype=x.dtype, device=x.device)
+                    for i, (_, _, in_range, (lo, hi), _) in enumerate(self.svdq_parts):
+                        xi = x if in_range is None else x[..., in_range[0]: in_range[1]]
+                        self._part_linear(xi, i, out=y[..., lo:hi])
+                    return y
+                y = None
+                for i, (_, _, (lo, hi), _, _) in enumerate(self.svdq_parts):
+                    if y is None:
+                        y = self._part_linear(x[..., lo:hi], i)
                     else:
-                        summed = yi.float() if summed is None else summed + yi.float()
-                if outs:
-                    if summed is not None:
-                        raise RuntimeError("a composite layer splits either by rows or by columns, not both")
-                    return torch.cat([t for _, t in sorted(outs, key=lambda o: o[0])], dim=-1)
-                return summed.to(x.dtype)
+                        self._part_linear(x[..., lo:hi], i, out=y, accumulate=True)
+                return y
 
     return SVDQOps

@@ -177,6 +177,29 @@ def test_call_plans_replay_exactly(kind, triton_kernels, monkeypatch):
         assert torch.equal(e, g)
 
 
+@pytest.mark.parametrize("schedule", ["pointer", "tma"] if GPU else ["pointer"])
+def test_output_slices_strided_input_and_accumulate(schedule, triton_kernels, monkeypatch):
+    """Writing into a column slice of a wider output, reading a column slice of a wider input, and adding into
+    an existing output give the plain call's numbers, planned (GPU) or not, on both GEMM schedules."""
+    monkeypatch.setenv("SVDQ_GEMM", schedule)
+    layer = random_layer(96, 192, 32, True, device=DEV, seed=21)
+    wide_x = torch.randn(2, 7, 200, device=DEV, dtype=torch.bfloat16)
+    x = wide_x[..., 3:195]
+    plain = triton_kernels.svdq_linear(x.contiguous(), layer)
+    for _ in range(3):  # the first call records a plan on the GPU, the others replay it
+        buf = torch.full((2, 7, 130), float("nan"), device=DEV, dtype=torch.bfloat16)
+        got = triton_kernels.svdq_linear(x, layer, out=buf[..., 10:106])
+        assert got.data_ptr() == buf[..., 10:106].data_ptr()
+        assert torch.equal(buf[..., 10:106], plain)
+        assert buf[..., :10].isnan().all() and buf[..., 106:].isnan().all()  # nothing written outside the slice
+        base = torch.randn(2, 7, 96, device=DEV, dtype=torch.bfloat16)
+        acc = base.clone()
+        triton_kernels.svdq_linear(x, layer, out=acc, accumulate=True)
+        assert rel(acc, base.float() + plain.float()) < 1e-2
+    with pytest.raises(ValueError, match="output shape"):
+        triton_kernels.svdq_linear(x, layer, out=torch.empty(2, 7, 95, device=DEV, dtype=torch.bfloat16))
+
+
 def test_arena_grows_and_retires_plans():
     from svdq.kernels.dispatch import _Arena
 

@@ -323,3 +323,60 @@ def test_composite_layer_with_a_missing_part_is_a_clear_error(flux_files):
     out = save_checkpoint(flux_files / "ours-missing-part.safetensors", ck.layers, ck.tensors, ck.config, ck.metadata)
     with pytest.raises(CheckpointError, match=r"ours-missing-part.safetensors.*single_blocks\.0\.linear2.*parts \[1\]"):
         load_checkpoint(out)
+
+
+def relative_err(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12))
+
+
+def test_composite_parts_write_slices_and_accumulate_on_the_kernel_path(flux_files, tmp_path, monkeypatch):
+    """Requantized composite layers on the W4A4 kernels: linear1's parts write their column slices of one output,
+    linear2's parts read strided slices of the input in place and the second adds into the first's output, all
+    equal to the reference path (which concatenates and sums); a whole model step agrees too."""
+    from svdq.cli import main
+    from svdq.nodes.loading import load_svdq_model
+
+    f = tmp_path / "requantized.safetensors"
+    assert main(["convert", str(flux_files / "svdq-int4_r16-tiny.safetensors"), "-o", str(f), "--requantize"]) == 0
+    m = load_svdq_model(f)
+    ref_step = _forward(m)
+    g = torch.Generator().manual_seed(5)
+    inputs = {}
+    for name in ("single_blocks.0.linear1", "single_blocks.1.linear2"):
+        lin = m.model.diffusion_model.get_submodule(name)
+        assert len(lin.svdq_parts) == 2 and lin.quantized_weights(part=1).precision == "int4"
+        wide = torch.randn(2, 3, lin.in_features + 5, generator=g).to(lin.svdq_p0_smooth.dtype)
+        inputs[name] = (lin, wide[..., 2: 2 + lin.in_features])  # rows with a stride: read in place
+    expected = {n: lin(x) for n, (lin, x) in inputs.items()}
+    monkeypatch.setenv("SVDQ_KERNELS", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from svdq.kernels import dispatch
+
+    calls = []
+    gemm = dispatch.w4a4_gemm
+
+    def spy(*a, **kw):
+        calls.append((kw.get("out") is not None, kw.get("accumulate", False)))
+        return gemm(*a, **kw)
+
+    monkeypatch.setattr(dispatch, "w4a4_gemm", spy)
+    for n, (lin, x) in inputs.items():
+        got = lin(x)
+        assert got.shape == expected[n].shape and torch.isfinite(got).all()
+        assert relative_err(got, expected[n]) < 1e-2, n
+    # linear1: both parts into slices; linear2: the first part allocates, the second adds into it
+    assert calls == [(True, False), (True, False), (False, False), (True, True)]
+    assert relative_err(_forward(m), ref_step) < 2e-2
+
+
+def test_composite_part_ranges_must_tile_the_layer():
+    from svdq.nodes.ops import _check_part_ranges
+
+    rows = [(None, None, None, (0, 8), None), (None, None, None, (8, 20), None)]
+    _check_part_ranges("ok", rows, 4, 20)
+    with pytest.raises(ValueError, match="cover 0..20, the layer has 24"):
+        _check_part_ranges("short", rows, 4, 24)
+    with pytest.raises(ValueError, match="do not tile"):
+        _check_part_ranges("gap", [rows[0], (None, None, None, (9, 20), None)], 4, 20)
+    with pytest.raises(ValueError, match="not both"):
+        _check_part_ranges("mixed", [rows[0], (None, None, (0, 4), None, None)], 4, 20)
