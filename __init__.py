@@ -9,7 +9,9 @@ import sys
 __version__ = "0.1.0"
 WEB_DIRECTORY = "./web"
 
-if "comfy.model_management" in sys.modules:
+# ``__package__`` is empty when a tool imports this file as a plain module (pytest does, for a checkout whose folder
+# name is not an identifier, e.g. ``svdq-main``); ComfyUI imports the folder as a package.
+if "comfy.model_management" in sys.modules and __package__:
     from .nodes.comfy_nodes import comfy_entrypoint  # noqa: F401
 
 __all__ = ["WEB_DIRECTORY"]
