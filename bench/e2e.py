@@ -147,6 +147,40 @@ def svdq_checkpoint(sd, cfg: dict, rank: int = 32):
                       metadata={"comfy_unet_config": cfg, "model_family": "flux"})
 
 
+def nunchaku_layout(ckpt, hidden: int = 3072):
+    """The same layers with every single block's linear1 / linear2 split the way Nunchaku files store them
+    (composite layers: linear1 = [qkv; mlp_fc1] by output rows, linear2 = [out_proj | mlp_fc2] by input columns,
+    the MLP half with unsigned shifted activations). Measures what the composite forward costs at full size."""
+    import dataclasses
+
+    from svdq.quant.checkpoint import Checkpoint
+
+    def part(layer, base, idx, full, **kw):
+        p = dataclasses.replace(layer, **kw)
+        p.extra = {"part_of": base, "full_shape": list(full), **p.extra}
+        return p
+
+    layers = {}
+    for name, layer in ckpt.layers.items():
+        full = (layer.out_features, layer.in_features)
+        if name.startswith("single_blocks.") and name.endswith(".linear1"):
+            for i, (lo, hi) in enumerate([(0, 3 * hidden), (3 * hidden, layer.out_features)]):
+                layers[f"{name}.parts.{i}"] = part(
+                    layer, name, i, full, qweight=layer.qweight[lo:hi], wmult=layer.wmult[lo:hi],
+                    wscale=layer.wscale[lo:hi], proj_up=layer.proj_up[lo:hi], bias=layer.bias[lo:hi],
+                    out_features=hi - lo, extra={"out_range": [lo, hi]})
+        elif name.startswith("single_blocks.") and name.endswith(".linear2"):
+            for i, (lo, hi) in enumerate([(0, hidden), (hidden, layer.in_features)]):
+                layers[f"{name}.parts.{i}"] = part(
+                    layer, name, i, full, qweight=layer.qweight[:, lo // 2: hi // 2], wmult=layer.wmult[:, lo // 64: hi // 64],
+                    smooth=layer.smooth[lo:hi], proj_down=layer.proj_down[lo:hi], bias=layer.bias if i == 0 else None,
+                    act_unsigned=i == 1, act_shift=layer.act_shift if i == 1 else 0.0, in_features=hi - lo,
+                    extra={"in_range": [lo, hi]})
+        else:
+            layers[name] = layer
+    return Checkpoint(layers=layers, tensors=ckpt.tensors, config=ckpt.config, metadata=ckpt.metadata)
+
+
 def load_svdq(ckpt):
     from svdq.nodes.loading import build_model_patcher, logical_state_dict
 
@@ -298,7 +332,8 @@ def first_block_cache_runs(patcher, cfg, thresholds, steps=20):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", choices=["flux-dev", "tiny"], default="flux-dev")
-    ap.add_argument("--rows", default="bf16,fp8,nf4,svdq,svdq_lora,svdq_fbc")
+    ap.add_argument("--rows", default="bf16,fp8,nf4,svdq,svdq_lora,svdq_fbc",
+                    help="also: svdq_nunchaku (single blocks split into Nunchaku's composite layers)")
     ap.add_argument("--batch", default="1,2")
     ap.add_argument("--cap-gb", type=float, default=16.0, help="0 disables the capped runs")
     ap.add_argument("--profile", action="store_true")
@@ -323,6 +358,8 @@ def main() -> int:
     ckpt = None
     ref_out = None
 
+    svdq_out = [None]
+
     def record(label, patcher, table, batch_sizes=batches):
         nonlocal ref_out
         mb = model_bytes(patcher)
@@ -334,6 +371,10 @@ def main() -> int:
                     ref_out = out
                 elif ref_out is not None:
                     entry["out_rel_diff_vs_bf16"] = float((out - ref_out).norm() / ref_out.norm())
+                if label == "svdq":
+                    svdq_out[0] = out
+                elif label == "svdq_nunchaku" and svdq_out[0] is not None:  # same weights, split into parts
+                    entry["out_rel_diff_vs_svdq"] = float((out - svdq_out[0]).norm() / svdq_out[0].norm())
             table.setdefault(label, {})[b] = entry
             log(f"{label:10s} batch {b}: {ms:8.1f} ms/step, peak {peak / GIB:6.2f} GiB, model {mb / GIB:6.2f} GiB")
 
@@ -345,13 +386,15 @@ def main() -> int:
                 record("fp8", load_core(sd, torch.float8_e4m3fn, fp8_fast=True), results["rows"])
             elif row == "nf4":
                 record("nf4", load_nf4(sd), results["rows"])
-            elif row in ("svdq", "svdq_lora", "svdq_fbc"):
+            elif row in ("svdq", "svdq_lora", "svdq_fbc", "svdq_nunchaku"):
                 if ckpt is None:
                     t1 = time.time()
                     ckpt = svdq_checkpoint(sd, cfg)
                     log(f"svdq layers built in {time.time() - t1:.0f}s")
-                p = load_svdq(ckpt)
-                if row == "svdq":
+                p = load_svdq(nunchaku_layout(ckpt, cfg["hidden_size"]) if row == "svdq_nunchaku" else ckpt)
+                if row == "svdq_nunchaku":
+                    record("svdq_nunchaku", p, results["rows"])
+                elif row == "svdq":
                     record("svdq", p, results["rows"])
                     if args.profile:
                         shares, top, total_ms = profile_step(p, cfg)
