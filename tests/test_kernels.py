@@ -177,7 +177,7 @@ def test_call_plans_replay_exactly(kind, triton_kernels, monkeypatch):
         assert torch.equal(e, g)
 
 
-@pytest.mark.parametrize("schedule", ["pointer", "tma"] if GPU else ["pointer"])
+@pytest.mark.parametrize("schedule", ["pointer", "tma"])
 def test_output_slices_strided_input_and_accumulate(schedule, triton_kernels, monkeypatch):
     """Writing into a column slice of a wider output, reading a column slice of a wider input, and adding into
     an existing output give the plain call's numbers, planned (GPU) or not, on both GEMM schedules."""
