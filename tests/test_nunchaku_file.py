@@ -367,6 +367,23 @@ def test_composite_parts_write_slices_and_accumulate_on_the_kernel_path(flux_fil
     # linear1: both parts into slices; linear2: the first part allocates, the second adds into it
     assert calls == [(True, False), (True, False), (False, False), (True, True)]
     assert relative_err(_forward(m), ref_step) < 2e-2
+    # with a LoRA: each part's share merged into its fused branch, still writing slices / accumulating
+    from svdq.nodes.lora import apply_lora
+
+    lora = {}
+    for name, (lin, _) in inputs.items():
+        lora[f"diffusion_model.{name}.lora_up.weight"] = torch.randn(lin.out_features, 4, generator=g) * 0.1
+        lora[f"diffusion_model.{name}.lora_down.weight"] = torch.randn(4, lin.in_features, generator=g) * 0.1
+    ml = apply_lora(m, lora, 0.7)
+    import comfy.model_management
+
+    comfy.model_management.load_models_gpu([ml])
+    got = {n: ml.model.diffusion_model.get_submodule(n)(x) for n, (_, x) in inputs.items()}
+    monkeypatch.setenv("SVDQ_KERNELS", "reference")
+    for n, (_, x) in inputs.items():
+        want = ml.model.diffusion_model.get_submodule(n)(x)
+        assert relative_err(got[n], want) < 1e-2, n
+        assert relative_err(want, expected[n]) > 1e-3  # the LoRA did something
 
 
 def test_composite_part_ranges_must_tile_the_layer():
