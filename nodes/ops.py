@@ -162,27 +162,28 @@ def make_svdq_ops(layer_meta: dict[str, dict]):
                     y = y + self.svdq_bias_delta.to(device=y.device, dtype=y.dtype)
                 return y
 
-            def _lora_factors(self, device):
-                """Every attached LoRA's (down [K, r], up [N, r]) side by side along the rank."""
+            def _lora_factors(self, device, part: int = 0):
+                """Every attached LoRA's (down [K, r], up [N, r]) side by side along the rank, cut to one part's
+                share: a part split by output rows takes its rows of ``up``, one split by input columns its rows
+                of ``down`` (the parts' products then sum to x · down · upᵀ)."""
                 down = torch.cat([d.to(device) for d, _ in self.svdq_lora], dim=1)
                 up = torch.cat([u.to(device) for _, u in self.svdq_lora], dim=1)
+                _, _, in_range, out_range, _ = self.svdq_parts[part]
+                if in_range is not None:
+                    down = down[in_range[0]: in_range[1]]
+                if out_range is not None:
+                    up = up[out_range[0]: out_range[1]]
                 return down, up
 
             def _with_lora_branch(self, w: QuantizedLinearWeights, device, part: int = 0) -> QuantizedLinearWeights:
                 """The layer (or one part of a composite) with its LoRA factors appended to the low-rank branch,
                 built once per LoRA set (the patcher installs a new list on every change) instead of concatenated
-                on every call. A part split by output rows takes those rows of ``up``; a part split by input
-                columns takes those rows of ``down`` (the parts' products then sum to x · down · upᵀ)."""
+                on every call."""
                 cache = self.__dict__.setdefault("_svdq_lora_cat", {})
                 c = cache.get(part)
                 if c is not None and c[0] is self.svdq_lora and c[1] is w and c[2] == device:
                     return c[3]
-                d, u = self._lora_factors(device)
-                _, _, in_range, out_range, _ = self.svdq_parts[part]
-                if in_range is not None:
-                    d = d[in_range[0]: in_range[1]]
-                if out_range is not None:
-                    u = u[out_range[0]: out_range[1]]
+                d, u = self._lora_factors(device, part)
                 if w.proj_down is not None:
                     d = torch.cat([w.proj_down, d.to(w.proj_down.dtype)], dim=1)
                     u = torch.cat([w.proj_up, u.to(w.proj_up.dtype)], dim=1)
@@ -196,12 +197,7 @@ def make_svdq_ops(layer_meta: dict[str, dict]):
                     return svdq_linear(x, w, out=out, accumulate=accumulate)
                 if triton_usable(x):  # the kernels take one branch: merged once per LoRA set
                     return svdq_linear(x, self._with_lora_branch(w, x.device, part), out=out, accumulate=accumulate)
-                down, up = self._lora_factors(x.device)  # the reference keeps the factors separate, in fp32
-                _, _, in_range, out_range, _ = self.svdq_parts[part]
-                if in_range is not None:
-                    down = down[in_range[0]: in_range[1]]
-                if out_range is not None:
-                    up = up[out_range[0]: out_range[1]]
+                down, up = self._lora_factors(x.device, part)  # the reference keeps them separate, in fp32
                 return svdq_linear(x, w, extra_down=down, extra_up=up, out=out, accumulate=accumulate)
 
             def _composite_forward(self, x):
