@@ -7,6 +7,9 @@ Same process, same data, same GPU for every pair; µs are medians of ``triton.te
            choosing from both (each autotuned from an empty cache), eager and CUDA-graph replay, the chosen
            configs, and ``torch._int_mm`` as a reference point
   w4a16    small-M W4A16: CUDA-core word kernel vs the tensor-core kernel (M padded to 16), cuBLAS bf16 alongside
+  gemmcfg  every TMA GEMM tile config one by one (CUDA-graph µs), including configs that run two programs per SM
+           (``PER_SM``: one program's epilogue overlaps the other's main loop, and finer tiles cut the last-wave loss
+           at N = 3072), with bf16 alongside
   act      the activation kernel pair under CUDA-graph replay over its tile knobs (rows per program, 64-groups
            per K tile, warps, K tiles per pass-1 program, pass 2's visiting order), rank 32 and a LoRA-widened
            rank 96, against its memory floor (x read twice, the int8 operand written once, at the copy rate)
@@ -64,6 +67,57 @@ def gemm_rows(shapes, triton) -> list[dict]:
         row["int_mm"] = bench(lambda: torch._int_mm(a8, w8.T))
         rows.append(row)
         print("gemm", row, flush=True)
+    return rows
+
+
+GEMM_CANDIDATES = [  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, programs per SM)
+    (128, 256, 256, 8, 2, 1), (128, 256, 128, 8, 3, 1), (256, 128, 256, 8, 2, 1), (128, 256, 128, 8, 4, 1),
+    (64, 256, 128, 4, 4, 1), (64, 256, 256, 4, 2, 1), (64, 256, 128, 8, 3, 1), (128, 128, 256, 8, 2, 1),
+    (128, 128, 128, 8, 2, 1), (128, 128, 128, 4, 2, 2), (128, 128, 64, 4, 4, 2), (64, 256, 128, 4, 2, 2),
+    (64, 256, 64, 4, 4, 2), (128, 128, 128, 8, 2, 2),
+]
+
+
+def gemm_config_rows(triton) -> list[dict]:
+    """One row per (shape, config): the TMA GEMM with the rank-32 epilogue under CUDA-graph replay."""
+    from svdq.kernels.act_quant import quantize_activation
+    from svdq.kernels.gemm_w4a4 import expand_weight, w4a4_gemm
+
+    rows = []
+    for m, k, n in [(4608, k, n) for k, n in M4608] + [(512, 3072, 12288), (1024, 3072, 12288)]:
+        layer = make_layer(n, k, 32)
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        wb = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        a8, sa, lora = quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down)
+        w8 = expand_weight(layer.qweight, layer.wmult)
+        row = {"M": m, "K": k, "N": n,
+               "bf16_graph": triton.testing.do_bench_cudagraph(lambda: torch.nn.functional.linear(x, wb), rep=50) * 1e3}
+        ref = None
+        for bm, bn, bk, w, st, per_sm in GEMM_CANDIDATES:
+            for flat in ((True, False) if (bm, bn, bk, w, st, per_sm) in GEMM_CANDIDATES[:2] else (True,)):
+                cfg = {"kwargs": {"SCHEDULE": "tma", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8,
+                                  "FLATTEN": flat, "PER_SM": per_sm}, "num_warps": w, "num_stages": st}
+                name = f"{bm}x{bn}x{bk}_w{w}_s{st}_p{per_sm}_{'flat' if flat else 'nest'}"
+
+                def fn(c=cfg):
+                    return w4a4_gemm(a8, sa, w8, layer.wscale, lora, layer.proj_up, layer.bias, torch.bfloat16, config=c)
+
+                try:
+                    y = fn()
+                    if ref is None:
+                        ref = y
+                    elif not torch.equal(y, ref):
+                        row[name + "_differs"] = float((y.float() - ref.float()).abs().max())
+                    row[name] = triton.testing.do_bench_cudagraph(fn, rep=50) * 1e3
+                except Exception as exc:
+                    row[name] = float("nan")
+                    print(f"{name} failed: {str(exc)[-300:]}", flush=True)
+        timed = {c: v for c, v in row.items() if "x" in c and isinstance(v, float) and not math.isnan(v) and not c.endswith("_differs")}
+        best = min(timed, key=timed.get)
+        row["best"], row["best_us"] = best, timed[best]
+        print(f"gemmcfg M={m} {k}->{n}: bf16 {row['bf16_graph']:.1f} best {best} {timed[best]:.1f} (x{row['bf16_graph'] / timed[best]:.2f}); "
+              + ", ".join(f"{c} {v:.1f}" for c, v in sorted(timed.items(), key=lambda t: t[1])), flush=True)
+        rows.append(row)
     return rows
 
 
@@ -167,6 +221,8 @@ def main() -> int:
         out["act"] = act_rows(triton)
     if "gemm" in only:
         out["gemm"] = gemm_rows(shapes, triton)
+    if "gemmcfg" in only:
+        out["gemmcfg"] = gemm_config_rows(triton)
     if "w4a16" in only:
         out["w4a16"] = w4a16_rows(triton)
     if args.json:

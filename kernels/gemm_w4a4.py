@@ -213,6 +213,11 @@ def _tma_configs():
         for flat in (True, False):
             out.append(triton.Config({"SCHEDULE": "tma", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8,
                                       "FLATTEN": flat}, num_warps=w, num_stages=s))
+    # Two programs per SM (80-96 KB shared memory each): one program's epilogue overlaps the other's main loop,
+    # and the finer tiles leave less idle in the last wave at N = 3072 (H200 sweep, bench/kernel_variants.py).
+    for bm, bn, bk, w, s in [(128, 128, 64, 4, 4), (64, 256, 64, 4, 4)]:
+        out.append(triton.Config({"SCHEDULE": "tma", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8,
+                                  "FLATTEN": True, "PER_SM": 2}, num_warps=w, num_stages=s))
     return out
 
 
@@ -237,7 +242,7 @@ class _GemmTuned(TunedKernel):
             a8, w8, kp = args[0], args[1], args[10]
             a_desc = TensorDescriptor(a8, [m, kp], [a8.stride(0), 1], [bm, kw["BLOCK_K"]])
             b_desc = TensorDescriptor(w8, [n, kp], [w8.stride(0), 1], [bn, kw["BLOCK_K"]])
-            programs = min(tiles, sm_count(a8.device))
+            programs = min(tiles, sm_count(a8.device) * kw.pop("PER_SM", 1))
             launch(_w4a4_gemm_tma_kernel, (programs,), (a_desc, b_desc) + args[2:12] + args[14:17] + (programs,),
                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags, **kw)
         else:
