@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from .gemm_w4a4 import EXPAND_TILE, _expand_words_tile, expansion_operands
 from .launch import launch
 from .autotune_cache import fp32_dots, interpreting, sm_count
 
@@ -51,19 +52,14 @@ def _load_smoothed(x_ptr, inv_ptr, rows, rmask, k, K, stride_xm, shift, UNSIGNED
 
 
 @triton.jit
-def _act_stats_kernel(
-    x_ptr, inv_ptr, down_ptr, gmax_ptr, lora_ptr,
-    M, K, R, NSUB,
-    stride_xm, stride_dk, stride_gm,
-    shift,
+def _act_stats_tile(
+    x_ptr, inv_ptr, down_ptr, gmax_ptr, lora_ptr, M, K, R, NSUB, stride_xm, stride_dk, stride_gm, shift, pid_m, pid_p,
     UNSIGNED: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_LORA: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, KSUB: tl.constexpr,
 ):
     """Pass 1, KSUB [BLOCK_M, GROUPS*64] tiles per program: each row's absmax over those tiles, and their x·L1
     partial product (one of each per program: KSUB times fewer partials to write and sum at large K)."""
     BLOCK_K: tl.constexpr = GROUP * GROUPS
-    pid_m = tl.program_id(0)
-    pid_p = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
     rcols = tl.arange(0, BLOCK_R)
@@ -86,6 +82,52 @@ def _act_stats_kernel(
     if HAS_LORA:  # partials [n_parts, M, R]: only the real rank travels through memory, not its power-of-two pad
         base = lora_ptr + pid_p * M * R
         tl.store(base + rows[:, None] * R + rcols[None, :], part, mask=rmask[:, None] & (rcols[None, :] < R))
+
+
+@triton.jit
+def _act_stats_kernel(
+    x_ptr, inv_ptr, down_ptr, gmax_ptr, lora_ptr,
+    M, K, R, NSUB,
+    stride_xm, stride_dk, stride_gm,
+    shift,
+    UNSIGNED: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_LORA: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, KSUB: tl.constexpr,
+):
+    _act_stats_tile(x_ptr, inv_ptr, down_ptr, gmax_ptr, lora_ptr, M, K, R, NSUB, stride_xm, stride_dk, stride_gm, shift,
+                    tl.program_id(0), tl.program_id(1), UNSIGNED, HAS_SMOOTH, HAS_LORA, DOT_FP32, BLOCK_M, BLOCK_R,
+                    GROUP, GROUPS, KSUB)
+
+
+@triton.jit
+def _act_stats_expand_kernel(
+    x_ptr, inv_ptr, down_ptr, gmax_ptr, lora_ptr,
+    M, K, R, NSUB,
+    stride_xm, stride_dk, stride_gm,
+    shift,
+    p_ptr, mult_ptr, w8_ptr, N, W16, stride_p, stride_mult, stride_w8,
+    M_BLOCKS, P1, PE, W_CHUNKS,
+    UNSIGNED: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_LORA: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, KSUB: tl.constexpr,
+    EXP_N: tl.constexpr, EXP_W: tl.constexpr,
+):
+    """Pass 1 and the layer's weight expansion in one launch: two latency-bound memory passes that share the
+    GPU instead of running back to back (and one launch fewer). Programs alternate between the two jobs while
+    both have work, so they run side by side on every SM."""
+    t = tl.program_id(0)
+    both = tl.minimum(P1, PE)
+    if t < 2 * both:
+        is_exp = t % 2 == 1
+        idx = t // 2
+    else:
+        is_exp = PE > P1
+        idx = t - both
+    if is_exp:
+        _expand_words_tile(p_ptr, mult_ptr, w8_ptr, N, W16, stride_p, stride_mult, stride_w8, idx // W_CHUNKS,
+                           idx % W_CHUNKS, EXP_N, EXP_W)
+    else:
+        _act_stats_tile(x_ptr, inv_ptr, down_ptr, gmax_ptr, lora_ptr, M, K, R, NSUB, stride_xm, stride_dk, stride_gm,
+                        shift, idx % M_BLOCKS, idx // M_BLOCKS, UNSIGNED, HAS_SMOOTH, HAS_LORA, DOT_FP32, BLOCK_M,
+                        BLOCK_R, GROUP, GROUPS, KSUB)
 
 
 @triton.jit
@@ -179,13 +221,17 @@ def quantize_activation(
     groups: int | None = None,
     num_warps: int = 4,
     reverse: bool = True,
+    expand: tuple | None = None,
 ):
     """Launch the activation kernels on x2 [M, K]. Returns (int8 [M, Kp], scale [M], lora [M, R] fp32 | None).
 
     ``scratch(name, numel, dtype)``, where given, supplies reused buffers instead of fresh allocations (the
     dispatcher's per-device arena: the results live until the next call). Tile knobs (``bench/kernel_variants.py``
     measures them): ``k_per_program`` pass 1's K tiles per program (default ``tiles_per_program``), ``groups``
-    64-groups per K tile (default 4 where they divide), ``reverse`` pass 2's reverse visiting order."""
+    64-groups per K tile (default 4 where they divide), ``reverse`` pass 2's reverse visiting order.
+
+    ``expand=(qweight, wmult, w8)``: also expand the layer's 4-bit weights into ``w8`` (as ``expand_weight``), in
+    the same launch as pass 1."""
     m, k = x2.shape
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
@@ -223,14 +269,24 @@ def quantize_activation(
     lora = f32[m + m * nparts : m + m * nparts + m * r].view(m, r) if r else None
     parts = f32[m + m * nparts + m * r :].view(nparts, m, r) if r else None
     inv = smooth  # the kernels take λ and form 1/λ themselves
-    launch(_act_stats_kernel, (m_blocks, nparts), (
+    stats_args = (
         x2, inv if inv is not None else x2, proj_down if r else x2, gmax, parts if r else gmax,
         m, k, r, nsub,
         x2.stride(0), proj_down.stride(0) if r else 0, gmax.stride(0),
-        float(shift)),
-        UNSIGNED=bool(unsigned), HAS_SMOOTH=inv is not None, HAS_LORA=r > 0, DOT_FP32=fp32_dots(x2),
-        BLOCK_M=bm, BLOCK_R=block_r, GROUP=64, GROUPS=groups, KSUB=ksub, num_warps=num_warps,
-    )
+        float(shift))
+    stats_flags = dict(UNSIGNED=bool(unsigned), HAS_SMOOTH=inv is not None, HAS_LORA=r > 0, DOT_FP32=fp32_dots(x2),
+                       BLOCK_M=bm, BLOCK_R=block_r, GROUP=64, GROUPS=groups, KSUB=ksub)
+    if expand is None:
+        launch(_act_stats_kernel, (m_blocks, nparts), stats_args, **stats_flags, num_warps=num_warps)
+    else:
+        qweight, wmult, w8 = expand
+        p16, o32, n_rows, words = expansion_operands(qweight, w8)
+        en, ew = EXPAND_TILE
+        w_chunks = triton.cdiv(words, ew)
+        p1, pe = m_blocks * nparts, triton.cdiv(n_rows, en) * w_chunks
+        launch(_act_stats_expand_kernel, (p1 + pe,), stats_args + (
+            p16, wmult, o32, n_rows, words, p16.stride(0), wmult.stride(0), o32.stride(0),
+            m_blocks, p1, pe, w_chunks), **stats_flags, EXP_N=en, EXP_W=ew, num_warps=num_warps)
     launch(_act_quant_kernel, (m_blocks, nsub), (
         x2, inv if inv is not None else x2, gmax, out, scale, parts if r else gmax, lora if r else gmax,
         m, k, k_padded, r, nparts,
