@@ -99,38 +99,6 @@ def _act_stats_kernel(
 
 
 @triton.jit
-def _act_stats_expand_kernel(
-    x_ptr, inv_ptr, down_ptr, gmax_ptr, lora_ptr,
-    M, K, R, NSUB,
-    stride_xm, stride_dk, stride_gm,
-    shift,
-    p_ptr, mult_ptr, w8_ptr, N, W16, stride_p, stride_mult, stride_w8,
-    M_BLOCKS, P1, PE, W_CHUNKS,
-    UNSIGNED: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_LORA: tl.constexpr, DOT_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, KSUB: tl.constexpr,
-    EXP_N: tl.constexpr, EXP_W: tl.constexpr,
-):
-    """Pass 1 and the layer's weight expansion in one launch: two latency-bound memory passes that share the
-    GPU instead of running back to back (and one launch fewer). Programs alternate between the two jobs while
-    both have work, so they run side by side on every SM."""
-    t = tl.program_id(0)
-    both = tl.minimum(P1, PE)
-    if t < 2 * both:
-        is_exp = t % 2 == 1
-        idx = t // 2
-    else:
-        is_exp = PE > P1
-        idx = t - both
-    if is_exp:
-        _expand_words_tile(p_ptr, mult_ptr, w8_ptr, N, W16, stride_p, stride_mult, stride_w8, idx // W_CHUNKS,
-                           idx % W_CHUNKS, EXP_N, EXP_W)
-    else:
-        _act_stats_tile(x_ptr, inv_ptr, down_ptr, gmax_ptr, lora_ptr, M, K, R, NSUB, stride_xm, stride_dk, stride_gm,
-                        shift, idx % M_BLOCKS, idx // M_BLOCKS, UNSIGNED, HAS_SMOOTH, HAS_LORA, DOT_FP32, BLOCK_M,
-                        BLOCK_R, GROUP, GROUPS, KSUB)
-
-
-@triton.jit
 def _quantize_store(xf, scale, out_ptr, rows, rmask, k, KP, stride_om, QMAX: tl.constexpr, UMAX: tl.constexpr,
                     QMIN: tl.constexpr, INT8_MODE: tl.constexpr, USE_RINT: tl.constexpr, BLOCK_M: tl.constexpr,
                     GROUP: tl.constexpr, GROUPS: tl.constexpr):
@@ -153,28 +121,17 @@ def _quantize_store(xf, scale, out_ptr, rows, rmask, k, KP, stride_om, QMAX: tl.
 
 
 @triton.jit
-def _act_quant_kernel(
-    x_ptr, inv_ptr, gmax_ptr, out_ptr, scale_ptr, part_ptr, lora_ptr,
-    M, K, KP, R, NPARTS,
-    stride_xm, stride_om, stride_gm, stride_lm,
-    shift,
+def _act_quant_tile(
+    x_ptr, inv_ptr, gmax_ptr, out_ptr, scale_ptr, part_ptr, lora_ptr, M, K, KP, R, NPARTS,
+    stride_xm, stride_om, stride_gm, stride_lm, shift, pid_m, pid_k, last_k,
     QMAX: tl.constexpr, UMAX: tl.constexpr, QMIN: tl.constexpr,
     UNSIGNED: tl.constexpr, HAS_SMOOTH: tl.constexpr, INT8_MODE: tl.constexpr, USE_RINT: tl.constexpr,
     HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_M: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, NP_POW2: tl.constexpr, REVERSE: tl.constexpr,
+    BLOCK_M: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, NP_POW2: tl.constexpr,
 ):
     """Pass 2: per-token scale from pass 1's row maxima (a handful per row), then this tile's codes (int8
-    operand = code * mult).
-
-    Tiles are visited in the reverse of pass 1's order, so the first ones read the input pass 1 touched last,
-    while it is still in L2."""
+    operand = code * mult). The tile ``last_k`` of each row block also writes the per-row results."""
     BLOCK_K: tl.constexpr = GROUP * GROUPS
-    if REVERSE:
-        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-        pid_k = tl.num_programs(1) - 1 - tl.program_id(1)
-    else:
-        pid_m = tl.program_id(0)
-        pid_k = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
     pa = tl.arange(0, NP_POW2)
@@ -182,7 +139,7 @@ def _act_quant_kernel(
                      other=0.0)
     row_max = tl.max(maxima, axis=1)
     scale = tl.where(row_max > 0, tl.math.div_rn(row_max, tl.full([BLOCK_M], QMAX * UMAX, tl.float32)), 1.0)
-    if pid_k == tl.num_programs(1) - 1:  # one tile per row block (the first to run, in reverse) writes per-row results
+    if pid_k == last_k:
         tl.store(scale_ptr + rows, scale, mask=rmask)
         if HAS_LORA:  # sum the partials in a fixed order: deterministic, no atomics, no memset
             rcols = tl.arange(0, BLOCK_R)
@@ -195,6 +152,70 @@ def _act_quant_kernel(
     _, xf = _load_smoothed(x_ptr, inv_ptr, rows, rmask, k, K, stride_xm, shift, UNSIGNED, HAS_SMOOTH, BLOCK_K)
     _quantize_store(xf, scale, out_ptr, rows, rmask, k, KP, stride_om, QMAX, UMAX, QMIN, INT8_MODE, USE_RINT,
                     BLOCK_M, GROUP, GROUPS)
+
+
+@triton.jit
+def _act_quant_kernel(
+    x_ptr, inv_ptr, gmax_ptr, out_ptr, scale_ptr, part_ptr, lora_ptr,
+    M, K, KP, R, NPARTS,
+    stride_xm, stride_om, stride_gm, stride_lm,
+    shift,
+    QMAX: tl.constexpr, UMAX: tl.constexpr, QMIN: tl.constexpr,
+    UNSIGNED: tl.constexpr, HAS_SMOOTH: tl.constexpr, INT8_MODE: tl.constexpr, USE_RINT: tl.constexpr,
+    HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, NP_POW2: tl.constexpr, REVERSE: tl.constexpr,
+):
+    """Pass 2 over a (row block × K tile) grid. Tiles are visited in the reverse of pass 1's order, so the first
+    ones read the input pass 1 touched last, while it is still in L2; the first to run per row block (the last
+    K tile, in reverse) writes the per-row results."""
+    if REVERSE:
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+        pid_k = tl.num_programs(1) - 1 - tl.program_id(1)
+    else:
+        pid_m = tl.program_id(0)
+        pid_k = tl.program_id(1)
+    _act_quant_tile(x_ptr, inv_ptr, gmax_ptr, out_ptr, scale_ptr, part_ptr, lora_ptr, M, K, KP, R, NPARTS,
+                    stride_xm, stride_om, stride_gm, stride_lm, shift, pid_m, pid_k, tl.num_programs(1) - 1,
+                    QMAX, UMAX, QMIN, UNSIGNED, HAS_SMOOTH, INT8_MODE, USE_RINT, HAS_LORA, BLOCK_R, BLOCK_M, GROUP,
+                    GROUPS, NP_POW2)
+
+
+@triton.jit
+def _act_quant_expand_kernel(
+    x_ptr, inv_ptr, gmax_ptr, out_ptr, scale_ptr, part_ptr, lora_ptr,
+    M, K, KP, R, NPARTS,
+    stride_xm, stride_om, stride_gm, stride_lm,
+    shift,
+    p_ptr, mult_ptr, w8_ptr, N, W16, stride_p, stride_mult, stride_w8,
+    M_BLOCKS, NSUB, PE, W_CHUNKS,
+    QMAX: tl.constexpr, UMAX: tl.constexpr, QMIN: tl.constexpr,
+    UNSIGNED: tl.constexpr, HAS_SMOOTH: tl.constexpr, INT8_MODE: tl.constexpr, USE_RINT: tl.constexpr,
+    HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, NP_POW2: tl.constexpr,
+    EXP_N: tl.constexpr, EXP_W: tl.constexpr,
+):
+    """Pass 2 and the layer's weight expansion in one launch, right before the GEMM that reads both: two
+    latency-bound memory passes share the GPU instead of running back to back, and both results are the last
+    thing written to L2. Programs alternate between the jobs while both have work; pass-2 tiles run in reverse
+    of pass 1's order (x still in L2)."""
+    t = tl.program_id(0)
+    p2 = M_BLOCKS * NSUB
+    both = tl.minimum(p2, PE)
+    if t < 2 * both:
+        is_exp = t % 2 == 1
+        idx = t // 2
+    else:
+        is_exp = PE > p2
+        idx = t - both
+    if is_exp:
+        _expand_words_tile(p_ptr, mult_ptr, w8_ptr, N, W16, stride_p, stride_mult, stride_w8, idx // W_CHUNKS,
+                           idx % W_CHUNKS, EXP_N, EXP_W)
+    else:
+        rev = p2 - 1 - idx  # pass 1 runs row blocks fastest: reverse that order
+        _act_quant_tile(x_ptr, inv_ptr, gmax_ptr, out_ptr, scale_ptr, part_ptr, lora_ptr, M, K, KP, R, NPARTS,
+                        stride_xm, stride_om, stride_gm, stride_lm, shift, rev % M_BLOCKS, rev // M_BLOCKS, NSUB - 1,
+                        QMAX, UMAX, QMIN, UNSIGNED, HAS_SMOOTH, INT8_MODE, USE_RINT, HAS_LORA, BLOCK_R, BLOCK_M,
+                        GROUP, GROUPS, NP_POW2)
 
 
 def tiles_per_program(m_blocks: int, tiles: int, rank: int, device: torch.device) -> int:
@@ -231,7 +252,7 @@ def quantize_activation(
     64-groups per K tile (default 4 where they divide), ``reverse`` pass 2's reverse visiting order.
 
     ``expand=(qweight, wmult, w8)``: also expand the layer's 4-bit weights into ``w8`` (as ``expand_weight``), in
-    the same launch as pass 1."""
+    the same launch as pass 2 (with pass 1 it measured slower: the GEMM then found neither result in L2)."""
     m, k = x2.shape
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
@@ -276,26 +297,24 @@ def quantize_activation(
         float(shift))
     stats_flags = dict(UNSIGNED=bool(unsigned), HAS_SMOOTH=inv is not None, HAS_LORA=r > 0, DOT_FP32=fp32_dots(x2),
                        BLOCK_M=bm, BLOCK_R=block_r, GROUP=64, GROUPS=groups, KSUB=ksub)
+    launch(_act_stats_kernel, (m_blocks, nparts), stats_args, **stats_flags, num_warps=num_warps)
+    quant_args = (
+        x2, inv if inv is not None else x2, gmax, out, scale, parts if r else gmax, lora if r else gmax,
+        m, k, k_padded, r, nparts,
+        x2.stride(0), out.stride(0), gmax.stride(0), lora.stride(0) if r else 0,
+        float(shift))
+    quant_flags = dict(QMAX=qmax, UMAX=umax, QMIN=qmin, UNSIGNED=bool(unsigned), HAS_SMOOTH=inv is not None,
+                       INT8_MODE=mode == "int8", USE_RINT=not interpreting(), HAS_LORA=r > 0, BLOCK_R=block_r,
+                       BLOCK_M=bm, GROUP=64, GROUPS=groups, NP_POW2=max(2, triton.next_power_of_2(nparts)))
     if expand is None:
-        launch(_act_stats_kernel, (m_blocks, nparts), stats_args, **stats_flags, num_warps=num_warps)
+        launch(_act_quant_kernel, (m_blocks, nsub), quant_args, **quant_flags, REVERSE=reverse, num_warps=num_warps)
     else:
         qweight, wmult, w8 = expand
         p16, o32, n_rows, words = expansion_operands(qweight, w8)
         en, ew = EXPAND_TILE
         w_chunks = triton.cdiv(words, ew)
-        p1, pe = m_blocks * nparts, triton.cdiv(n_rows, en) * w_chunks
-        launch(_act_stats_expand_kernel, (p1 + pe,), stats_args + (
+        pe = triton.cdiv(n_rows, en) * w_chunks
+        launch(_act_quant_expand_kernel, (m_blocks * nsub + pe,), quant_args + (
             p16, wmult, o32, n_rows, words, p16.stride(0), wmult.stride(0), o32.stride(0),
-            m_blocks, p1, pe, w_chunks), **stats_flags, EXP_N=en, EXP_W=ew, num_warps=num_warps)
-    launch(_act_quant_kernel, (m_blocks, nsub), (
-        x2, inv if inv is not None else x2, gmax, out, scale, parts if r else gmax, lora if r else gmax,
-        m, k, k_padded, r, nparts,
-        x2.stride(0), out.stride(0), gmax.stride(0), lora.stride(0) if r else 0,
-        float(shift)),
-        QMAX=qmax, UMAX=umax, QMIN=qmin,
-        UNSIGNED=bool(unsigned), HAS_SMOOTH=inv is not None, INT8_MODE=mode == "int8", USE_RINT=not interpreting(),
-        HAS_LORA=r > 0, BLOCK_R=block_r,
-        BLOCK_M=bm, GROUP=64, GROUPS=groups, NP_POW2=max(2, triton.next_power_of_2(nparts)), REVERSE=reverse,
-        num_warps=num_warps,
-    )
+            m_blocks, nsub, pe, w_chunks), **quant_flags, EXP_N=en, EXP_W=ew, num_warps=num_warps)
     return out, scale, lora
