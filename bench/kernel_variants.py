@@ -10,15 +10,15 @@ Same process, same data, same GPU for every pair; µs are medians of ``triton.te
   gemmcfg  every TMA GEMM tile config one by one (CUDA-graph µs), including configs that run two programs per SM
            (``PER_SM``: one program's epilogue overlaps the other's main loop, and finer tiles cut the last-wave loss
            at N = 3072), with bf16 alongside
-  fusedexp pass 1 of the activation kernels launched together with the weight expansion vs the two launches
-           back to back, and whole layers with ``SVDQ_FUSED_EXPAND`` 1 / 0 (CUDA-graph µs, bf16 alongside)
   act      the activation kernel pair under CUDA-graph replay over its tile knobs (rows per program, 64-groups
            per K tile, warps, K tiles per pass-1 program, pass 2's visiting order), rank 32 and a LoRA-widened
            rank 96, against its memory floor (x read twice, the int8 operand written once, at the copy rate)
 
 Variants measured and removed (numbers in BENCHMARKS.md, raw runs in bench/results-*-variants-h100.*): the
-byte-wise weight expansion, the CUDA-core W4A16 kernel with per-step reductions, and a one-launch activation
-kernel (2× slower than the split-K pair at M = 4608).
+byte-wise weight expansion, the CUDA-core W4A16 kernel with per-step reductions, a one-launch activation
+kernel (2× slower than the split-K pair at M = 4608), and the weight expansion launched together with pass 1 or
+pass 2 of the activation kernels (those kernels 4–10% faster, the layer 2–6% slower: the GEMM then finds its
+expanded weights only partly in L2; bench/results-fused-expansion-*-h200.log).
 """
 
 from __future__ import annotations
@@ -123,40 +123,6 @@ def gemm_config_rows(triton) -> list[dict]:
     return rows
 
 
-def fused_expansion_rows(triton) -> list[dict]:
-    from svdq.kernels.act_quant import quantize_activation
-    from svdq.kernels.dispatch import svdq_linear
-    from svdq.kernels.gemm_w4a4 import expand_weight
-
-    rows = []
-    for m, k, n in [(4608, k, n) for k, n in M4608] + [(512, 3072, 12288), (512, 12288, 3072)]:
-        layer = make_layer(n, k, 32)
-        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        wb = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-        w8 = torch.empty(n, layer.k_padded, dtype=torch.int8, device="cuda")
-        row = {"M": m, "K": k, "N": n,
-               "bf16": triton.testing.do_bench_cudagraph(lambda: torch.nn.functional.linear(x, wb, layer.bias), rep=50) * 1e3}
-
-        def separate():
-            quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down)
-            expand_weight(layer.qweight, layer.wmult, out=w8)
-
-        def fused():
-            quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down, expand=(layer.qweight, layer.wmult, w8))
-
-        row["act_plus_expand"] = triton.testing.do_bench_cudagraph(separate, rep=50) * 1e3
-        row["fused"] = triton.testing.do_bench_cudagraph(fused, rep=50) * 1e3
-        for flag in ("0", "1"):
-            os.environ["SVDQ_FUSED_EXPAND"] = flag
-            svdq_linear(x, layer)
-            row["layer_fused" + flag] = triton.testing.do_bench_cudagraph(lambda: svdq_linear(x, layer), rep=50) * 1e3
-            row["layer_fused" + flag + "_eager"] = bench(lambda: svdq_linear(x, layer))
-        os.environ.pop("SVDQ_FUSED_EXPAND")
-        print("fusedexp", {a: (round(b, 1) if isinstance(b, float) else b) for a, b in row.items()}, flush=True)
-        rows.append(row)
-    return rows
-
-
 def w4a16_rows(triton) -> list[dict]:
     from svdq.kernels.dispatch import svdq_linear
 
@@ -257,8 +223,6 @@ def main() -> int:
         out["act"] = act_rows(triton)
     if "gemm" in only:
         out["gemm"] = gemm_rows(shapes, triton)
-    if "fusedexp" in only:
-        out["fusedexp"] = fused_expansion_rows(triton)
     if "gemmcfg" in only:
         out["gemmcfg"] = gemm_config_rows(triton)
     if "w4a16" in only:

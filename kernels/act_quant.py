@@ -18,7 +18,6 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from .gemm_w4a4 import EXPAND_TILE, _expand_words_tile, expansion_operands
 from .launch import launch
 from .autotune_cache import fp32_dots, interpreting, sm_count
 
@@ -52,14 +51,19 @@ def _load_smoothed(x_ptr, inv_ptr, rows, rmask, k, K, stride_xm, shift, UNSIGNED
 
 
 @triton.jit
-def _act_stats_tile(
-    x_ptr, inv_ptr, down_ptr, gmax_ptr, lora_ptr, M, K, R, NSUB, stride_xm, stride_dk, stride_gm, shift, pid_m, pid_p,
+def _act_stats_kernel(
+    x_ptr, inv_ptr, down_ptr, gmax_ptr, lora_ptr,
+    M, K, R, NSUB,
+    stride_xm, stride_dk, stride_gm,
+    shift,
     UNSIGNED: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_LORA: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, KSUB: tl.constexpr,
 ):
     """Pass 1, KSUB [BLOCK_M, GROUPS*64] tiles per program: each row's absmax over those tiles, and their x·L1
     partial product (one of each per program: KSUB times fewer partials to write and sum at large K)."""
     BLOCK_K: tl.constexpr = GROUP * GROUPS
+    pid_m = tl.program_id(0)
+    pid_p = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
     rcols = tl.arange(0, BLOCK_R)
@@ -85,20 +89,6 @@ def _act_stats_tile(
 
 
 @triton.jit
-def _act_stats_kernel(
-    x_ptr, inv_ptr, down_ptr, gmax_ptr, lora_ptr,
-    M, K, R, NSUB,
-    stride_xm, stride_dk, stride_gm,
-    shift,
-    UNSIGNED: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_LORA: tl.constexpr, DOT_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, KSUB: tl.constexpr,
-):
-    _act_stats_tile(x_ptr, inv_ptr, down_ptr, gmax_ptr, lora_ptr, M, K, R, NSUB, stride_xm, stride_dk, stride_gm, shift,
-                    tl.program_id(0), tl.program_id(1), UNSIGNED, HAS_SMOOTH, HAS_LORA, DOT_FP32, BLOCK_M, BLOCK_R,
-                    GROUP, GROUPS, KSUB)
-
-
-@triton.jit
 def _quantize_store(xf, scale, out_ptr, rows, rmask, k, KP, stride_om, QMAX: tl.constexpr, UMAX: tl.constexpr,
                     QMIN: tl.constexpr, INT8_MODE: tl.constexpr, USE_RINT: tl.constexpr, BLOCK_M: tl.constexpr,
                     GROUP: tl.constexpr, GROUPS: tl.constexpr):
@@ -121,17 +111,28 @@ def _quantize_store(xf, scale, out_ptr, rows, rmask, k, KP, stride_om, QMAX: tl.
 
 
 @triton.jit
-def _act_quant_tile(
-    x_ptr, inv_ptr, gmax_ptr, out_ptr, scale_ptr, part_ptr, lora_ptr, M, K, KP, R, NPARTS,
-    stride_xm, stride_om, stride_gm, stride_lm, shift, pid_m, pid_k, last_k,
+def _act_quant_kernel(
+    x_ptr, inv_ptr, gmax_ptr, out_ptr, scale_ptr, part_ptr, lora_ptr,
+    M, K, KP, R, NPARTS,
+    stride_xm, stride_om, stride_gm, stride_lm,
+    shift,
     QMAX: tl.constexpr, UMAX: tl.constexpr, QMIN: tl.constexpr,
     UNSIGNED: tl.constexpr, HAS_SMOOTH: tl.constexpr, INT8_MODE: tl.constexpr, USE_RINT: tl.constexpr,
     HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_M: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, NP_POW2: tl.constexpr,
+    BLOCK_M: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, NP_POW2: tl.constexpr, REVERSE: tl.constexpr,
 ):
     """Pass 2: per-token scale from pass 1's row maxima (a handful per row), then this tile's codes (int8
-    operand = code * mult). The tile ``last_k`` of each row block also writes the per-row results."""
+    operand = code * mult).
+
+    Tiles are visited in the reverse of pass 1's order, so the first ones read the input pass 1 touched last,
+    while it is still in L2."""
     BLOCK_K: tl.constexpr = GROUP * GROUPS
+    if REVERSE:
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+        pid_k = tl.num_programs(1) - 1 - tl.program_id(1)
+    else:
+        pid_m = tl.program_id(0)
+        pid_k = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
     pa = tl.arange(0, NP_POW2)
@@ -139,7 +140,7 @@ def _act_quant_tile(
                      other=0.0)
     row_max = tl.max(maxima, axis=1)
     scale = tl.where(row_max > 0, tl.math.div_rn(row_max, tl.full([BLOCK_M], QMAX * UMAX, tl.float32)), 1.0)
-    if pid_k == last_k:
+    if pid_k == tl.num_programs(1) - 1:  # one tile per row block (the first to run, in reverse) writes per-row results
         tl.store(scale_ptr + rows, scale, mask=rmask)
         if HAS_LORA:  # sum the partials in a fixed order: deterministic, no atomics, no memset
             rcols = tl.arange(0, BLOCK_R)
@@ -152,70 +153,6 @@ def _act_quant_tile(
     _, xf = _load_smoothed(x_ptr, inv_ptr, rows, rmask, k, K, stride_xm, shift, UNSIGNED, HAS_SMOOTH, BLOCK_K)
     _quantize_store(xf, scale, out_ptr, rows, rmask, k, KP, stride_om, QMAX, UMAX, QMIN, INT8_MODE, USE_RINT,
                     BLOCK_M, GROUP, GROUPS)
-
-
-@triton.jit
-def _act_quant_kernel(
-    x_ptr, inv_ptr, gmax_ptr, out_ptr, scale_ptr, part_ptr, lora_ptr,
-    M, K, KP, R, NPARTS,
-    stride_xm, stride_om, stride_gm, stride_lm,
-    shift,
-    QMAX: tl.constexpr, UMAX: tl.constexpr, QMIN: tl.constexpr,
-    UNSIGNED: tl.constexpr, HAS_SMOOTH: tl.constexpr, INT8_MODE: tl.constexpr, USE_RINT: tl.constexpr,
-    HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_M: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, NP_POW2: tl.constexpr, REVERSE: tl.constexpr,
-):
-    """Pass 2 over a (row block × K tile) grid. Tiles are visited in the reverse of pass 1's order, so the first
-    ones read the input pass 1 touched last, while it is still in L2; the first to run per row block (the last
-    K tile, in reverse) writes the per-row results."""
-    if REVERSE:
-        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-        pid_k = tl.num_programs(1) - 1 - tl.program_id(1)
-    else:
-        pid_m = tl.program_id(0)
-        pid_k = tl.program_id(1)
-    _act_quant_tile(x_ptr, inv_ptr, gmax_ptr, out_ptr, scale_ptr, part_ptr, lora_ptr, M, K, KP, R, NPARTS,
-                    stride_xm, stride_om, stride_gm, stride_lm, shift, pid_m, pid_k, tl.num_programs(1) - 1,
-                    QMAX, UMAX, QMIN, UNSIGNED, HAS_SMOOTH, INT8_MODE, USE_RINT, HAS_LORA, BLOCK_R, BLOCK_M, GROUP,
-                    GROUPS, NP_POW2)
-
-
-@triton.jit
-def _act_quant_expand_kernel(
-    x_ptr, inv_ptr, gmax_ptr, out_ptr, scale_ptr, part_ptr, lora_ptr,
-    M, K, KP, R, NPARTS,
-    stride_xm, stride_om, stride_gm, stride_lm,
-    shift,
-    p_ptr, mult_ptr, w8_ptr, N, W16, stride_p, stride_mult, stride_w8,
-    M_BLOCKS, NSUB, PE, W_CHUNKS,
-    QMAX: tl.constexpr, UMAX: tl.constexpr, QMIN: tl.constexpr,
-    UNSIGNED: tl.constexpr, HAS_SMOOTH: tl.constexpr, INT8_MODE: tl.constexpr, USE_RINT: tl.constexpr,
-    HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_M: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, NP_POW2: tl.constexpr,
-    EXP_N: tl.constexpr, EXP_W: tl.constexpr,
-):
-    """Pass 2 and the layer's weight expansion in one launch, right before the GEMM that reads both: two
-    latency-bound memory passes share the GPU instead of running back to back, and both results are the last
-    thing written to L2. Programs alternate between the jobs while both have work; pass-2 tiles run in reverse
-    of pass 1's order (x still in L2)."""
-    t = tl.program_id(0)
-    p2 = M_BLOCKS * NSUB
-    both = tl.minimum(p2, PE)
-    if t < 2 * both:
-        is_exp = t % 2 == 1
-        idx = t // 2
-    else:
-        is_exp = PE > p2
-        idx = t - both
-    if is_exp:
-        _expand_words_tile(p_ptr, mult_ptr, w8_ptr, N, W16, stride_p, stride_mult, stride_w8, idx // W_CHUNKS,
-                           idx % W_CHUNKS, EXP_N, EXP_W)
-    else:
-        rev = p2 - 1 - idx  # pass 1 runs row blocks fastest: reverse that order
-        _act_quant_tile(x_ptr, inv_ptr, gmax_ptr, out_ptr, scale_ptr, part_ptr, lora_ptr, M, K, KP, R, NPARTS,
-                        stride_xm, stride_om, stride_gm, stride_lm, shift, rev % M_BLOCKS, rev // M_BLOCKS, NSUB - 1,
-                        QMAX, UMAX, QMIN, UNSIGNED, HAS_SMOOTH, INT8_MODE, USE_RINT, HAS_LORA, BLOCK_R, BLOCK_M,
-                        GROUP, GROUPS, NP_POW2)
 
 
 def tiles_per_program(m_blocks: int, tiles: int, rank: int, device: torch.device) -> int:
@@ -242,17 +179,13 @@ def quantize_activation(
     groups: int | None = None,
     num_warps: int = 4,
     reverse: bool = True,
-    expand: tuple | None = None,
 ):
     """Launch the activation kernels on x2 [M, K]. Returns (int8 [M, Kp], scale [M], lora [M, R] fp32 | None).
 
     ``scratch(name, numel, dtype)``, where given, supplies reused buffers instead of fresh allocations (the
     dispatcher's per-device arena: the results live until the next call). Tile knobs (``bench/kernel_variants.py``
     measures them): ``k_per_program`` pass 1's K tiles per program (default ``tiles_per_program``), ``groups``
-    64-groups per K tile (default 4 where they divide), ``reverse`` pass 2's reverse visiting order.
-
-    ``expand=(qweight, wmult, w8)``: also expand the layer's 4-bit weights into ``w8`` (as ``expand_weight``), in
-    the same launch as pass 2 (with pass 1 it measured slower: the GEMM then found neither result in L2)."""
+    64-groups per K tile (default 4 where they divide), ``reverse`` pass 2's reverse visiting order."""
     m, k = x2.shape
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
@@ -290,31 +223,23 @@ def quantize_activation(
     lora = f32[m + m * nparts : m + m * nparts + m * r].view(m, r) if r else None
     parts = f32[m + m * nparts + m * r :].view(nparts, m, r) if r else None
     inv = smooth  # the kernels take λ and form 1/λ themselves
-    stats_args = (
+    launch(_act_stats_kernel, (m_blocks, nparts), (
         x2, inv if inv is not None else x2, proj_down if r else x2, gmax, parts if r else gmax,
         m, k, r, nsub,
         x2.stride(0), proj_down.stride(0) if r else 0, gmax.stride(0),
-        float(shift))
-    stats_flags = dict(UNSIGNED=bool(unsigned), HAS_SMOOTH=inv is not None, HAS_LORA=r > 0, DOT_FP32=fp32_dots(x2),
-                       BLOCK_M=bm, BLOCK_R=block_r, GROUP=64, GROUPS=groups, KSUB=ksub)
-    launch(_act_stats_kernel, (m_blocks, nparts), stats_args, **stats_flags, num_warps=num_warps)
-    quant_args = (
+        float(shift)),
+        UNSIGNED=bool(unsigned), HAS_SMOOTH=inv is not None, HAS_LORA=r > 0, DOT_FP32=fp32_dots(x2),
+        BLOCK_M=bm, BLOCK_R=block_r, GROUP=64, GROUPS=groups, KSUB=ksub, num_warps=num_warps,
+    )
+    launch(_act_quant_kernel, (m_blocks, nsub), (
         x2, inv if inv is not None else x2, gmax, out, scale, parts if r else gmax, lora if r else gmax,
         m, k, k_padded, r, nparts,
         x2.stride(0), out.stride(0), gmax.stride(0), lora.stride(0) if r else 0,
-        float(shift))
-    quant_flags = dict(QMAX=qmax, UMAX=umax, QMIN=qmin, UNSIGNED=bool(unsigned), HAS_SMOOTH=inv is not None,
-                       INT8_MODE=mode == "int8", USE_RINT=not interpreting(), HAS_LORA=r > 0, BLOCK_R=block_r,
-                       BLOCK_M=bm, GROUP=64, GROUPS=groups, NP_POW2=max(2, triton.next_power_of_2(nparts)))
-    if expand is None:
-        launch(_act_quant_kernel, (m_blocks, nsub), quant_args, **quant_flags, REVERSE=reverse, num_warps=num_warps)
-    else:
-        qweight, wmult, w8 = expand
-        p16, o32, n_rows, words = expansion_operands(qweight, w8)
-        en, ew = EXPAND_TILE
-        w_chunks = triton.cdiv(words, ew)
-        pe = triton.cdiv(n_rows, en) * w_chunks
-        launch(_act_quant_expand_kernel, (m_blocks * nsub + pe,), quant_args + (
-            p16, wmult, o32, n_rows, words, p16.stride(0), wmult.stride(0), o32.stride(0),
-            m_blocks, nsub, pe, w_chunks), **quant_flags, EXP_N=en, EXP_W=ew, num_warps=num_warps)
+        float(shift)),
+        QMAX=qmax, UMAX=umax, QMIN=qmin,
+        UNSIGNED=bool(unsigned), HAS_SMOOTH=inv is not None, INT8_MODE=mode == "int8", USE_RINT=not interpreting(),
+        HAS_LORA=r > 0, BLOCK_R=block_r,
+        BLOCK_M=bm, GROUP=64, GROUPS=groups, NP_POW2=max(2, triton.next_power_of_2(nparts)), REVERSE=reverse,
+        num_warps=num_warps,
+    )
     return out, scale, lora

@@ -31,7 +31,7 @@ except Exception as _exc:  # pragma: no cover - depends on the install
 
 _warned: set[str] = set()
 W4A16_MAX_M = 64  # above this the dequantize + cuBLAS path wins
-_ENV = ("SVDQ_GEMM", "SVDQ_W4A16", "SVDQ_FAST_LAUNCH", "SVDQ_FUSED_EXPAND")  # what a recorded plan depends on
+_ENV = ("SVDQ_GEMM", "SVDQ_W4A16", "SVDQ_FAST_LAUNCH")  # what a recorded plan depends on
 
 
 class _Arena:
@@ -181,14 +181,11 @@ def _run(x2, w, down, up, gelu, out2=None, accumulate=False):
     if w.kind == "w4a16" or w.act_precision == "none":
         return _w4a16(x2, w, down, up, gelu)
     if w.act_precision in ("int4", "int8"):
-        w8 = weight_workspace(w.out_features, w.k_padded, x2.device)
-        fused = os.environ.get("SVDQ_FUSED_EXPAND", "1") != "0" and w.qweight.is_contiguous()
         a8, ascale, lora = quantize_activation(
             x2, w.k_padded, w.smooth, down, w.act_shift, w.act_unsigned and w.act_precision == "int4", w.act_precision,
-            scratch=arena(x2.device).get, expand=(w.qweight, w.wmult, w8) if fused else None,
+            scratch=arena(x2.device).get,
         )
-        if not fused:
-            w8 = int8_weights(w)
+        w8 = int8_weights(w)
         return w4a4_gemm(a8, ascale, w8, w.wscale, lora, up, w.bias, x2.dtype, gelu, out=out2, accumulate=accumulate)
     return None
 

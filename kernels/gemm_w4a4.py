@@ -28,10 +28,13 @@ from .launch import HAS_HOST_DESCRIPTORS, TensorDescriptor, launch
 
 
 @triton.jit
-def _expand_words_tile(p_ptr, mult_ptr, out_ptr, N, W16, stride_p, stride_mult, stride_o, pid_n, pid_w,
-                       BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
-    """16-bit words of 4 codes [N, Kp/4] × mult [N, Kp/64] → int32 words of 4 int8 operands [N, Kp/4], one
-    [BLOCK_N, BLOCK_W] tile. Purely elementwise (no interleave), so loads and stores are 16-byte vectors."""
+def _expand_words_kernel(p_ptr, mult_ptr, out_ptr, N, W16, stride_p, stride_mult, stride_o,
+                         BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+    """16-bit words of 4 codes [N, Kp/4] × mult [N, Kp/64] → int32 words of 4 int8 operands [N, Kp/4].
+
+    Purely elementwise (no interleave), so loads and stores are 16-byte vectors."""
+    pid_n = tl.program_id(0)
+    pid_w = tl.program_id(1)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
     m2 = (n < N)[:, None] & (w < W16)[None, :]
@@ -44,21 +47,6 @@ def _expand_words_tile(p_ptr, mult_ptr, out_ptr, N, W16, stride_p, stride_mult, 
     tl.store(out_ptr + n[:, None] * stride_o + w[None, :], b0 | b1 | b2 | b3, mask=m2)
 
 
-@triton.jit
-def _expand_words_kernel(p_ptr, mult_ptr, out_ptr, N, W16, stride_p, stride_mult, stride_o,
-                         BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
-    _expand_words_tile(p_ptr, mult_ptr, out_ptr, N, W16, stride_p, stride_mult, stride_o, tl.program_id(0),
-                       tl.program_id(1), BLOCK_N, BLOCK_W)
-
-
-EXPAND_TILE = (16, 256)  # (rows, 16-bit words) per expansion program
-
-
-def expansion_operands(qweight: torch.Tensor, out: torch.Tensor) -> tuple:
-    """(packed words as int16, output as int32 words, rows, words per row): what an expansion launch takes."""
-    return qweight.view(torch.int16), out.view(torch.int32), qweight.shape[0], qweight.shape[1] // 2
-
-
 def expand_weight(qweight: torch.Tensor, wmult: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """INT4 codes × group multipliers as the int8 [N, Kp] GEMM operand (``reference.int8_weight_operand``)."""
     n, half = qweight.shape
@@ -68,8 +56,9 @@ def expand_weight(qweight: torch.Tensor, wmult: torch.Tensor, out: torch.Tensor 
     elif not out.is_contiguous() or out.shape != (n, kp) or out.dtype != torch.int8:
         raise ValueError(f"expand_weight needs a contiguous int8 [{n}, {kp}] output, got {out.dtype} {tuple(out.shape)}")
     qweight = qweight if qweight.is_contiguous() else qweight.contiguous()
-    p16, o32, _, words = expansion_operands(qweight, out)  # Kp is a multiple of 64: whole words
-    bn, bw = EXPAND_TILE
+    p16, o32 = qweight.view(torch.int16), out.view(torch.int32)  # Kp is a multiple of 64: whole words
+    words = kp // 4
+    bn, bw = 16, 256
     grid = (triton.cdiv(n, bn), triton.cdiv(words, bw))
     launch(_expand_words_kernel, grid, (p16, wmult, o32, n, words, p16.stride(0), wmult.stride(0), o32.stride(0)),
            BLOCK_N=bn, BLOCK_W=bw, num_warps=4)

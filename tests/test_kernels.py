@@ -115,24 +115,6 @@ def test_expand_weight_exact(n, k, triton_kernels):
     assert torch.equal(expand_weight(layer.qweight, layer.wmult), int8_weight_operand(layer))
 
 
-@pytest.mark.parametrize("m,k,n,rank", [(3, 200, 600, 16), (70, 640, 40, 32), (9, 64, 64, 0)]
-                         + ([(4608, 3072, 12288, 32), (512, 15360, 3072, 32)] if GPU else []))
-def test_activation_pass_with_weight_expansion(m, k, n, rank, triton_kernels):
-    """Pass 1 launched together with the weight expansion (programs alternating between the two jobs, then the
-    longer job's rest: weight-heavy and activation-heavy shapes both) gives the separate launches' results."""
-    from svdq.kernels.act_quant import quantize_activation
-
-    layer = random_layer(n, k, rank, True, device=DEV, seed=n)
-    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
-    a1, s1, l1 = quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down)
-    w8 = torch.full((n, layer.k_padded), 99, dtype=torch.int8, device=DEV)
-    a, s, lora = quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down, expand=(layer.qweight, layer.wmult, w8))
-    assert torch.equal(w8, int8_weight_operand(layer))
-    assert torch.equal(a, a1) and torch.equal(s, s1)
-    if rank:
-        assert torch.equal(lora, l1)
-
-
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 16, 40])
 @pytest.mark.parametrize("impl", ["gemv", "mma"])
 def test_w4a16_matches_reference(m, impl, triton_kernels, monkeypatch):
