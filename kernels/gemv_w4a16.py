@@ -94,53 +94,58 @@ def _w4a16_kernel(
 
 @triton.jit
 def _w4a16_gemv_kernel(
-    x_ptr, p_ptr, mult_ptr, wscale_ptr, smooth_ptr, bias_ptr, out_ptr,
-    M, N, K, W16, W_PER_SPLIT,
+    x_ptr, p_ptr, mult_ptr, wscale_ptr, inv_smooth_ptr, bias_ptr, out_ptr,
+    M, N, K, G, G_PER_SPLIT,
     stride_xm, stride_p, stride_mult, stride_om,
+    NIB_MASK, ONE_XOR,
     HAS_SMOOTH: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
-    """M <= 4 on the CUDA cores, reading the packed weights as 16-bit words (4 codes each, 8 words = one 16-byte
-    load a thread). Products accumulate elementwise in a [BLOCK_M, BLOCK_N, BLOCK_W] register tile and are
-    reduced across threads once at the end, not every K step."""
+    """M <= 4 on the CUDA cores: three instructions per weight (shift, one logic op, FMA).
+
+    The packed weights are read as 32-bit words (8 codes, one 64-group = 8 words); threads run along K and each
+    holds several output rows, so every input value it loads serves all of them. A nibble (c = code + 8 after
+    flipping its sign bit) is turned into the float 1 + c/16 by placing it in the mantissa of 1.0 (no conversion
+    instruction, no subtraction); since code = c - 8, Σ x·code = 16·Σ x·(1 + c/16) - 24·Σ x, and Σ x does not depend on the row. The group
+    multiplier is applied once per word and step; the cross-thread reduction happens once, at the end."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
-    rm = tl.arange(0, BLOCK_M)
+    pid_m = tl.program_id(2)  # one input row per program: M <= 4, the weights come from L2 the second time
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mmask = rm < M
     nmask = rn < N
     rn_c = tl.where(nmask, rn, 0)
-    wi = tl.arange(0, BLOCK_W)
-    acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_W], dtype=tl.float32)
-    w_start = pid_s * W_PER_SPLIT
-    w_end = tl.minimum(w_start + W_PER_SPLIT, W16)
-    # software prefetch: the next step's words are requested before this step's arithmetic (loads that feed
-    # no dot are not pipelined by the compiler), so two steps of weights are in flight per program
-    wmask = (w_start + wi) < w_end
-    p_next = tl.load(p_ptr + rn_c[:, None] * stride_p + (w_start + wi)[None, :], mask=wmask[None, :], other=0)
-    u_next = tl.load(mult_ptr + rn_c[:, None] * stride_mult + ((w_start + wi) // 16)[None, :], mask=wmask[None, :], other=0)
-    for w0 in range(w_start, w_end, BLOCK_W):
-        w = w0 + wi  # word index: input columns 4w .. 4w+3
-        p = p_next.to(tl.int32)
-        u = u_next.to(tl.int32)
-        wn = w + BLOCK_W
-        wn_mask = wn < w_end
-        p_next = tl.load(p_ptr + rn_c[:, None] * stride_p + wn[None, :], mask=wn_mask[None, :], other=0)
-        u_next = tl.load(mult_ptr + rn_c[:, None] * stride_mult + (wn // 16)[None, :], mask=wn_mask[None, :], other=0)
-        # integers to floats without conversion instructions (a quarter-rate unit): OR the value into the
-        # mantissa of 2^23 and subtract. Nibble XOR 8 is the code + 8, so 2^23 + 8 is taken off.
-        uf = (u | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-        part = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_W], dtype=tl.float32)
-        for i in tl.static_range(4):
-            code = (((p >> (4 * i)) & 0xF) ^ 0x4B000008).to(tl.float32, bitcast=True) - 8388616.0
-            kc = 4 * w + i
-            xv = tl.load(x_ptr + rm[:, None] * stride_xm + kc[None, :], mask=mmask[:, None] & (kc[None, :] < K), other=0.0).to(tl.float32)
+    gi = tl.arange(0, BLOCK_G)
+    wi = tl.arange(0, 8)
+    acc = tl.zeros([BLOCK_N, BLOCK_G, 8], dtype=tl.float32)
+    g_start = pid_s * G_PER_SPLIT
+    g_end = tl.minimum(g_start + G_PER_SPLIT, G)
+    for g0 in range(g_start, g_end, BLOCK_G):
+        g = g0 + gi
+        gm = g < g_end
+        p = tl.load(p_ptr + rn_c[:, None, None] * stride_p + (g * 8)[None, :, None] + wi[None, None, :],
+                    mask=gm[None, :, None], other=0)
+        u = tl.load(mult_ptr + rn_c[:, None] * stride_mult + g[None, :], mask=gm[None, :], other=0).to(tl.int32)
+        uf = (u | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0  # small integer to float, no cvt
+        part = tl.zeros([BLOCK_N, BLOCK_G, 8], dtype=tl.float32)
+        xsum = tl.zeros([BLOCK_G, 8], dtype=tl.float32)
+        for j in tl.static_range(8):  # nibble j of word w is input column 8w + j
+            col = (g * 64)[:, None] + wi[None, :] * 8 + j
+            cm = gm[:, None] & (col < K)
+            xv = tl.load(x_ptr + pid_m * stride_xm + col, mask=cm, other=0.0).to(tl.float32)
             if HAS_SMOOTH:
-                lam = tl.load(smooth_ptr + kc, mask=kc < K, other=1.0).to(tl.float32)
-                xv = xv / lam[None, :]
-            part += xv[:, None, :] * code[None, :, :]
-        acc += part * uf[None, :, :]  # the group multiplier once per word, not per code
-    _store_rows(tl.sum(acc, axis=2), rm, rn, mmask, nmask, pid_s, wscale_ptr, bias_ptr, out_ptr, stride_om, SPLIT, HAS_BIAS)
+                xv = xv * tl.load(inv_smooth_ptr + col, mask=cm, other=0.0)
+            xsum += xv
+            # the nibble holds the code in two's complement: XOR with 8 gives c = code + 8. Mask and constant
+            # come in as runtime values (registers), so AND and XOR compile to one LOP3 (it takes one immediate)
+            if 4 * j <= 19:
+                bits = ((p << (19 - 4 * j)) & NIB_MASK) ^ ONE_XOR
+            else:
+                bits = ((p >> (4 * j - 19)) & NIB_MASK) ^ ONE_XOR
+            part += xv[None, :, :] * bits.to(tl.float32, bitcast=True)
+        acc += (part * 16.0 - xsum[None, :, :] * 24.0) * uf[:, :, None]
+    y = tl.sum(tl.sum(acc, axis=2), axis=1)
+    rm = pid_m + tl.arange(0, 1)
+    _store_rows(y[None, :], rm, rn, rm < M, nmask, pid_s, wscale_ptr, bias_ptr, out_ptr, stride_om, SPLIT, HAS_BIAS)
 
 
 SMALL_M = 4  # up to this many rows the CUDA-core kernel runs (measured faster than padding M to 16 for MMA)
@@ -183,28 +188,42 @@ def w4a16_linear(x2: torch.Tensor, qweight: torch.Tensor, wmult: torch.Tensor, w
     return out
 
 
+def _inverse_smooth(smooth: torch.Tensor) -> torch.Tensor:
+    """1/λ in fp32, computed once per smoothing vector (a multiply in the kernel instead of a division)."""
+    key = (smooth.data_ptr(), smooth.device, smooth.shape[0], smooth._version)
+    hit = _INV_SMOOTH.get(key)
+    if hit is None:
+        if len(_INV_SMOOTH) > 4096:
+            _INV_SMOOTH.clear()
+        hit = _INV_SMOOTH[key] = torch.reciprocal(smooth.float())
+    return hit
+
+
+_INV_SMOOTH: dict = {}
+
+
 def _w4a16_gemv(x2, qweight, wmult, wscale, smooth, bias, out_dtype):
     m, k = x2.shape
     n = qweight.shape[0]
-    words = qweight.shape[1] // 2
-    p16 = qweight.view(torch.int16)  # [N, Kp/4]: Kp is a multiple of 64, so rows stay whole words
-    bm = 1 if m == 1 else (2 if m == 2 else 4)
-    block_n, block_w = {1: (32, 128), 2: (16, 128), 4: (16, 64)}[bm]
+    groups = qweight.shape[1] // 32  # 64 codes = 32 bytes = 8 words per group
+    p32 = qweight.view(torch.int32)  # [N, Kp/8]: Kp is a multiple of 64, so rows stay whole words
+    block_n, block_g = 32, 16
     if interpreting():
-        block_w = 32
+        block_n, block_g = 8, 2
     blocks_n = triton.cdiv(n, block_n)
-    split = max(1, min(triton.cdiv(words, block_w), (4 * sm_count(x2.device)) // max(blocks_n, 1)))
-    w_per_split = triton.cdiv(triton.cdiv(words, split), block_w) * block_w
-    split = triton.cdiv(words, w_per_split)
+    split = max(1, min(triton.cdiv(groups, block_g), (2 * sm_count(x2.device)) // max(blocks_n * m, 1)))
+    g_per_split = triton.cdiv(triton.cdiv(groups, split), block_g) * block_g
+    split = triton.cdiv(groups, g_per_split)
     if split > 1:
         out = torch.zeros(m, n, dtype=torch.float32, device=x2.device)
     else:
         out = torch.empty(m, n, dtype=out_dtype, device=x2.device)
-    launch(_w4a16_gemv_kernel, (blocks_n, split), (
-        x2, p16, wmult, wscale, smooth if smooth is not None else wscale, bias if bias is not None else wscale, out,
-        m, n, k, words, w_per_split,
-        x2.stride(0), p16.stride(0), wmult.stride(0), out.stride(0)),
+    inv = _inverse_smooth(smooth) if smooth is not None else wscale
+    launch(_w4a16_gemv_kernel, (blocks_n, split, m), (
+        x2, p32, wmult, wscale, inv, bias if bias is not None else wscale, out,
+        m, n, k, groups, g_per_split,
+        x2.stride(0), p32.stride(0), wmult.stride(0), out.stride(0), 0x00780000, 0x3FC00000),
         HAS_SMOOTH=smooth is not None, SPLIT=split, HAS_BIAS=bias is not None,
-        BLOCK_M=bm, BLOCK_N=block_n, BLOCK_W=block_w, num_warps=4, num_stages=3,
+        BLOCK_N=block_n, BLOCK_G=block_g, num_warps=4, num_stages=3,
     )
     return out
