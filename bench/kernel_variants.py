@@ -10,6 +10,7 @@ Same process, same data, same GPU for every pair; µs are medians of ``triton.te
   gemmcfg  every TMA GEMM tile config one by one (CUDA-graph µs), including configs that run two programs per SM
            (``PER_SM``: one program's epilogue overlaps the other's main loop, and finer tiles cut the last-wave loss
            at N = 3072), with bf16 alongside
+  w4a16tile the M = 1 W4A16 kernel over its tile knobs (rows and groups per program, split-K)
   act      the activation kernel pair under CUDA-graph replay over its tile knobs (rows per program, 64-groups
            per K tile, warps, K tiles per pass-1 program, pass 2's visiting order), rank 32 and a LoRA-widened
            rank 96, against its memory floor (x read twice, the int8 operand written once, at the copy rate)
@@ -123,6 +124,40 @@ def gemm_config_rows(triton) -> list[dict]:
     return rows
 
 
+def w4a16_tile_rows(triton) -> list[dict]:
+    """The M = 1 kernel over its tile knobs (rows and 64-groups per program, split-K), CUDA-graph µs."""
+    from svdq.kernels.gemv_w4a16 import _w4a16_gemv_one_row
+
+    rows = []
+    for k, n in [(3072, 18432), (3072, 9216), (3072, 3072)]:
+        layer = make_layer(n, k, 0, kind="w4a16")
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        wb = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        inv = torch.reciprocal(layer.smooth.float())
+        row = {"K": k, "N": n, "bf16_graph": triton.testing.do_bench_cudagraph(lambda: torch.nn.functional.linear(x, wb, layer.bias), rep=50) * 1e3}
+        ref = None
+        for bn, bg in [(32, 16), (16, 16), (64, 8), (32, 8), (16, 8), (8, 16)]:
+            for split in (None, 1, 2, 4):
+                def fn(bn=bn, bg=bg, split=split):
+                    return _w4a16_gemv_one_row(x, layer.qweight, layer.wmult, layer.wscale, layer.smooth, inv, layer.bias,
+                                               torch.bfloat16, bn, bg, split)
+                name = f"n{bn}_g{bg}_s{split or 'auto'}"
+                try:
+                    y = fn().to(torch.bfloat16)
+                    ref = y if ref is None else ref
+                    row[name] = triton.testing.do_bench_cudagraph(fn, rep=50) * 1e3
+                    row[name + "_rel"] = float((y.float() - ref.float()).norm() / ref.float().norm())
+                except Exception as exc:
+                    print(f"{name} failed: {str(exc)[-300:]}", flush=True)
+        timed = {c: v for c, v in row.items() if c.startswith("n") and not c.endswith("_rel")}
+        best = min(timed, key=timed.get)
+        print(f"w4a16tile K={k} N={n}: bf16 {row['bf16_graph']:.1f}, best {best} {timed[best]:.1f} "
+              f"(x{row['bf16_graph'] / timed[best]:.2f}); " + ", ".join(f"{c} {v:.1f}" for c, v in sorted(timed.items(), key=lambda t: t[1])),
+              flush=True)
+        rows.append(row)
+    return rows
+
+
 def w4a16_rows(triton) -> list[dict]:
     from svdq.kernels.dispatch import svdq_linear
 
@@ -227,6 +262,8 @@ def main() -> int:
         out["gemmcfg"] = gemm_config_rows(triton)
     if "w4a16" in only:
         out["w4a16"] = w4a16_rows(triton)
+    if "w4a16tile" in only:
+        out["w4a16tile"] = w4a16_tile_rows(triton)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -98,6 +98,15 @@ def int8_weights(w: QuantizedLinearWeights) -> torch.Tensor:
     return expand_weight(w.qweight, w.wmult, out=weight_workspace(w.out_features, w.k_padded, w.qweight.device))
 
 
+def derived(w: QuantizedLinearWeights, name: str, make) -> torch.Tensor:
+    """A tensor computed once from the layer's own (e.g. 1/λ), kept with the layer; call plans may point at it."""
+    cache = w.__dict__.setdefault("_svdq_derived", {})
+    t = cache.get(name)
+    if t is None:
+        t = cache[name] = make()
+    return t
+
+
 def _unsupported(x: torch.Tensor, w: QuantizedLinearWeights) -> str | None:
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"input dtype {x.dtype}"
@@ -204,6 +213,7 @@ class _Plan:
             return None
         allowed = {b.untyped_storage().data_ptr() for b in ar.buffers.values()}
         allowed |= {t.untyped_storage().data_ptr() for t in w.tensors().values()}
+        allowed |= {t.untyped_storage().data_ptr() for t in w.__dict__.get("_svdq_derived", {}).values()}
         launches = []
         for runner, args in rec:
             xpos, ypos, kept = [], [], list(args)
@@ -269,8 +279,9 @@ def _planned(x2: torch.Tensor, w: QuantizedLinearWeights, gelu: bool, out2: torc
 def _w4a16(x2, w, down, up, gelu):
     if x2.shape[0] <= W4A16_MAX_M:
         final = down is None and not gelu  # then the kernel may write the output dtype itself
+        inv = None if w.smooth is None else derived(w, "inv_smooth", lambda: torch.reciprocal(w.smooth.float()))
         y = w4a16_linear(x2, w.qweight, w.wmult, w.wscale, w.smooth, w.in_features, bias=w.bias,
-                         out_dtype=x2.dtype if final else torch.float32)
+                         out_dtype=x2.dtype if final else torch.float32, inv_smooth=inv)
     else:
         w8 = expand_weight(w.qweight, w.wmult, out=weight_workspace(w.out_features, w.k_padded, x2.device))
         wd = (w8[:, : w.in_features].to(x2.dtype) * w.wscale.to(x2.dtype)[:, None])

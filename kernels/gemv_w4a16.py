@@ -6,9 +6,10 @@ Memory-bound, so the goal is reading the packed weights once: ~0.53 bytes per we
 instead of 2. Each program owns BLOCK_N output channels and a K slice (split-K with fp32 atomics when N alone
 cannot fill the GPU).
 
-Two kernels: for M ≤ 4 (the batch sizes that occur) a CUDA-core kernel reads the packed weights as 16-bit words,
-turns nibbles into floats with the mantissa trick (no conversion instructions), prefetches the next step and
-reduces across threads once at the end (M = 1: 1.35–1.40× cuBLAS bf16 on the H100, BENCHMARKS.md); above that a
+Three kernels: for M = 1 a CUDA-core kernel on 32-bit words with threads along K, three instructions per weight
+(BENCHMARKS.md); for 2 ≤ M ≤ 4 (batch 2 with CFG) one that reads 16-bit words, shares each weight load between the
+rows, turns nibbles into floats with the mantissa trick, prefetches the next step and reduces across threads once
+at the end; above that a
 tensor-core kernel where even input columns multiply the low nibbles and odd columns the high ones
 (``code * mult``, |·| ≤ 120, is exact in 16 bit), M padded to 16.
 """
@@ -101,7 +102,7 @@ def _w4a16_gemv_kernel(
     HAS_SMOOTH: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
-    """M <= 4 on the CUDA cores: three instructions per weight (shift, one logic op, FMA).
+    """M = 1 on the CUDA cores: three instructions per weight (shift, one logic op, FMA).
 
     The packed weights are read as 32-bit words (8 codes, one 64-group = 8 words); threads run along K and each
     holds several output rows, so every input value it loads serves all of them. A nibble (c = code + 8 after
@@ -110,7 +111,7 @@ def _w4a16_gemv_kernel(
     multiplier is applied once per word and step; the cross-thread reduction happens once, at the end."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
-    pid_m = tl.program_id(2)  # one input row per program: M <= 4, the weights come from L2 the second time
+    pid_m = tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = rn < N
     rn_c = tl.where(nmask, rn, 0)
@@ -148,13 +149,64 @@ def _w4a16_gemv_kernel(
     _store_rows(y[None, :], rm, rn, rm < M, nmask, pid_s, wscale_ptr, bias_ptr, out_ptr, stride_om, SPLIT, HAS_BIAS)
 
 
+@triton.jit
+def _w4a16_rows_kernel(
+    x_ptr, p_ptr, mult_ptr, wscale_ptr, smooth_ptr, bias_ptr, out_ptr,
+    M, N, K, W16, W_PER_SPLIT,
+    stride_xm, stride_p, stride_mult, stride_om,
+    HAS_SMOOTH: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    """2 <= M <= 4 on the CUDA cores (the rows share each weight load), reading the packed weights as 16-bit words (4 codes each, 8 words = one 16-byte
+    load a thread). Products accumulate elementwise in a [BLOCK_M, BLOCK_N, BLOCK_W] register tile and are
+    reduced across threads once at the end, not every K step."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rm = tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mmask = rm < M
+    nmask = rn < N
+    rn_c = tl.where(nmask, rn, 0)
+    wi = tl.arange(0, BLOCK_W)
+    acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_W], dtype=tl.float32)
+    w_start = pid_s * W_PER_SPLIT
+    w_end = tl.minimum(w_start + W_PER_SPLIT, W16)
+    # software prefetch: the next step's words are requested before this step's arithmetic (loads that feed
+    # no dot are not pipelined by the compiler), so two steps of weights are in flight per program
+    wmask = (w_start + wi) < w_end
+    p_next = tl.load(p_ptr + rn_c[:, None] * stride_p + (w_start + wi)[None, :], mask=wmask[None, :], other=0)
+    u_next = tl.load(mult_ptr + rn_c[:, None] * stride_mult + ((w_start + wi) // 16)[None, :], mask=wmask[None, :], other=0)
+    for w0 in range(w_start, w_end, BLOCK_W):
+        w = w0 + wi  # word index: input columns 4w .. 4w+3
+        p = p_next.to(tl.int32)
+        u = u_next.to(tl.int32)
+        wn = w + BLOCK_W
+        wn_mask = wn < w_end
+        p_next = tl.load(p_ptr + rn_c[:, None] * stride_p + wn[None, :], mask=wn_mask[None, :], other=0)
+        u_next = tl.load(mult_ptr + rn_c[:, None] * stride_mult + (wn // 16)[None, :], mask=wn_mask[None, :], other=0)
+        # integers to floats without conversion instructions (a quarter-rate unit): OR the value into the
+        # mantissa of 2^23 and subtract. Nibble XOR 8 is the code + 8, so 2^23 + 8 is taken off.
+        uf = (u | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        part = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_W], dtype=tl.float32)
+        for i in tl.static_range(4):
+            code = (((p >> (4 * i)) & 0xF) ^ 0x4B000008).to(tl.float32, bitcast=True) - 8388616.0
+            kc = 4 * w + i
+            xv = tl.load(x_ptr + rm[:, None] * stride_xm + kc[None, :], mask=mmask[:, None] & (kc[None, :] < K), other=0.0).to(tl.float32)
+            if HAS_SMOOTH:
+                lam = tl.load(smooth_ptr + kc, mask=kc < K, other=1.0).to(tl.float32)
+                xv = xv / lam[None, :]
+            part += xv[:, None, :] * code[None, :, :]
+        acc += part * uf[None, :, :]  # the group multiplier once per word, not per code
+    _store_rows(tl.sum(acc, axis=2), rm, rn, mmask, nmask, pid_s, wscale_ptr, bias_ptr, out_ptr, stride_om, SPLIT, HAS_BIAS)
+
+
 SMALL_M = 4  # up to this many rows the CUDA-core kernel runs (measured faster than padding M to 16 for MMA)
 
 
 def w4a16_linear(x2: torch.Tensor, qweight: torch.Tensor, wmult: torch.Tensor, wscale: torch.Tensor,
                  smooth: torch.Tensor | None, in_features: int, bias: torch.Tensor | None = None,
                  block_n: int = 128, block_k: int = 512, split: int | None = None,
-                 out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                 out_dtype: torch.dtype = torch.float32, inv_smooth: torch.Tensor | None = None) -> torch.Tensor:
     """[M, N] = (x2 / smooth) · (codes · mult · wscale)ᵀ + bias in fp32, or directly in ``out_dtype`` where the
     kernel needs no split-K atomics; low-rank terms are added by the caller."""
     m, k = x2.shape
@@ -164,7 +216,7 @@ def w4a16_linear(x2: torch.Tensor, qweight: torch.Tensor, wmult: torch.Tensor, w
         x2 = x2.contiguous()
     impl = os.environ.get("SVDQ_W4A16", "gemv")
     if m <= SMALL_M and impl == "gemv":
-        return _w4a16_gemv(x2, qweight, wmult, wscale, smooth, bias, out_dtype)
+        return _w4a16_gemv(x2, qweight, wmult, wscale, smooth, inv_smooth, bias, out_dtype)
     while block_k > 64 and kp % block_k:
         block_k //= 2
     if interpreting():
@@ -188,42 +240,67 @@ def w4a16_linear(x2: torch.Tensor, qweight: torch.Tensor, wmult: torch.Tensor, w
     return out
 
 
-def _inverse_smooth(smooth: torch.Tensor) -> torch.Tensor:
-    """1/λ in fp32, computed once per smoothing vector (a multiply in the kernel instead of a division)."""
-    key = (smooth.data_ptr(), smooth.device, smooth.shape[0], smooth._version)
-    hit = _INV_SMOOTH.get(key)
-    if hit is None:
-        if len(_INV_SMOOTH) > 4096:
-            _INV_SMOOTH.clear()
-        hit = _INV_SMOOTH[key] = torch.reciprocal(smooth.float())
-    return hit
+def _w4a16_gemv(x2, qweight, wmult, wscale, smooth, inv_smooth, bias, out_dtype):
+    if x2.shape[0] == 1:
+        return _w4a16_gemv_one_row(x2, qweight, wmult, wscale, smooth, inv_smooth, bias, out_dtype)
+    return _w4a16_gemv_rows(x2, qweight, wmult, wscale, smooth, bias, out_dtype)
 
 
-_INV_SMOOTH: dict = {}
+ONE_ROW_TILE = (32, 16)  # (output rows, 64-groups) per program of the M = 1 kernel
 
 
-def _w4a16_gemv(x2, qweight, wmult, wscale, smooth, bias, out_dtype):
+def _w4a16_gemv_one_row(x2, qweight, wmult, wscale, smooth, inv_smooth, bias, out_dtype,
+                        block_n: int | None = None, block_g: int | None = None, split: int | None = None):
     m, k = x2.shape
     n = qweight.shape[0]
     groups = qweight.shape[1] // 32  # 64 codes = 32 bytes = 8 words per group
     p32 = qweight.view(torch.int32)  # [N, Kp/8]: Kp is a multiple of 64, so rows stay whole words
-    block_n, block_g = 32, 16
+    block_n, block_g = block_n or ONE_ROW_TILE[0], block_g or ONE_ROW_TILE[1]
     if interpreting():
         block_n, block_g = 8, 2
     blocks_n = triton.cdiv(n, block_n)
-    split = max(1, min(triton.cdiv(groups, block_g), (2 * sm_count(x2.device)) // max(blocks_n * m, 1)))
+    if split is None:
+        split = max(1, min(triton.cdiv(groups, block_g), (2 * sm_count(x2.device)) // max(blocks_n, 1)))
     g_per_split = triton.cdiv(triton.cdiv(groups, split), block_g) * block_g
     split = triton.cdiv(groups, g_per_split)
     if split > 1:
         out = torch.zeros(m, n, dtype=torch.float32, device=x2.device)
     else:
         out = torch.empty(m, n, dtype=out_dtype, device=x2.device)
-    inv = _inverse_smooth(smooth) if smooth is not None else wscale
+    if smooth is not None and inv_smooth is None:
+        inv_smooth = torch.reciprocal(smooth.float())
     launch(_w4a16_gemv_kernel, (blocks_n, split, m), (
-        x2, p32, wmult, wscale, inv, bias if bias is not None else wscale, out,
+        x2, p32, wmult, wscale, inv_smooth if smooth is not None else wscale, bias if bias is not None else wscale, out,
         m, n, k, groups, g_per_split,
         x2.stride(0), p32.stride(0), wmult.stride(0), out.stride(0), 0x00780000, 0x3FC00000),
         HAS_SMOOTH=smooth is not None, SPLIT=split, HAS_BIAS=bias is not None,
         BLOCK_N=block_n, BLOCK_G=block_g, num_warps=4, num_stages=3,
+    )
+    return out
+
+
+def _w4a16_gemv_rows(x2, qweight, wmult, wscale, smooth, bias, out_dtype):
+    m, k = x2.shape
+    n = qweight.shape[0]
+    words = qweight.shape[1] // 2
+    p16 = qweight.view(torch.int16)  # [N, Kp/4]: Kp is a multiple of 64, so rows stay whole words
+    bm = 1 if m == 1 else (2 if m == 2 else 4)
+    block_n, block_w = {1: (32, 128), 2: (16, 128), 4: (16, 64)}[bm]
+    if interpreting():
+        block_w = 32
+    blocks_n = triton.cdiv(n, block_n)
+    split = max(1, min(triton.cdiv(words, block_w), (4 * sm_count(x2.device)) // max(blocks_n, 1)))
+    w_per_split = triton.cdiv(triton.cdiv(words, split), block_w) * block_w
+    split = triton.cdiv(words, w_per_split)
+    if split > 1:
+        out = torch.zeros(m, n, dtype=torch.float32, device=x2.device)
+    else:
+        out = torch.empty(m, n, dtype=out_dtype, device=x2.device)
+    launch(_w4a16_rows_kernel, (blocks_n, split), (
+        x2, p16, wmult, wscale, smooth if smooth is not None else wscale, bias if bias is not None else wscale, out,
+        m, n, k, words, w_per_split,
+        x2.stride(0), p16.stride(0), wmult.stride(0), out.stride(0)),
+        HAS_SMOOTH=smooth is not None, SPLIT=split, HAS_BIAS=bias is not None,
+        BLOCK_M=bm, BLOCK_N=block_n, BLOCK_W=block_w, num_warps=4, num_stages=3,
     )
     return out
