@@ -119,11 +119,12 @@ class TunedKernel:
     def _launch_default(self, args, flags, m, n):
         """configs[0], or the next config where a larger one does not fit this GPU's shared memory (a wide
         low-rank branch makes the epilogue bigger)."""
-        for i, c in enumerate(self.configs):
+        configs = self._candidates(args, flags) or self.configs
+        for i, c in enumerate(configs):
             try:
                 return self._launch(self._cfg_dict(c), args, flags, m, n)
             except Exception as exc:
-                if "out of resource" not in str(exc).lower() or i == len(self.configs) - 1:
+                if "out of resource" not in str(exc).lower() or i == len(configs) - 1:
                     raise
 
     def _lookup_or_tune(self, args, flags, m_, n_, kp_):
@@ -150,9 +151,13 @@ class TunedKernel:
         with not_recorded():
             return self._tune_all(*self._tuning_args(args, flags), m, n)
 
+    def _candidates(self, args: tuple, flags: dict) -> list:
+        """The configs that may run this call (a subclass may drop those a kernel cannot take)."""
+        return self.configs
+
     def _tune_all(self, args, flags, m, n) -> dict:
         best = None
-        for c in self.configs:
+        for c in self._candidates(args, flags):
             cd = self._cfg_dict(c)
             try:
                 t = triton.testing.do_bench(lambda: self._launch(cd, args, flags, m, n), warmup=5, rep=20, return_mode="median")

@@ -22,7 +22,7 @@ try:  # Triton is optional: CPU-only installs run the reference
     from .act_quant import quantize_activation
     from .gemm_w4a4 import expand_weight, w4a4_gemm
     from .gemv_w4a16 import w4a16_linear
-    from .launch import TensorDescriptor, recording
+    from .launch import is_descriptor, recording
 
     HAS_TRITON = True
 except Exception as _exc:  # pragma: no cover - depends on the install
@@ -224,7 +224,7 @@ class _Plan:
                 elif isinstance(a, torch.Tensor):
                     if a.untyped_storage().data_ptr() not in allowed:
                         return None
-                elif isinstance(a, TensorDescriptor) and a.base.untyped_storage().data_ptr() not in allowed:
+                elif is_descriptor(a) and a.base.untyped_storage().data_ptr() not in allowed:
                     return None
             launches.append((runner, tuple(kept), tuple(xpos), tuple(ypos)))
         if not any(lp[3] for lp in launches):  # the output came from a torch op, not a kernel: not replayable

@@ -26,6 +26,13 @@ import triton.language as tl
 from .autotune_cache import TunedKernel, capability_major, fp32_dots, interpreting, sm_count
 from .launch import HAS_HOST_DESCRIPTORS, TensorDescriptor, launch
 
+try:  # Gluon (Triton >= 3.5): the warp-specialized Hopper schedule
+    from . import gemm_w4a4_gluon
+
+    HAS_GLUON = True
+except Exception:  # pragma: no cover - depends on the Triton version
+    HAS_GLUON = False
+
 
 @triton.jit
 def _expand_words_kernel(p_ptr, mult_ptr, out_ptr, N, W16, stride_p, stride_mult, stride_o,
@@ -221,9 +228,18 @@ def _tma_configs():
     return out
 
 
+def _ws_configs():
+    return [triton.Config(kw, num_warps=8, num_stages=1) for kw in gemm_w4a4_gluon.ws_configs()] if HAS_GLUON else []
+
+
 class _GemmTuned(TunedKernel):
-    """Both GEMM schedules under one shape-keyed tuner: each config names its kernel (``SCHEDULE``), so the
-    cached winner per shape may be either. TMA configs get descriptors for their tile shape at launch."""
+    """The GEMM schedules under one shape-keyed tuner: each config names its kernel (``SCHEDULE``), so the
+    cached winner per shape may be any of them. TMA and Gluon configs get descriptors for their tile shape at
+    launch; Gluon configs are candidates only where that kernel can run (sm_90, a bf16 or no branch)."""
+
+    def _candidates(self, args: tuple, flags: dict) -> list:
+        ws_ok = HAS_GLUON and not flags.get("DOT_FP32") and gemm_w4a4_gluon.usable(args[0], args[5] if flags.get("HAS_LORA") else None)
+        return [c for c in self.configs if ws_ok or c.kwargs.get("SCHEDULE") != "gluon"]
 
     def _tuning_args(self, args: tuple, flags: dict) -> tuple[tuple, dict]:
         """Candidates must not add into the real output again and again: an accumulating call is tuned as a
@@ -238,7 +254,10 @@ class _GemmTuned(TunedKernel):
         kw = dict(cfg["kwargs"])
         bm, bn = kw["BLOCK_M"], kw["BLOCK_N"]
         tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-        if kw.pop("SCHEDULE") == "tma":
+        schedule = kw.pop("SCHEDULE")
+        if schedule == "gluon":
+            gemm_w4a4_gluon.launch_ws(kw, cfg["num_warps"], args, flags, m, n)
+        elif schedule == "tma":
             a8, w8, kp = args[0], args[1], args[10]
             a_desc = TensorDescriptor(a8, [m, kp], [a8.stride(0), 1], [bm, kw["BLOCK_K"]])
             b_desc = TensorDescriptor(w8, [n, kp], [w8.stride(0), 1], [bn, kw["BLOCK_K"]])
@@ -254,15 +273,16 @@ class _GemmTuned(TunedKernel):
 _TUNERS = {
     "pointer": _GemmTuned("w4a4_gemm_pointer", _pointer_configs()),
     "tma": _GemmTuned("w4a4_gemm_tma", _tma_configs()),
-    "auto": _GemmTuned("w4a4_gemm_auto", _pointer_configs() + _tma_configs()),
+    "gluon": _GemmTuned("w4a4_gemm_gluon", _ws_configs()),
+    "auto": _GemmTuned("w4a4_gemm_auto_ws", _pointer_configs() + _tma_configs() + _ws_configs()),
 }
 
 
 def gemm_schedule(device: torch.device) -> str:
-    """Which configs the tuner may pick from: ``auto`` (both kernels on sm_90+, where TMA exists), ``tma`` or
-    ``pointer``; ``SVDQ_GEMM`` overrides."""
+    """Which configs the tuner may pick from: ``auto`` (every kernel on sm_90+, where TMA exists), ``tma``,
+    ``gluon`` (the warp-specialized Hopper kernel) or ``pointer``; ``SVDQ_GEMM`` overrides."""
     choice = os.environ.get("SVDQ_GEMM", "auto").lower()
-    if choice in ("tma", "pointer"):
+    if choice in ("tma", "pointer") or (choice == "gluon" and HAS_GLUON):
         return choice
     if HAS_HOST_DESCRIPTORS and not interpreting() and capability_major(device) >= 9:
         return "auto"

@@ -33,9 +33,14 @@ _recording: list | None = None  # see ``recording``: launches of one svdq call, 
 log = logging.getLogger("svdq")
 
 
+def is_descriptor(a) -> bool:
+    """A host-side TMA descriptor: Triton's, or Gluon's (which also carries its shared-memory layout)."""
+    return isinstance(a, TensorDescriptor) or (hasattr(a, "block_shape") and hasattr(a, "base") and hasattr(a, "layout"))
+
+
 def _spec(a):
-    if isinstance(a, TensorDescriptor):  # compiled per element type and tile shape
-        return ("desc", a.base.dtype, tuple(a.block_shape), a.padding)
+    if is_descriptor(a):  # compiled per element type, tile shape (and, for Gluon, shared-memory layout)
+        return ("desc", a.base.dtype, tuple(a.block_shape), a.padding, repr(getattr(a, "layout", None)))
     if isinstance(a, torch.Tensor):
         return (a.dtype, a.data_ptr() % 16 == 0)
     if isinstance(a, bool):

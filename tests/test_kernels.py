@@ -12,6 +12,8 @@ from svdq.kernels.reference import activation_operand, int8_weight_operand, svdq
 
 GPU = torch.cuda.is_available()
 DEV = device()
+SM90 = GPU and torch.cuda.get_device_capability()[0] == 9
+SCHEDULES = ["pointer", "tma"] + [pytest.param("gluon", marks=pytest.mark.skipif(not SM90, reason="Gluon wgmma kernel: sm_90"))]
 
 
 def rel(a, b):
@@ -72,10 +74,11 @@ def test_w4a4_linear_matches_reference(m, k, n, rank, bias, unsigned, triton_ker
     assert rel(out, ref) <= 1e-2
 
 
-@pytest.mark.parametrize("schedule", ["pointer", "tma"])
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("m,k,n,rank,bias,unsigned", SHAPES[1:] + ([(300, 3072, 9216, 32, True, False)] if GPU else []))
 def test_gemm_schedules_match_reference(m, k, n, rank, bias, unsigned, schedule, triton_kernels, monkeypatch):
-    """The grouped pointer kernel and the persistent TMA kernel compute the same layer."""
+    """The grouped pointer kernel, the persistent TMA kernel and the warp-specialized Gluon kernel compute the
+    same layer."""
     monkeypatch.setenv("SVDQ_GEMM", schedule)
     layer = random_layer(n, k, rank, bias, unsigned, 0.171875 if unsigned else 0.0, device=DEV, seed=k + 1)
     x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
@@ -177,7 +180,7 @@ def test_call_plans_replay_exactly(kind, triton_kernels, monkeypatch):
         assert torch.equal(e, g)
 
 
-@pytest.mark.parametrize("schedule", ["pointer", "tma"])
+@pytest.mark.parametrize("schedule", SCHEDULES)
 def test_output_slices_strided_input_and_accumulate(schedule, triton_kernels, monkeypatch):
     """Writing into a column slice of a wider output, reading a column slice of a wider input, and adding into
     an existing output give the plain call's numbers, planned (GPU) or not, on both GEMM schedules."""
@@ -253,3 +256,24 @@ def test_call_plans_do_not_hold_inputs_or_outputs(triton_kernels):
         del x, y
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() - before < 2048 * 3072  # less than one input's worth stays
+
+
+@pytest.mark.skipif(not SM90, reason="Gluon wgmma kernel: sm_90")
+@pytest.mark.parametrize("rank,gelu,acc", [(0, False, False), (32, False, False), (96, True, False), (128, False, True)])
+def test_gluon_schedule_bit_identical_to_tma(rank, gelu, acc, triton_kernels):
+    """The warp-specialized kernel and the Triton TMA kernel give the same bits (same int32 sums, same epilogue
+    order), for every branch width the epilogue chunks, with GELU and when adding into an output."""
+    from svdq.kernels.act_quant import quantize_activation
+    from svdq.kernels.gemm_w4a4 import expand_weight, w4a4_gemm
+
+    layer = random_layer(3072, 3072, rank, True, device=DEV, seed=rank)
+    x = torch.randn(1000, 3072, device=DEV, dtype=torch.bfloat16)
+    a8, sa, lora = quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down)
+    w8 = expand_weight(layer.qweight, layer.wmult)
+    base = torch.randn(1000, 3072, device=DEV, dtype=torch.bfloat16)
+    outs = {}
+    for sched in ("tma", "gluon"):
+        out = base.clone() if acc else None
+        outs[sched] = w4a4_gemm(a8, sa, w8, layer.wscale, lora, layer.proj_up, layer.bias, torch.bfloat16, gelu,
+                                schedule=sched, out=out, accumulate=acc)
+    assert torch.equal(outs["gluon"], outs["tma"])

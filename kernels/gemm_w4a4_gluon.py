@@ -1,0 +1,188 @@
+"""Warp-specialized Hopper schedule of the W4A4 GEMM, written in Gluon (Triton's explicit-layout dialect).
+
+Reference: ``kernels.reference.svdq_linear_reference`` (INT4 path); same product and epilogue as
+``gemm_w4a4._w4a4_gemm_tma_kernel``, bit-identical output.
+
+Why a second Hopper kernel: Triton 3.6 does not warp-specialize on sm_90 (its automatic pass is Blackwell-only),
+so the Triton kernel's warps wait on their own TMA loads between wgmma groups. Here one producer warp only issues
+TMA loads into a ring of shared-memory stages (``ready``/``empty`` mbarriers) and runs ahead, across tiles, while
+the default partition (two warpgroups, 64 rows each) issues asynchronous int8 wgmma with one group in flight and
+runs the epilogue. H100: 12-13% faster than the Triton kernel at K = 12288 / 15360, even at K = 3072
+(``bench/gluon_gemm_probe.py``); the shape-keyed tuner offers both, so each shape gets the faster one.
+
+Epilogue as in the Triton kernel: per-token × per-channel scales, the low-rank branch ``lora_act · proj_upᵀ``
+taken R_CHUNK ranks at a time on bf16 wgmma (proj_up chunk staged in shared memory, lora_act from registers),
+bias, GELU, optional accumulate into the output, one 16-bit store.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
+
+from .autotune_cache import sm_count
+from .launch import launch
+
+
+@gluon.jit
+def _tile_coords(tile, num_m, num_n, GROUP_M: gl.constexpr):
+    """Grouped order (GROUP_M row blocks share weight tiles in L2), as the Triton kernels."""
+    group = GROUP_M * num_n
+    first_m = (tile // group) * GROUP_M
+    size_m = gl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (tile % group) % size_m, (tile % group) // size_m
+
+
+@gluon.jit
+def _producer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, KP,
+              BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr):
+    """One warp: TMA loads of both operands into the stage ring, as far ahead as the free stages allow."""
+    num_m = gl.cdiv(M, BM)
+    num_n = gl.cdiv(N, BN)
+    k_tiles = gl.cdiv(KP, BK)
+    it = 0
+    for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
+        pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
+        for ki in range(k_tiles):
+            s = it % STAGES
+            mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)  # a fresh barrier passes parity 1
+            mbarrier.expect(ready.index(s), a_desc.block_type.nbytes + b_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(a_desc, [pid_m * BM, ki * BK], ready.index(s), a_bufs.index(s))
+            tma.async_copy_global_to_shared(b_desc, [pid_n * BN, ki * BK], ready.index(s), b_bufs.index(s))
+            it += 1
+
+
+@gluon.jit
+def _gelu_tanh(y):
+    u = 0.7978845608028654 * (y + 0.044715 * y * y * y)
+    return 0.5 * y * (2.0 - 2.0 / (gl.exp(2.0 * u) + 1.0))
+
+
+@gluon.jit
+def _consumer(a_bufs, b_bufs, up_smem, ready, empty, ascale_ptr, wscale_ptr, lora_ptr, up_ptr, bias_ptr, c_ptr,
+              M, N, KP, R, stride_lm, stride_un, stride_cm,
+              BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
+              INSTR_N: gl.constexpr, HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr, GELU: gl.constexpr,
+              ACCUMULATE: gl.constexpr, BLOCK_R: gl.constexpr, R_CHUNK: gl.constexpr, num_warps: gl.constexpr):
+    """Two warpgroups: int8 wgmma over the stage ring (one group in flight; a stage is released as soon as the
+    MMA after it has been issued), then the epilogue of the tile."""
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                         instr_shape=[16, INSTR_N, 32])
+    y_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, INSTR_N, 16])
+    la_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=y_layout, k_width=2)
+    up_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // (R_CHUNK // 8), R_CHUNK // 8],
+                                               warps_per_cta=[num_warps, 1], order=[1, 0])
+    num_m = gl.cdiv(M, BM)
+    num_n = gl.cdiv(N, BN)
+    k_tiles = gl.cdiv(KP, BK)
+    it = 0
+    for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
+        pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
+        acc = gl.zeros([BM, BN], gl.int32, layout=acc_layout)
+        for ki in range(k_tiles):
+            s = it % STAGES
+            mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+            acc = warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+            mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES), pred=ki > 0)  # the MMA before this one is done
+            it += 1
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
+
+        rm = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, y_layout))
+        rn = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, y_layout))
+        mmask = rm < M
+        nmask = rn < N
+        sa = gl.load(ascale_ptr + rm, mask=mmask, other=0.0)
+        sw = gl.load(wscale_ptr + rn, mask=nmask, other=0.0)
+        y = gl.convert_layout(acc.to(gl.float32), y_layout) * sa[:, None] * sw[None, :]
+        if HAS_LORA:
+            lm = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, la_layout))
+            un = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, up_layout))
+            for r0 in gl.static_range(0, BLOCK_R, R_CHUNK):
+                lr = r0 + gl.arange(0, R_CHUNK, layout=gl.SliceLayout(0, la_layout))
+                la = gl.load(lora_ptr + lm[:, None] * stride_lm + lr[None, :],
+                             mask=(lm < M)[:, None] & (lr < R)[None, :], other=0.0).to(gl.bfloat16)
+                ur = r0 + gl.arange(0, R_CHUNK, layout=gl.SliceLayout(0, up_layout))
+                up = gl.load(up_ptr + un[:, None] * stride_un + ur[None, :],
+                             mask=(un < N)[:, None] & (ur < R)[None, :], other=0.0)
+                gl.thread_barrier()  # the previous chunk's (or tile's) MMA has finished reading up_smem
+                up_smem.store(up.to(gl.bfloat16))
+                fence_async_shared()
+                gl.thread_barrier()
+                y = warpgroup_mma(la, up_smem.permute((1, 0)), y, is_async=True)
+                y = warpgroup_mma_wait(num_outstanding=0, deps=(y,))
+        if HAS_BIAS:
+            y += gl.load(bias_ptr + rn, mask=nmask, other=0.0).to(gl.float32)[None, :]
+        if GELU:
+            y = _gelu_tanh(y)
+        c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :]
+        cmask = mmask[:, None] & nmask[None, :]
+        if ACCUMULATE:
+            y += gl.load(c_ptrs, mask=cmask, other=0.0).to(gl.float32)
+        gl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=cmask)
+
+
+@gluon.jit
+def _w4a4_gemm_ws_kernel(a_desc, b_desc, ascale_ptr, wscale_ptr, lora_ptr, up_ptr, bias_ptr, c_ptr,
+                         M, N, KP, R, stride_lm, stride_un, stride_cm,
+                         HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr, GELU: gl.constexpr, ACCUMULATE: gl.constexpr,
+                         BLOCK_R: gl.constexpr, R_CHUNK: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
+                         INSTR_N: gl.constexpr, num_warps: gl.constexpr):
+    BM: gl.constexpr = a_desc.block_type.shape[0]
+    BK: gl.constexpr = a_desc.block_type.shape[1]
+    BN: gl.constexpr = b_desc.block_type.shape[0]
+    a_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BM, BK], a_desc.layout)
+    b_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BN, BK], b_desc.layout)
+    up_smem = gl.allocate_shared_memory(gl.bfloat16, [BN, R_CHUNK],
+                                        gl.NVMMASharedLayout.get_default_for([BN, R_CHUNK], gl.bfloat16))
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=1)
+    gl.warp_specialize([
+        (_consumer, (a_bufs, b_bufs, up_smem, ready, empty, ascale_ptr, wscale_ptr, lora_ptr, up_ptr, bias_ptr, c_ptr,
+                     M, N, KP, R, stride_lm, stride_un, stride_cm, BM, BN, BK, STAGES, GROUP_M, INSTR_N, HAS_LORA,
+                     HAS_BIAS, GELU, ACCUMULATE, BLOCK_R, R_CHUNK, num_warps)),
+        (_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, KP, BM, BN, BK, STAGES, GROUP_M)),
+    ], [1], [40])
+
+
+def launch_ws(cfg_kwargs: dict, num_warps: int, args: tuple, flags: dict, m: int, n: int) -> None:
+    """Launch with the ``w4a4_gemm`` argument tuple (see ``gemm_w4a4._GemmTuned``): descriptors for this tile
+    shape, one program per SM (at most one per tile)."""
+    bm, bn, bk = cfg_kwargs["BLOCK_M"], cfg_kwargs["BLOCK_N"], cfg_kwargs["BLOCK_K"]
+    a8, w8, kp = args[0], args[1], args[10]
+    a_desc = GluonDescriptor(a8, [m, kp], [a8.stride(0), 1], [bm, bk],
+                             gl.NVMMASharedLayout.get_default_for([bm, bk], gl.int8))
+    b_desc = GluonDescriptor(w8, [n, kp], [w8.stride(0), 1], [bn, bk],
+                             gl.NVMMASharedLayout.get_default_for([bn, bk], gl.int8))
+    programs = min(triton.cdiv(m, bm) * triton.cdiv(n, bn), sm_count(a8.device))
+    flags = {k: v for k, v in flags.items() if k != "DOT_FP32"}  # bf16 branch only (the tuner offers this for 16-bit)
+    launch(_w4a4_gemm_ws_kernel, (programs,), (a_desc, b_desc) + args[2:12] + args[14:17],
+           num_warps=num_warps, **flags, STAGES=cfg_kwargs["STAGES"], GROUP_M=cfg_kwargs["GROUP_M"],
+           INSTR_N=min(bn, 128))
+
+
+def ws_configs() -> list[dict]:
+    """(tile, stages) candidates; the tuner drops any that do not fit (a wide branch needs more shared memory)."""
+    return [{"SCHEDULE": "gluon", "BLOCK_M": 128, "BLOCK_N": bn, "BLOCK_K": bk, "STAGES": st, "GROUP_M": 8}
+            for bn, bk, st in [(256, 128, 4), (256, 128, 3), (128, 128, 5), (256, 64, 6)]]
+
+
+def usable(a8: torch.Tensor, proj_up: torch.Tensor | None) -> bool:
+    """sm_90 with a 16-bit (or no) branch: the kernel uses Hopper wgmma and a bf16 branch MMA."""
+    return a8.is_cuda and torch.cuda.get_device_capability(a8.device)[0] == 9 and (
+        proj_up is None or proj_up.dtype == torch.bfloat16)
