@@ -64,8 +64,10 @@ def _producer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, KP,
 
 @gluon.jit
 def _gelu_tanh(y):
-    u = 0.7978845608028654 * (y + 0.044715 * y * y * y)
-    return 0.5 * y * (2.0 - 2.0 / (gl.exp(2.0 * u) + 1.0))
+    c = 0.7978845608028654  # the Triton kernel's expression, term for term: the same bits
+    u = c * (y + 0.044715 * y * y * y)
+    t = 1.0 - 2.0 / (gl.exp(2.0 * u) + 1.0)
+    return 0.5 * y * (1.0 + t)
 
 
 @gluon.jit
@@ -73,16 +75,16 @@ def _consumer(a_bufs, b_bufs, up_smem, ready, empty, ascale_ptr, wscale_ptr, lor
               M, N, KP, R, stride_lm, stride_un, stride_cm,
               BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
               INSTR_N: gl.constexpr, HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr, GELU: gl.constexpr,
-              ACCUMULATE: gl.constexpr, BLOCK_R: gl.constexpr, R_CHUNK: gl.constexpr, num_warps: gl.constexpr):
+              ACCUMULATE: gl.constexpr, BLOCK_R: gl.constexpr, R_CHUNK: gl.constexpr, WARPS: gl.constexpr):
     """Two warpgroups: int8 wgmma over the stage ring (one group in flight; a stage is released as soon as the
     MMA after it has been issued), then the epilogue of the tile."""
-    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                          instr_shape=[16, INSTR_N, 32])
-    y_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+    y_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                        instr_shape=[16, INSTR_N, 16])
     la_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=y_layout, k_width=2)
     up_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // (R_CHUNK // 8), R_CHUNK // 8],
-                                               warps_per_cta=[num_warps, 1], order=[1, 0])
+                                               warps_per_cta=[WARPS, 1], order=[1, 0])
     num_m = gl.cdiv(M, BM)
     num_n = gl.cdiv(N, BN)
     k_tiles = gl.cdiv(KP, BK)
@@ -139,7 +141,7 @@ def _w4a4_gemm_ws_kernel(a_desc, b_desc, ascale_ptr, wscale_ptr, lora_ptr, up_pt
                          M, N, KP, R, stride_lm, stride_un, stride_cm,
                          HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr, GELU: gl.constexpr, ACCUMULATE: gl.constexpr,
                          BLOCK_R: gl.constexpr, R_CHUNK: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
-                         INSTR_N: gl.constexpr, num_warps: gl.constexpr):
+                         INSTR_N: gl.constexpr, WARPS: gl.constexpr):
     BM: gl.constexpr = a_desc.block_type.shape[0]
     BK: gl.constexpr = a_desc.block_type.shape[1]
     BN: gl.constexpr = b_desc.block_type.shape[0]
@@ -155,7 +157,7 @@ def _w4a4_gemm_ws_kernel(a_desc, b_desc, ascale_ptr, wscale_ptr, lora_ptr, up_pt
     gl.warp_specialize([
         (_consumer, (a_bufs, b_bufs, up_smem, ready, empty, ascale_ptr, wscale_ptr, lora_ptr, up_ptr, bias_ptr, c_ptr,
                      M, N, KP, R, stride_lm, stride_un, stride_cm, BM, BN, BK, STAGES, GROUP_M, INSTR_N, HAS_LORA,
-                     HAS_BIAS, GELU, ACCUMULATE, BLOCK_R, R_CHUNK, num_warps)),
+                     HAS_BIAS, GELU, ACCUMULATE, BLOCK_R, R_CHUNK, WARPS)),
         (_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, KP, BM, BN, BK, STAGES, GROUP_M)),
     ], [1], [40])
 
@@ -173,7 +175,7 @@ def launch_ws(cfg_kwargs: dict, num_warps: int, args: tuple, flags: dict, m: int
     flags = {k: v for k, v in flags.items() if k != "DOT_FP32"}  # bf16 branch only (the tuner offers this for 16-bit)
     launch(_w4a4_gemm_ws_kernel, (programs,), (a_desc, b_desc) + args[2:12] + args[14:17],
            num_warps=num_warps, **flags, STAGES=cfg_kwargs["STAGES"], GROUP_M=cfg_kwargs["GROUP_M"],
-           INSTR_N=min(bn, 128))
+           INSTR_N=min(bn, 128), WARPS=num_warps)
 
 
 def ws_configs() -> list[dict]:

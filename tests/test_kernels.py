@@ -277,3 +277,7 @@ def test_gluon_schedule_bit_identical_to_tma(rank, gelu, acc, triton_kernels):
         outs[sched] = w4a4_gemm(a8, sa, w8, layer.wscale, lora, layer.proj_up, layer.bias, torch.bfloat16, gelu,
                                 schedule=sched, out=out, accumulate=acc)
     assert torch.equal(outs["gluon"], outs["tma"])
+    from svdq.kernels import gemm_w4a4_gluon, launch
+
+    kernel = gemm_w4a4_gluon._w4a4_gemm_ws_kernel  # launched directly (cached compiled kernel), not re-bound per call
+    assert kernel not in launch._broken and any(key[0] is kernel for key in launch._cache)
