@@ -284,3 +284,46 @@ def test_gluon_schedule_bit_identical_to_tma(rank, gelu, acc, triton_kernels):
 
     kernel = gemm_w4a4_gluon._w4a4_gemm_ws_kernel  # launched directly (cached compiled kernel), not re-bound per call
     assert kernel not in launch._broken and any(key[0] is kernel for key in launch._cache)
+
+
+def test_tuner_offers_gluon_configs_only_where_they_run(monkeypatch):
+    """The warp-specialized schedule is a candidate only for sm_90 calls with a 16-bit (or no) branch; fp32 data
+    (fp32 dots in the epilogue) and other GPUs tune over the Triton kernels alone."""
+    from svdq.kernels import gemm_w4a4
+
+    if not gemm_w4a4.HAS_GLUON:
+        pytest.skip("this Triton has no Gluon")
+    tuner = gemm_w4a4._TUNERS["auto"]
+    gluon_cfgs = [c for c in tuner.configs if c.kwargs.get("SCHEDULE") == "gluon"]
+    assert gluon_cfgs, "auto tuner lists the Gluon configs"
+    a8 = torch.zeros(4, 64, dtype=torch.int8)
+    up = torch.zeros(8, 16, dtype=torch.bfloat16)
+    args = (a8, None, None, None, None, up) + (None,) * 11
+    for sm90, fp32, expect in [(True, False, True), (True, True, False), (False, False, False)]:
+        monkeypatch.setattr(gemm_w4a4.gemm_w4a4_gluon, "usable", lambda a, u, ok=sm90: ok)
+        got = tuner._candidates(args, {"HAS_LORA": True, "DOT_FP32": fp32})
+        assert any(c in got for c in gluon_cfgs) == expect
+        assert len(got) == len(tuner.configs) - (0 if expect else len(gluon_cfgs))
+
+
+def test_launch_keys_accept_both_descriptor_kinds():
+    """Launch-cache keys for Triton's and Gluon's host descriptors: hashable, and different tile shapes or layouts
+    never share a compiled kernel."""
+    from svdq.kernels import launch
+
+    if not launch.HAS_HOST_DESCRIPTORS:
+        pytest.skip("this Triton has no host descriptors")
+    t = torch.zeros(64, 64, dtype=torch.int8)
+    d1 = launch.TensorDescriptor(t, [64, 64], [64, 1], [32, 32])
+    d2 = launch.TensorDescriptor(t, [64, 64], [64, 1], [64, 32])
+    assert launch.is_descriptor(d1) and not launch.is_descriptor(t)
+    assert hash(launch._spec(d1)) is not None and launch._spec(d1) != launch._spec(d2)
+    try:
+        from triton.experimental.gluon import language as gl
+        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
+    except ImportError:
+        return
+    g1 = GluonDescriptor(t, [64, 64], [64, 1], [32, 32], gl.NVMMASharedLayout.get_default_for([32, 32], gl.int8))
+    g2 = GluonDescriptor(t, [64, 64], [64, 1], [32, 32], gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8))
+    assert launch.is_descriptor(g1)
+    assert hash(launch._spec(g1)) is not None and launch._spec(g1) != launch._spec(g2)
