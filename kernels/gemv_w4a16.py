@@ -246,6 +246,22 @@ def _w4a16_gemv(x2, qweight, wmult, wscale, smooth, inv_smooth, bias, out_dtype)
     return _w4a16_gemv_rows(x2, qweight, wmult, wscale, smooth, bias, out_dtype)
 
 
+def _split_k(units: int, block: int, blocks_n: int, per_sm: int, device: torch.device,
+             split: int | None = None) -> tuple[int, int]:
+    """(K splits, K units per split, a multiple of ``block``): enough programs for ``per_sm`` per SM."""
+    if split is None:
+        split = max(1, min(triton.cdiv(units, block), (per_sm * sm_count(device)) // max(blocks_n, 1)))
+    per_split = triton.cdiv(triton.cdiv(units, split), block) * block
+    return triton.cdiv(units, per_split), per_split
+
+
+def _gemv_output(m: int, n: int, split: int, out_dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Split over K, programs add fp32 partial sums atomically into zeros; otherwise one store in ``out_dtype``."""
+    if split > 1:
+        return torch.zeros(m, n, dtype=torch.float32, device=device)
+    return torch.empty(m, n, dtype=out_dtype, device=device)
+
+
 ONE_ROW_TILE = (32, 16)  # (output rows, 64-groups) per program of the M = 1 kernel
 
 
@@ -259,14 +275,8 @@ def _w4a16_gemv_one_row(x2, qweight, wmult, wscale, smooth, inv_smooth, bias, ou
     if interpreting():
         block_n, block_g = 8, 2
     blocks_n = triton.cdiv(n, block_n)
-    if split is None:
-        split = max(1, min(triton.cdiv(groups, block_g), (2 * sm_count(x2.device)) // max(blocks_n, 1)))
-    g_per_split = triton.cdiv(triton.cdiv(groups, split), block_g) * block_g
-    split = triton.cdiv(groups, g_per_split)
-    if split > 1:
-        out = torch.zeros(m, n, dtype=torch.float32, device=x2.device)
-    else:
-        out = torch.empty(m, n, dtype=out_dtype, device=x2.device)
+    split, g_per_split = _split_k(groups, block_g, blocks_n, 2, x2.device, split)
+    out = _gemv_output(m, n, split, out_dtype, x2.device)
     if smooth is not None and inv_smooth is None:
         inv_smooth = torch.reciprocal(smooth.float())
     launch(_w4a16_gemv_kernel, (blocks_n, split, m), (
@@ -284,18 +294,13 @@ def _w4a16_gemv_rows(x2, qweight, wmult, wscale, smooth, bias, out_dtype):
     n = qweight.shape[0]
     words = qweight.shape[1] // 2
     p16 = qweight.view(torch.int16)  # [N, Kp/4]: Kp is a multiple of 64, so rows stay whole words
-    bm = 1 if m == 1 else (2 if m == 2 else 4)
-    block_n, block_w = {1: (32, 128), 2: (16, 128), 4: (16, 64)}[bm]
+    bm = 2 if m == 2 else 4
+    block_n, block_w = {2: (16, 128), 4: (16, 64)}[bm]
     if interpreting():
         block_w = 32
     blocks_n = triton.cdiv(n, block_n)
-    split = max(1, min(triton.cdiv(words, block_w), (4 * sm_count(x2.device)) // max(blocks_n, 1)))
-    w_per_split = triton.cdiv(triton.cdiv(words, split), block_w) * block_w
-    split = triton.cdiv(words, w_per_split)
-    if split > 1:
-        out = torch.zeros(m, n, dtype=torch.float32, device=x2.device)
-    else:
-        out = torch.empty(m, n, dtype=out_dtype, device=x2.device)
+    split, w_per_split = _split_k(words, block_w, blocks_n, 4, x2.device)
+    out = _gemv_output(m, n, split, out_dtype, x2.device)
     launch(_w4a16_rows_kernel, (blocks_n, split), (
         x2, p16, wmult, wscale, smooth if smooth is not None else wscale, bias if bias is not None else wscale, out,
         m, n, k, words, w_per_split,
