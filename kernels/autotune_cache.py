@@ -117,9 +117,9 @@ class TunedKernel:
         return self._launch(cfg, args, flags, m_, n_)
 
     def _launch_default(self, args, flags, m, n):
-        """configs[0], or the next config where a larger one does not fit this GPU's shared memory (a wide
-        low-rank branch makes the epilogue bigger)."""
-        configs = self._candidates(args, flags) or self.configs
+        """The first config in ``_default_order``, or the next where a larger one does not fit this GPU's shared
+        memory (a wide low-rank branch makes the epilogue bigger)."""
+        configs = self._default_order(self._candidates(args, flags) or self.configs, args)
         for i, c in enumerate(configs):
             try:
                 return self._launch(self._cfg_dict(c), args, flags, m, n)
@@ -150,6 +150,10 @@ class TunedKernel:
 
         with not_recorded():
             return self._tune_all(*self._tuning_args(args, flags), m, n)
+
+    def _default_order(self, configs: list, args: tuple) -> list:
+        """The order untuned calls try configs in (a subclass may put a shape's usual winner first)."""
+        return configs
 
     def _candidates(self, args: tuple, flags: dict) -> list:
         """The configs that may run this call (a subclass may drop those a kernel cannot take)."""

@@ -238,6 +238,23 @@ class _GemmTuned(TunedKernel):
     cached winner per shape may be any of them. TMA and Gluon configs get descriptors for their tile shape at
     launch; Gluon configs are candidates only where that kernel can run (sm_90, a bf16 or no branch)."""
 
+    def _default_order(self, configs: list, args: tuple) -> list:
+        """Untuned calls (``SVDQ_AUTOTUNE=0``, CUDA-graph capture before tuning) start from the measured winners:
+        the warp-specialized kernel at K ≥ 8192, the 128 × 256 × 128 four-stage TMA tile for large layers, the
+        two-per-SM 128 × 128 × 64 tile for small M or N (H100/H200 sweeps in BENCHMARKS.md)."""
+        m, n, kp = args[8], args[9], args[10]
+        small = m <= 1024 or n <= 3072
+        want = [("gluon", 128, 256, 128)] if kp >= 8192 else []
+        want += [("tma", 128, 128, 64), ("tma", 128, 256, 128)] if small else [("tma", 128, 256, 128), ("tma", 128, 128, 64)]
+
+        def rank(c):
+            kw = c.kwargs
+            key = (kw.get("SCHEDULE"), kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"])
+            stages_ok = kw.get("SCHEDULE") != "tma" or c.num_stages == 4  # the four-stage variants won
+            return want.index(key) if key in want and stages_ok and kw.get("FLATTEN", True) else len(want)
+
+        return sorted(configs, key=rank)  # stable: everything else keeps its order
+
     def _candidates(self, args: tuple, flags: dict) -> list:
         ws_ok = HAS_GLUON and not flags.get("DOT_FP32") and gemm_w4a4_gluon.usable(args[0], args[5] if flags.get("HAS_LORA") else None)
         return [c for c in self.configs if ws_ok or c.kwargs.get("SCHEDULE") != "gluon"]

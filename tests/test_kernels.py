@@ -327,3 +327,26 @@ def test_launch_keys_accept_both_descriptor_kinds():
     g2 = GluonDescriptor(t, [64, 64], [64, 1], [32, 32], gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8))
     assert launch.is_descriptor(g1)
     assert hash(launch._spec(g1)) is not None and launch._spec(g1) != launch._spec(g2)
+
+
+def test_untuned_gemm_starts_from_the_measured_winners():
+    """Without tuning (SVDQ_AUTOTUNE=0, graph capture before tuning) the GEMM tries the sweep winners first: the
+    warp-specialized kernel at long K where it can run, the large TMA tile for big layers, the two-per-SM tile
+    for small ones; every other config stays behind them in its order."""
+    from svdq.kernels import gemm_w4a4
+
+    tuner = gemm_w4a4._TUNERS["auto"]
+
+    def first(m, n, kp):
+        args = (None,) * 8 + (m, n, kp)
+        order = tuner._default_order(tuner.configs, args)
+        assert sorted(map(id, order)) == sorted(map(id, tuner.configs))
+        c = order[0]
+        return c.kwargs["SCHEDULE"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs.get("PER_SM", 1), c.num_stages
+
+    assert first(4608, 12288, 3072) == ("tma", 256, 128, 1, 4)
+    assert first(512, 12288, 3072) == ("tma", 128, 64, 2, 4)
+    if gemm_w4a4.HAS_GLUON:
+        assert first(4608, 3072, 15360)[0] == "gluon"
+        no_gluon = [c for c in tuner.configs if c.kwargs["SCHEDULE"] != "gluon"]
+        assert tuner._default_order(no_gluon, (None,) * 8 + (4608, 3072, 15360))[0].kwargs["SCHEDULE"] == "tma"
