@@ -302,8 +302,8 @@ def gemm_schedule(device: torch.device) -> str:
     choice = os.environ.get("SVDQ_GEMM", "auto").lower()
     if choice in ("tma", "pointer") or (choice == "gluon" and HAS_GLUON):
         return choice
-    if HAS_HOST_DESCRIPTORS and not interpreting() and capability_major(device) >= 9:
-        return "auto"
+    if HAS_HOST_DESCRIPTORS and not interpreting() and torch.version.hip is None and capability_major(device) >= 9:
+        return "auto"  # NVIDIA sm_90+ (ROCm reports gfx94x as capability 9 too, without TMA)
     return "pointer"
 
 

@@ -186,6 +186,6 @@ def ws_configs() -> list[dict]:
 
 
 def usable(a8: torch.Tensor, proj_up: torch.Tensor | None) -> bool:
-    """sm_90 with a 16-bit (or no) branch: the kernel uses Hopper wgmma and a bf16 branch MMA."""
-    return a8.is_cuda and torch.cuda.get_device_capability(a8.device)[0] == 9 and (
+    """NVIDIA sm_90 with a 16-bit (or no) branch: the kernel uses Hopper wgmma and a bf16 branch MMA."""
+    return a8.is_cuda and torch.version.hip is None and torch.cuda.get_device_capability(a8.device)[0] == 9 and (
         proj_up is None or proj_up.dtype == torch.bfloat16)
