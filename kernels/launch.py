@@ -33,16 +33,24 @@ _recording: list | None = None  # see ``recording``: launches of one svdq call, 
 log = logging.getLogger("svdq")
 
 
+try:  # Gluon's host descriptor (Triton >= 3.5) also carries its shared-memory layout
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as _GluonDescriptor
+
+    _DESCRIPTORS: tuple = (TensorDescriptor, _GluonDescriptor)
+except ImportError:
+    _DESCRIPTORS = (TensorDescriptor,)
+
+
 def is_descriptor(a) -> bool:
-    """A host-side TMA descriptor: Triton's, or Gluon's (which also carries its shared-memory layout)."""
-    return isinstance(a, TensorDescriptor) or (hasattr(a, "block_shape") and hasattr(a, "base") and hasattr(a, "layout"))
+    """A host-side TMA descriptor: Triton's or Gluon's."""
+    return isinstance(a, _DESCRIPTORS)
 
 
 def _spec(a):
-    if is_descriptor(a):  # compiled per element type, tile shape (and, for Gluon, shared-memory layout)
-        return ("desc", a.base.dtype, tuple(a.block_shape), a.padding, repr(getattr(a, "layout", None)))
-    if isinstance(a, torch.Tensor):
+    if isinstance(a, torch.Tensor):  # the common case first: this runs for every argument of every launch
         return (a.dtype, a.data_ptr() % 16 == 0)
+    if isinstance(a, _DESCRIPTORS):  # compiled per element type, tile shape (and, for Gluon, shared-memory layout)
+        return ("desc", a.base.dtype, tuple(a.block_shape), a.padding, repr(getattr(a, "layout", None)))
     if isinstance(a, bool):
         return ("b", a)
     if isinstance(a, int):
