@@ -30,7 +30,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
 
-from .autotune_cache import sm_count
+from .autotune_cache import capability_major, sm_count
 from .launch import launch
 
 
@@ -44,12 +44,16 @@ def _tile_coords(tile, num_m, num_n, GROUP_M: gl.constexpr):
 
 
 @gluon.jit
+def _schedule(M, N, KP, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr):
+    """(row blocks, column blocks, K steps): producer and consumers must walk the same tiles in the same order."""
+    return gl.cdiv(M, BM), gl.cdiv(N, BN), gl.cdiv(KP, BK)
+
+
+@gluon.jit
 def _producer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, KP,
               BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr):
     """One warp: TMA loads of both operands into the stage ring, as far ahead as the free stages allow."""
-    num_m = gl.cdiv(M, BM)
-    num_n = gl.cdiv(N, BN)
-    k_tiles = gl.cdiv(KP, BK)
+    num_m, num_n, k_tiles = _schedule(M, N, KP, BM, BN, BK)
     it = 0
     for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
         pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
@@ -85,9 +89,7 @@ def _consumer(a_bufs, b_bufs, up_smem, ready, empty, ascale_ptr, wscale_ptr, lor
     la_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=y_layout, k_width=2)
     up_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // (R_CHUNK // 8), R_CHUNK // 8],
                                                warps_per_cta=[WARPS, 1], order=[1, 0])
-    num_m = gl.cdiv(M, BM)
-    num_n = gl.cdiv(N, BN)
-    k_tiles = gl.cdiv(KP, BK)
+    num_m, num_n, k_tiles = _schedule(M, N, KP, BM, BN, BK)
     it = 0
     for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
         pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
@@ -187,5 +189,5 @@ def ws_configs() -> list[dict]:
 
 def usable(a8: torch.Tensor, proj_up: torch.Tensor | None) -> bool:
     """NVIDIA sm_90 with a 16-bit (or no) branch: the kernel uses Hopper wgmma and a bf16 branch MMA."""
-    return a8.is_cuda and torch.version.hip is None and torch.cuda.get_device_capability(a8.device)[0] == 9 and (
+    return a8.is_cuda and torch.version.hip is None and capability_major(a8.device) == 9 and (
         proj_up is None or proj_up.dtype == torch.bfloat16)
