@@ -96,8 +96,8 @@ def _w4a16_kernel(
 @triton.jit
 def _w4a16_gemv_kernel(
     x_ptr, p_ptr, mult_ptr, wscale_ptr, inv_smooth_ptr, bias_ptr, out_ptr,
-    M, N, K, G, G_PER_SPLIT,
-    stride_xm, stride_p, stride_mult, stride_om,
+    N, K, G, G_PER_SPLIT,
+    stride_p, stride_mult, stride_om,
     NIB_MASK, ONE_XOR,
     HAS_SMOOTH: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
@@ -111,7 +111,6 @@ def _w4a16_gemv_kernel(
     multiplier is applied once per word and step; the cross-thread reduction happens once, at the end."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
-    pid_m = tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = rn < N
     rn_c = tl.where(nmask, rn, 0)
@@ -132,7 +131,7 @@ def _w4a16_gemv_kernel(
         for j in tl.static_range(8):  # nibble j of word w is input column 8w + j
             col = (g * 64)[:, None] + wi[None, :] * 8 + j
             cm = gm[:, None] & (col < K)
-            xv = tl.load(x_ptr + pid_m * stride_xm + col, mask=cm, other=0.0).to(tl.float32)
+            xv = tl.load(x_ptr + col, mask=cm, other=0.0).to(tl.float32)
             if HAS_SMOOTH:
                 xv = xv * tl.load(inv_smooth_ptr + col, mask=cm, other=0.0)
             xsum += xv
@@ -145,8 +144,8 @@ def _w4a16_gemv_kernel(
             part += xv[None, :, :] * bits.to(tl.float32, bitcast=True)
         acc += (part * 16.0 - xsum[None, :, :] * 24.0) * uf[:, :, None]
     y = tl.sum(tl.sum(acc, axis=2), axis=1)
-    rm = pid_m + tl.arange(0, 1)
-    _store_rows(y[None, :], rm, rn, rm < M, nmask, pid_s, wscale_ptr, bias_ptr, out_ptr, stride_om, SPLIT, HAS_BIAS)
+    rm = tl.arange(0, 1)
+    _store_rows(y[None, :], rm, rn, rm < 1, nmask, pid_s, wscale_ptr, bias_ptr, out_ptr, stride_om, SPLIT, HAS_BIAS)
 
 
 @triton.jit
@@ -279,10 +278,10 @@ def _w4a16_gemv_one_row(x2, qweight, wmult, wscale, smooth, inv_smooth, bias, ou
     out = _gemv_output(m, n, split, out_dtype, x2.device)
     if smooth is not None and inv_smooth is None:
         inv_smooth = torch.reciprocal(smooth.float())
-    launch(_w4a16_gemv_kernel, (blocks_n, split, m), (
+    launch(_w4a16_gemv_kernel, (blocks_n, split), (
         x2, p32, wmult, wscale, inv_smooth if smooth is not None else wscale, bias if bias is not None else wscale, out,
-        m, n, k, groups, g_per_split,
-        x2.stride(0), p32.stride(0), wmult.stride(0), out.stride(0), 0x00780000, 0x3FC00000),
+        n, k, groups, g_per_split,
+        p32.stride(0), wmult.stride(0), out.stride(0), 0x00780000, 0x3FC00000),
         HAS_SMOOTH=smooth is not None, SPLIT=split, HAS_BIAS=bias is not None,
         BLOCK_N=block_n, BLOCK_G=block_g, num_warps=4, num_stages=3,
     )
