@@ -7,7 +7,7 @@ Why a second Hopper kernel: Triton 3.6 does not warp-specialize on sm_90 (its au
 so the Triton kernel's warps wait on their own TMA loads between wgmma groups. Here one producer warp only issues
 TMA loads into a ring of shared-memory stages (``ready``/``empty`` mbarriers) and runs ahead, across tiles, while
 the default partition (two warpgroups, 64 rows each) issues asynchronous int8 wgmma with one group in flight and
-runs the epilogue. H100: 12-13% faster than the Triton kernel at K = 12288 / 15360, even at K = 3072
+runs the epilogue. H100: 12-13% faster than the Triton kernel at K = 12288 / 15360, even with it or slower at K = 3072
 (``bench/gluon_gemm_probe.py``); the shape-keyed tuner offers both, so each shape gets the faster one.
 
 Epilogue as in the Triton kernel: per-token × per-channel scales, the low-rank branch ``lora_act · proj_upᵀ``
