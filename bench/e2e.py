@@ -14,6 +14,9 @@ times ``apply_model`` on 1024x1024 inputs (4096 image + 512 text tokens):
   svdq        svdq INT4 W4A4 rank 32 (+ W4A16 modulation), our loader and kernels
   svdq_lora   svdq with a rank-64 LoRA on every quantized linear (extends the low-rank branch)
   svdq_fbc    svdq with the first-block cache at threshold 0.12: a 20-step sampler run against svdq without it
+  *_compile   (bf16_compile, fp8_compile, svdq_compile, svdq_lora_compile) the same model under ``torch.compile``
+              (Inductor), set up the way ComfyUI's TorchCompileModel node does (``set_torch_compile_wrapper``), one
+              compiled module per transformer block; compile time is reported apart from the step time
 With ``--cap-gb`` the bf16 and svdq rows run again with ComfyUI believing the card has that much memory
 (``EXTRA_RESERVED_VRAM`` + a per-process memory fraction), so ComfyUI's own partial loading/offloading kicks in.
 The svdq weights are quantized round-to-nearest with a random rank-32 branch: step time depends only on the
@@ -300,6 +303,19 @@ def profile_step(patcher, cfg, batch=1):
     return {k: v / total for k, v in classes.items()}, [(k[:90], v / total) for k, v in top], total / 1000
 
 
+def compiled(patcher, cfg):
+    """The patcher with every transformer block under torch.compile (Inductor, static shapes), through ComfyUI's
+    own wrapper, as its TorchCompileModel node applies it; blocks of one class share compiled code."""
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    m = patcher.clone()
+    keys = [f"diffusion_model.double_blocks.{i}" for i in range(cfg["depth"])]
+    keys += [f"diffusion_model.single_blocks.{i}" for i in range(cfg["depth_single_blocks"])]
+    set_torch_compile_wrapper(m, backend="inductor", dynamic=False, keys=keys)
+    return m
+
+
 def first_block_cache_runs(patcher, cfg, thresholds, steps=20):
     """A sampler run without the cache, then one per threshold, each against that same baseline."""
     from svdq.nodes.first_block_cache import apply_first_block_cache
@@ -363,9 +379,17 @@ def main() -> int:
     def record(label, patcher, table, batch_sizes=batches):
         nonlocal ref_out
         mb = model_bytes(patcher)
+        if label.endswith("_compile"):
+            patcher = compiled(patcher, cfg)
         for b in batch_sizes:
+            entry = {}
+            if label.endswith("_compile"):  # the first calls compile (one warm-up step per batch size, timed)
+                t1 = time.perf_counter()
+                time_step(patcher, cfg, b, reps=1, warmup=0, image_px=args.image)
+                entry["compile_s"] = time.perf_counter() - t1
+                log(f"{label} batch {b}: first step (compiling) {entry['compile_s']:.0f} s")
             ms, peak, out = time_step(patcher, cfg, b, reps=args.reps, image_px=args.image)
-            entry = {"ms": ms, "peak_gib": peak / GIB, "model_gib": mb / GIB}
+            entry.update({"ms": ms, "peak_gib": peak / GIB, "model_gib": mb / GIB})
             if b == 1 and table is results["rows"]:
                 if label == "bf16":
                     ref_out = out
@@ -373,6 +397,8 @@ def main() -> int:
                     entry["out_rel_diff_vs_bf16"] = float((out - ref_out).norm() / ref_out.norm())
                 if label == "svdq":
                     svdq_out[0] = out
+                elif label == "svdq_compile" and svdq_out[0] is not None:  # same weights, compiled
+                    entry["out_rel_diff_vs_svdq"] = float((out - svdq_out[0]).norm() / svdq_out[0].norm())
                 elif label == "svdq_nunchaku" and svdq_out[0] is not None:  # same weights, split into parts
                     entry["out_rel_diff_vs_svdq"] = float((out - svdq_out[0]).norm() / svdq_out[0].norm())
             table.setdefault(label, {})[b] = entry
@@ -380,13 +406,13 @@ def main() -> int:
 
     for row in rows:
         try:
-            if row == "bf16":
-                record("bf16", load_core(sd), results["rows"])
-            elif row == "fp8":
-                record("fp8", load_core(sd, torch.float8_e4m3fn, fp8_fast=True), results["rows"])
+            if row in ("bf16", "bf16_compile"):
+                record(row, load_core(sd), results["rows"])
+            elif row in ("fp8", "fp8_compile"):
+                record(row, load_core(sd, torch.float8_e4m3fn, fp8_fast=True), results["rows"])
             elif row == "nf4":
                 record("nf4", load_nf4(sd), results["rows"])
-            elif row in ("svdq", "svdq_lora", "svdq_fbc", "svdq_nunchaku"):
+            elif row in ("svdq", "svdq_lora", "svdq_fbc", "svdq_nunchaku", "svdq_compile", "svdq_lora_compile"):
                 if ckpt is None:
                     t1 = time.time()
                     ckpt = svdq_checkpoint(sd, cfg)
@@ -402,10 +428,18 @@ def main() -> int:
                         log("profile: " + ", ".join(f"{k} {v:.1%}" for k, v in shares.items()))
                         for k, v in top:
                             log(f"   {v:6.1%}  {k}")
-                elif row == "svdq_lora":
+                elif row == "svdq_compile":
+                    record(row, p, results["rows"])
+                    if args.profile:
+                        shares, top, total_ms = profile_step(compiled(p, cfg), cfg)
+                        results["profile_compile"] = {"shares": shares, "top_kernels": top, "gpu_ms": total_ms}
+                        log("profile (compiled): " + ", ".join(f"{k} {v:.1%}" for k, v in shares.items()))
+                        for k, v in top:
+                            log(f"   {v:6.1%}  {k}")
+                elif row in ("svdq_lora", "svdq_lora_compile"):
                     from svdq.nodes.lora import apply_lora
 
-                    record("svdq_lora", apply_lora(p, random_lora(ckpt), 1.0, "rank-64 LoRA"), results["rows"])
+                    record(row, apply_lora(p, random_lora(ckpt), 1.0, "rank-64 LoRA"), results["rows"])
                 else:
                     results["first_block_cache"] = first_block_cache_runs(p, cfg, thresholds)
                     for r_ in results["first_block_cache"]:
@@ -444,6 +478,11 @@ def main() -> int:
             results["summary"]["svdq_speedup_vs_nf4"] = {b: r["nf4"][b]["ms"] / r["svdq"][b]["ms"] for b in batches}
         if "svdq_lora" in r and "error" not in r["svdq_lora"]:
             results["summary"]["lora_r64_overhead"] = {b: r["svdq_lora"][b]["ms"] / r["svdq"][b]["ms"] - 1 for b in batches}
+    ok = {k for k, v in r.items() if "error" not in v}
+    for a, b_ in (("svdq_compile", "bf16_compile"), ("svdq_compile", "bf16"), ("svdq_compile", "fp8_compile"),
+                  ("bf16_compile", "bf16"), ("svdq_compile", "svdq"), ("svdq_lora_compile", "svdq_compile")):
+        if a in ok and b_ in ok:
+            results.setdefault("summary", {})[f"{a}_vs_{b_}"] = {b: r[b_][b]["ms"] / r[a][b]["ms"] for b in batches}
     c = results["capped"]
     if "bf16" in c and "svdq" in c and "error" not in c["bf16"] and "error" not in c["svdq"]:
         results.setdefault("summary", {})["capped_svdq_speedup_vs_bf16"] = c["bf16"][1]["ms"] / c["svdq"][1]["ms"]

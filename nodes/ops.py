@@ -16,6 +16,7 @@ import torch
 import comfy.model_management
 import comfy.ops
 
+from ..kernels import torch_op
 from ..kernels.dispatch import svdq_linear, triton_usable
 from ..kernels.reference import QuantizedLinearWeights
 
@@ -153,10 +154,13 @@ def make_svdq_ops(layer_meta: dict[str, dict]):
             def forward(self, x, *args, **kwargs):
                 if self.svdq_meta is None:
                     return super().forward(x, *args, **kwargs)
-                comfy.ops.run_every_op()
-                if len(self.svdq_parts) == 1 and self.svdq_parts[0][2] is None and self.svdq_parts[0][3] is None:
+                if torch.compiler.is_compiling():
+                    y = self._traced_forward(x)
+                elif len(self.svdq_parts) == 1 and self.svdq_parts[0][2] is None and self.svdq_parts[0][3] is None:
+                    comfy.ops.run_every_op()
                     y = self._part_linear(x, 0)
                 else:
+                    comfy.ops.run_every_op()
                     y = self._composite_forward(x)
                 if self.svdq_bias_delta is not None:
                     y = y + self.svdq_bias_delta.to(device=y.device, dtype=y.dtype)
@@ -184,10 +188,7 @@ def make_svdq_ops(layer_meta: dict[str, dict]):
                 if c is not None and c[0] is self.svdq_lora and c[1] is w and c[2] == device:
                     return c[3]
                 d, u = self._lora_factors(device, part)
-                if w.proj_down is not None:
-                    d = torch.cat([w.proj_down, d.to(w.proj_down.dtype)], dim=1)
-                    u = torch.cat([w.proj_up, u.to(w.proj_up.dtype)], dim=1)
-                merged = dataclasses.replace(w, proj_down=d.contiguous(), proj_up=u.contiguous())
+                merged = torch_op.with_extra_branch(w, d, u)
                 cache[part] = (self.svdq_lora, w, device, merged)
                 return merged
 
@@ -217,5 +218,51 @@ def make_svdq_ops(layer_meta: dict[str, dict]):
                     else:
                         self._part_linear(x[..., lo:hi], i, out=y, accumulate=True)
                 return y
+
+            def _traced_forward(self, x):
+                """Under ``torch.compile``: every part is one ``svdq::linear`` node (opaque to Dynamo, see
+                ``kernels.torch_op``), the weights passed as the module's own tensors, moved to the input's
+                device first where ComfyUI left them elsewhere (lowvram); composite parts are concatenated or
+                summed in the graph instead of written into slices of one output."""
+                lora = None
+                if self.svdq_lora:
+                    lora = self.svdq_lora[0] if len(self.svdq_lora) == 1 else (
+                        torch.cat([d for d, _ in self.svdq_lora], dim=1), torch.cat([u for _, u in self.svdq_lora], dim=1))
+                outs = []
+                for attr, meta, in_range, out_range, _ in self.svdq_parts:
+                    tensors = []
+                    for field in QuantizedLinearWeights.TENSOR_FIELDS:
+                        t = getattr(self, f"{attr}{field}", None)
+                        tensors.append(None if t is None else t.to(x.device, non_blocking=True))
+                    xi, down, up = x, None, None
+                    if lora is not None:
+                        down, up = lora[0].to(x.device), lora[1].to(x.device)
+                    if in_range is not None:
+                        xi = x[..., in_range[0]: in_range[1]]
+                        down = None if down is None else down[in_range[0]: in_range[1]]
+                    if out_range is not None and up is not None:
+                        up = up[out_range[0]: out_range[1]]
+                    k = xi.shape[-1]
+                    n = self.out_features if out_range is None else out_range[1] - out_range[0]
+                    outs.append(torch_op.call(xi, tensors, meta, k, n, down, up))
+                if len(outs) == 1:
+                    return outs[0]
+                if self.svdq_parts[0][3] is not None:
+                    return torch.cat(outs, dim=-1)
+                y = outs[0]
+                for o in outs[1:]:
+                    y = y + o
+                return y
+
+            def forget_device_state(self) -> None:
+                """Drop what the layer derived on a device (its weights object with call plans and 1/λ, a
+                LoRA-merged branch): called when ComfyUI unpatches or moves the model, so nothing derived from
+                the old placement keeps device memory alive until the layer's next call."""
+                self.__dict__.pop("_svdq_cache", None)
+                self.__dict__.pop("_svdq_lora_cat", None)
+                for attr, *_ in self.svdq_parts:
+                    q = getattr(self, f"{attr}qweight", None)
+                    if q is not None and hasattr(q, torch_op.STATE):
+                        delattr(q, torch_op.STATE)
 
     return SVDQOps

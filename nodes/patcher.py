@@ -154,4 +154,5 @@ class SVDQModelPatcher(comfy.model_patcher.ModelPatcher):
             for _, m in svdq_modules(self.model.diffusion_model):
                 m.svdq_lora = []
                 m.svdq_bias_delta = None
+                m.forget_device_state()
         return super().unpatch_model(device_to, unpatch_weights)

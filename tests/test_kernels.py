@@ -350,3 +350,43 @@ def test_untuned_gemm_starts_from_the_measured_winners():
         assert first(4608, 3072, 15360)[0] == "gluon"
         no_gluon = [c for c in tuner.configs if c.kwargs["SCHEDULE"] != "gluon"]
         assert tuner._default_order(no_gluon, (None,) * 8 + (4608, 3072, 15360))[0].kwargs["SCHEDULE"] == "tma"
+
+
+def test_shipped_tuned_configs_are_used_before_tuning_when_they_can_run(monkeypatch):
+    """A shape the user's cache lacks takes the config shipped in ``kernels/tuned_configs.json`` (no tuning on the
+    first image); one this install cannot run (here: a Gluon winner where Gluon is unusable) is tuned instead."""
+    from svdq.kernels import autotune_cache, gemm_w4a4
+
+    tuner = gemm_w4a4._TUNERS["auto"]
+    monkeypatch.setattr(autotune_cache.torch.cuda, "get_device_name", lambda device=None: "Test GPU")
+    monkeypatch.setattr(autotune_cache.torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(autotune_cache, "_cache", {})
+    monkeypatch.setattr(autotune_cache, "_save", lambda: None)
+    monkeypatch.setenv("SVDQ_AUTOTUNE", "1")
+    tuned = []
+    monkeypatch.setattr(tuner, "_tune", lambda args, flags, m, n: tuned.append((m, n)) or {"tuned": True})
+    monkeypatch.setattr(gemm_w4a4.gemm_w4a4_gluon, "usable", lambda a, u: False)
+    a8 = torch.zeros(4, 64, dtype=torch.int8)
+    args = (a8,) + (None,) * 7 + (4608, 3072, 3072)
+    flags = {"HAS_LORA": False}
+    key = f"Test GPU|{tuner.name}|8192|3072|3072|HAS_LORA=False"
+    tma = next(c for c in tuner.configs if c.kwargs["SCHEDULE"] == "tma")
+    monkeypatch.setattr(autotune_cache, "_shipped_cache", {key: tuner._cfg_dict(tma)})
+    assert tuner._lookup_or_tune(args, flags, 4608, 3072, 3072) == tuner._cfg_dict(tma) and not tuned
+    if gemm_w4a4.HAS_GLUON:
+        gluon = next(c for c in tuner.configs if c.kwargs["SCHEDULE"] == "gluon")
+        monkeypatch.setattr(autotune_cache, "_shipped_cache", {key: tuner._cfg_dict(gluon)})
+        assert tuner._lookup_or_tune(args, flags, 4608, 3072, 3072) == {"tuned": True} and tuned == [(4608, 3072)]
+
+
+def test_shipped_tuned_configs_file_is_valid():
+    """Every shipped entry names a kernel config that exists in this version's tuner lists."""
+    from svdq.kernels import autotune_cache, gemm_w4a4
+
+    shipped = autotune_cache.shipped()
+    names = {t.name: t for t in gemm_w4a4._TUNERS.values()}
+    for key, cfg in shipped.items():
+        gpu, name, bucket, n, kp, *flags = key.split("|")
+        assert name in names, key
+        assert any(names[name]._cfg_dict(c) == cfg for c in names[name].configs), key
+        assert int(bucket) & (int(bucket) - 1) == 0 and int(n) > 0 and int(kp) % 64 == 0, key

@@ -176,3 +176,16 @@ def test_kernel_path_merges_the_lora_branch_once(models, triton_kernels, monkeyp
     monkeypatch.setenv("SVDQ_KERNELS", "reference")
     ref = lin(x)
     assert relative_error(fast, ref) < 1e-2
+
+
+def test_unpatching_drops_what_layers_derived_on_the_device(models):
+    """ComfyUI unpatches a model before moving or freeing it: the layers' cached weight objects (call plans, 1/λ)
+    and LoRA-merged branches must go with it, not hold device memory until the layer's next call."""
+    _, qm = models
+    ml = apply_lora(qm, make_lora(), 1.0)
+    comfy.model_management.load_models_gpu([ml])
+    lin = ml.model.diffusion_model.double_blocks[0].img_attn.qkv
+    lin(torch.randn(3, H))
+    assert "_svdq_cache" in lin.__dict__
+    ml.unpatch_model()
+    assert "_svdq_cache" not in lin.__dict__ and "_svdq_lora_cat" not in lin.__dict__ and not lin.svdq_lora

@@ -1,0 +1,97 @@
+"""The quantized linear as one PyTorch custom op, ``torch.ops.svdq.linear``, for ``torch.compile``.
+
+Dynamo cannot trace what the eager path does per call (Triton launches, call plans, the device arena: data
+pointers and Python caches); left to itself it would break the graph at every quantized linear. Registered as a
+custom op with a shape-only fake implementation, each layer is one opaque node: the graph stays whole and
+Inductor fuses the model's own code around it (norms, modulation, RoPE, gates) — what ComfyUI's
+``TorchCompileModel`` node does to a model. The op's body is the eager dispatch; its per-layer state (call plans,
+1/λ, a LoRA-extended branch) is kept with the ``qweight`` tensor the graph passes in, so it survives across calls.
+
+No ``from __future__ import annotations`` here: the op's schema is read from the real annotations.
+"""
+
+import dataclasses
+from typing import List, Optional
+
+import torch
+
+from .dispatch import svdq_linear, triton_usable
+from .reference import QuantizedLinearWeights
+
+FIELDS = QuantizedLinearWeights.TENSOR_FIELDS
+STATE = "_svdq_op_layer"  # attribute on the qweight tensor: (pointer key, layer, LoRA-merged cache)
+
+
+def with_extra_branch(w: QuantizedLinearWeights, down: torch.Tensor, up: torch.Tensor) -> QuantizedLinearWeights:
+    """The layer with extra low-rank factors (LoRA: down [K, r], up [N, r]) appended to its branch, in the
+    branch's dtype: the fused kernels take one branch, so LoRA ranks ride along with the SVD ranks."""
+    if w.proj_down is not None:
+        down = torch.cat([w.proj_down, down.to(w.proj_down.dtype)], dim=1)
+        up = torch.cat([w.proj_up, up.to(w.proj_up.dtype)], dim=1)
+    return dataclasses.replace(w, proj_down=down.contiguous(), proj_up=up.contiguous())
+
+
+def _layer(tensors: List[Optional[torch.Tensor]], meta: tuple) -> tuple[QuantizedLinearWeights, dict]:
+    """The layer object for these tensors, reused while they stay where they are (the call plans and derived
+    tensors live on it); rebuilt when ComfyUI moves the weights. Kept on the qweight tensor itself, so it goes
+    when the weights go."""
+    q = tensors[0]
+    key = (tuple(0 if t is None else t.data_ptr() for t in tensors), meta)
+    state = getattr(q, STATE, None)
+    if state is None or state[0] != key:
+        kind, precision, act_precision, act_unsigned, act_shift, in_features, out_features = meta
+        w = QuantizedLinearWeights(in_features=in_features, out_features=out_features, kind=kind, precision=precision,
+                                   act_precision=act_precision, act_unsigned=act_unsigned, act_shift=act_shift,
+                                   **dict(zip(FIELDS, tensors)))
+        w.validate()
+        state = (key, w, {})
+        setattr(q, STATE, state)
+    return state[1], state[2]
+
+
+@torch.library.custom_op("svdq::linear", mutates_args=())
+def linear(
+    x: torch.Tensor,
+    tensors: List[Optional[torch.Tensor]],
+    lora_down: Optional[torch.Tensor],
+    lora_up: Optional[torch.Tensor],
+    kind: str,
+    precision: str,
+    act_precision: str,
+    act_unsigned: bool,
+    act_shift: float,
+    in_features: int,
+    out_features: int,
+) -> torch.Tensor:
+    """One quantized linear on [..., K]: ``tensors`` in ``QuantizedLinearWeights.TENSOR_FIELDS`` order, an
+    optional LoRA (down [K, r], up [N, r], strength folded in) added to the branch. Returns [..., N] in x's dtype."""
+    if len(tensors) != len(FIELDS):
+        raise ValueError(f"svdq::linear takes {len(FIELDS)} weight tensors ({', '.join(FIELDS)}), got {len(tensors)}")
+    meta = (kind, precision, act_precision, act_unsigned, act_shift, in_features, out_features)
+    w, merged = _layer(tensors, meta)
+    if lora_down is None:
+        y = svdq_linear(x, w)
+    elif triton_usable(x):  # the kernels take one branch: merged once per LoRA set
+        hit = merged.get("lora")
+        if hit is None or hit[0] is not lora_down or hit[1] is not lora_up:
+            hit = merged["lora"] = (lora_down, lora_up, with_extra_branch(w, lora_down, lora_up))
+        y = svdq_linear(x, hit[2])
+    else:  # the reference keeps the LoRA separate, in fp32
+        y = svdq_linear(x, w, extra_down=lora_down, extra_up=lora_up)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+@linear.register_fake
+def _linear_shape(x, tensors, lora_down, lora_up, kind, precision, act_precision, act_unsigned, act_shift,
+                  in_features, out_features):
+    if x.shape[-1] != in_features:
+        raise ValueError(f"input has {x.shape[-1]} features, layer expects {in_features}")
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def call(x: torch.Tensor, w_tensors: List[Optional[torch.Tensor]], meta: dict, in_features: int, out_features: int,
+         lora_down: Optional[torch.Tensor] = None, lora_up: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``torch.ops.svdq.linear`` with the layer metadata dict of the checkpoint format (missing keys: defaults)."""
+    return linear(x, w_tensors, lora_down, lora_up, meta.get("kind", "w4a4"), meta.get("precision", "int4"),
+                  meta.get("act_precision", "int4"), bool(meta.get("act_unsigned", False)),
+                  float(meta.get("act_shift", 0.0)), in_features, out_features)

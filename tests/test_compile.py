@@ -1,0 +1,129 @@
+"""torch.compile: each quantized linear is one ``svdq::linear`` node, the model compiles as one graph.
+
+CPU runs the reference path inside the op (the GPU runs the kernels: same op, ``bench/e2e.py --rows
+svdq_compile``). The backend used here counts the op's nodes and hands the graph to ``aot_eager``, which runs the
+op's fake implementation and functionalization as Inductor would, without needing a C++ compiler.
+"""
+
+import pytest
+import torch
+
+from svdq.comfy_runtime import import_comfy
+
+import_comfy()
+
+import comfy.ldm.flux.math  # noqa: E402
+import comfy.ldm.modules.attention  # noqa: E402
+import comfy.model_management  # noqa: E402
+
+from helpers import random_layer  # noqa: E402
+from svdq.demo import relative_error  # noqa: E402
+from svdq.kernels import torch_op  # noqa: E402
+from svdq.nodes.loading import load_svdq_model  # noqa: E402
+from svdq.nodes.lora import apply_lora  # noqa: E402
+from test_lora import make_lora  # noqa: E402
+
+
+def _op_args(w, x, lora=None):
+    tensors = [getattr(w, f) for f in torch_op.FIELDS]
+    down, up = lora if lora is not None else (None, None)
+    return (x, tensors, down, up, w.kind, w.precision, w.act_precision, w.act_unsigned, w.act_shift,
+            w.in_features, w.out_features)
+
+
+@pytest.mark.parametrize("with_lora", [False, True])
+def test_op_passes_torch_library_checks(with_lora):
+    """Schema, fake (meta) implementation against the real one, and dispatch under AOT: what torch.compile needs."""
+    w = random_layer(96, 128, rank=16, seed=1)
+    x = torch.randn(2, 5, 128, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(2)
+    lora = (torch.randn(128, 4, generator=g) * 0.1, torch.randn(96, 4, generator=g) * 0.1) if with_lora else None
+    torch.library.opcheck(torch.ops.svdq.linear.default, _op_args(w, x, lora))
+    y = torch.ops.svdq.linear(*_op_args(w, x, lora))
+    assert y.shape == (2, 5, 96) and y.dtype == torch.bfloat16
+
+
+def test_op_rejects_a_wrong_input_width():
+    w = random_layer(64, 128, rank=8)
+    with pytest.raises(ValueError, match="expects 128"):  # eager
+        torch.ops.svdq.linear(*_op_args(w, torch.randn(3, 64)))
+    with pytest.raises(Exception, match="expects 128"):  # traced: the fake implementation checks (Dynamo wraps it)
+        torch.compile(lambda x: torch.ops.svdq.linear(*_op_args(w, x)), backend="aot_eager")(torch.randn(3, 64))
+
+
+class _CountingBackend:
+    """A torch.compile backend that records how many graphs it got and their svdq::linear nodes."""
+
+    def __init__(self):
+        self.graphs = []
+
+    def __call__(self, gm, inputs):
+        self.graphs.append(sum(1 for n in gm.graph.nodes if n.op == "call_function" and "svdq.linear" in str(n.target)))
+        return torch._dynamo.lookup_backend("aot_eager")(gm, inputs)
+
+
+def _apply(dm, g=0):
+    gen = torch.Generator().manual_seed(g)
+    x = torch.randn(1, 16, 16, 16, generator=gen)
+    ctx = torch.randn(1, 12, 128, generator=gen)
+    y = torch.randn(1, 64, generator=gen)
+    with torch.no_grad():
+        return dm(x, torch.tensor([0.7]), ctx, y, guidance=torch.tensor([3.5])).float()
+
+
+@pytest.fixture
+def pytorch_attention(monkeypatch):
+    # on CPU ComfyUI picks the sub-quadratic attention, which asks psutil for free memory (a graph break in
+    # ComfyUI's own code); the GPU default, PyTorch SDPA, traces
+    monkeypatch.setattr(comfy.ldm.flux.math, "optimized_attention", comfy.ldm.modules.attention.attention_pytorch)
+
+
+def test_whole_flux_compiles_as_one_graph_with_lora_and_follows_strength_changes(tiny_models, pytorch_attention):
+    torch._dynamo.reset()
+    qm = load_svdq_model(tiny_models[1])
+    lora = make_lora()
+    ml = apply_lora(qm, lora, 0.8)
+    comfy.model_management.load_models_gpu([ml])
+    dm = ml.model.diffusion_model
+    quantized = [m for m in dm.modules() if getattr(m, "svdq_meta", None) is not None]
+    backend = _CountingBackend()
+    compiled = torch.compile(dm, backend=backend, fullgraph=True)
+    eager = _apply(dm)
+    got = _apply(compiled)
+    assert backend.graphs == [len(quantized)], backend.graphs  # one graph; every quantized linear is one op node
+    assert relative_error(got, eager) < 1e-5
+    qkv = dm.double_blocks[0].img_attn.qkv
+    state = getattr(qkv.svdq_qweight, torch_op.STATE)
+    assert torch.equal(_apply(compiled), got)
+    assert getattr(qkv.svdq_qweight, torch_op.STATE) is state  # the op's per-layer state survives across calls
+
+    # a strength change installs new LoRA factors: the compiled model follows without requantizing anything
+    ml2 = apply_lora(qm, lora, 0.3)
+    comfy.model_management.load_models_gpu([ml2])
+    dm2 = ml2.model.diffusion_model
+    assert relative_error(_apply(dm2), eager) > 1e-3  # the strength matters
+    assert relative_error(_apply(torch.compile(dm2, backend=backend, fullgraph=True)), _apply(dm2)) < 1e-5
+
+
+def test_composite_single_blocks_compile(tmp_path_factory, pytorch_attention):
+    """Nunchaku files split FLUX single blocks into parts: traced as one op per part, concatenated or summed."""
+    from safetensors.torch import load_file
+
+    import nunchaku_gen as gen
+    from svdq.demo import make_float_model_file
+    from svdq.synthetic import TINY_FLUX
+
+    torch._dynamo.reset()
+    d = tmp_path_factory.mktemp("compile-nunchaku")
+    f = make_float_model_file(d / "tiny-flux-bf16.safetensors")
+    gen.flux_nunchaku_file(load_file(str(f)), TINY_FLUX, d / "svdq-int4_r16-tiny.safetensors", d / "ours.safetensors")
+    m = load_svdq_model(d / "svdq-int4_r16-tiny.safetensors")
+    comfy.model_management.load_models_gpu([m])
+    dm = m.model.diffusion_model
+    lin1 = dm.single_blocks[0].linear1
+    assert len(lin1.svdq_parts) == 2
+    backend = _CountingBackend()
+    got = _apply(torch.compile(dm, backend=backend, fullgraph=True))
+    parts = sum(len(mod.svdq_parts) for mod in dm.modules() if getattr(mod, "svdq_meta", None) is not None)
+    assert backend.graphs == [parts]
+    assert relative_error(got, _apply(dm)) < 1e-5
