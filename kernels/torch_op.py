@@ -1,3 +1,4 @@
+# ruff: noqa: UP006, UP035, UP045
 """The quantized linear as one PyTorch custom op, ``torch.ops.svdq.linear``, for ``torch.compile``.
 
 Dynamo cannot trace what the eager path does per call (Triton launches, call plans, the device arena: data
@@ -7,7 +8,8 @@ Inductor fuses the model's own code around it (norms, modulation, RoPE, gates) â
 ``TorchCompileModel`` node does to a model. The op's body is the eager dispatch; its per-layer state (call plans,
 1/Î», a LoRA-extended branch) is kept with the ``qweight`` tensor the graph passes in, so it survives across calls.
 
-No ``from __future__ import annotations`` here: the op's schema is read from the real annotations.
+No ``from __future__ import annotations`` and ``typing`` forms here: the op's schema is inferred from the real
+annotations, which torch reads in these forms on every supported version.
 """
 
 import dataclasses

@@ -9,12 +9,9 @@ device, four times fewer bytes than a 16-bit layer.
 
 from __future__ import annotations
 
-import dataclasses
-
-import torch
-
 import comfy.model_management
 import comfy.ops
+import torch
 
 from ..kernels import torch_op
 from ..kernels.dispatch import svdq_linear, triton_usable

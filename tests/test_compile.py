@@ -7,7 +7,6 @@ op's fake implementation and functionalization as Inductor would, without needin
 
 import pytest
 import torch
-
 from svdq.comfy_runtime import import_comfy
 
 import_comfy()
@@ -15,7 +14,6 @@ import_comfy()
 import comfy.ldm.flux.math  # noqa: E402
 import comfy.ldm.modules.attention  # noqa: E402
 import comfy.model_management  # noqa: E402
-
 from helpers import random_layer  # noqa: E402
 from svdq.demo import relative_error  # noqa: E402
 from svdq.kernels import torch_op  # noqa: E402
@@ -107,9 +105,8 @@ def test_whole_flux_compiles_as_one_graph_with_lora_and_follows_strength_changes
 
 def test_composite_single_blocks_compile(tmp_path_factory, pytorch_attention):
     """Nunchaku files split FLUX single blocks into parts: traced as one op per part, concatenated or summed."""
-    from safetensors.torch import load_file
-
     import nunchaku_gen as gen
+    from safetensors.torch import load_file
     from svdq.demo import make_float_model_file
     from svdq.synthetic import TINY_FLUX
 
