@@ -228,12 +228,22 @@ def sync():
         torch.cuda.synchronize()
 
 
+def step_options(patcher) -> dict:
+    """The transformer_options a sampler would pass: the patcher's own plus its wrappers (torch.compile's
+    among them), merged the way ComfyUI's sampler helpers merge them before sampling."""
+    import comfy.patcher_extension as pe
+
+    opts = dict(patcher.model_options.get("transformer_options", {}))
+    opts["wrappers"] = pe.merge_nested_dicts(opts.get("wrappers", {}), patcher.wrappers)
+    return opts
+
+
 def time_step(patcher, cfg, batch, reps=5, warmup=2, image_px=1024):
     mm.load_models_gpu([patcher])
     x, ctx, y = inputs(cfg, batch, image_px)
     t = torch.full((batch,), 0.7, device=x.device)
     guid = torch.full((batch,), 3.5, device=x.device)
-    opts = dict(patcher.model_options.get("transformer_options", {}))
+    opts = step_options(patcher)
 
     def step():
         return patcher.model.apply_model(x, t, c_crossattn=ctx, y=y, guidance=guid, transformer_options=opts)
@@ -268,11 +278,12 @@ def profile_step(patcher, cfg, batch=1):
     x, ctx, y = inputs(cfg, batch)
     t = torch.full((batch,), 0.7, device=x.device)
     guid = torch.full((batch,), 3.5, device=x.device)
+    opts = step_options(patcher)
     with torch.no_grad():
-        patcher.model.apply_model(x, t, c_crossattn=ctx, y=y, guidance=guid)
+        patcher.model.apply_model(x, t, c_crossattn=ctx, y=y, guidance=guid, transformer_options=opts)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            patcher.model.apply_model(x, t, c_crossattn=ctx, y=y, guidance=guid)
+            patcher.model.apply_model(x, t, c_crossattn=ctx, y=y, guidance=guid, transformer_options=opts)
             torch.cuda.synchronize()
     classes = {"4-bit GEMM (w4a4)": 0.0, "activation quant + low-rank down": 0.0, "weight expansion": 0.0,
                "W4A16 GEMV": 0.0, "attention": 0.0, "other GEMM (cuBLAS)": 0.0, "rest": 0.0}
