@@ -314,6 +314,9 @@ def profile_step(patcher, cfg, batch=1):
     return {k: v / total for k, v in classes.items()}, [(k[:90], v / total) for k, v in top], total / 1000
 
 
+COMPILE_BACKEND = "inductor"
+
+
 def compiled(patcher, cfg):
     """The patcher with every transformer block under torch.compile (Inductor, static shapes), through ComfyUI's
     own wrapper, as its TorchCompileModel node applies it; blocks of one class share compiled code."""
@@ -323,7 +326,7 @@ def compiled(patcher, cfg):
     m = patcher.clone()
     keys = [f"diffusion_model.double_blocks.{i}" for i in range(cfg["depth"])]
     keys += [f"diffusion_model.single_blocks.{i}" for i in range(cfg["depth_single_blocks"])]
-    set_torch_compile_wrapper(m, backend="inductor", dynamic=False, keys=keys)
+    set_torch_compile_wrapper(m, backend=COMPILE_BACKEND, dynamic=False, keys=keys)
     return m
 
 
@@ -367,9 +370,13 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--image", type=int, default=1024, help="image side in pixels (1024: 4096 image tokens)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--compile-backend", default="inductor",
+                    help="torch.compile backend of the *_compile rows (aot_eager: same numerics as eager, a check)")
     ap.add_argument("--fbc-thresholds", default="0.12", help="first-block cache thresholds (first = the reported one)")
     args = ap.parse_args()
     thresholds = [float(t) for t in args.fbc_thresholds.split(",")]
+    global COMPILE_BACKEND
+    COMPILE_BACKEND = args.compile_backend
     cfg = FLUX_DEV if args.config == "flux-dev" else dict(TINY_FLUX, context_in_dim=4096, vec_in_dim=768)
     rows = args.rows.split(",")
     batches = [int(b) for b in args.batch.split(",")]
