@@ -6,13 +6,14 @@ pointers and Python caches); left to itself it would break the graph at every qu
 custom op with a shape-only fake implementation, each layer is one opaque node: the graph stays whole and
 Inductor fuses the model's own code around it (norms, modulation, RoPE, gates) — what ComfyUI's
 ``TorchCompileModel`` node does to a model. The op's body is the eager dispatch; its per-layer state (call plans,
-1/λ, a LoRA-extended branch) is kept with the ``qweight`` tensor the graph passes in, so it survives across calls.
+1/λ, a LoRA-extended branch) stays with the layer module, which the op finds by its qweight's address.
 
 No ``from __future__ import annotations`` and ``typing`` forms here: the op's schema is inferred from the real
 annotations, which torch reads in these forms on every supported version.
 """
 
 import dataclasses
+import weakref
 from typing import List, Optional
 
 import torch
@@ -21,7 +22,39 @@ from .dispatch import svdq_linear, triton_usable
 from .reference import QuantizedLinearWeights
 
 FIELDS = QuantizedLinearWeights.TENSOR_FIELDS
-STATE = "_svdq_op_layer"  # attribute on the qweight tensor: (pointer key, layer, LoRA-merged cache)
+
+# Layers (ComfyUI modules) that run their own parts, with their own caches: what a graph passes in may be other
+# Python objects than the module's parameters (AOT wrappers), so the op finds the layer by the qweight's address.
+_owners: "weakref.WeakSet" = weakref.WeakSet()
+_by_address: dict = {}  # qweight data_ptr -> (weakref to layer, part)
+
+
+def register_owner(layer) -> None:
+    """A layer whose parts the op should run through ``layer.svdq_part_linear(x, part)`` (its plans, 1/λ and
+    LoRA-merged branch are cached there and dropped with ``forget_device_state``); it provides
+    ``svdq_part_qweight(part)`` and ``svdq_parts``."""
+    _owners.add(layer)
+
+
+def _owner_of(q: torch.Tensor):
+    def check(hit):
+        if hit is None:
+            return None
+        layer = hit[0]()
+        t = None if layer is None else layer.svdq_part_qweight(hit[1])
+        ok = t is not None and t.data_ptr() == q.data_ptr() and t.shape == q.shape and t.device == q.device
+        return (layer, hit[1]) if ok else None
+
+    found = check(_by_address.get(q.data_ptr()))
+    if found is None:  # weights moved (or a new layer): re-index every live layer once
+        _by_address.clear()
+        for layer in list(_owners):
+            for i in range(len(layer.svdq_parts)):
+                t = layer.svdq_part_qweight(i)
+                if t is not None:
+                    _by_address[t.data_ptr()] = (weakref.ref(layer), i)
+        found = check(_by_address.get(q.data_ptr()))
+    return found
 
 
 def with_extra_branch(w: QuantizedLinearWeights, down: torch.Tensor, up: torch.Tensor) -> QuantizedLinearWeights:
@@ -31,24 +64,6 @@ def with_extra_branch(w: QuantizedLinearWeights, down: torch.Tensor, up: torch.T
         down = torch.cat([w.proj_down, down.to(w.proj_down.dtype)], dim=1)
         up = torch.cat([w.proj_up, up.to(w.proj_up.dtype)], dim=1)
     return dataclasses.replace(w, proj_down=down.contiguous(), proj_up=up.contiguous())
-
-
-def _layer(tensors: List[Optional[torch.Tensor]], meta: tuple) -> tuple[QuantizedLinearWeights, dict]:
-    """The layer object for these tensors, reused while they stay where they are (the call plans and derived
-    tensors live on it); rebuilt when ComfyUI moves the weights. Kept on the qweight tensor itself, so it goes
-    when the weights go."""
-    q = tensors[0]
-    key = (tuple(0 if t is None else t.data_ptr() for t in tensors), meta)
-    state = getattr(q, STATE, None)
-    if state is None or state[0] != key:
-        kind, precision, act_precision, act_unsigned, act_shift, in_features, out_features = meta
-        w = QuantizedLinearWeights(in_features=in_features, out_features=out_features, kind=kind, precision=precision,
-                                   act_precision=act_precision, act_unsigned=act_unsigned, act_shift=act_shift,
-                                   **dict(zip(FIELDS, tensors)))
-        w.validate()
-        state = (key, w, {})
-        setattr(q, STATE, state)
-    return state[1], state[2]
 
 
 @torch.library.custom_op("svdq::linear", mutates_args=())
@@ -69,17 +84,21 @@ def linear(
     optional LoRA (down [K, r], up [N, r], strength folded in) added to the branch. Returns [..., N] in x's dtype."""
     if len(tensors) != len(FIELDS):
         raise ValueError(f"svdq::linear takes {len(FIELDS)} weight tensors ({', '.join(FIELDS)}), got {len(tensors)}")
-    meta = (kind, precision, act_precision, act_unsigned, act_shift, in_features, out_features)
-    w, merged = _layer(tensors, meta)
-    if lora_down is None:
-        y = svdq_linear(x, w)
-    elif triton_usable(x):  # the kernels take one branch: merged once per LoRA set
-        hit = merged.get("lora")
-        if hit is None or hit[0] is not lora_down or hit[1] is not lora_up:
-            hit = merged["lora"] = (lora_down, lora_up, with_extra_branch(w, lora_down, lora_up))
-        y = svdq_linear(x, hit[2])
-    else:  # the reference keeps the LoRA separate, in fp32
-        y = svdq_linear(x, w, extra_down=lora_down, extra_up=lora_up)
+    found = _owner_of(tensors[0])
+    if found is not None:  # a registered layer: its own eager path, with its caches and its attached LoRA
+        layer, part = found
+        y = layer.svdq_part_linear(x, part)
+    else:  # loose tensors: a layer object for this call
+        w = QuantizedLinearWeights(in_features=in_features, out_features=out_features, kind=kind, precision=precision,
+                                   act_precision=act_precision, act_unsigned=act_unsigned, act_shift=act_shift,
+                                   **dict(zip(FIELDS, tensors)))
+        w.validate()
+        if lora_down is None:
+            y = svdq_linear(x, w)
+        elif triton_usable(x):  # the kernels take one branch
+            y = svdq_linear(x, with_extra_branch(w, lora_down, lora_up))
+        else:  # the reference keeps the LoRA separate, in fp32
+            y = svdq_linear(x, w, extra_down=lora_down, extra_up=lora_up)
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 

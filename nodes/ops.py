@@ -90,6 +90,7 @@ def make_svdq_ops(layer_meta: dict[str, dict]):
                 if "parts" in meta:
                     _check_part_ranges(name, self.svdq_parts, self.in_features, self.out_features)
                 self.svdq_meta = {"parts": len(self.svdq_parts)} if "parts" in meta else self.svdq_parts[0][1]
+                torch_op.register_owner(self)
                 # the layer's float bias lives in svdq_bias (shift compensation folded in); ``weight`` (and a
                 # composite's ``bias``) are storage-free tensors of the logical shape, so ComfyUI's LoRA key maps
                 # and shape checks see the layer
@@ -218,22 +219,19 @@ def make_svdq_ops(layer_meta: dict[str, dict]):
 
             def _traced_forward(self, x):
                 """Under ``torch.compile``: every part is one ``svdq::linear`` node (opaque to Dynamo, see
-                ``kernels.torch_op``), the weights passed as the module's own tensors, moved to the input's
-                device first where ComfyUI left them elsewhere (lowvram); composite parts are concatenated or
-                summed in the graph instead of written into slices of one output."""
+                ``kernels.torch_op``) given the module's own tensors; at run time the op finds this module by
+                its qweight and runs ``svdq_part_linear`` (the eager path: its caches, lowvram streaming, LoRA).
+                Composite parts are concatenated or summed in the graph instead of written into slices."""
                 lora = None
                 if self.svdq_lora:
                     lora = self.svdq_lora[0] if len(self.svdq_lora) == 1 else (
                         torch.cat([d for d, _ in self.svdq_lora], dim=1), torch.cat([u for _, u in self.svdq_lora], dim=1))
                 outs = []
                 for attr, meta, in_range, out_range, _ in self.svdq_parts:
-                    tensors = []
-                    for field in QuantizedLinearWeights.TENSOR_FIELDS:
-                        t = getattr(self, f"{attr}{field}", None)
-                        tensors.append(None if t is None else t.to(x.device, non_blocking=True))
+                    tensors = [getattr(self, f"{attr}{field}", None) for field in QuantizedLinearWeights.TENSOR_FIELDS]
                     xi, down, up = x, None, None
                     if lora is not None:
-                        down, up = lora[0].to(x.device), lora[1].to(x.device)
+                        down, up = lora
                     if in_range is not None:
                         xi = x[..., in_range[0]: in_range[1]]
                         down = None if down is None else down[in_range[0]: in_range[1]]
@@ -257,9 +255,13 @@ def make_svdq_ops(layer_meta: dict[str, dict]):
                 the old placement keeps device memory alive until the layer's next call."""
                 self.__dict__.pop("_svdq_cache", None)
                 self.__dict__.pop("_svdq_lora_cat", None)
-                for attr, *_ in self.svdq_parts:
-                    q = getattr(self, f"{attr}qweight", None)
-                    if q is not None and hasattr(q, torch_op.STATE):
-                        delattr(q, torch_op.STATE)
+
+            def svdq_part_qweight(self, part: int):
+                """The part's packed weight (how ``svdq::linear`` recognises this layer at run time)."""
+                return getattr(self, f"{self.svdq_parts[part][0]}qweight", None)
+
+            def svdq_part_linear(self, x, part: int):
+                """One part on its input, as the eager forward computes it (what ``svdq::linear`` runs)."""
+                return self._part_linear(x, part)
 
     return SVDQOps
