@@ -185,6 +185,7 @@ def w4a16_rows(triton) -> list[dict]:
 ACT_VARIANTS = [  # (block_m, groups, num_warps, k_per_program, reverse); the first is the old default, None = default
     (32, 4, 4, 1, False), (None, None, 4, None, True), (32, 4, 4, 1, True), (32, 4, 4, 4, True), (32, 4, 4, None, True),
     (64, 4, 8, None, True), (32, 8, 8, None, True), (16, 8, 4, None, True), (64, 2, 4, None, True),
+    (None, None, 4, 8, True), (None, None, 4, 16, True), (None, None, 8, 8, True),  # more K tiles per pass-1 program
 ]
 
 
