@@ -125,11 +125,14 @@ def make_svdq_ops(layer_meta: dict[str, dict]):
                 """The part's tensors as one object; reused while they stay where they are (a forward at batch 1
                 is host-bound, so the object is not rebuilt per call), rebuilt after ComfyUI moves them."""
                 attr, meta, in_range, out_range, _ = self.svdq_parts[part]
-                q = getattr(self, f"{attr}qweight")
+                params = self._parameters  # direct: Module.__getattr__ per field cost ~1 µs a call each
+                names = [f"{attr}{f}" for f in QuantizedLinearWeights.TENSOR_FIELDS]
+                q = params.get(names[0])
+                if q is None:
+                    q = getattr(self, names[0])
                 if device is not None and q.device == device:
                     cache = self.__dict__.setdefault("_svdq_cache", {})
-                    key = tuple(t.data_ptr() for f in QuantizedLinearWeights.TENSOR_FIELDS
-                                if (t := getattr(self, f"{attr}{f}", None)) is not None)
+                    key = tuple(t.data_ptr() for n in names if (t := params.get(n)) is not None)
                     hit = cache.get(part)
                     if hit is not None and hit[0] == key:
                         return hit[1]
@@ -255,10 +258,18 @@ def make_svdq_ops(layer_meta: dict[str, dict]):
                 the old placement keeps device memory alive until the layer's next call."""
                 self.__dict__.pop("_svdq_cache", None)
                 self.__dict__.pop("_svdq_lora_cat", None)
+                for i in range(len(self.svdq_parts)):
+                    q = self.svdq_part_qweight(i)
+                    if q is not None and hasattr(q, torch_op.STATE):
+                        delattr(q, torch_op.STATE)
 
             def svdq_part_qweight(self, part: int):
                 """The part's packed weight (how ``svdq::linear`` recognises this layer at run time)."""
                 return getattr(self, f"{self.svdq_parts[part][0]}qweight", None)
+
+            def svdq_part_with_lora(self, w: QuantizedLinearWeights, device, part: int) -> QuantizedLinearWeights:
+                """The part's weights object with the attached LoRA merged into its branch (cached per LoRA set)."""
+                return self._with_lora_branch(w, device, part)
 
             def svdq_part_linear(self, x, part: int):
                 """One part on its input, as the eager forward computes it (what ``svdq::linear`` runs)."""

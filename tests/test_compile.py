@@ -126,3 +126,30 @@ def test_composite_single_blocks_compile(tmp_path_factory, pytorch_attention):
     parts = sum(len(mod.svdq_parts) for mod in dm.modules() if getattr(mod, "svdq_meta", None) is not None)
     assert backend.graphs == [parts]
     assert relative_error(got, _apply(dm)) < 1e-5
+
+
+def test_kernel_path_keeps_the_layer_object_on_the_qweight_and_follows_lora_changes(tiny_models, triton_kernels):
+    """On the kernel path the op remembers the layer's weights object on the qweight it was given (the compiled
+    step at batch 1 is host-bound); a new LoRA set on the layer, or unpatching, must not reuse it."""
+    qm = load_svdq_model(tiny_models[1])
+    comfy.model_management.load_models_gpu([qm])
+    lin = qm.model.diffusion_model.double_blocks[0].img_attn.qkv
+    dev = lin.svdq_qweight.device
+    tensors = [getattr(lin, f"svdq_{f}", None) for f in torch_op.FIELDS]
+    x = torch.randn(5, lin.in_features, generator=torch.Generator().manual_seed(0)).to(dev)
+
+    def op():
+        return torch_op.call(x, tensors, lin.svdq_parts[0][1], lin.in_features, lin.out_features)
+
+    base = op()
+    assert torch.allclose(base, lin(x), atol=1e-6)
+    fast = getattr(lin.svdq_qweight, torch_op.STATE)
+    assert fast[3] is lin.quantized_weights(device=dev)  # the module's own cached object (its plans live there)
+    assert torch.equal(op(), base) and getattr(lin.svdq_qweight, torch_op.STATE) is fast
+    g = torch.Generator().manual_seed(1)
+    lin.svdq_lora = [(torch.randn(lin.in_features, 4, generator=g).to(dev), torch.randn(lin.out_features, 4, generator=g).to(dev))]
+    with_lora = op()
+    assert getattr(lin.svdq_qweight, torch_op.STATE) is not fast
+    assert torch.allclose(with_lora, lin(x), atol=1e-6) and relative_error(with_lora, base) > 1e-2
+    lin.forget_device_state()
+    assert not hasattr(lin.svdq_qweight, torch_op.STATE)
