@@ -39,18 +39,28 @@ class _Arena:
 
     Reuse is safe because one layer call's kernels run in stream order before the next call's (ComfyUI runs
     the model on one stream). Buffers only grow; each growth bumps ``generation``, which retires call plans
-    that point at the old buffers. A CUDA graph captured over svdq calls bakes these addresses in: capture
-    after a warm-up call at the largest shape, so nothing grows afterwards."""
+    that point at the old buffers. A CUDA graph captured over svdq calls bakes these addresses in, so once any
+    call has run under capture, a buffer that grows is kept alive (``retired``) instead of freed: a graph captured
+    at batch 1 still replays correctly after a batch-2 call grew the arena."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.buffers: dict[str, torch.Tensor] = {}
         self.generation = 0
+        self.captured = False  # some call ran under CUDA-graph capture: never free a buffer from now on
+        self.retired: list[torch.Tensor] = []
+
+    def note_capture(self) -> None:
+        if not self.captured and self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            self.captured = True
 
     def get(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
         need = numel * dtype.itemsize
         buf = self.buffers.get(name)
+        self.note_capture()
         if buf is None or buf.numel() < need:
+            if buf is not None and self.captured:
+                self.retired.append(buf)  # a captured graph may still read or write it
             size = max(need, 0 if buf is None else buf.numel() * 5 // 4)  # grow by at least a quarter
             buf = torch.empty((size + 255) // 256 * 256, dtype=torch.uint8, device=self.device)
             self.buffers[name] = buf
@@ -261,9 +271,12 @@ def _planned(x2: torch.Tensor, w: QuantizedLinearWeights, gelu: bool, out2: torc
     ar = arena(x2.device)
     if plan is False:
         return None
+    capturing = torch.cuda.is_current_stream_capturing()
+    if capturing:
+        ar.captured = True
     if plan is not None and plan.generation == ar.generation:
         return plan.run(x2, out2)
-    if torch.cuda.is_current_stream_capturing():
+    if capturing:
         return None
     with recording() as rec:
         y = _run(x2, w, w.proj_down, w.proj_up, gelu, out2, accumulate)

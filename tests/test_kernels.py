@@ -390,3 +390,34 @@ def test_shipped_tuned_configs_file_is_valid():
         assert name in names, key
         assert any(names[name]._cfg_dict(c) == cfg for c in names[name].configs), key
         assert int(bucket) & (int(bucket) - 1) == 0 and int(n) > 0 and int(kp) % 64 == 0, key
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_replays_correctly_after_the_arena_grows(monkeypatch):
+    """A graph captured over svdq calls bakes in the arena's buffers; a later, larger call grows the arena. The
+    graph must still replay correct results (the old buffers are kept once anything was captured)."""
+    from svdq.kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "_arenas", {})  # a fresh arena, so the large call below really grows it
+    layer = random_layer(256, 320, rank=32, device="cuda")
+    static_x = torch.randn(64, 320, device="cuda", dtype=torch.bfloat16)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture stream: compile, plan
+        for _ in range(2):
+            dispatch.svdq_linear(static_x, layer)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = dispatch.svdq_linear(static_x, layer)
+    for rows in (None, 4096):
+        if rows:  # grow every arena buffer, then reuse the freed memory, then replay the old graph
+            dispatch.svdq_linear(torch.randn(rows, 320, device="cuda", dtype=torch.bfloat16), layer)
+            junk = [torch.full((1 << 22,), 7, dtype=torch.uint8, device="cuda") for _ in range(4)]
+            assert dispatch.arena(static_x.device).retired and junk
+        x = torch.randn_like(static_x)
+        static_x.copy_(x)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static_y, dispatch.svdq_linear(x, layer))
