@@ -366,6 +366,7 @@ def main() -> int:
                     help="also: svdq_nunchaku (single blocks split into Nunchaku's composite layers)")
     ap.add_argument("--batch", default="1,2")
     ap.add_argument("--cap-gb", type=float, default=16.0, help="0 disables the capped runs")
+    ap.add_argument("--cap-rows", default="bf16,svdq", help="rows run again under the cap (also bf16_compile, svdq_compile)")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--image", type=int, default=1024, help="image side in pixels (1024: 4096 image tokens)")
@@ -474,9 +475,14 @@ def main() -> int:
         mm.EXTRA_RESERVED_VRAM = max(0, int(total - args.cap_gb * GIB))
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gb * GIB / total))
         log(f"capped at {args.cap_gb} GiB (EXTRA_RESERVED_VRAM {mm.EXTRA_RESERVED_VRAM / GIB:.1f} GiB)")
-        for row in ("bf16", "svdq"):
+        for row in args.cap_rows.split(","):
             try:
-                p = load_core(sd) if row == "bf16" else load_svdq(ckpt if ckpt is not None else svdq_checkpoint(sd, cfg))
+                if row.startswith("bf16"):
+                    p = load_core(sd)
+                else:
+                    if ckpt is None:
+                        ckpt = svdq_checkpoint(sd, cfg)
+                    p = load_svdq(ckpt)
                 record(row, p, results["capped"], batch_sizes=[1])
             except Exception as exc:
                 import traceback
@@ -504,6 +510,9 @@ def main() -> int:
     c = results["capped"]
     if "bf16" in c and "svdq" in c and "error" not in c["bf16"] and "error" not in c["svdq"]:
         results.setdefault("summary", {})["capped_svdq_speedup_vs_bf16"] = c["bf16"][1]["ms"] / c["svdq"][1]["ms"]
+    for a, b_ in (("svdq_compile", "bf16_compile"), ("svdq_compile", "bf16")):
+        if a in c and b_ in c and "error" not in c[a] and "error" not in c[b_]:
+            results.setdefault("summary", {})[f"capped_{a}_vs_{b_}"] = c[b_][1]["ms"] / c[a][1]["ms"]
     log("summary: " + json.dumps(results.get("summary", {})))
     if args.json:
         with open(args.json, "w") as f:
