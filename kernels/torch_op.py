@@ -27,8 +27,8 @@ FIELDS = QuantizedLinearWeights.TENSOR_FIELDS
 
 STATE = "_svdq_op_fast"  # on a layer's qweight: (tensor addresses, layer, its LoRA list, the layer object to run)
 
-# Layers (ComfyUI modules) that run their own parts, with their own caches: what a graph passes in may be other
-# Python objects than the module's parameters (AOT wrappers), so the op finds the layer by the qweight's address.
+# Layers (ComfyUI modules) that run their own parts, with their own caches. A graph hands the op tensors, not the
+# module, so the op finds the layer by its qweight's address (re-indexed when ComfyUI has moved the weights).
 _owners: "weakref.WeakSet" = weakref.WeakSet()
 _by_address: dict = {}  # qweight data_ptr -> (weakref to layer, part)
 
