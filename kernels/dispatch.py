@@ -7,6 +7,7 @@ A call the kernels cannot take falls back to the reference with one log line per
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
@@ -50,9 +51,11 @@ class _Arena:
         self.captured = False  # some call ran under CUDA-graph capture: never free a buffer from now on
         self.retired: list[torch.Tensor] = []
 
-    def note_capture(self) -> None:
-        if not self.captured and self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            self.captured = True
+    def note_capture(self) -> bool:
+        """Whether a CUDA graph is being captured now; remembered for good once one is."""
+        capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        self.captured |= capturing
+        return capturing
 
     def get(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
         need = numel * dtype.itemsize
@@ -115,6 +118,21 @@ def derived(w: QuantizedLinearWeights, name: str, make) -> torch.Tensor:
     if t is None:
         t = cache[name] = make()
     return t
+
+
+def extended_branch(w: QuantizedLinearWeights, down: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's branch factors with extra ranks (LoRA: down [K, r], up [N, r]) appended, in the branch's dtype:
+    the fused kernels take one branch, so LoRA ranks ride along with the SVD ranks."""
+    if w.proj_down is None:
+        return down, up
+    return (torch.cat([w.proj_down, down.to(w.proj_down.dtype)], dim=1),
+            torch.cat([w.proj_up, up.to(w.proj_up.dtype)], dim=1))
+
+
+def with_extra_branch(w: QuantizedLinearWeights, down: torch.Tensor, up: torch.Tensor) -> QuantizedLinearWeights:
+    """The layer object with ``extended_branch`` as its branch (built once per LoRA set by the callers)."""
+    d, u = extended_branch(w, down, up)
+    return dataclasses.replace(w, proj_down=d.contiguous(), proj_up=u.contiguous())
 
 
 def _unsupported(x: torch.Tensor, w: QuantizedLinearWeights) -> str | None:
@@ -181,10 +199,7 @@ def _compute(x, w, extra_down, extra_up, gelu, out, accumulate):
         y = _planned(x2, w, gelu, out2, acc)
         if y is not None:
             return out if y is out2 else y.reshape(*lead, w.out_features)
-    down, up = w.proj_down, w.proj_up
-    if extra_down is not None:
-        down = extra_down if down is None else torch.cat([down, extra_down.to(down.dtype)], dim=1)
-        up = extra_up if up is None else torch.cat([up, extra_up.to(up.dtype)], dim=1)
+    down, up = (w.proj_down, w.proj_up) if extra_down is None else extended_branch(w, extra_down, extra_up)
     y = _run(x2, w, down, up, gelu, out2, acc)
     if y is None:
         _warn_once(f"activation precision {w.act_precision}")
@@ -271,9 +286,7 @@ def _planned(x2: torch.Tensor, w: QuantizedLinearWeights, gelu: bool, out2: torc
     ar = arena(x2.device)
     if plan is False:
         return None
-    capturing = torch.cuda.is_current_stream_capturing()
-    if capturing:
-        ar.captured = True
+    capturing = ar.note_capture()
     if plan is not None and plan.generation == ar.generation:
         return plan.run(x2, out2)
     if capturing:

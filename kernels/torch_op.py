@@ -14,13 +14,12 @@ No ``from __future__ import annotations`` and ``typing`` forms here: the op's sc
 annotations, which torch reads in these forms on every supported version.
 """
 
-import dataclasses
 import weakref
 from typing import List, Optional
 
 import torch
 
-from .dispatch import svdq_linear, triton_usable
+from .dispatch import svdq_linear, triton_usable, with_extra_branch
 from .reference import QuantizedLinearWeights
 
 FIELDS = QuantizedLinearWeights.TENSOR_FIELDS
@@ -59,15 +58,6 @@ def _owner_of(q: torch.Tensor):
                     _by_address[t.data_ptr()] = (weakref.ref(layer), i)
         found = check(_by_address.get(q.data_ptr()))
     return found
-
-
-def with_extra_branch(w: QuantizedLinearWeights, down: torch.Tensor, up: torch.Tensor) -> QuantizedLinearWeights:
-    """The layer with extra low-rank factors (LoRA: down [K, r], up [N, r]) appended to its branch, in the
-    branch's dtype: the fused kernels take one branch, so LoRA ranks ride along with the SVD ranks."""
-    if w.proj_down is not None:
-        down = torch.cat([w.proj_down, down.to(w.proj_down.dtype)], dim=1)
-        up = torch.cat([w.proj_up, up.to(w.proj_up.dtype)], dim=1)
-    return dataclasses.replace(w, proj_down=down.contiguous(), proj_up=up.contiguous())
 
 
 @torch.library.custom_op("svdq::linear", mutates_args=())

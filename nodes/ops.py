@@ -14,7 +14,7 @@ import comfy.ops
 import torch
 
 from ..kernels import torch_op
-from ..kernels.dispatch import svdq_linear, triton_usable
+from ..kernels.dispatch import svdq_linear, triton_usable, with_extra_branch
 from ..kernels.reference import QuantizedLinearWeights
 
 _META = ("kind", "precision", "act_precision", "act_unsigned", "act_shift")
@@ -59,6 +59,7 @@ def make_svdq_ops(layer_meta: dict[str, dict]):
                 self.svdq_lora: list = []  # (down [K, r], up [N, r]) extra low-rank factors (LoRA), see patcher
                 self.svdq_bias_delta = None  # LoRA bias patches on a quantized layer, see patcher
                 self.svdq_parts: list = []  # (attribute prefix, meta, in_range, out_range, state-dict prefix)
+                self.svdq_field_names: list = []  # per part: the attribute names of its tensors, in TENSOR_FIELDS order
 
             def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
                 name = prefix[:-1]
@@ -87,6 +88,8 @@ def make_svdq_ops(layer_meta: dict[str, dict]):
                         setattr(self, f"{attr}{field}", None if t is None else torch.nn.Parameter(t, requires_grad=False))
                     self.svdq_parts.append((attr, {k: part["meta"][k] for k in _META if k in part["meta"]},
                                             part.get("in_range"), part.get("out_range"), src))
+                self.svdq_field_names = [[f"{attr}{f}" for f in QuantizedLinearWeights.TENSOR_FIELDS]
+                                         for attr, *_ in self.svdq_parts]
                 if "parts" in meta:
                     _check_part_ranges(name, self.svdq_parts, self.in_features, self.out_features)
                 self.svdq_meta = {"parts": len(self.svdq_parts)} if "parts" in meta else self.svdq_parts[0][1]
@@ -126,7 +129,7 @@ def make_svdq_ops(layer_meta: dict[str, dict]):
                 is host-bound, so the object is not rebuilt per call), rebuilt after ComfyUI moves them."""
                 attr, meta, in_range, out_range, _ = self.svdq_parts[part]
                 params = self._parameters  # direct: Module.__getattr__ per field cost ~1 µs a call each
-                names = [f"{attr}{f}" for f in QuantizedLinearWeights.TENSOR_FIELDS]
+                names = self.svdq_field_names[part]
                 q = params.get(names[0])
                 if q is None:
                     q = getattr(self, names[0])
@@ -171,8 +174,11 @@ def make_svdq_ops(layer_meta: dict[str, dict]):
                 """Every attached LoRA's (down [K, r], up [N, r]) side by side along the rank, cut to one part's
                 share: a part split by output rows takes its rows of ``up``, one split by input columns its rows
                 of ``down`` (the parts' products then sum to x · down · upᵀ)."""
-                down = torch.cat([d.to(device) for d, _ in self.svdq_lora], dim=1)
-                up = torch.cat([u.to(device) for _, u in self.svdq_lora], dim=1)
+                if len(self.svdq_lora) == 1:  # the patcher's case: no copy
+                    down, up = (t.to(device) for t in self.svdq_lora[0])
+                else:
+                    down = torch.cat([d.to(device) for d, _ in self.svdq_lora], dim=1)
+                    up = torch.cat([u.to(device) for _, u in self.svdq_lora], dim=1)
                 _, _, in_range, out_range, _ = self.svdq_parts[part]
                 if in_range is not None:
                     down = down[in_range[0]: in_range[1]]
@@ -189,7 +195,7 @@ def make_svdq_ops(layer_meta: dict[str, dict]):
                 if c is not None and c[0] is self.svdq_lora and c[1] is w and c[2] == device:
                     return c[3]
                 d, u = self._lora_factors(device, part)
-                merged = torch_op.with_extra_branch(w, d, u)
+                merged = with_extra_branch(w, d, u)
                 cache[part] = (self.svdq_lora, w, device, merged)
                 return merged
 
@@ -225,21 +231,11 @@ def make_svdq_ops(layer_meta: dict[str, dict]):
                 ``kernels.torch_op``) given the module's own tensors; at run time the op finds this module by
                 its qweight and runs ``svdq_part_linear`` (the eager path: its caches, lowvram streaming, LoRA).
                 Composite parts are concatenated or summed in the graph instead of written into slices."""
-                lora = None
-                if self.svdq_lora:
-                    lora = self.svdq_lora[0] if len(self.svdq_lora) == 1 else (
-                        torch.cat([d for d, _ in self.svdq_lora], dim=1), torch.cat([u for _, u in self.svdq_lora], dim=1))
                 outs = []
-                for attr, meta, in_range, out_range, _ in self.svdq_parts:
-                    tensors = [getattr(self, f"{attr}{field}", None) for field in QuantizedLinearWeights.TENSOR_FIELDS]
-                    xi, down, up = x, None, None
-                    if lora is not None:
-                        down, up = lora
-                    if in_range is not None:
-                        xi = x[..., in_range[0]: in_range[1]]
-                        down = None if down is None else down[in_range[0]: in_range[1]]
-                    if out_range is not None and up is not None:
-                        up = up[out_range[0]: out_range[1]]
+                for i, (_, meta, in_range, out_range, _) in enumerate(self.svdq_parts):
+                    tensors = [getattr(self, n, None) for n in self.svdq_field_names[i]]
+                    down, up = self._lora_factors(x.device, i) if self.svdq_lora else (None, None)
+                    xi = x if in_range is None else x[..., in_range[0]: in_range[1]]
                     k = xi.shape[-1]
                     n = self.out_features if out_range is None else out_range[1] - out_range[0]
                     outs.append(torch_op.call(xi, tensors, meta, k, n, down, up))
@@ -265,7 +261,7 @@ def make_svdq_ops(layer_meta: dict[str, dict]):
 
             def svdq_part_qweight(self, part: int):
                 """The part's packed weight (how ``svdq::linear`` recognises this layer at run time)."""
-                return getattr(self, f"{self.svdq_parts[part][0]}qweight", None)
+                return getattr(self, self.svdq_field_names[part][0], None)
 
             def svdq_part_with_lora(self, w: QuantizedLinearWeights, device, part: int) -> QuantizedLinearWeights:
                 """The part's weights object with the attached LoRA merged into its branch (cached per LoRA set)."""
