@@ -315,6 +315,7 @@ def profile_step(patcher, cfg, batch=1):
 
 
 COMPILE_BACKEND = "inductor"
+COMPILE_MODE = None  # torch.compile mode of the *_compile rows (reduce-overhead: Inductor's CUDA graphs)
 
 
 def compiled(patcher, cfg):
@@ -326,7 +327,7 @@ def compiled(patcher, cfg):
     m = patcher.clone()
     keys = [f"diffusion_model.double_blocks.{i}" for i in range(cfg["depth"])]
     keys += [f"diffusion_model.single_blocks.{i}" for i in range(cfg["depth_single_blocks"])]
-    set_torch_compile_wrapper(m, backend=COMPILE_BACKEND, dynamic=False, keys=keys)
+    set_torch_compile_wrapper(m, backend=COMPILE_BACKEND, mode=COMPILE_MODE, dynamic=False, keys=keys)
     return m
 
 
@@ -373,18 +374,21 @@ def main() -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--compile-backend", default="inductor",
                     help="torch.compile backend of the *_compile rows (aot_eager: same numerics as eager, a check)")
+    ap.add_argument("--compile-mode", default=None,
+                    help="torch.compile mode of the *_compile rows (reduce-overhead: CUDA graphs, no host launch cost)")
     ap.add_argument("--fbc-thresholds", default="0.12", help="first-block cache thresholds (first = the reported one)")
     args = ap.parse_args()
     thresholds = [float(t) for t in args.fbc_thresholds.split(",")]
-    global COMPILE_BACKEND
-    COMPILE_BACKEND = args.compile_backend
+    global COMPILE_BACKEND, COMPILE_MODE
+    COMPILE_BACKEND, COMPILE_MODE = args.compile_backend, args.compile_mode
     cfg = FLUX_DEV if args.config == "flux-dev" else dict(TINY_FLUX, context_in_dim=4096, vec_in_dim=768)
     rows = args.rows.split(",")
     batches = [int(b) for b in args.batch.split(",")]
     import triton
 
     env = {"gpu": torch.cuda.get_device_name(0) if CUDA else "cpu", "torch": torch.__version__, "triton": triton.__version__,
-           "python": platform.python_version(), "config": args.config}
+           "python": platform.python_version(), "config": args.config,
+           "compile": {"backend": COMPILE_BACKEND, "mode": COMPILE_MODE}}
     log(f"{env}")
     results: dict = {"env": env, "rows": {}, "capped": {}}
     t0 = time.time()

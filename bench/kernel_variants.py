@@ -10,7 +10,8 @@ Same process, same data, same GPU for every pair; µs are medians of ``triton.te
   gemmcfg  every TMA GEMM tile config one by one (CUDA-graph µs), including configs that run two programs per SM
            (``PER_SM``: one program's epilogue overlaps the other's main loop, and finer tiles cut the last-wave loss
            at N = 3072), with bf16 alongside
-  w4a16tile the M = 1 W4A16 kernel over its tile knobs (rows and groups per program, split-K)
+  w4a16tile the M = 1 W4A16 kernel over its tile knobs (rows and groups per program, split-K, the next step's
+           words prefetched or not, warps)
   act      the activation kernel pair under CUDA-graph replay over its tile knobs (rows per program, 64-groups
            per K tile, warps, K tiles per pass-1 program, pass 2's visiting order), rank 32 and a LoRA-widened
            rank 96, against its memory floor (x read twice, the int8 operand written once, at the copy rate)
@@ -136,19 +137,21 @@ def w4a16_tile_rows(triton) -> list[dict]:
         inv = torch.reciprocal(layer.smooth.float())
         row = {"K": k, "N": n, "bf16_graph": triton.testing.do_bench_cudagraph(lambda: torch.nn.functional.linear(x, wb, layer.bias), rep=50) * 1e3}
         ref = None
-        for bn, bg in [(32, 16), (16, 16), (64, 8), (32, 8), (16, 8), (8, 16)]:
-            for split in (None, 1, 2, 4):
-                def fn(bn=bn, bg=bg, split=split):
-                    return _w4a16_gemv_one_row(x, layer.qweight, layer.wmult, layer.wscale, layer.smooth, inv, layer.bias,
-                                               torch.bfloat16, bn, bg, split)
-                name = f"n{bn}_g{bg}_s{split or 'auto'}"
-                try:
-                    y = fn().to(torch.bfloat16)
-                    ref = y if ref is None else ref
-                    row[name] = triton.testing.do_bench_cudagraph(fn, rep=50) * 1e3
-                    row[name + "_rel"] = float((y.float() - ref.float()).norm() / ref.float().norm())
-                except Exception as exc:
-                    print(f"{name} failed: {str(exc)[-300:]}", flush=True)
+        variants = [(bn, bg, split, pf, 4) for bn, bg in [(32, 16), (16, 16), (64, 8), (32, 8), (16, 8), (8, 16), (8, 8)]
+                    for split in (None, 1) for pf in (False, True)]
+        variants += [(bn, bg, None, True, w) for bn, bg, w in [(8, 16, 2), (8, 8, 2), (16, 8, 2), (32, 16, 8), (64, 8, 8)]]
+        for bn, bg, split, pf, warps in variants:
+            def fn(bn=bn, bg=bg, split=split, pf=pf, warps=warps):
+                return _w4a16_gemv_one_row(x, layer.qweight, layer.wmult, layer.wscale, layer.smooth, inv, layer.bias,
+                                           torch.bfloat16, bn, bg, split, pf, warps)
+            name = f"n{bn}_g{bg}_s{split or 'auto'}{'_pf' if pf else ''}_w{warps}"
+            try:
+                y = fn().to(torch.bfloat16)
+                ref = y if ref is None else ref
+                row[name] = triton.testing.do_bench_cudagraph(fn, rep=50) * 1e3
+                row[name + "_rel"] = float((y.float() - ref.float()).norm() / ref.float().norm())
+            except Exception as exc:
+                print(f"{name} failed: {str(exc)[-300:]}", flush=True)
         timed = {c: v for c, v in row.items() if c.startswith("n") and not c.endswith("_rel")}
         best = min(timed, key=timed.get)
         print(f"w4a16tile K={k} N={n}: bf16 {row['bf16_graph']:.1f}, best {best} {timed[best]:.1f} "
@@ -183,9 +186,10 @@ def w4a16_rows(triton) -> list[dict]:
 
 
 ACT_VARIANTS = [  # (block_m, groups, num_warps, k_per_program, reverse); the first is the old default, None = default
-    (32, 4, 4, 1, False), (None, None, 4, None, True), (32, 4, 4, 1, True), (32, 4, 4, 4, True), (32, 4, 4, None, True),
-    (64, 4, 8, None, True), (32, 8, 8, None, True), (16, 8, 4, None, True), (64, 2, 4, None, True),
-    (None, None, 4, 8, True), (None, None, 4, 16, True), (None, None, 8, 8, True),  # more K tiles per pass-1 program
+    (32, 4, 4, 1, False), (None, None, 4, None, True), (64, 4, 8, None, True), (64, 2, 4, None, True),
+    # half the elements per thread (fewer registers, more programs resident: ncu measured 25% occupancy)
+    (32, 4, 8, None, True), (16, 4, 4, None, True), (32, 2, 4, None, True), (64, 2, 8, None, True),
+    (16, 2, 4, None, True), (32, 2, 8, None, True),
 ]
 
 

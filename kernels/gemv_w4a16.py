@@ -100,7 +100,7 @@ def _w4a16_gemv_kernel(
     stride_p, stride_mult, stride_om,
     NIB_MASK, ONE_XOR,
     HAS_SMOOTH: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """M = 1 on the CUDA cores: three instructions per weight (shift, one logic op, FMA).
 
@@ -119,12 +119,24 @@ def _w4a16_gemv_kernel(
     acc = tl.zeros([BLOCK_N, BLOCK_G, 8], dtype=tl.float32)
     g_start = pid_s * G_PER_SPLIT
     g_end = tl.minimum(g_start + G_PER_SPLIT, G)
+    w_ptrs = p_ptr + rn_c[:, None, None] * stride_p + wi[None, None, :]
+    u_ptrs = mult_ptr + rn_c[:, None] * stride_mult
+    if PREFETCH:  # the next step's words are requested before this step's arithmetic: two steps in flight
+        g = g_start + gi
+        p_next = tl.load(w_ptrs + (g * 8)[None, :, None], mask=(g < g_end)[None, :, None], other=0)
+        u_next = tl.load(u_ptrs + g[None, :], mask=(g < g_end)[None, :], other=0)
     for g0 in range(g_start, g_end, BLOCK_G):
         g = g0 + gi
         gm = g < g_end
-        p = tl.load(p_ptr + rn_c[:, None, None] * stride_p + (g * 8)[None, :, None] + wi[None, None, :],
-                    mask=gm[None, :, None], other=0)
-        u = tl.load(mult_ptr + rn_c[:, None] * stride_mult + g[None, :], mask=gm[None, :], other=0).to(tl.int32)
+        if PREFETCH:
+            p = p_next
+            u = u_next.to(tl.int32)
+            gn = g + BLOCK_G
+            p_next = tl.load(w_ptrs + (gn * 8)[None, :, None], mask=(gn < g_end)[None, :, None], other=0)
+            u_next = tl.load(u_ptrs + gn[None, :], mask=(gn < g_end)[None, :], other=0)
+        else:
+            p = tl.load(w_ptrs + (g * 8)[None, :, None], mask=gm[None, :, None], other=0)
+            u = tl.load(u_ptrs + g[None, :], mask=gm[None, :], other=0).to(tl.int32)
         uf = (u | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0  # small integer to float, no cvt
         part = tl.zeros([BLOCK_N, BLOCK_G, 8], dtype=tl.float32)
         xsum = tl.zeros([BLOCK_G, 8], dtype=tl.float32)
@@ -262,10 +274,13 @@ def _gemv_output(m: int, n: int, split: int, out_dtype: torch.dtype, device: tor
 
 
 ONE_ROW_TILE = (32, 16)  # (output rows, 64-groups) per program of the M = 1 kernel
+ONE_ROW_PREFETCH = False  # request the next K step's words before this step's arithmetic
+ONE_ROW_WARPS = 4
 
 
 def _w4a16_gemv_one_row(x2, qweight, wmult, wscale, smooth, inv_smooth, bias, out_dtype,
-                        block_n: int | None = None, block_g: int | None = None, split: int | None = None):
+                        block_n: int | None = None, block_g: int | None = None, split: int | None = None,
+                        prefetch: bool | None = None, num_warps: int | None = None):
     m, k = x2.shape
     n = qweight.shape[0]
     groups = qweight.shape[1] // 32  # 64 codes = 32 bytes = 8 words per group
@@ -283,7 +298,8 @@ def _w4a16_gemv_one_row(x2, qweight, wmult, wscale, smooth, inv_smooth, bias, ou
         n, k, groups, g_per_split,
         p32.stride(0), wmult.stride(0), out.stride(0), 0x00780000, 0x3FC00000),
         HAS_SMOOTH=smooth is not None, SPLIT=split, HAS_BIAS=bias is not None,
-        BLOCK_N=block_n, BLOCK_G=block_g, num_warps=4, num_stages=3,
+        BLOCK_N=block_n, BLOCK_G=block_g, PREFETCH=ONE_ROW_PREFETCH if prefetch is None else prefetch,
+        num_warps=num_warps or ONE_ROW_WARPS, num_stages=3,
     )
     return out
 
