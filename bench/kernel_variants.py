@@ -137,9 +137,11 @@ def w4a16_tile_rows(triton) -> list[dict]:
         inv = torch.reciprocal(layer.smooth.float())
         row = {"K": k, "N": n, "bf16_graph": triton.testing.do_bench_cudagraph(lambda: torch.nn.functional.linear(x, wb, layer.bias), rep=50) * 1e3}
         ref = None
-        variants = [(bn, bg, split, pf, 4) for bn, bg in [(32, 16), (16, 16), (64, 8), (32, 8), (16, 8), (8, 16), (8, 8)]
-                    for split in (None, 1) for pf in (False, True)]
-        variants += [(bn, bg, None, True, w) for bn, bg, w in [(8, 16, 2), (8, 8, 2), (16, 8, 2), (32, 16, 8), (64, 8, 8)]]
+        # (rows, 64-groups, split, prefetch, warps); the first sweep (bench/results-w4a16-prefetch-h100.log) found
+        # prefetch with 2 warps best: this one looks around it, the old default first
+        variants = [(32, 16, None, False, 4), (16, 8, None, False, 2)]
+        variants += [(bn, bg, None, True, w) for bn, bg in [(16, 8), (32, 8), (8, 8), (16, 16), (32, 4), (16, 4), (64, 4),
+                                                            (8, 16), (32, 16), (8, 4)] for w in (1, 2)]
         for bn, bg, split, pf, warps in variants:
             def fn(bn=bn, bg=bg, split=split, pf=pf, warps=warps):
                 return _w4a16_gemv_one_row(x, layer.qweight, layer.wmult, layer.wscale, layer.smooth, inv, layer.bias,

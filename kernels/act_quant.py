@@ -177,7 +177,7 @@ def quantize_activation(
     scratch=None,
     k_per_program: int | None = None,
     groups: int | None = None,
-    num_warps: int = 4,
+    num_warps: int | None = None,
     reverse: bool = True,
 ):
     """Launch the activation kernels on x2 [M, K]. Returns (int8 [M, Kp], scale [M], lora [M, R] fp32 | None).
@@ -185,7 +185,8 @@ def quantize_activation(
     ``scratch(name, numel, dtype)``, where given, supplies reused buffers instead of fresh allocations (the
     dispatcher's per-device arena: the results live until the next call). Tile knobs (``bench/kernel_variants.py``
     measures them): ``k_per_program`` pass 1's K tiles per program (default ``tiles_per_program``), ``groups``
-    64-groups per K tile (default 4 where they divide), ``reverse`` pass 2's reverse visiting order."""
+    64-groups per K tile (default 2 where they divide), ``num_warps`` (default 4, 8 for a branch wider than 32),
+    ``reverse`` pass 2's reverse visiting order."""
     m, k = x2.shape
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
@@ -199,10 +200,14 @@ def quantize_activation(
         raise ValueError(f"activation kernel supports int4 and int8, not {mode!r}")
     ng = k_padded // 64
     block_r = max(16, triton.next_power_of_2(r)) if r else 16
-    wide = k_padded >= 8192 or r > 32  # H100 tile sweep (bench/kernel_variants.py): taller, narrower tiles win there
+    # H100 tile sweeps (bench/kernel_variants.py, BENCHMARKS.md): 128-column tiles everywhere (32 elements a thread:
+    # fewer registers, more programs resident), 64 rows where K >= 8192 or the branch is wider than 32, and
+    # 8 warps for a wide branch (its pass-1 dot); 32 rows x 128 columns at K = 3072, rank 32: 37.1 vs 40.5 µs
+    wide = k_padded >= 8192 or r > 32
+    if num_warps is None:
+        num_warps = 8 if r > 32 else 4
     if groups is None:
-        want = 2 if wide else 4
-        groups = next(g for g in (want, 2, 1) if ng % g == 0)
+        groups = 2 if ng % 2 == 0 else 1
     elif ng % groups:
         raise ValueError(f"{groups} groups per tile do not divide the {ng} groups of K = {k_padded}")
     bm = block_m or (64 if wide else 32)
