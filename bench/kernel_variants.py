@@ -10,8 +10,8 @@ Same process, same data, same GPU for every pair; µs are medians of ``triton.te
   gemmcfg  every TMA GEMM tile config one by one (CUDA-graph µs), including configs that run two programs per SM
            (``PER_SM``: one program's epilogue overlaps the other's main loop, and finer tiles cut the last-wave loss
            at N = 3072), with bf16 alongside
-  w4a16tile the small-M word kernels over their tile knobs (rows and groups per program, the next step's words
-           prefetched or not, warps): M = 1 one-row kernel and multi-row kernel, M = 2 / 4 multi-row vs 16-bit rows
+  w4a16tile the M = 1 W4A16 kernel over its tile knobs (rows and groups per program, the next step's words
+           prefetched or not, warps)
   act      the activation kernel pair under CUDA-graph replay over its tile knobs (rows per program, 64-groups
            per K tile, warps, K tiles per pass-1 program, pass 2's visiting order), rank 32 and a LoRA-widened
            rank 96, against its memory floor (x read twice, the int8 operand written once, at the copy rate)
@@ -126,34 +126,26 @@ def gemm_config_rows(triton) -> list[dict]:
 
 
 def w4a16_tile_rows(triton) -> list[dict]:
-    """The small-M word kernels over their tile knobs, CUDA-graph µs: for M = 1 the one-row kernel (``n.._g.._w..``,
-    prefetch or not) and the multi-row kernel (``words_..``); for M = 2 and 4 the multi-row kernel against the
-    16-bit-word rows kernel that served them (``rows_default``)."""
-    from svdq.kernels.gemv_w4a16 import _w4a16_gemv_one_row, _w4a16_gemv_rows, _w4a16_words
+    """The M = 1 word kernel over its tile knobs (rows and 64-groups per program, prefetch, warps), CUDA-graph µs.
+
+    A multi-row variant of it (one 4-D register tile for up to 4 rows) measured 1.9-30x slower than the kernels it
+    was to replace (register spills; ``bench/results-w4a16-words-h100.log``) and was removed."""
+    from svdq.kernels.gemv_w4a16 import _w4a16_gemv_one_row
 
     rows = []
-    for m, k, n in [(1, 3072, 18432), (1, 3072, 9216), (1, 3072, 3072), (2, 3072, 18432), (2, 3072, 9216),
-                    (4, 3072, 18432)]:
+    for m, k, n in [(1, 3072, 18432), (1, 3072, 9216), (1, 3072, 3072)]:
         layer = make_layer(n, k, 0, kind="w4a16")
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         wb = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
         inv = torch.reciprocal(layer.smooth.float())
         row = {"M": m, "K": k, "N": n,
                "bf16_graph": triton.testing.do_bench_cudagraph(lambda: torch.nn.functional.linear(x, wb, layer.bias), rep=50) * 1e3}
-        fns = {}
-        if m == 1:  # (rows, 64-groups, prefetch, warps) of the one-row kernel; the first is the old default
-            for bn, bg, pf, w in [(32, 16, False, 4), (16, 8, False, 2), (16, 8, True, 2), (32, 8, True, 2), (8, 8, True, 2),
-                                  (16, 16, True, 2), (16, 8, True, 1), (32, 8, True, 1), (16, 4, True, 1), (32, 4, True, 2)]:
-                fns[f"n{bn}_g{bg}{'_pf' if pf else ''}_w{w}"] = (
-                    lambda bn=bn, bg=bg, pf=pf, w=w: _w4a16_gemv_one_row(x, layer.qweight, layer.wmult, layer.wscale, layer.smooth,
-                                                                         inv, layer.bias, torch.bfloat16, bn, bg, None, pf, w))
-        else:
-            fns["rows_default"] = lambda: _w4a16_gemv_rows(x, layer.qweight, layer.wmult, layer.wscale, layer.smooth,
-                                                           layer.bias, torch.bfloat16)
-        for bn, bg, w in [(16, 8, 2), (8, 8, 2), (32, 8, 2), (16, 4, 2), (16, 8, 1), (8, 8, 1), (16, 16, 2), (8, 4, 1), (32, 4, 4)]:
-            fns[f"words_n{bn}_g{bg}_w{w}"] = (
-                lambda bn=bn, bg=bg, w=w: _w4a16_words(x, layer.qweight, layer.wmult, layer.wscale, layer.smooth, inv,
-                                                       layer.bias, torch.bfloat16, bn, bg, None, w))
+        fns = {}  # (rows, 64-groups, prefetch, warps); the first is the old default
+        for bn, bg, pf, w in [(32, 16, False, 4), (16, 8, False, 2), (16, 8, True, 2), (32, 8, True, 2), (8, 8, True, 2),
+                              (16, 16, True, 2), (16, 8, True, 1), (32, 8, True, 1), (16, 4, True, 1), (32, 4, True, 2)]:
+            fns[f"n{bn}_g{bg}{'_pf' if pf else ''}_w{w}"] = (
+                lambda bn=bn, bg=bg, pf=pf, w=w: _w4a16_gemv_one_row(x, layer.qweight, layer.wmult, layer.wscale, layer.smooth,
+                                                                     inv, layer.bias, torch.bfloat16, bn, bg, None, pf, w))
         ref = None
         for name, fn in fns.items():
             try:

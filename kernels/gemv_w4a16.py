@@ -161,63 +161,6 @@ def _w4a16_gemv_kernel(
 
 
 @triton.jit
-def _w4a16_words_kernel(
-    x_ptr, p_ptr, mult_ptr, wscale_ptr, inv_smooth_ptr, bias_ptr, out_ptr,
-    M, N, K, G, G_PER_SPLIT,
-    stride_xm, stride_p, stride_mult, stride_om,
-    NIB_MASK, ONE_XOR,
-    HAS_SMOOTH: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
-):
-    """The M = 1 kernel's arithmetic for ROWS input rows at once (batch 2 with CFG, up to 4): every weight word is
-    loaded and unpacked once and serves all rows; the next step's words are prefetched."""
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    rm = tl.arange(0, ROWS)
-    mmask = rm < M
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = rn < N
-    rn_c = tl.where(nmask, rn, 0)
-    gi = tl.arange(0, BLOCK_G)
-    wi = tl.arange(0, 8)
-    acc = tl.zeros([ROWS, BLOCK_N, BLOCK_G, 8], dtype=tl.float32)
-    g_start = pid_s * G_PER_SPLIT
-    g_end = tl.minimum(g_start + G_PER_SPLIT, G)
-    w_ptrs = p_ptr + rn_c[:, None, None] * stride_p + wi[None, None, :]
-    u_ptrs = mult_ptr + rn_c[:, None] * stride_mult
-    g = g_start + gi
-    p_next = tl.load(w_ptrs + (g * 8)[None, :, None], mask=(g < g_end)[None, :, None], other=0)
-    u_next = tl.load(u_ptrs + g[None, :], mask=(g < g_end)[None, :], other=0)
-    for g0 in range(g_start, g_end, BLOCK_G):
-        g = g0 + gi
-        gm = g < g_end
-        p = p_next
-        u = u_next.to(tl.int32)
-        gn = g + BLOCK_G
-        p_next = tl.load(w_ptrs + (gn * 8)[None, :, None], mask=(gn < g_end)[None, :, None], other=0)
-        u_next = tl.load(u_ptrs + gn[None, :], mask=(gn < g_end)[None, :], other=0)
-        uf = (u | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-        part = tl.zeros([ROWS, BLOCK_N, BLOCK_G, 8], dtype=tl.float32)
-        xsum = tl.zeros([ROWS, BLOCK_G, 8], dtype=tl.float32)
-        for j in tl.static_range(8):
-            col = (g * 64)[:, None] + wi[None, :] * 8 + j
-            cm = gm[:, None] & (col < K)
-            xv = tl.load(x_ptr + rm[:, None, None] * stride_xm + col[None, :, :], mask=mmask[:, None, None] & cm[None, :, :],
-                         other=0.0).to(tl.float32)
-            if HAS_SMOOTH:
-                xv = xv * tl.load(inv_smooth_ptr + col, mask=cm, other=0.0)[None, :, :]
-            xsum += xv
-            if 4 * j <= 19:
-                bits = ((p << (19 - 4 * j)) & NIB_MASK) ^ ONE_XOR
-            else:
-                bits = ((p >> (4 * j - 19)) & NIB_MASK) ^ ONE_XOR
-            part += xv[:, None, :, :] * bits.to(tl.float32, bitcast=True)[None, :, :, :]
-        acc += (part * 16.0 - xsum[:, None, :, :] * 24.0) * uf[None, :, :, None]
-    y = tl.sum(tl.sum(acc, axis=3), axis=2)
-    _store_rows(y, rm, rn, mmask, nmask, pid_s, wscale_ptr, bias_ptr, out_ptr, stride_om, SPLIT, HAS_BIAS)
-
-
-@triton.jit
 def _w4a16_rows_kernel(
     x_ptr, p_ptr, mult_ptr, wscale_ptr, smooth_ptr, bias_ptr, out_ptr,
     M, N, K, W16, W_PER_SPLIT,
@@ -330,9 +273,19 @@ def _gemv_output(m: int, n: int, split: int, out_dtype: torch.dtype, device: tor
     return torch.empty(m, n, dtype=out_dtype, device=device)
 
 
-ONE_ROW_TILE = (32, 16)  # (output rows, 64-groups) per program of the M = 1 kernel
-ONE_ROW_PREFETCH = False  # request the next K step's words before this step's arithmetic
-ONE_ROW_WARPS = 4
+def one_row_tile(n: int) -> tuple[int, int, int]:
+    """(output rows, 64-groups, warps) per program of the M = 1 kernel, by output width: one-warp programs over
+    16 rows x 4 groups at FLUX's 18432 (20.6 vs 25.6 µs for the earlier 32 x 16 x 4 warps), 16 x 8 x 2 warps at 9216,
+    8 x 8 x 2 below (H100 sweep, ``bench/kernel_variants.py --only w4a16tile``, BENCHMARKS.md). Small programs and
+    the prefetched next step keep more loads in flight per SM than a few large programs."""
+    if n >= 12288:
+        return 16, 4, 1
+    if n >= 6144:
+        return 16, 8, 2
+    return 8, 8, 2
+
+
+ONE_ROW_PREFETCH = True  # request the next K step's words before this step's arithmetic
 
 
 def _w4a16_gemv_one_row(x2, qweight, wmult, wscale, smooth, inv_smooth, bias, out_dtype,
@@ -342,7 +295,8 @@ def _w4a16_gemv_one_row(x2, qweight, wmult, wscale, smooth, inv_smooth, bias, ou
     n = qweight.shape[0]
     groups = qweight.shape[1] // 32  # 64 codes = 32 bytes = 8 words per group
     p32 = qweight.view(torch.int32)  # [N, Kp/8]: Kp is a multiple of 64, so rows stay whole words
-    block_n, block_g = block_n or ONE_ROW_TILE[0], block_g or ONE_ROW_TILE[1]
+    tile_n, tile_g, warps = one_row_tile(n)
+    block_n, block_g, num_warps = block_n or tile_n, block_g or tile_g, num_warps or warps
     if interpreting():
         block_n, block_g = 8, 2
     blocks_n = triton.cdiv(n, block_n)
@@ -356,38 +310,7 @@ def _w4a16_gemv_one_row(x2, qweight, wmult, wscale, smooth, inv_smooth, bias, ou
         p32.stride(0), wmult.stride(0), out.stride(0), 0x00780000, 0x3FC00000),
         HAS_SMOOTH=smooth is not None, SPLIT=split, HAS_BIAS=bias is not None,
         BLOCK_N=block_n, BLOCK_G=block_g, PREFETCH=ONE_ROW_PREFETCH if prefetch is None else prefetch,
-        num_warps=num_warps or ONE_ROW_WARPS, num_stages=3,
-    )
-    return out
-
-
-WORDS_TILE = {1: (16, 8, 2), 2: (16, 8, 2), 4: (16, 8, 2)}  # ROWS -> (output rows, 64-groups, warps) per program
-
-
-def _w4a16_words(x2, qweight, wmult, wscale, smooth, inv_smooth, bias, out_dtype,
-                 block_n: int | None = None, block_g: int | None = None, split: int | None = None,
-                 num_warps: int | None = None):
-    """Up to 4 rows through ``_w4a16_words_kernel`` (weights read once for all rows)."""
-    m, k = x2.shape
-    n = qweight.shape[0]
-    rows = 1 if m == 1 else (2 if m == 2 else 4)
-    groups = qweight.shape[1] // 32
-    p32 = qweight.view(torch.int32)
-    bn, bg, warps = WORDS_TILE[rows]
-    block_n, block_g, num_warps = block_n or bn, block_g or bg, num_warps or warps
-    if interpreting():
-        block_n, block_g = 8, 2
-    blocks_n = triton.cdiv(n, block_n)
-    split, g_per_split = _split_k(groups, block_g, blocks_n, 2, x2.device, split)
-    out = _gemv_output(m, n, split, out_dtype, x2.device)
-    if smooth is not None and inv_smooth is None:
-        inv_smooth = torch.reciprocal(smooth.float())
-    launch(_w4a16_words_kernel, (blocks_n, split), (
-        x2, p32, wmult, wscale, inv_smooth if smooth is not None else wscale, bias if bias is not None else wscale, out,
-        m, n, k, groups, g_per_split,
-        x2.stride(0), p32.stride(0), wmult.stride(0), out.stride(0), 0x00780000, 0x3FC00000),
-        HAS_SMOOTH=smooth is not None, SPLIT=split, HAS_BIAS=bias is not None,
-        ROWS=rows, BLOCK_N=block_n, BLOCK_G=block_g, num_warps=num_warps, num_stages=3,
+        num_warps=num_warps, num_stages=3,
     )
     return out
 

@@ -145,22 +145,6 @@ def test_w4a16_one_row_tiles_match_reference(k, n, tile, split, prefetch, triton
     assert rel(y, svdq_linear_reference(x, layer)) <= 1e-2
 
 
-@pytest.mark.parametrize("m", [1, 2, 3, 4])
-@pytest.mark.parametrize("k,n,split", [(200, 40, 1), (448, 24, 2), (3072, 3000, None)])
-def test_w4a16_words_kernel_matches_reference(m, k, n, split, triton_kernels):
-    """The multi-row word kernel (weights unpacked once for up to 4 rows; M = 3 runs as 4 with one row masked)."""
-    from svdq.kernels.gemv_w4a16 import _w4a16_words
-
-    if not GPU and k > 448:
-        pytest.skip("GPU shape")
-    layer = random_layer(n, k, 0, True, kind="w4a16", device=DEV, seed=k + m)
-    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
-    y = _w4a16_words(x, layer.qweight, layer.wmult, layer.wscale, layer.smooth, None, layer.bias, torch.float32,
-                     split=split)
-    assert y.shape == (m, n)
-    assert rel(y, svdq_linear_reference(x, layer)) <= 1e-2
-
-
 def test_fast_launch_reuses_kernels_correctly(triton_kernels):
     """Repeated calls (the cached-launcher path on a GPU) with changing M, alignment and rank stay exact."""
     from svdq.kernels import launch
