@@ -126,23 +126,31 @@ def gemm_config_rows(triton) -> list[dict]:
 
 
 def w4a16_tile_rows(triton) -> list[dict]:
-    """The M = 1 word kernel over its tile knobs (rows and 64-groups per program, prefetch, warps), CUDA-graph µs.
+    """The word kernel over its tile knobs (rows and 64-groups per program, prefetch, warps), CUDA-graph µs: M = 1,
+    and M = 2 (both rows sharing each unpacked weight) against the 16-bit-word rows kernel.
 
     A multi-row variant of it (one 4-D register tile for up to 4 rows) measured 1.9-30x slower than the kernels it
     was to replace (register spills; ``bench/results-w4a16-words-h100.log``) and was removed."""
-    from svdq.kernels.gemv_w4a16 import _w4a16_gemv_one_row
+    from svdq.kernels.gemv_w4a16 import _w4a16_gemv_one_row, _w4a16_gemv_rows
 
     rows = []
-    for m, k, n in [(1, 3072, 18432), (1, 3072, 9216), (1, 3072, 3072)]:
+    for m, k, n in [(1, 3072, 18432), (1, 3072, 9216), (1, 3072, 3072), (2, 3072, 18432), (2, 3072, 9216), (2, 3072, 3072)]:
         layer = make_layer(n, k, 0, kind="w4a16")
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         wb = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
         inv = torch.reciprocal(layer.smooth.float())
         row = {"M": m, "K": k, "N": n,
                "bf16_graph": triton.testing.do_bench_cudagraph(lambda: torch.nn.functional.linear(x, wb, layer.bias), rep=50) * 1e3}
-        fns = {}  # (rows, 64-groups, prefetch, warps); the first is the old default
-        for bn, bg, pf, w in [(32, 16, False, 4), (16, 8, False, 2), (16, 8, True, 2), (32, 8, True, 2), (8, 8, True, 2),
-                              (16, 16, True, 2), (16, 8, True, 1), (32, 8, True, 1), (16, 4, True, 1), (32, 4, True, 2)]:
+        fns = {}  # (rows, 64-groups, prefetch, warps); M = 1: the first is the old default; M = 2: the word kernel
+        # with both rows sharing each unpacked weight against the 16-bit-word rows kernel that served M = 2
+        tiles = ([(32, 16, False, 4), (16, 8, False, 2), (16, 8, True, 2), (32, 8, True, 2), (8, 8, True, 2),
+                  (16, 16, True, 2), (16, 8, True, 1), (32, 8, True, 1), (16, 4, True, 1), (32, 4, True, 2)] if m == 1 else
+                 [(16, 4, True, 1), (8, 4, True, 1), (16, 8, True, 2), (8, 8, True, 2), (8, 8, True, 1), (16, 4, True, 2),
+                  (32, 4, True, 2), (8, 4, True, 2)])
+        if m == 2:
+            fns["rows_kernel"] = lambda: _w4a16_gemv_rows(x, layer.qweight, layer.wmult, layer.wscale, layer.smooth,
+                                                          layer.bias, torch.bfloat16)
+        for bn, bg, pf, w in tiles:
             fns[f"n{bn}_g{bg}{'_pf' if pf else ''}_w{w}"] = (
                 lambda bn=bn, bg=bg, pf=pf, w=w: _w4a16_gemv_one_row(x, layer.qweight, layer.wmult, layer.wscale, layer.smooth,
                                                                      inv, layer.bias, torch.bfloat16, bn, bg, None, pf, w))

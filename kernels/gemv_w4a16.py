@@ -97,10 +97,10 @@ def _w4a16_kernel(
 def _w4a16_gemv_kernel(
     x_ptr, p_ptr, mult_ptr, wscale_ptr, inv_smooth_ptr, bias_ptr, out_ptr,
     N, K, G, G_PER_SPLIT,
-    stride_p, stride_mult, stride_om,
+    stride_xm, stride_p, stride_mult, stride_om,
     NIB_MASK, ONE_XOR,
     HAS_SMOOTH: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, PREFETCH: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, PREFETCH: tl.constexpr, TWO_ROWS: tl.constexpr,
 ):
     """M = 1 on the CUDA cores: three instructions per weight (shift, one logic op, FMA).
 
@@ -108,7 +108,8 @@ def _w4a16_gemv_kernel(
     holds several output rows, so every input value it loads serves all of them. A nibble (c = code + 8 after
     flipping its sign bit) is turned into the float 1 + c/16 by placing it in the mantissa of 1.0 (no conversion
     instruction, no subtraction); since code = c - 8, Σ x·code = 16·Σ x·(1 + c/16) - 24·Σ x, and Σ x does not depend on the row. The group
-    multiplier is applied once per word and step; the cross-thread reduction happens once, at the end."""
+    multiplier is applied once per word and step; the cross-thread reduction happens once, at the end.
+    TWO_ROWS: a second input row (batch 2 with CFG) shares every unpacked weight, with its own accumulators."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -117,6 +118,8 @@ def _w4a16_gemv_kernel(
     gi = tl.arange(0, BLOCK_G)
     wi = tl.arange(0, 8)
     acc = tl.zeros([BLOCK_N, BLOCK_G, 8], dtype=tl.float32)
+    if TWO_ROWS:
+        acc1 = tl.zeros([BLOCK_N, BLOCK_G, 8], dtype=tl.float32)
     g_start = pid_s * G_PER_SPLIT
     g_end = tl.minimum(g_start + G_PER_SPLIT, G)
     w_ptrs = p_ptr + rn_c[:, None, None] * stride_p + wi[None, None, :]
@@ -140,12 +143,20 @@ def _w4a16_gemv_kernel(
         uf = (u | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0  # small integer to float, no cvt
         part = tl.zeros([BLOCK_N, BLOCK_G, 8], dtype=tl.float32)
         xsum = tl.zeros([BLOCK_G, 8], dtype=tl.float32)
+        if TWO_ROWS:
+            part1 = tl.zeros([BLOCK_N, BLOCK_G, 8], dtype=tl.float32)
+            xsum1 = tl.zeros([BLOCK_G, 8], dtype=tl.float32)
         for j in tl.static_range(8):  # nibble j of word w is input column 8w + j
             col = (g * 64)[:, None] + wi[None, :] * 8 + j
             cm = gm[:, None] & (col < K)
             xv = tl.load(x_ptr + col, mask=cm, other=0.0).to(tl.float32)
+            if TWO_ROWS:
+                xv1 = tl.load(x_ptr + stride_xm + col, mask=cm, other=0.0).to(tl.float32)
             if HAS_SMOOTH:
-                xv = xv * tl.load(inv_smooth_ptr + col, mask=cm, other=0.0)
+                inv = tl.load(inv_smooth_ptr + col, mask=cm, other=0.0)
+                xv = xv * inv
+                if TWO_ROWS:
+                    xv1 = xv1 * inv
             xsum += xv
             # the nibble holds the code in two's complement: XOR with 8 gives c = code + 8. Mask and constant
             # come in as runtime values (registers), so AND and XOR compile to one LOP3 (it takes one immediate)
@@ -153,11 +164,21 @@ def _w4a16_gemv_kernel(
                 bits = ((p << (19 - 4 * j)) & NIB_MASK) ^ ONE_XOR
             else:
                 bits = ((p >> (4 * j - 19)) & NIB_MASK) ^ ONE_XOR
-            part += xv[None, :, :] * bits.to(tl.float32, bitcast=True)
+            bf = bits.to(tl.float32, bitcast=True)
+            part += xv[None, :, :] * bf
+            if TWO_ROWS:
+                xsum1 += xv1
+                part1 += xv1[None, :, :] * bf
         acc += (part * 16.0 - xsum[None, :, :] * 24.0) * uf[:, :, None]
+        if TWO_ROWS:
+            acc1 += (part1 * 16.0 - xsum1[None, :, :] * 24.0) * uf[:, :, None]
     y = tl.sum(tl.sum(acc, axis=2), axis=1)
     rm = tl.arange(0, 1)
     _store_rows(y[None, :], rm, rn, rm < 1, nmask, pid_s, wscale_ptr, bias_ptr, out_ptr, stride_om, SPLIT, HAS_BIAS)
+    if TWO_ROWS:
+        y1 = tl.sum(tl.sum(acc1, axis=2), axis=1)
+        _store_rows(y1[None, :], rm + 1, rn, rm < 1, nmask, pid_s, wscale_ptr, bias_ptr, out_ptr, stride_om, SPLIT,
+                    HAS_BIAS)
 
 
 @triton.jit
@@ -291,7 +312,10 @@ ONE_ROW_PREFETCH = True  # request the next K step's words before this step's ar
 def _w4a16_gemv_one_row(x2, qweight, wmult, wscale, smooth, inv_smooth, bias, out_dtype,
                         block_n: int | None = None, block_g: int | None = None, split: int | None = None,
                         prefetch: bool | None = None, num_warps: int | None = None):
+    """The word kernel for one input row, or two (``TWO_ROWS``: each unpacked weight serves both)."""
     m, k = x2.shape
+    if m > 2:
+        raise ValueError(f"the word kernel takes 1 or 2 rows, not {m}")
     n = qweight.shape[0]
     groups = qweight.shape[1] // 32  # 64 codes = 32 bytes = 8 words per group
     p32 = qweight.view(torch.int32)  # [N, Kp/8]: Kp is a multiple of 64, so rows stay whole words
@@ -307,9 +331,9 @@ def _w4a16_gemv_one_row(x2, qweight, wmult, wscale, smooth, inv_smooth, bias, ou
     launch(_w4a16_gemv_kernel, (blocks_n, split), (
         x2, p32, wmult, wscale, inv_smooth if smooth is not None else wscale, bias if bias is not None else wscale, out,
         n, k, groups, g_per_split,
-        p32.stride(0), wmult.stride(0), out.stride(0), 0x00780000, 0x3FC00000),
+        x2.stride(0), p32.stride(0), wmult.stride(0), out.stride(0), 0x00780000, 0x3FC00000),
         HAS_SMOOTH=smooth is not None, SPLIT=split, HAS_BIAS=bias is not None,
-        BLOCK_N=block_n, BLOCK_G=block_g, PREFETCH=ONE_ROW_PREFETCH if prefetch is None else prefetch,
+        BLOCK_N=block_n, BLOCK_G=block_g, PREFETCH=ONE_ROW_PREFETCH if prefetch is None else prefetch, TWO_ROWS=m == 2,
         num_warps=num_warps, num_stages=3,
     )
     return out
