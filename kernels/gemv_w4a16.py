@@ -6,10 +6,10 @@ Memory-bound, so the goal is reading the packed weights once: ~0.53 bytes per we
 instead of 2. Each program owns BLOCK_N output channels and a K slice (split-K with fp32 atomics when N alone
 cannot fill the GPU).
 
-Three kernels: for M = 1 a CUDA-core kernel on 32-bit words with threads along K, three instructions per weight
-(BENCHMARKS.md); for 2 ≤ M ≤ 4 (batch 2 with CFG) one that reads 16-bit words, shares each weight load between the
-rows, turns nibbles into floats with the mantissa trick, prefetches the next step and reduces across threads once
-at the end; above that a
+Three kernels: for M ≤ 2 a CUDA-core kernel on 32-bit words with threads along K, three instructions per weight
+(BENCHMARKS.md), the next step's words prefetched, a second row (batch 2 with CFG) sharing each unpacked weight;
+for 3 ≤ M ≤ 4 one that reads 16-bit words, shares each weight load between the rows, turns nibbles into floats
+with the mantissa trick, prefetches the next step and reduces across threads once at the end; above that a
 tensor-core kernel where even input columns multiply the low nibbles and odd columns the high ones
 (``code * mult``, |·| ≤ 120, is exact in 16 bit), M padded to 16.
 """
@@ -273,7 +273,7 @@ def w4a16_linear(x2: torch.Tensor, qweight: torch.Tensor, wmult: torch.Tensor, w
 
 
 def _w4a16_gemv(x2, qweight, wmult, wscale, smooth, inv_smooth, bias, out_dtype):
-    if x2.shape[0] == 1:
+    if x2.shape[0] <= 2:  # M = 2: 36.8 vs 41.5 µs for the rows kernel at 3072->18432 (bf16 42.3), H100
         return _w4a16_gemv_one_row(x2, qweight, wmult, wscale, smooth, inv_smooth, bias, out_dtype)
     return _w4a16_gemv_rows(x2, qweight, wmult, wscale, smooth, bias, out_dtype)
 
@@ -294,11 +294,14 @@ def _gemv_output(m: int, n: int, split: int, out_dtype: torch.dtype, device: tor
     return torch.empty(m, n, dtype=out_dtype, device=device)
 
 
-def one_row_tile(n: int) -> tuple[int, int, int]:
-    """(output rows, 64-groups, warps) per program of the M = 1 kernel, by output width: one-warp programs over
-    16 rows x 4 groups at FLUX's 18432 (20.6 vs 25.6 µs for the earlier 32 x 16 x 4 warps), 16 x 8 x 2 warps at 9216,
-    8 x 8 x 2 below (H100 sweep, ``bench/kernel_variants.py --only w4a16tile``, BENCHMARKS.md). Small programs and
-    the prefetched next step keep more loads in flight per SM than a few large programs."""
+def one_row_tile(n: int, m: int = 1) -> tuple[int, int, int]:
+    """(output rows, 64-groups, warps) per program of the word kernel, by output width and row count (H100 sweeps,
+    ``bench/kernel_variants.py --only w4a16tile``, BENCHMARKS.md). M = 1: one-warp programs over 16 rows x 4 groups
+    at FLUX's 18432 (20.6 vs 25.6 µs for the earlier 32 x 16 x 4 warps), 16 x 8 x 2 warps at 9216, 8 x 8 x 2 below.
+    M = 2 (twice the accumulators): 16 x 8 x 2 at 18432, 8 x 4 x 1 at 9216, 8 x 8 x 2 below. Small programs and the
+    prefetched next step keep more loads in flight per SM than a few large programs."""
+    if m == 2:
+        return (16, 8, 2) if n >= 12288 else ((8, 4, 1) if n >= 6144 else (8, 8, 2))
     if n >= 12288:
         return 16, 4, 1
     if n >= 6144:
@@ -319,7 +322,7 @@ def _w4a16_gemv_one_row(x2, qweight, wmult, wscale, smooth, inv_smooth, bias, ou
     n = qweight.shape[0]
     groups = qweight.shape[1] // 32  # 64 codes = 32 bytes = 8 words per group
     p32 = qweight.view(torch.int32)  # [N, Kp/8]: Kp is a multiple of 64, so rows stay whole words
-    tile_n, tile_g, warps = one_row_tile(n)
+    tile_n, tile_g, warps = one_row_tile(n, m)
     block_n, block_g, num_warps = block_n or tile_n, block_g or tile_g, num_warps or warps
     if interpreting():
         block_n, block_g = 8, 2
