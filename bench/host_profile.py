@@ -44,6 +44,15 @@ os.environ["SVDQ_PLANS"] = "0"  # the same calls re-deriving every launch (no ca
 for name in ("svdq_linear W4A4 r32", "svdq_linear W4A16 M=1"):
     print(f"host µs per call  {name + ' (plans off)':<34} {per_call_us(stages[name]):7.1f}", flush=True)
 os.environ.pop("SVDQ_PLANS")
+from svdq.kernels import launch  # noqa: E402
+
+for direct in (False, True):  # call plans replaying through Triton's runner vs the C launch entry directly
+    launch.DIRECT = direct
+    for lay in (layer, mod):
+        lay.__dict__.pop("_svdq_plans", None)
+    for name in ("svdq_linear W4A4 r32", "svdq_linear W4A16 M=1"):
+        print(f"host µs per call  {name + (' (direct launch)' if direct else ' (Triton runner)'):<34} "
+              f"{per_call_us(stages[name]):7.1f}", flush=True)
 pr = cProfile.Profile()
 pr.enable()
 for _ in range(300):
