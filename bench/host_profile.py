@@ -1,4 +1,8 @@
-"""Where the host time of one small svdq_linear call goes (cProfile over repeated calls; needs a CUDA GPU)."""
+"""Where the host time of one small svdq_linear call goes (cProfile over repeated calls; needs a CUDA GPU).
+
+Measured and removed: call-plan replays calling Triton 3.6's C launch entry directly instead of its Python runner
+saved nothing (53.8 vs 52.9 µs per W4A4 call, 26.7 vs 25.4 µs W4A16; bench/results-host-direct-launch-h100.log):
+the host time is in the C launch itself (argument conversion and cuLaunchKernelEx), four launches per call."""
 import cProfile
 import os
 import pstats
@@ -44,15 +48,6 @@ os.environ["SVDQ_PLANS"] = "0"  # the same calls re-deriving every launch (no ca
 for name in ("svdq_linear W4A4 r32", "svdq_linear W4A16 M=1"):
     print(f"host µs per call  {name + ' (plans off)':<34} {per_call_us(stages[name]):7.1f}", flush=True)
 os.environ.pop("SVDQ_PLANS")
-from svdq.kernels import launch  # noqa: E402
-
-for direct in (False, True):  # call plans replaying through Triton's runner vs the C launch entry directly
-    launch.DIRECT = direct
-    for lay in (layer, mod):
-        lay.__dict__.pop("_svdq_plans", None)
-    for name in ("svdq_linear W4A4 r32", "svdq_linear W4A16 M=1"):
-        print(f"host µs per call  {name + (' (direct launch)' if direct else ' (Triton runner)'):<34} "
-              f"{per_call_us(stages[name]):7.1f}", flush=True)
 pr = cProfile.Profile()
 pr.enable()
 for _ in range(300):

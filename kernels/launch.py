@@ -10,7 +10,6 @@ a kernel. ``SVDQ_FAST_LAUNCH=0`` turns it off; the interpreter always takes the 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import os
 
@@ -128,60 +127,4 @@ def launch(kernel, grid: tuple, args: tuple, num_warps: int = 4, num_stages: int
 
 def _replayable(compiled, tail, grid, args, constexprs):
     grid3 = tuple(grid) + (1,) * (3 - len(grid))
-    dev = next((a.device.index for a in args if isinstance(a, torch.Tensor)), None)
-    return _direct_runner(compiled, grid3, dev), tuple(args) + tuple(constexprs[n] for n in tail)
-
-
-DIRECT = True  # replay runners call the C launch entry (bench/host_profile.py turns it off for its A/B)
-
-
-def _launcher_layout_known(run) -> bool:
-    """Whether the compiled kernel's launcher is the one ``_direct_runner`` was written against (Triton 3.6's
-    ``CudaLauncher``: ``__call__(gridX, gridY, gridZ, stream, function, *args)`` over a C ``launch`` that takes
-    cooperative-grid and PDL flags and two scratch pointers first). Any other layout keeps Triton's own runner."""
-    try:
-        params = list(inspect.signature(type(run).__call__).parameters)
-    except (TypeError, ValueError):
-        return False
-    return (params == ["self", "gridX", "gridY", "gridZ", "stream", "function", "args"]
-            and all(hasattr(run, a) for a in ("launch", "launch_cooperative_grid", "launch_pdl", "global_scratch_size",
-                                              "profile_scratch_size")))
-
-
-def _direct_runner(compiled, grid3: tuple, dev: int | None):
-    """A replay runner that calls the launcher's C entry directly: for a recorded launch the grid, function handle
-    and metadata are fixed, so Triton's per-launch Python (device and stream lookup through torch, launch-hook
-    metadata, scratch bookkeeping) is done once here instead. Falls back to Triton's runner for launchers of
-    another layout, kernels that need scratch memory, an active launch hook, or ``SVDQ_FAST_LAUNCH=0``."""
-    runner = compiled[grid3]
-    run = getattr(compiled, "run", None)
-    if (dev is None or not DIRECT or not enabled() or run is None or not _launcher_layout_known(run) or run.global_scratch_size
-            or run.profile_scratch_size or _launch_hook_active()):
-        return runner
-    c_launch, function, metadata = run.launch, compiled.function, compiled.packed_metadata
-    coop, pdl = run.launch_cooperative_grid, run.launch_pdl
-    gx, gy, gz = grid3
-    stream_of = _raw_stream()
-
-    def direct(*args):
-        c_launch(gx, gy, gz, stream_of(dev), function, coop, pdl, None, None, metadata, None, None, None, *args)
-
-    return direct
-
-
-def _launch_hook_active() -> bool:
-    try:
-        from triton import knobs
-
-        return knobs.runtime.launch_enter_hook is not None or knobs.runtime.launch_exit_hook is not None
-    except Exception:  # an older Triton without knobs: let its own runner decide
-        return True
-
-
-def _raw_stream():
-    try:
-        from torch._C import _cuda_getCurrentRawStream
-
-        return _cuda_getCurrentRawStream
-    except ImportError:  # pragma: no cover - older torch
-        return lambda idx: torch.cuda.current_stream(idx).cuda_stream
+    return compiled[grid3], tuple(args) + tuple(constexprs[n] for n in tail)
