@@ -48,6 +48,15 @@ os.environ["SVDQ_PLANS"] = "0"  # the same calls re-deriving every launch (no ca
 for name in ("svdq_linear W4A4 r32", "svdq_linear W4A16 M=1"):
     print(f"host µs per call  {name + ' (plans off)':<34} {per_call_us(stages[name]):7.1f}", flush=True)
 os.environ.pop("SVDQ_PLANS")
+from svdq.kernels import dispatch  # noqa: E402
+
+for ints in (False, True):  # call plans passing fixed tensors to the launcher as tensors vs as addresses
+    dispatch.INT_POINTERS = ints
+    for lay in (layer, mod):
+        lay.__dict__.pop("_svdq_plans", None)
+    for name in ("svdq_linear W4A4 r32", "svdq_linear W4A16 M=1"):
+        print(f"host µs per call  {name + (' (addresses)' if ints else ' (tensors)'):<40} "
+              f"{per_call_us(stages[name]):7.1f}", flush=True)
 pr = cProfile.Profile()
 pr.enable()
 for _ in range(300):

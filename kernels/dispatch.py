@@ -33,6 +33,7 @@ except Exception as _exc:  # pragma: no cover - depends on the install
 _warned: set[str] = set()
 W4A16_MAX_M = 64  # above this the dequantize + cuBLAS path wins
 _ENV = ("SVDQ_GEMM", "SVDQ_W4A16", "SVDQ_FAST_LAUNCH")  # what a recorded plan depends on
+INT_POINTERS = True  # call plans pass fixed tensors to the launcher as addresses (bench/host_profile.py A/B)
 
 
 class _Arena:
@@ -230,7 +231,7 @@ class _Plan:
     tensors or the device arena, so a replay costs one allocation and the launches (a 12B DiT step at batch 1
     was host-bound on re-deriving all of this per call)."""
 
-    __slots__ = ("launches", "shape", "dtype", "generation")
+    __slots__ = ("launches", "shape", "dtype", "generation", "fixed")
 
     @classmethod
     def build(cls, rec: list, x2: torch.Tensor, y: torch.Tensor, w: QuantizedLinearWeights, ar: _Arena):
@@ -239,7 +240,7 @@ class _Plan:
         allowed = {b.untyped_storage().data_ptr() for b in ar.buffers.values()}
         allowed |= {t.untyped_storage().data_ptr() for t in w.tensors().values()}
         allowed |= {t.untyped_storage().data_ptr() for t in w.__dict__.get("_svdq_derived", {}).values()}
-        launches = []
+        launches, fixed = [], {}
         for runner, args in rec:
             xpos, ypos, kept = [], [], list(args)
             for i, a in enumerate(args):
@@ -249,6 +250,10 @@ class _Plan:
                 elif isinstance(a, torch.Tensor):
                     if a.untyped_storage().data_ptr() not in allowed:
                         return None
+                    if INT_POINTERS and a.is_cuda:  # Triton's launcher takes an address as is; a tensor costs
+                        # it a method call and a driver query (cuPointerGetAttribute) on every launch
+                        fixed[id(a)] = (a, a.data_ptr())
+                        kept[i] = a.data_ptr()
                 elif is_descriptor(a) and a.base.untyped_storage().data_ptr() not in allowed:
                     return None
             launches.append((runner, tuple(kept), tuple(xpos), tuple(ypos)))
@@ -256,16 +261,23 @@ class _Plan:
             return None
         plan = cls()
         plan.launches, plan.shape, plan.dtype, plan.generation = launches, tuple(y.shape), y.dtype, ar.generation
+        plan.fixed = tuple(fixed.values())
         return plan
 
-    def run(self, x2: torch.Tensor, out2: torch.Tensor | None = None) -> torch.Tensor:
+    def run(self, x2: torch.Tensor, out2: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The recorded launches on this input; None where a tensor baked in as an address has moved since
+        (a module moved off the device and back keeps its tensor objects, not their memory): re-record then."""
+        for t, ptr in self.fixed:
+            if t.data_ptr() != ptr:
+                return None
         y = torch.empty(self.shape, dtype=self.dtype, device=x2.device) if out2 is None else out2
+        xa, ya = (x2.data_ptr(), y.data_ptr()) if self.fixed else (x2, y)
         for runner, args, xpos, ypos in self.launches:
             a = list(args)
             for i in xpos:
-                a[i] = x2
+                a[i] = xa
             for i in ypos:
-                a[i] = y
+                a[i] = ya
             runner(*a)
         return y
 
@@ -288,7 +300,9 @@ def _planned(x2: torch.Tensor, w: QuantizedLinearWeights, gelu: bool, out2: torc
         return None
     capturing = ar.note_capture()
     if plan is not None and plan.generation == ar.generation:
-        return plan.run(x2, out2)
+        y = plan.run(x2, out2)
+        if y is not None:
+            return y
     if capturing:
         return None
     with recording() as rec:

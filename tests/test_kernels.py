@@ -259,6 +259,26 @@ def test_call_plan_substitutes_input_and_output():
     assert _Plan.build([None], x_rec, y_rec, layer, ar) is None
 
 
+@pytest.mark.skipif(not GPU, reason="call plans pass CUDA addresses")
+def test_call_plan_rerecords_when_a_tensor_moves(triton_kernels):
+    """Plans hand the launcher the layer's tensors as addresses; a tensor whose memory moved (a module moved off
+    the device and back keeps its tensor objects) must not be read at its old address."""
+    from svdq.kernels.dispatch import svdq_linear
+
+    layer = random_layer(256, 512, 32, True, device=DEV)
+    x = torch.randn(64, 512, device=DEV, dtype=torch.bfloat16)
+    ref = svdq_linear_reference(x, layer)
+    for _ in range(3):  # record, then replay
+        assert rel(svdq_linear(x, layer), ref) <= 1e-2
+    plans = [p for p in layer.__dict__.get("_svdq_plans", {}).values() if p]
+    assert plans and all(p.fixed for p in plans), "the replay should pass addresses"
+    old = layer.qweight.data
+    layer.qweight.data = old.clone()  # same object, new memory
+    old.zero_()  # the stale address now holds different weights
+    out = svdq_linear(x, layer)
+    assert rel(out, ref) <= 1e-2
+
+
 @pytest.mark.skipif(not GPU, reason="measures CUDA memory")
 def test_call_plans_do_not_hold_inputs_or_outputs(triton_kernels):
     """Recording a plan must not keep that call's input and output alive (it did once: +22 GiB on a 12B model)."""
