@@ -231,7 +231,7 @@ class _Plan:
     tensors or the device arena, so a replay costs one allocation and the launches (a 12B DiT step at batch 1
     was host-bound on re-deriving all of this per call)."""
 
-    __slots__ = ("launches", "shape", "dtype", "generation", "fixed")
+    __slots__ = ("launches", "shape", "dtype", "generation", "anchors", "addresses")
 
     @classmethod
     def build(cls, rec: list, x2: torch.Tensor, y: torch.Tensor, w: QuantizedLinearWeights, ar: _Arena):
@@ -240,7 +240,7 @@ class _Plan:
         allowed = {b.untyped_storage().data_ptr() for b in ar.buffers.values()}
         allowed |= {t.untyped_storage().data_ptr() for t in w.tensors().values()}
         allowed |= {t.untyped_storage().data_ptr() for t in w.__dict__.get("_svdq_derived", {}).values()}
-        launches, fixed = [], {}
+        launches, addresses = [], False
         for runner, args in rec:
             xpos, ypos, kept = [], [], list(args)
             for i, a in enumerate(args):
@@ -252,8 +252,7 @@ class _Plan:
                         return None
                     if INT_POINTERS and a.is_cuda:  # Triton's launcher takes an address as is; a tensor costs
                         # it a method call and a driver query (cuPointerGetAttribute) on every launch
-                        fixed[id(a)] = (a, a.data_ptr())
-                        kept[i] = a.data_ptr()
+                        kept[i], addresses = a.data_ptr(), True
                 elif is_descriptor(a) and a.base.untyped_storage().data_ptr() not in allowed:
                     return None
             launches.append((runner, tuple(kept), tuple(xpos), tuple(ypos)))
@@ -261,17 +260,21 @@ class _Plan:
             return None
         plan = cls()
         plan.launches, plan.shape, plan.dtype, plan.generation = launches, tuple(y.shape), y.dtype, ar.generation
-        plan.fixed = tuple(fixed.values())
+        # the layer's own tensors as they are now: the recorded arguments are views of them, which do not follow
+        # a tensor whose memory is replaced in place (``module.to`` assigns ``.data``; ComfyUI moves models so)
+        own = list(w.tensors().values()) + list(w.__dict__.get("_svdq_derived", {}).values())
+        plan.anchors = tuple((t, t.data_ptr()) for t in own)
+        plan.addresses = addresses
         return plan
 
     def run(self, x2: torch.Tensor, out2: torch.Tensor | None = None) -> torch.Tensor | None:
-        """The recorded launches on this input; None where a tensor baked in as an address has moved since
-        (a module moved off the device and back keeps its tensor objects, not their memory): re-record then."""
-        for t, ptr in self.fixed:
+        """The recorded launches on this input; None where one of the layer's tensors has moved since it was
+        recorded (a module moved off the device and back keeps its tensor objects, not their memory): re-record."""
+        for t, ptr in self.anchors:
             if t.data_ptr() != ptr:
                 return None
         y = torch.empty(self.shape, dtype=self.dtype, device=x2.device) if out2 is None else out2
-        xa, ya = (x2.data_ptr(), y.data_ptr()) if self.fixed else (x2, y)
+        xa, ya = (x2.data_ptr(), y.data_ptr()) if self.addresses else (x2, y)
         for runner, args, xpos, ypos in self.launches:
             a = list(args)
             for i in xpos:
