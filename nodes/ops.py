@@ -58,6 +58,7 @@ def make_svdq_ops(layer_meta: dict[str, dict]):
                 self.svdq_meta = None
                 self.svdq_lora: list = []  # (down [K, r], up [N, r]) extra low-rank factors (LoRA), see patcher
                 self.svdq_bias_delta = None  # LoRA bias patches on a quantized layer, see patcher
+                self.svdq_gelu = False  # the tanh GELU after this layer was moved in here (``fuse_mlp_gelu``)
                 self.svdq_parts: list = []  # (attribute prefix, meta, in_range, out_range, state-dict prefix)
                 self.svdq_field_names: list = []  # per part: the attribute names of its tensors, in TENSOR_FIELDS order
 
@@ -158,16 +159,21 @@ def make_svdq_ops(layer_meta: dict[str, dict]):
             def forward(self, x, *args, **kwargs):
                 if self.svdq_meta is None:
                     return super().forward(x, *args, **kwargs)
+                # the GELU runs in the GEMM epilogue unless a LoRA bias delta must be added before it, or the
+                # parts split the input (their sum exists only after the last part)
+                gelu = self.svdq_gelu and self.svdq_bias_delta is None and self.svdq_parts[0][2] is None
                 if torch.compiler.is_compiling():
-                    y = self._traced_forward(x)
+                    y = self._traced_forward(x, gelu)
                 elif len(self.svdq_parts) == 1 and self.svdq_parts[0][2] is None and self.svdq_parts[0][3] is None:
                     comfy.ops.run_every_op()
-                    y = self._part_linear(x, 0)
+                    y = self._part_linear(x, 0, gelu=gelu)
                 else:
                     comfy.ops.run_every_op()
-                    y = self._composite_forward(x)
+                    y = self._composite_forward(x, gelu)
                 if self.svdq_bias_delta is not None:
                     y = y + self.svdq_bias_delta.to(device=y.device, dtype=y.dtype)
+                if self.svdq_gelu and not gelu:
+                    y = torch.nn.functional.gelu(y, approximate="tanh")
                 return y
 
             def _lora_factors(self, device, part: int = 0):
@@ -199,16 +205,17 @@ def make_svdq_ops(layer_meta: dict[str, dict]):
                 cache[part] = (self.svdq_lora, w, device, merged)
                 return merged
 
-            def _part_linear(self, x, part: int, out=None, accumulate: bool = False):
+            def _part_linear(self, x, part: int, out=None, accumulate: bool = False, gelu: bool = False):
                 w = self.quantized_weights(device=x.device, part=part)
                 if not self.svdq_lora:
-                    return svdq_linear(x, w, out=out, accumulate=accumulate)
+                    return svdq_linear(x, w, gelu=gelu, out=out, accumulate=accumulate)
                 if triton_usable(x):  # the kernels take one branch: merged once per LoRA set
-                    return svdq_linear(x, self._with_lora_branch(w, x.device, part), out=out, accumulate=accumulate)
+                    return svdq_linear(x, self._with_lora_branch(w, x.device, part), gelu=gelu, out=out,
+                                       accumulate=accumulate)
                 down, up = self._lora_factors(x.device, part)  # the reference keeps them separate, in fp32
-                return svdq_linear(x, w, extra_down=down, extra_up=up, out=out, accumulate=accumulate)
+                return svdq_linear(x, w, extra_down=down, extra_up=up, gelu=gelu, out=out, accumulate=accumulate)
 
-            def _composite_forward(self, x):
+            def _composite_forward(self, x, gelu: bool = False):
                 """Parts split by output rows write their column slices of one output (no concatenation); parts
                 split by input columns read their slices of the input in place and add into the first part's
                 output (no fp32 sum). Each part carries its share of an attached LoRA in its own branch."""
@@ -216,7 +223,7 @@ def make_svdq_ops(layer_meta: dict[str, dict]):
                     y = torch.empty(*x.shape[:-1], self.out_features, dtype=x.dtype, device=x.device)
                     for i, (_, _, in_range, (lo, hi), _) in enumerate(self.svdq_parts):
                         xi = x if in_range is None else x[..., in_range[0]: in_range[1]]
-                        self._part_linear(xi, i, out=y[..., lo:hi])
+                        self._part_linear(xi, i, out=y[..., lo:hi], gelu=gelu)
                     return y
                 y = None
                 for i, (_, _, (lo, hi), _, _) in enumerate(self.svdq_parts):
@@ -226,7 +233,7 @@ def make_svdq_ops(layer_meta: dict[str, dict]):
                         self._part_linear(x[..., lo:hi], i, out=y, accumulate=True)
                 return y
 
-            def _traced_forward(self, x):
+            def _traced_forward(self, x, gelu: bool = False):
                 """Under ``torch.compile``: every part is one ``svdq::linear`` node (opaque to Dynamo, see
                 ``kernels.torch_op``) given the module's own tensors; at run time the op finds this module by
                 its qweight and runs ``svdq_part_linear`` (the eager path: its caches, lowvram streaming, LoRA).
@@ -238,7 +245,7 @@ def make_svdq_ops(layer_meta: dict[str, dict]):
                     xi = x if in_range is None else x[..., in_range[0]: in_range[1]]
                     k = xi.shape[-1]
                     n = self.out_features if out_range is None else out_range[1] - out_range[0]
-                    outs.append(torch_op.call(xi, tensors, meta, k, n, down, up))
+                    outs.append(torch_op.call(xi, tensors, meta, k, n, down, up, gelu=gelu and in_range is None))
                 if len(outs) == 1:
                     return outs[0]
                 if self.svdq_parts[0][3] is not None:
@@ -267,8 +274,29 @@ def make_svdq_ops(layer_meta: dict[str, dict]):
                 """The part's weights object with the attached LoRA merged into its branch (cached per LoRA set)."""
                 return self._with_lora_branch(w, device, part)
 
-            def svdq_part_linear(self, x, part: int):
+            def svdq_part_linear(self, x, part: int, gelu: bool = False):
                 """One part on its input, as the eager forward computes it (what ``svdq::linear`` runs)."""
-                return self._part_linear(x, part)
+                return self._part_linear(x, part, gelu=gelu)
 
     return SVDQOps
+
+
+def fuse_mlp_gelu(root: torch.nn.Module) -> int:
+    """Move each tanh GELU that follows a quantized linear inside an ``nn.Sequential`` MLP (Flux's
+    ``Linear, GELU, Linear``) into that layer's GEMM epilogue: the GELU module becomes ``nn.Identity`` and the
+    layer applies it to its fp32 result before the one 16-bit store, so the 4608 x 12288 activation is not
+    written, read and written again by a separate kernel. The model's classes and forward code stay ComfyUI's.
+    Returns how many were moved."""
+    moved = 0
+    for seq in root.modules():
+        if not isinstance(seq, torch.nn.Sequential):
+            continue
+        mods = list(seq)
+        for i in range(len(mods) - 1):
+            lin, act = mods[i], mods[i + 1]
+            if (type(act) is torch.nn.GELU and act.approximate == "tanh" and getattr(lin, "svdq_meta", None) is not None
+                    and not lin.svdq_gelu):
+                lin.svdq_gelu = True
+                seq[i + 1] = torch.nn.Identity()
+                moved += 1
+    return moved

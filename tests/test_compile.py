@@ -22,23 +22,26 @@ from svdq.nodes.lora import apply_lora  # noqa: E402
 from test_lora import make_lora  # noqa: E402
 
 
-def _op_args(w, x, lora=None):
+def _op_args(w, x, lora=None, gelu=False):
     tensors = [getattr(w, f) for f in torch_op.FIELDS]
     down, up = lora if lora is not None else (None, None)
     return (x, tensors, down, up, w.kind, w.precision, w.act_precision, w.act_unsigned, w.act_shift,
-            w.in_features, w.out_features)
+            w.in_features, w.out_features, gelu)
 
 
-@pytest.mark.parametrize("with_lora", [False, True])
-def test_op_passes_torch_library_checks(with_lora):
+@pytest.mark.parametrize("with_lora,gelu", [(False, False), (True, False), (True, True)])
+def test_op_passes_torch_library_checks(with_lora, gelu):
     """Schema, fake (meta) implementation against the real one, and dispatch under AOT: what torch.compile needs."""
     w = random_layer(96, 128, rank=16, seed=1)
     x = torch.randn(2, 5, 128, dtype=torch.bfloat16)
     g = torch.Generator().manual_seed(2)
     lora = (torch.randn(128, 4, generator=g) * 0.1, torch.randn(96, 4, generator=g) * 0.1) if with_lora else None
-    torch.library.opcheck(torch.ops.svdq.linear.default, _op_args(w, x, lora))
-    y = torch.ops.svdq.linear(*_op_args(w, x, lora))
+    torch.library.opcheck(torch.ops.svdq.linear.default, _op_args(w, x, lora, gelu))
+    y = torch.ops.svdq.linear(*_op_args(w, x, lora, gelu))
     assert y.shape == (2, 5, 96) and y.dtype == torch.bfloat16
+    if gelu:  # the epilogue GELU is the tanh GELU of the plain result (taken in fp32, before the 16-bit store)
+        plain = torch.ops.svdq.linear(*_op_args(w, x, lora)).float()
+        assert relative_error(y.float(), torch.nn.functional.gelu(plain, approximate="tanh")) < 1e-2
 
 
 def test_op_rejects_a_wrong_input_width():
@@ -153,3 +156,30 @@ def test_kernel_path_keeps_the_layer_object_on_the_qweight_and_follows_lora_chan
     assert torch.allclose(with_lora, lin(x), atol=1e-6) and relative_error(with_lora, base) > 1e-2
     lin.forget_device_state()
     assert not hasattr(lin.svdq_qweight, torch_op.STATE)
+
+
+def test_mlp_gelu_runs_in_the_first_layers_epilogue(tiny_models):
+    """Loading moves Flux's MLP GELU (tanh) into the first MLP layer's GEMM epilogue; the model computes what it
+    computed with the GELU module, and a LoRA bias delta (added before the GELU) takes the GELU out again."""
+    qm = load_svdq_model(tiny_models[1])
+    comfy.model_management.load_models_gpu([qm])
+    dm = qm.model.diffusion_model
+    seqs = [s for b in dm.double_blocks for s in (b.img_mlp, b.txt_mlp)]
+    assert all(isinstance(s[1], torch.nn.Identity) and s[0].svdq_gelu for s in seqs)
+    fused = _apply(dm)
+    for s in seqs:  # back to ComfyUI's own structure
+        s[0].svdq_gelu = False
+        s[1] = torch.nn.GELU(approximate="tanh")
+    plain = _apply(dm)
+    assert relative_error(fused, plain) < 1e-2  # fp32 GELU before the 16-bit store vs the GELU of the stored output
+
+    lin = seqs[0][0]
+    lin.svdq_gelu = True
+    x = torch.randn(3, lin.in_features, dtype=torch.bfloat16, device=comfy.model_management.get_torch_device())
+    lin.svdq_bias_delta = torch.randn(lin.out_features) * 0.1
+    with torch.no_grad():
+        with_delta = lin(x)
+        lin.svdq_gelu = False
+        expected = torch.nn.functional.gelu(lin(x), approximate="tanh")
+    assert torch.equal(with_delta, expected)
+    lin.svdq_bias_delta = None
