@@ -73,13 +73,31 @@ def generate_state_dict(cfg: dict, seed: int = 0) -> dict[str, torch.Tensor]:
     return sd
 
 
+UNET_CONFIG = None  # set for --config tiny: the generated model's config (ComfyUI's detection assumes FLUX's heads)
+
+
+def load_diffusion_model(sd, opts: dict):
+    """ComfyUI's own loader. For the tiny config its architecture detection, which infers FLUX's 24 heads from the
+    tensor names, is handed the generated model's config, as the svdq rows get it from the checkpoint metadata."""
+    if UNET_CONFIG is None:
+        return comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options=opts)
+    import comfy.model_detection as detection
+
+    detect = detection.model_config_from_unet
+    detection.model_config_from_unet = lambda s, *a, **k: detection.model_config_from_unet_config(dict(UNET_CONFIG), s)
+    try:
+        return comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options=opts)
+    finally:
+        detection.model_config_from_unet = detect
+
+
 def load_core(sd, dtype=None, fp8_fast=False):
     opts = {}
     if dtype is not None:
         opts["dtype"] = dtype
     if fp8_fast:
         opts["fp8_optimizations"] = True
-    return comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options=opts)
+    return load_diffusion_model(sd, opts)
 
 
 def nf4_ops():
@@ -110,8 +128,7 @@ def nf4_ops():
 
 
 def load_nf4(sd):
-    return comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options={"custom_operations": nf4_ops(),
-                                                                             "dtype": torch.bfloat16})
+    return load_diffusion_model(sd, {"custom_operations": nf4_ops(), "dtype": torch.bfloat16})
 
 
 def svdq_checkpoint(sd, cfg: dict, rank: int = 32):
@@ -379,9 +396,10 @@ def main() -> int:
     ap.add_argument("--fbc-thresholds", default="0.12", help="first-block cache thresholds (first = the reported one)")
     args = ap.parse_args()
     thresholds = [float(t) for t in args.fbc_thresholds.split(",")]
-    global COMPILE_BACKEND, COMPILE_MODE
+    global COMPILE_BACKEND, COMPILE_MODE, UNET_CONFIG
     COMPILE_BACKEND, COMPILE_MODE = args.compile_backend, args.compile_mode
     cfg = FLUX_DEV if args.config == "flux-dev" else dict(TINY_FLUX, context_in_dim=4096, vec_in_dim=768)
+    UNET_CONFIG = None if args.config == "flux-dev" else cfg
     rows = args.rows.split(",")
     batches = [int(b) for b in args.batch.split(",")]
     import triton
