@@ -347,7 +347,7 @@ def _w4a16_gemv_rows(x2, qweight, wmult, wscale, smooth, bias, out_dtype):
     n = qweight.shape[0]
     words = qweight.shape[1] // 2
     p16 = qweight.view(torch.int16)  # [N, Kp/4]: Kp is a multiple of 64, so rows stay whole words
-    bm = 2 if m == 2 else 4
+    bm = 2 if m == 2 else 4  # dispatch sends M = 3-4 here; M = 2 stays for kernel_variants' A/B with the word kernel
     block_n, block_w = {2: (16, 128), 4: (16, 64)}[bm]
     if interpreting():
         block_w = 32
