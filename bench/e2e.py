@@ -420,11 +420,12 @@ def main() -> int:
     def record(label, patcher, table, batch_sizes=batches):
         nonlocal ref_out
         mb = model_bytes(patcher)
-        if label.endswith("_compile"):
+        is_compiled = label.endswith("_compile")
+        if is_compiled:
             patcher = compiled(patcher, cfg)
         for b in batch_sizes:
             entry = {}
-            if label.endswith("_compile"):  # the first calls compile (one warm-up step per batch size, timed)
+            if is_compiled:  # the first calls compile (one warm-up step per batch size, timed)
                 t1 = time.perf_counter()
                 time_step(patcher, cfg, b, reps=1, warmup=0, image_px=args.image)
                 entry["compile_s"] = time.perf_counter() - t1

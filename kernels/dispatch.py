@@ -237,9 +237,9 @@ class _Plan:
     def build(cls, rec: list, x2: torch.Tensor, y: torch.Tensor, w: QuantizedLinearWeights, ar: _Arena):
         if not rec or any(r is None for r in rec) or y is x2:
             return None
+        own = list(w.tensors().values()) + list(w.__dict__.get("_svdq_derived", {}).values())  # the layer's tensors
         allowed = {b.untyped_storage().data_ptr() for b in ar.buffers.values()}
-        allowed |= {t.untyped_storage().data_ptr() for t in w.tensors().values()}
-        allowed |= {t.untyped_storage().data_ptr() for t in w.__dict__.get("_svdq_derived", {}).values()}
+        allowed |= {t.untyped_storage().data_ptr() for t in own}
         launches, addresses = [], False
         for runner, args in rec:
             xpos, ypos, kept = [], [], list(args)
@@ -262,7 +262,6 @@ class _Plan:
         plan.launches, plan.shape, plan.dtype, plan.generation = launches, tuple(y.shape), y.dtype, ar.generation
         # the layer's own tensors as they are now: the recorded arguments are views of them, which do not follow
         # a tensor whose memory is replaced in place (``module.to`` assigns ``.data``; ComfyUI moves models so)
-        own = list(w.tensors().values()) + list(w.__dict__.get("_svdq_derived", {}).values())
         plan.anchors = tuple((t, t.data_ptr()) for t in own)
         plan.addresses = addresses
         return plan

@@ -245,7 +245,7 @@ def make_svdq_ops(layer_meta: dict[str, dict]):
                     xi = x if in_range is None else x[..., in_range[0]: in_range[1]]
                     k = xi.shape[-1]
                     n = self.out_features if out_range is None else out_range[1] - out_range[0]
-                    outs.append(torch_op.call(xi, tensors, meta, k, n, down, up, gelu=gelu and in_range is None))
+                    outs.append(torch_op.call(xi, tensors, meta, k, n, down, up, gelu=gelu))
                 if len(outs) == 1:
                     return outs[0]
                 if self.svdq_parts[0][3] is not None:
