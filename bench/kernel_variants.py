@@ -196,12 +196,15 @@ def w4a16_rows(triton) -> list[dict]:
     return rows
 
 
-ACT_VARIANTS = [  # (block_m, groups, num_warps, k_per_program, reverse); the first is the old default, None = default
-    (32, 4, 4, 1, False), (None, None, 4, None, True), (64, 4, 8, None, True), (64, 2, 4, None, True),
-    # half the elements per thread (fewer registers, more programs resident: ncu measured 25% occupancy)
-    (32, 4, 8, None, True), (16, 4, 4, None, True), (32, 2, 4, None, True), (64, 2, 8, None, True),
-    (16, 2, 4, None, True), (32, 2, 8, None, True),
+ACT_VARIANTS = [  # two-pass kernels: (block_m, groups, num_warps, k_per_program, reverse); None = default
+    (32, 4, 4, 1, False), (None, None, None, None, True),
 ]
+FUSED_VARIANTS = [  # one-launch kernel (both sweeps per row block): (block_m, groups, num_warps, stages)
+    (16, 2, 4, 1), (16, 2, 4, 2), (16, 4, 4, 2), (16, 8, 8, 2), (32, 2, 4, 1), (32, 2, 4, 2), (32, 2, 4, 3),
+    (32, 4, 8, 2), (32, 2, 8, 2), (32, 8, 8, 2), (64, 2, 4, 2), (64, 2, 8, 2),
+]
+ACT_SHAPES = [(4608, 3072, 32), (4608, 12288, 32), (4608, 15360, 32), (4608, 3072, 96), (4608, 15360, 96),
+              (1024, 3072, 32), (512, 3072, 32)]
 
 
 def copy_rate_bytes_per_us() -> float:
@@ -219,19 +222,25 @@ def act_rows(triton) -> list[dict]:
 
     rate = copy_rate_bytes_per_us()
     rows = []
-    for k, rank in [(3072, 32), (12288, 32), (15360, 32), (3072, 96), (15360, 96)]:
-        m = 4608
+    for m, k, rank in ACT_SHAPES:
         layer = make_layer(64, k, rank)
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         floor = (2 * x.numel() * 2 + m * layer.k_padded) / rate
-        row = {"M": m, "K": k, "rank": rank, "floor_us": floor}
-        ref = quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down, k_per_program=1, reverse=False)
-        for bm, groups, warps, kpp, rev in ACT_VARIANTS:
-            name = f"bm{bm or 'auto'}_g{groups or 'auto'}_w{warps}_k{kpp or 'auto'}_{'rev' if rev else 'fwd'}"
+        floor1 = (x.numel() * 2 + m * layer.k_padded) / rate
+        row = {"M": m, "K": k, "rank": rank, "floor_us": floor, "one_read_floor_us": floor1}
+        ref = quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down, k_per_program=1, reverse=False,
+                                  fused=False)
+        variants = [(f"bm{bm or 'auto'}_g{groups or 'auto'}_w{warps or 'auto'}_k{kpp or 'auto'}_{'rev' if rev else 'fwd'}",
+                     dict(block_m=bm, groups=groups, num_warps=warps, k_per_program=kpp, reverse=rev, fused=False))
+                    for bm, groups, warps, kpp, rev in ACT_VARIANTS]
+        variants += [(f"fused_bm{bm}_g{groups}_w{warps}_s{st}", dict(block_m=bm, groups=groups, num_warps=warps,
+                                                                     stages=st, fused=True))
+                     for bm, groups, warps, st in FUSED_VARIANTS if layer.k_padded % (64 * groups) == 0]
+        variants.append(("default", {}))
+        for name, kw in variants:
 
-            def fn(bm=bm, groups=groups, warps=warps, kpp=kpp, rev=rev):
-                return quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down, block_m=bm, groups=groups,
-                                           num_warps=warps, k_per_program=kpp, reverse=rev)
+            def fn(kw=kw):
+                return quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down, **kw)
 
             try:
                 a, s, lora = fn()
@@ -239,13 +248,17 @@ def act_rows(triton) -> list[dict]:
                 lrel = float((lora - ref[2]).norm() / ref[2].norm())
                 row[name] = triton.testing.do_bench_cudagraph(fn, rep=50) * 1e3
                 row[name + "_ok"] = bool(same and lrel < 1e-4)
+                if not row[name + "_ok"]:
+                    print(f"act {name} WRONG: same codes {same}, lora rel {lrel:.2e}", flush=True)
             except Exception as exc:
                 print(f"act {name} failed: {str(exc)[-800:]}", flush=True)
                 row[name] = float("nan")
         rows.append(row)
-        best = min((v, n) for n, v in row.items() if n.startswith("bm") and not n.endswith("_ok") and not math.isnan(v))
-        print(f"act K={k} r={rank}: floor {floor:.1f} µs, old {row[ACT_NAME0]:.1f}, best {best[1]} {best[0]:.1f}; "
-              + ", ".join(f"{n} {v:.1f}" for n, v in row.items() if n.startswith("bm") and not n.endswith("_ok")), flush=True)
+        timed = {n: v for n, v in row.items() if (n.startswith(("bm", "fused")) or n == "default")
+                 and not n.endswith("_ok") and not math.isnan(v)}
+        best = min((v, n) for n, v in timed.items())
+        print(f"act M={m} K={k} r={rank}: floors {floor:.1f} (two reads) / {floor1:.1f} (one) µs, old {row[ACT_NAME0]:.1f}, "
+              f"best {best[1]} {best[0]:.1f}; " + ", ".join(f"{n} {v:.1f}" for n, v in timed.items()), flush=True)
     return rows
 
 
