@@ -196,13 +196,14 @@ def w4a16_rows(triton) -> list[dict]:
     return rows
 
 
-ACT_VARIANTS = [  # two-pass kernels: (block_m, groups, num_warps, k_per_program, reverse); None = default
-    (32, 4, 4, 1, False), (None, None, None, None, True),
+ACT_VARIANTS = [  # (block_m, groups, num_warps, k_per_program, reverse); the first is the old default, None = default
+    (32, 4, 4, 1, False), (None, None, None, None, True), (64, 4, 8, None, True), (64, 2, 4, None, True),
+    # half the elements per thread (fewer registers, more programs resident: ncu measured 25% occupancy)
+    (32, 4, 8, None, True), (16, 4, 4, None, True), (32, 2, 4, None, True), (64, 2, 8, None, True),
+    (16, 2, 4, None, True), (32, 2, 8, None, True),
 ]
-FUSED_VARIANTS = [  # one-launch kernel (both sweeps per row block): (block_m, groups, num_warps, stages)
-    (16, 2, 4, 1), (16, 2, 4, 2), (16, 4, 4, 2), (16, 8, 8, 2), (32, 2, 4, 1), (32, 2, 4, 2), (32, 2, 4, 3),
-    (32, 4, 8, 2), (32, 2, 8, 2), (32, 8, 8, 2), (64, 2, 4, 2), (64, 2, 8, 2),
-]
+# A one-launch kernel (both sweeps per row block, the second from L2) was measured 2.2-4.6x slower and removed:
+# bench/results-act-fused-h100.log
 ACT_SHAPES = [(4608, 3072, 32), (4608, 12288, 32), (4608, 15360, 32), (4608, 3072, 96), (4608, 15360, 96),
               (1024, 3072, 32), (512, 3072, 32)]
 
@@ -228,14 +229,10 @@ def act_rows(triton) -> list[dict]:
         floor = (2 * x.numel() * 2 + m * layer.k_padded) / rate
         floor1 = (x.numel() * 2 + m * layer.k_padded) / rate
         row = {"M": m, "K": k, "rank": rank, "floor_us": floor, "one_read_floor_us": floor1}
-        ref = quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down, k_per_program=1, reverse=False,
-                                  fused=False)
+        ref = quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down, k_per_program=1, reverse=False)
         variants = [(f"bm{bm or 'auto'}_g{groups or 'auto'}_w{warps or 'auto'}_k{kpp or 'auto'}_{'rev' if rev else 'fwd'}",
-                     dict(block_m=bm, groups=groups, num_warps=warps, k_per_program=kpp, reverse=rev, fused=False))
+                     dict(block_m=bm, groups=groups, num_warps=warps, k_per_program=kpp, reverse=rev))
                     for bm, groups, warps, kpp, rev in ACT_VARIANTS]
-        variants += [(f"fused_bm{bm}_g{groups}_w{warps}_s{st}", dict(block_m=bm, groups=groups, num_warps=warps,
-                                                                     stages=st, fused=True))
-                     for bm, groups, warps, st in FUSED_VARIANTS if layer.k_padded % (64 * groups) == 0]
         variants.append(("default", {}))
         for name, kw in variants:
 
@@ -254,7 +251,7 @@ def act_rows(triton) -> list[dict]:
                 print(f"act {name} failed: {str(exc)[-800:]}", flush=True)
                 row[name] = float("nan")
         rows.append(row)
-        timed = {n: v for n, v in row.items() if (n.startswith(("bm", "fused")) or n == "default")
+        timed = {n: v for n, v in row.items() if (n.startswith("bm") or n == "default")
                  and not n.endswith("_ok") and not math.isnan(v)}
         best = min((v, n) for n, v in timed.items())
         print(f"act M={m} K={k} r={rank}: floors {floor:.1f} (two reads) / {floor1:.1f} (one) µs, old {row[ACT_NAME0]:.1f}, "

@@ -155,49 +155,6 @@ def _act_quant_kernel(
                     BLOCK_M, GROUP, GROUPS)
 
 
-@triton.jit
-def _act_fused_kernel(
-    x_ptr, inv_ptr, down_ptr, out_ptr, scale_ptr, lora_ptr,
-    M, K, KP, R, NSUB,
-    stride_xm, stride_dk, stride_om, stride_lm,
-    shift,
-    QMAX: tl.constexpr, UMAX: tl.constexpr, QMIN: tl.constexpr,
-    UNSIGNED: tl.constexpr, HAS_SMOOTH: tl.constexpr, INT8_MODE: tl.constexpr, USE_RINT: tl.constexpr,
-    HAS_LORA: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_M: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, STAGES: tl.constexpr,
-):
-    """Both passes in one program per row block: a sweep over the whole row for its absmax and x·L1, then a
-    sweep back (last tile first, while the row block is still in L2) that writes the codes. One launch instead
-    of two and no partials; the input is read from HBM about once where a row block fits L2's share."""
-    BLOCK_K: tl.constexpr = GROUP * GROUPS
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < M
-    rcols = tl.arange(0, BLOCK_R)
-    part = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-    rmax = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for sub in tl.range(0, NSUB, num_stages=STAGES):
-        k = sub * BLOCK_K + tl.arange(0, BLOCK_K)
-        x, xf = _load_smoothed(x_ptr, inv_ptr, rows, rmask, k, K, stride_xm, shift, UNSIGNED, HAS_SMOOTH, BLOCK_K)
-        rmax = tl.maximum(rmax, tl.max(tl.abs(xf), axis=1))
-        if HAS_LORA:
-            d = tl.load(down_ptr + k[:, None] * stride_dk + rcols[None, :],
-                        mask=(k[:, None] < K) & (rcols[None, :] < R), other=0.0)
-            if DOT_FP32:
-                part = tl.dot(x.to(tl.float32), d.to(tl.float32), part, input_precision="ieee")
-            else:
-                part = tl.dot(x, d.to(x.dtype), part)
-    scale = tl.where(rmax > 0, tl.math.div_rn(rmax, tl.full([BLOCK_M], QMAX * UMAX, tl.float32)), 1.0)
-    tl.store(scale_ptr + rows, scale, mask=rmask)
-    if HAS_LORA:
-        tl.store(lora_ptr + rows[:, None] * stride_lm + rcols[None, :], part,
-                 mask=rmask[:, None] & (rcols[None, :] < R))
-    for i in tl.range(0, NSUB, num_stages=STAGES):
-        k = (NSUB - 1 - i) * BLOCK_K + tl.arange(0, BLOCK_K)
-        _, xf = _load_smoothed(x_ptr, inv_ptr, rows, rmask, k, K, stride_xm, shift, UNSIGNED, HAS_SMOOTH, BLOCK_K)
-        _quantize_store(xf, scale, out_ptr, rows, rmask, k, KP, stride_om, QMAX, UMAX, QMIN, INT8_MODE, USE_RINT,
-                        BLOCK_M, GROUP, GROUPS)
-
-
 def tiles_per_program(m_blocks: int, tiles: int, rank: int, device: torch.device) -> int:
     """K tiles one pass-1 program covers: 1 without a branch, else up to 4 while the grid keeps ~8 programs per
     SM (rank ≤ 32) or ~2 (a wider, LoRA-extended branch, whose partials cost more than the lost parallelism).
@@ -222,8 +179,6 @@ def quantize_activation(
     groups: int | None = None,
     num_warps: int | None = None,
     reverse: bool = True,
-    fused: bool | None = None,
-    stages: int | None = None,
 ):
     """Launch the activation kernels on x2 [M, K]. Returns (int8 [M, Kp], scale [M], lora [M, R] fp32 | None).
 
@@ -231,8 +186,7 @@ def quantize_activation(
     dispatcher's per-device arena: the results live until the next call). Tile knobs (``bench/kernel_variants.py``
     measures them): ``k_per_program`` pass 1's K tiles per program (default ``tiles_per_program``), ``groups``
     64-groups per K tile (default 2 where they divide), ``num_warps`` (default 4, 8 for a branch wider than 32),
-    ``reverse`` pass 2's reverse visiting order, ``fused`` both passes in one launch (``_act_fused_kernel``;
-    default ``fused_pays``), ``stages`` its loops' software-pipelining depth."""
+    ``reverse`` pass 2's reverse visiting order."""
     m, k = x2.shape
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
@@ -256,11 +210,6 @@ def quantize_activation(
         groups = 2 if ng % 2 == 0 else 1
     elif ng % groups:
         raise ValueError(f"{groups} groups per tile do not divide the {ng} groups of K = {k_padded}")
-    if fused is None:
-        fused = fused_pays(m, k_padded, r, x2.device)
-    if fused:
-        return _quantize_fused(x2, k_padded, smooth, proj_down, shift, unsigned, mode, qmax, umax, qmin,
-                               r, block_r, groups, block_m or FUSED_BLOCK_M, num_warps, stages or 1, scratch)
     bm = block_m or (64 if wide else 32)
     nsub = ng // groups
     m_blocks = triton.cdiv(m, bm)
@@ -300,39 +249,3 @@ def quantize_activation(
     )
     return out, scale, lora
 
-
-FUSED_BLOCK_M = 32
-FUSED_MAX_K = 4096
-
-
-def fused_pays(m: int, k_padded: int, rank: int, device: torch.device) -> bool:
-    """One launch where a row block's second sweep finds its input in L2 and there are enough row blocks to
-    fill the GPU (H100 sweep, ``bench/kernel_variants.py --only act``); otherwise the split-K two-pass kernels."""
-    if device.type != "cuda" or interpreting():
-        return False
-    return k_padded <= FUSED_MAX_K and rank <= 32 and triton.cdiv(m, FUSED_BLOCK_M) >= sm_count(device)
-
-
-def _quantize_fused(x2, k_padded, smooth, proj_down, shift, unsigned, mode, qmax, umax, qmin, r, block_r, groups, bm,
-                    num_warps, stages, scratch):
-    m, k = x2.shape
-    nf = m + m * r
-    if scratch is None:
-        f32 = torch.empty(nf, dtype=torch.float32, device=x2.device)
-        out = torch.empty(m, k_padded, dtype=torch.int8, device=x2.device)
-    else:
-        f32 = scratch("act_f32", nf, torch.float32)
-        out = scratch("act_i8", m * k_padded, torch.int8).view(m, k_padded)
-    scale = f32[:m]
-    lora = f32[m : m + m * r].view(m, r) if r else None
-    launch(_act_fused_kernel, (triton.cdiv(m, bm),), (
-        x2, smooth if smooth is not None else x2, proj_down if r else x2, out, scale, lora if r else scale,
-        m, k, k_padded, r, k_padded // (64 * groups),
-        x2.stride(0), proj_down.stride(0) if r else 0, out.stride(0), lora.stride(0) if r else 0,
-        float(shift)),
-        QMAX=qmax, UMAX=umax, QMIN=qmin,
-        UNSIGNED=bool(unsigned), HAS_SMOOTH=smooth is not None, INT8_MODE=mode == "int8", USE_RINT=not interpreting(),
-        HAS_LORA=r > 0, DOT_FP32=fp32_dots(x2), BLOCK_R=block_r,
-        BLOCK_M=bm, GROUP=64, GROUPS=groups, STAGES=stages, num_warps=num_warps,
-    )
-    return out, scale, lora

@@ -63,37 +63,6 @@ def test_activation_tiles_per_program(per_program, triton_kernels):
     assert rel(lora, x.float() @ layer.proj_down.float()) < 1e-3
 
 
-FUSED_ACT_SHAPES = [  # (M, K, rank, unsigned, mode)
-    (7, 200, 16, False, "int4"), (33, 128, 32, True, "int4"), (5, 256, 0, False, "int4"),
-    (9, 640, 96, False, "int4"), (12, 448, 48, False, "int8"),
-] + ([(4608, 3072, 32, False, "int4"), (5000, 3072, 32, True, "int4"), (300, 12288, 32, False, "int4")] if GPU else [])
-
-
-@pytest.mark.parametrize("m,k,rank,unsigned,mode", FUSED_ACT_SHAPES)
-def test_fused_activation_kernel_matches_two_pass(m, k, rank, unsigned, mode, triton_kernels):
-    """The one-launch activation kernel writes the same codes and scales as the two-pass kernels (and, in INT4,
-    as the reference), and the same low-rank product up to summation order."""
-    from svdq.kernels.act_quant import quantize_activation
-
-    layer = random_layer(64, k, rank, True, unsigned, 0.171875 if unsigned else 0.0, device=DEV, seed=k + m)
-    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16) * 2
-    if unsigned:
-        x = torch.nn.functional.gelu(x.float(), approximate="tanh").to(torch.bfloat16)
-    args = (x, layer.k_padded, layer.smooth, layer.proj_down, layer.act_shift, unsigned, mode)
-    a2, s2, l2 = quantize_activation(*args, fused=False)
-    a1, s1, l1 = quantize_activation(*args, fused=True)
-    assert torch.equal(s1, s2)
-    assert torch.equal(a1, a2), f"{(a1 != a2).sum().item()} codes differ"
-    if mode == "int4":
-        a_ref, s_ref = activation_operand(x, layer)
-        assert torch.equal(a1, a_ref) and torch.equal(s1, s_ref)
-    if rank:
-        assert rel(l1, l2) < 1e-4
-        assert rel(l1, x.float() @ layer.proj_down.float()) < 1e-3
-    else:
-        assert l1 is None
-
-
 @pytest.mark.parametrize("m,k,n,rank,bias,unsigned", SHAPES)
 def test_w4a4_linear_matches_reference(m, k, n, rank, bias, unsigned, triton_kernels):
     layer = random_layer(n, k, rank, bias, unsigned, 0.171875 if unsigned else 0.0, device=DEV, seed=k)
