@@ -16,7 +16,11 @@ times ``apply_model`` on 1024x1024 inputs (4096 image + 512 text tokens):
   svdq_fbc    svdq with the first-block cache at threshold 0.12: a 20-step sampler run against svdq without it
   *_compile   (bf16_compile, fp8_compile, svdq_compile, svdq_lora_compile) the same model under ``torch.compile``
               (Inductor), set up the way ComfyUI's TorchCompileModel node does (``set_torch_compile_wrapper``), one
-              compiled module per transformer block; compile time is reported apart from the step time
+              compiled module per transformer block (``--compile-scope model``: the whole diffusion model);
+              compile time is reported apart from the step time
+  *_cudagraphs, *_wholecompile, *_wholero   the whole diffusion model compiled as ComfyUI's TorchCompileModel node
+              does, with its backend "cudagraphs" (Dynamo graphs replayed as CUDA graphs, eager numerics), with
+              "inductor", and with Inductor in mode reduce-overhead (its CUDA graphs)
 With ``--cap-gb`` the bf16 and svdq rows run again with ComfyUI believing the card has that much memory
 (``EXTRA_RESERVED_VRAM`` + a per-process memory fraction), so ComfyUI's own partial loading/offloading kicks in.
 The svdq weights are quantized round-to-nearest with a random rank-32 branch: step time depends only on the
@@ -333,18 +337,42 @@ def profile_step(patcher, cfg, batch=1):
 
 COMPILE_BACKEND = "inductor"
 COMPILE_MODE = None  # torch.compile mode of the *_compile rows (reduce-overhead: Inductor's CUDA graphs)
+COMPILE_SCOPE = "blocks"  # blocks: one compiled module per transformer block; model: the whole diffusion model
 
 
-def compiled(patcher, cfg):
-    """The patcher with every transformer block under torch.compile (Inductor, static shapes), through ComfyUI's
-    own wrapper, as its TorchCompileModel node applies it; blocks of one class share compiled code."""
+# Row suffixes: how a row's model is compiled (backend, mode, scope); "compile" takes the command-line settings.
+# ComfyUI's own TorchCompileModel node compiles the whole diffusion model with backend inductor or cudagraphs.
+VARIANTS = {
+    "compile": None,
+    "cudagraphs": ("cudagraphs", None, "model"),  # Dynamo graphs replayed as CUDA graphs, no Inductor
+    "wholecompile": ("inductor", None, "model"),
+    "wholero": ("inductor", "reduce-overhead", "model"),  # Inductor plus its CUDA graphs
+}
+
+
+def split_variant(label: str) -> tuple[str, str | None]:
+    """'svdq_lora_wholero' -> ('svdq_lora', 'wholero'); an eager row -> (label, None)."""
+    for v in VARIANTS:
+        if label.endswith("_" + v):
+            return label[: -len(v) - 1], v
+    return label, None
+
+
+def compiled(patcher, cfg, variant="compile"):
+    """The patcher under torch.compile through ComfyUI's own wrapper (``set_torch_compile_wrapper``, what its
+    TorchCompileModel node applies): each transformer block (blocks of one class share compiled code) or the
+    whole diffusion model, per ``VARIANTS``."""
     from comfy_api.torch_helpers import set_torch_compile_wrapper
 
+    backend, mode, scope = VARIANTS.get(variant) or (COMPILE_BACKEND, COMPILE_MODE, COMPILE_SCOPE)
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     m = patcher.clone()
-    keys = [f"diffusion_model.double_blocks.{i}" for i in range(cfg["depth"])]
-    keys += [f"diffusion_model.single_blocks.{i}" for i in range(cfg["depth_single_blocks"])]
-    set_torch_compile_wrapper(m, backend=COMPILE_BACKEND, mode=COMPILE_MODE, dynamic=False, keys=keys)
+    if scope == "model":  # one graph for the whole forward: the only scope Inductor's CUDA graphs accept
+        keys = ["diffusion_model"]  # (ComfyUI's blocks add residuals in place into their inputs)
+    else:
+        keys = [f"diffusion_model.double_blocks.{i}" for i in range(cfg["depth"])]
+        keys += [f"diffusion_model.single_blocks.{i}" for i in range(cfg["depth_single_blocks"])]
+    set_torch_compile_wrapper(m, backend=backend, mode=mode, dynamic=False, keys=keys)
     return m
 
 
@@ -393,11 +421,13 @@ def main() -> int:
                     help="torch.compile backend of the *_compile rows (aot_eager: same numerics as eager, a check)")
     ap.add_argument("--compile-mode", default=None,
                     help="torch.compile mode of the *_compile rows (reduce-overhead: CUDA graphs, no host launch cost)")
+    ap.add_argument("--compile-scope", choices=["blocks", "model"], default="blocks",
+                    help="what the *_compile rows compile: each transformer block, or the whole diffusion model")
     ap.add_argument("--fbc-thresholds", default="0.12", help="first-block cache thresholds (first = the reported one)")
     args = ap.parse_args()
     thresholds = [float(t) for t in args.fbc_thresholds.split(",")]
-    global COMPILE_BACKEND, COMPILE_MODE, UNET_CONFIG
-    COMPILE_BACKEND, COMPILE_MODE = args.compile_backend, args.compile_mode
+    global COMPILE_BACKEND, COMPILE_MODE, COMPILE_SCOPE, UNET_CONFIG
+    COMPILE_BACKEND, COMPILE_MODE, COMPILE_SCOPE = args.compile_backend, args.compile_mode, args.compile_scope
     cfg = FLUX_DEV if args.config == "flux-dev" else dict(TINY_FLUX, context_in_dim=4096, vec_in_dim=768)
     UNET_CONFIG = None if args.config == "flux-dev" else cfg
     rows = args.rows.split(",")
@@ -406,7 +436,7 @@ def main() -> int:
 
     env = {"gpu": torch.cuda.get_device_name(0) if CUDA else "cpu", "torch": torch.__version__, "triton": triton.__version__,
            "python": platform.python_version(), "config": args.config,
-           "compile": {"backend": COMPILE_BACKEND, "mode": COMPILE_MODE}}
+           "compile": {"backend": COMPILE_BACKEND, "mode": COMPILE_MODE, "scope": COMPILE_SCOPE}}
     log(f"{env}")
     results: dict = {"env": env, "rows": {}, "capped": {}}
     t0 = time.time()
@@ -420,9 +450,10 @@ def main() -> int:
     def record(label, patcher, table, batch_sizes=batches):
         nonlocal ref_out
         mb = model_bytes(patcher)
-        is_compiled = label.endswith("_compile")
+        variant = split_variant(label)[1]
+        is_compiled = variant is not None
         if is_compiled:
-            patcher = compiled(patcher, cfg)
+            patcher = compiled(patcher, cfg, variant)
         for b in batch_sizes:
             entry = {}
             if is_compiled:  # the first calls compile (one warm-up step per batch size, timed)
@@ -439,7 +470,7 @@ def main() -> int:
                     entry["out_rel_diff_vs_bf16"] = float((out - ref_out).norm() / ref_out.norm())
                 if label == "svdq":
                     svdq_out[0] = out
-                elif label == "svdq_compile" and svdq_out[0] is not None:  # same weights, compiled
+                elif variant is not None and split_variant(label)[0] == "svdq" and svdq_out[0] is not None:  # compiled
                     entry["out_rel_diff_vs_svdq"] = float((out - svdq_out[0]).norm() / svdq_out[0].norm())
                 elif label == "svdq_nunchaku" and svdq_out[0] is not None:  # same weights, split into parts
                     entry["out_rel_diff_vs_svdq"] = float((out - svdq_out[0]).norm() / svdq_out[0].norm())
@@ -447,14 +478,15 @@ def main() -> int:
             log(f"{label:10s} batch {b}: {ms:8.1f} ms/step, peak {peak / GIB:6.2f} GiB, model {mb / GIB:6.2f} GiB")
 
     for row in rows:
+        base, variant = split_variant(row)
         try:
-            if row in ("bf16", "bf16_compile"):
+            if base == "bf16":
                 record(row, load_core(sd), results["rows"])
-            elif row in ("fp8", "fp8_compile"):
+            elif base == "fp8":
                 record(row, load_core(sd, torch.float8_e4m3fn, fp8_fast=True), results["rows"])
             elif row == "nf4":
                 record("nf4", load_nf4(sd), results["rows"])
-            elif row in ("svdq", "svdq_lora", "svdq_fbc", "svdq_nunchaku", "svdq_compile", "svdq_lora_compile"):
+            elif base in ("svdq", "svdq_lora", "svdq_fbc", "svdq_nunchaku"):
                 if ckpt is None:
                     t1 = time.time()
                     ckpt = svdq_checkpoint(sd, cfg)
@@ -470,15 +502,15 @@ def main() -> int:
                         log("profile: " + ", ".join(f"{k} {v:.1%}" for k, v in shares.items()))
                         for k, v in top:
                             log(f"   {v:6.1%}  {k}")
-                elif row == "svdq_compile":
+                elif base == "svdq":  # a compiled svdq row
                     record(row, p, results["rows"])
-                    if args.profile:
+                    if args.profile and variant == "compile":
                         shares, top, total_ms = profile_step(compiled(p, cfg), cfg)
                         results["profile_compile"] = {"shares": shares, "top_kernels": top, "gpu_ms": total_ms}
                         log("profile (compiled): " + ", ".join(f"{k} {v:.1%}" for k, v in shares.items()))
                         for k, v in top:
                             log(f"   {v:6.1%}  {k}")
-                elif row in ("svdq_lora", "svdq_lora_compile"):
+                elif base == "svdq_lora":
                     from svdq.nodes.lora import apply_lora
 
                     record(row, apply_lora(p, random_lora(ckpt), 1.0, "rank-64 LoRA"), results["rows"])
@@ -530,6 +562,13 @@ def main() -> int:
                   ("bf16_compile", "bf16"), ("svdq_compile", "svdq"), ("svdq_lora_compile", "svdq_compile")):
         if a in ok and b_ in ok:
             results.setdefault("summary", {})[f"{a}_vs_{b_}"] = {b: r[b_][b]["ms"] / r[a][b]["ms"] for b in batches}
+    for row in ok:  # every other compiled variant against its eager row and against bf16 compiled the same way
+        base, variant = split_variant(row)
+        if variant is not None and variant != "compile":
+            for other in (base, f"bf16_{variant}", "bf16"):
+                if other in ok and other != row:
+                    results.setdefault("summary", {})[f"{row}_vs_{other}"] = {b: r[other][b]["ms"] / r[row][b]["ms"]
+                                                                               for b in batches}
     c = results["capped"]
     if "bf16" in c and "svdq" in c and "error" not in c["bf16"] and "error" not in c["svdq"]:
         results.setdefault("summary", {})["capped_svdq_speedup_vs_bf16"] = c["bf16"][1]["ms"] / c["svdq"][1]["ms"]

@@ -248,4 +248,3 @@ def quantize_activation(
         num_warps=num_warps,
     )
     return out, scale, lora
-
