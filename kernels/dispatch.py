@@ -7,9 +7,12 @@ A call the kernels cannot take falls back to the reference with one log line per
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import itertools
 import logging
 import os
+import threading
 
 import torch
 
@@ -36,6 +39,34 @@ _ENV = ("SVDQ_GEMM", "SVDQ_W4A16", "SVDQ_FAST_LAUNCH")  # what a recorded plan d
 INT_POINTERS = True  # call plans pass fixed tensors to the launcher as addresses (bench/host_profile.py A/B)
 
 
+_helper: concurrent.futures.ThreadPoolExecutor | None = None
+_generations = itertools.count(1)  # arena generations, unique across arenas: a plan never matches a newer arena
+
+
+def outside_graph_pools(make):
+    """``make()`` for tensors that outlive the call (arena buffers, a layer's derived tensors, its LoRA-merged
+    branch), allocated where a CUDA-graph memory pool cannot take them.
+
+    Why: torch.compile's CUDA graphs (``mode="reduce-overhead"``, ComfyUI's ``cudagraphs`` backend) warm a graph
+    up with every allocation *of the calling thread* routed into the graph's private pool, then refuse to record
+    if tensors stay alive there without being graph outputs ("Detected N tensor(s) in the cudagraph pool not
+    tracked as outputs"). A helper thread allocates from the ordinary pool; it runs on the caller's device and
+    stream, so its work stays in stream order. During an actual capture it runs in place, as before."""
+    global _helper
+    if (not torch.cuda.is_available() or torch.cuda.is_current_stream_capturing()
+            or threading.current_thread().name.startswith("svdq-alloc")):  # nested: already outside
+        return make()
+    if _helper is None:
+        _helper = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="svdq-alloc")
+    device, stream = torch.cuda.current_device(), torch.cuda.current_stream()
+
+    def run():
+        with torch.cuda.device(device), torch.cuda.stream(stream), torch.no_grad():
+            return make()
+
+    return _helper.submit(run).result()
+
+
 class _Arena:
     """Per-device buffers reused call after call: the expanded int8 weight and the activation kernel's outputs.
 
@@ -48,7 +79,7 @@ class _Arena:
     def __init__(self, device: torch.device):
         self.device = device
         self.buffers: dict[str, torch.Tensor] = {}
-        self.generation = 0
+        self.generation = next(_generations)
         self.captured = False  # some call ran under CUDA-graph capture: never free a buffer from now on
         self.retired: list[torch.Tensor] = []
 
@@ -66,9 +97,10 @@ class _Arena:
             if buf is not None and self.captured:
                 self.retired.append(buf)  # a captured graph may still read or write it
             size = max(need, 0 if buf is None else buf.numel() * 5 // 4)  # grow by at least a quarter
-            buf = torch.empty((size + 255) // 256 * 256, dtype=torch.uint8, device=self.device)
+            buf = outside_graph_pools(lambda: torch.empty((size + 255) // 256 * 256, dtype=torch.uint8,
+                                                          device=self.device))
             self.buffers[name] = buf
-            self.generation += 1
+            self.generation = next(_generations)
         return buf[:need].view(dtype)
 
 
@@ -117,7 +149,7 @@ def derived(w: QuantizedLinearWeights, name: str, make) -> torch.Tensor:
     cache = w.__dict__.setdefault("_svdq_derived", {})
     t = cache.get(name)
     if t is None:
-        t = cache[name] = make()
+        t = cache[name] = outside_graph_pools(make)
     return t
 
 

@@ -14,7 +14,7 @@ import comfy.ops
 import torch
 
 from ..kernels import torch_op
-from ..kernels.dispatch import svdq_linear, triton_usable, with_extra_branch
+from ..kernels.dispatch import outside_graph_pools, svdq_linear, triton_usable, with_extra_branch
 from ..kernels.reference import QuantizedLinearWeights
 
 _META = ("kind", "precision", "act_precision", "act_unsigned", "act_shift")
@@ -200,8 +200,7 @@ def make_svdq_ops(layer_meta: dict[str, dict]):
                 c = cache.get(part)
                 if c is not None and c[0] is self.svdq_lora and c[1] is w and c[2] == device:
                     return c[3]
-                d, u = self._lora_factors(device, part)
-                merged = with_extra_branch(w, d, u)
+                merged = outside_graph_pools(lambda: with_extra_branch(w, *self._lora_factors(device, part)))
                 cache[part] = (self.svdq_lora, w, device, merged)
                 return merged
 

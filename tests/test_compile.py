@@ -108,6 +108,31 @@ def test_whole_flux_compiles_as_one_graph_with_lora_and_follows_strength_changes
     assert relative_error(_apply(torch.compile(dm2, backend=backend, fullgraph=True)), _apply(dm2)) < 1e-5
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("backend,mode,tol", [("cudagraphs", None, 1e-5), ("inductor", "reduce-overhead", 5e-2)])
+def test_whole_model_under_cuda_graphs_from_a_cold_start(tiny_models, pytorch_attention, backend, mode, tol):
+    """ComfyUI's TorchCompileModel node with backend "cudagraphs", and Inductor's reduce-overhead mode: a graph is
+    warmed up with the calling thread's allocations routed into its private pool, so the state a layer makes on
+    its first call (arena buffers, 1/λ, the LoRA-merged branch) must be made outside that pool, or recording
+    fails ("tensors in the cudagraph pool not tracked as outputs"). Warm-up, recording and replays all match."""
+    from svdq.kernels import dispatch
+
+    torch._dynamo.reset()
+    ml = apply_lora(load_svdq_model(tiny_models[1]), make_lora(), 0.8)
+    comfy.model_management.load_models_gpu([ml])
+    dm = ml.model.diffusion_model
+    eager = _apply(dm)
+    for m in dm.modules():  # a cold start: no per-layer device state and no arena buffers yet
+        if hasattr(m, "forget_device_state"):
+            m.forget_device_state()
+    dispatch._arenas.clear()
+    compiled = torch.compile(dm, backend=backend, mode=mode)
+    outs = [_apply(compiled) for _ in range(4)]  # warm-up, recording, replays
+    for got in outs:
+        assert relative_error(got, eager) < tol
+    assert torch.equal(outs[-1], outs[-2])
+
+
 def test_composite_single_blocks_compile(tmp_path_factory, pytorch_attention):
     """Nunchaku files split FLUX single blocks into parts: traced as one op per part, concatenated or summed."""
     import nunchaku_gen as gen
