@@ -201,11 +201,14 @@ ACT_VARIANTS = [  # (block_m, groups, num_warps, k_per_program, reverse); the fi
     # half the elements per thread (fewer registers, more programs resident: ncu measured 25% occupancy)
     (32, 4, 8, None, True), (16, 4, 4, None, True), (32, 2, 4, None, True), (64, 2, 8, None, True),
     (16, 2, 4, None, True), (32, 2, 8, None, True),
+    # more K tiles per pass-1 program: fewer low-rank partials to write and sum (a LoRA-wide branch at large K)
+    (64, 2, 4, 8, True), (64, 2, 4, 16, True), (64, 2, 8, 8, True), (64, 2, 8, 16, True), (64, 2, 8, 32, True),
+    (32, 2, 4, 8, True), (32, 2, 8, 16, True),
 ]
 # A one-launch kernel (both sweeps per row block, the second from L2) was measured 2.2-4.6x slower and removed:
 # bench/results-act-fused-h100.log
-ACT_SHAPES = [(4608, 3072, 32), (4608, 12288, 32), (4608, 15360, 32), (4608, 3072, 96), (4608, 15360, 96),
-              (1024, 3072, 32), (512, 3072, 32)]
+ACT_SHAPES = [(4608, 3072, 32), (4608, 12288, 32), (4608, 15360, 32), (4608, 3072, 96), (4608, 12288, 96),
+              (4608, 15360, 96), (1024, 3072, 32), (512, 3072, 32)]
 
 
 def copy_rate_bytes_per_us() -> float:
