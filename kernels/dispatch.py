@@ -16,7 +16,7 @@ import threading
 
 import torch
 
-from .reference import QuantizedLinearWeights, dequantize_weight, gelu_columns, svdq_linear_reference
+from .reference import QuantizedLinearWeights, dequantize_weight, svdq_linear_reference
 
 log = logging.getLogger("svdq")
 
@@ -186,10 +186,8 @@ def svdq_linear(
     gelu: bool = False,
     out: torch.Tensor | None = None,
     accumulate: bool = False,
-    gelu_from: int = 0,
 ) -> torch.Tensor:
-    """The quantized linear on [..., K] input; ``extra_down``/``extra_up`` append LoRA ranks to the branch;
-    ``gelu`` applies the tanh GELU to the output columns ``gelu_from`` on (in the GEMM epilogue on the kernels).
+    """The quantized linear on [..., K] input; ``extra_down``/``extra_up`` append LoRA ranks to the branch.
 
     ``out`` ([..., N], unit column stride, e.g. a column slice of a wider output) receives the result instead of
     a new tensor, and with ``accumulate`` the result is added to it (the halves of a layer split by input
@@ -201,7 +199,7 @@ def svdq_linear(
         raise ValueError(f"output shape {tuple(out.shape)} does not fit input {tuple(x.shape)} and {w.out_features} features")
     if accumulate and out is None:
         raise ValueError("accumulate needs an output to add to")
-    y = _compute(x, w, extra_down, extra_up, max(gelu_from, 0) if gelu else None, out, accumulate)
+    y = _compute(x, w, extra_down, extra_up, gelu, out, accumulate)
     if out is None or y is out:
         return y
     if accumulate:
@@ -212,15 +210,13 @@ def svdq_linear(
 
 
 def _compute(x, w, extra_down, extra_up, gelu, out, accumulate):
-    """The layer's result: ``out`` itself where a kernel wrote (or added) into it, else a new tensor.
-
-    ``gelu``: None, or the first output column the tanh GELU applies to (0: all)."""
+    """The layer's result: ``out`` itself where a kernel wrote (or added) into it, else a new tensor."""
     if not triton_usable(x):
-        return _reference(x, w, extra_down, extra_up, gelu)
+        return svdq_linear_reference(x, w, extra_down, extra_up, gelu)
     reason = _unsupported(x, w)
     if reason:
         _warn_once(reason)
-        return _reference(x, w, extra_down, extra_up, gelu)
+        return svdq_linear_reference(x, w, extra_down, extra_up, gelu)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, w.in_features)
     if x2.stride(-1) != 1:
@@ -240,12 +236,8 @@ def _compute(x, w, extra_down, extra_up, gelu, out, accumulate):
     y = _run(x2, w, down, up, gelu, out2, acc)
     if y is None:
         _warn_once(f"activation precision {w.act_precision}")
-        return _reference(x, w, extra_down, extra_up, gelu)
+        return svdq_linear_reference(x, w, extra_down, extra_up, gelu)
     return out if y is out2 else y.reshape(*lead, w.out_features)
-
-
-def _reference(x, w, extra_down, extra_up, gelu):
-    return svdq_linear_reference(x, w, extra_down, extra_up, gelu is not None, gelu_from=gelu or 0)
 
 
 def _run(x2, w, down, up, gelu, out2=None, accumulate=False):
@@ -261,8 +253,7 @@ def _run(x2, w, down, up, gelu, out2=None, accumulate=False):
             scratch=arena(x2.device).get,
         )
         w8 = int8_weights(w)
-        return w4a4_gemm(a8, ascale, w8, w.wscale, lora, up, w.bias, x2.dtype, gelu is not None, out=out2,
-                         accumulate=accumulate, gelu_from=gelu or 0)
+        return w4a4_gemm(a8, ascale, w8, w.wscale, lora, up, w.bias, x2.dtype, gelu, out=out2, accumulate=accumulate)
     return None
 
 
@@ -325,7 +316,7 @@ class _Plan:
         return y
 
 
-def _planned(x2: torch.Tensor, w: QuantizedLinearWeights, gelu: int | None, out2: torch.Tensor | None = None,
+def _planned(x2: torch.Tensor, w: QuantizedLinearWeights, gelu: bool, out2: torch.Tensor | None = None,
              accumulate: bool = False) -> torch.Tensor | None:
     """Replay this layer's recorded launches for this shape, or run the call once while recording them.
 
@@ -361,7 +352,7 @@ def _planned(x2: torch.Tensor, w: QuantizedLinearWeights, gelu: int | None, out2
 
 def _w4a16(x2, w, down, up, gelu):
     if x2.shape[0] <= W4A16_MAX_M:
-        final = down is None and gelu is None  # then the kernel may write the output dtype itself
+        final = down is None and not gelu  # then the kernel may write the output dtype itself
         inv = None if w.smooth is None else derived(w, "inv_smooth", lambda: torch.reciprocal(w.smooth.float()))
         y = w4a16_linear(x2, w.qweight, w.wmult, w.wscale, w.smooth, w.in_features, bias=w.bias,
                          out_dtype=x2.dtype if final else torch.float32, inv_smooth=inv)
@@ -398,6 +389,6 @@ def _finish(y, x2, down, up, gelu):
     """The unfused tail of the W4A16 and int4g paths: low-rank branch, GELU, output dtype."""
     if down is not None:
         y = y + (x2.float() @ down.float()) @ up.float().T
-    if gelu is not None:
-        y = gelu_columns(y, gelu)
+    if gelu:
+        y = torch.nn.functional.gelu(y, approximate="tanh")
     return y.to(x2.dtype)

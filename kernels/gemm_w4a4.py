@@ -83,10 +83,9 @@ def _gelu_tanh(y):
 
 @triton.jit
 def _epilogue(acc, rm, rn, M, N, R, ascale_ptr, wscale_ptr, lora_ptr, up_ptr, bias_ptr, c_ptr, stride_lm, stride_un,
-              stride_cm, gelu_from, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
-              DOT_FP32: tl.constexpr, BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr, ACCUMULATE: tl.constexpr):
-    """Scales, low-rank up-projection (accumulated into the same registers), bias, GELU (columns ``gelu_from``
-    on), one 16-bit store.
+              stride_cm, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, DOT_FP32: tl.constexpr,
+              BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr, ACCUMULATE: tl.constexpr):
+    """Scales, low-rank up-projection (accumulated into the same registers), bias, GELU, one 16-bit store.
 
     The branch is taken R_CHUNK ranks at a time, so a LoRA-widened branch (rank 96 = 32 + 64, say) is neither
     padded to a power of two nor staged in shared memory all at once (which pushed the best tiles out)."""
@@ -110,7 +109,7 @@ def _epilogue(acc, rm, rn, M, N, R, ascale_ptr, wscale_ptr, lora_ptr, up_ptr, bi
         bias = tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
         y += bias[None, :]
     if GELU:
-        y = tl.where(rn[None, :] >= gelu_from, _gelu_tanh(y), y)
+        y = _gelu_tanh(y)
     c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :]
     cmask = mmask[:, None] & nmask[None, :]
     if ACCUMULATE:  # add to what the output holds (the other half of a layer split by input columns)
@@ -122,7 +121,7 @@ def _epilogue(acc, rm, rn, M, N, R, ascale_ptr, wscale_ptr, lora_ptr, up_ptr, bi
 def _w4a4_gemm_kernel(
     a_ptr, b_ptr, ascale_ptr, wscale_ptr, lora_ptr, up_ptr, bias_ptr, c_ptr,
     M, N, KP, R,
-    stride_am, stride_bn, stride_lm, stride_un, stride_cm, gelu_from,
+    stride_am, stride_bn, stride_lm, stride_un, stride_cm,
     HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, DOT_FP32: tl.constexpr,
     ACCUMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -159,14 +158,14 @@ def _w4a4_gemm_kernel(
         b_ptrs += BLOCK_K
 
     _epilogue(acc, rm, rn, M, N, R, ascale_ptr, wscale_ptr, lora_ptr, up_ptr, bias_ptr, c_ptr, stride_lm, stride_un,
-              stride_cm, gelu_from, HAS_LORA, HAS_BIAS, GELU, DOT_FP32, BLOCK_R, R_CHUNK, ACCUMULATE)
+              stride_cm, HAS_LORA, HAS_BIAS, GELU, DOT_FP32, BLOCK_R, R_CHUNK, ACCUMULATE)
 
 
 @triton.jit
 def _w4a4_gemm_tma_kernel(
     a_desc, b_desc, ascale_ptr, wscale_ptr, lora_ptr, up_ptr, bias_ptr, c_ptr,
     M, N, KP, R,
-    stride_lm, stride_un, stride_cm, gelu_from, NUM_PROGRAMS,
+    stride_lm, stride_un, stride_cm, NUM_PROGRAMS,
     HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, DOT_FP32: tl.constexpr,
     ACCUMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -197,7 +196,7 @@ def _w4a4_gemm_tma_kernel(
         rm = off_m + tl.arange(0, BLOCK_M)
         rn = off_n + tl.arange(0, BLOCK_N)
         _epilogue(acc, rm, rn, M, N, R, ascale_ptr, wscale_ptr, lora_ptr, up_ptr, bias_ptr, c_ptr, stride_lm,
-                  stride_un, stride_cm, gelu_from, HAS_LORA, HAS_BIAS, GELU, DOT_FP32, BLOCK_R, R_CHUNK, ACCUMULATE)
+                  stride_un, stride_cm, HAS_LORA, HAS_BIAS, GELU, DOT_FP32, BLOCK_R, R_CHUNK, ACCUMULATE)
 
 
 def _pointer_configs():
@@ -272,7 +271,7 @@ class _GemmTuned(TunedKernel):
             return args, flags
         m, n = args[8], args[9]
         scratch = torch.empty(m, n, dtype=args[7].dtype, device=args[7].device)
-        return args[:7] + (scratch,) + args[8:16] + (scratch.stride(0),) + args[17:], {**flags, "ACCUMULATE": False}
+        return args[:7] + (scratch,) + args[8:16] + (scratch.stride(0),), {**flags, "ACCUMULATE": False}
 
     def _launch(self, cfg: dict, args: tuple, flags: dict, m: int, n: int) -> None:
         kw = dict(cfg["kwargs"])
@@ -286,7 +285,7 @@ class _GemmTuned(TunedKernel):
             a_desc = TensorDescriptor(a8, [m, kp], [a8.stride(0), 1], [bm, kw["BLOCK_K"]])
             b_desc = TensorDescriptor(w8, [n, kp], [w8.stride(0), 1], [bn, kw["BLOCK_K"]])
             programs = min(tiles, sm_count(a8.device) * kw.pop("PER_SM", 1))
-            launch(_w4a4_gemm_tma_kernel, (programs,), (a_desc, b_desc) + args[2:12] + args[14:18] + (programs,),
+            launch(_w4a4_gemm_tma_kernel, (programs,), (a_desc, b_desc) + args[2:12] + args[14:17] + (programs,),
                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags, **kw)
         else:
             kw["EVEN_K"] = args[10] % kw["BLOCK_K"] == 0
@@ -333,9 +332,8 @@ def w4a4_gemm(
     schedule: str | None = None,
     out: torch.Tensor | None = None,
     accumulate: bool = False,
-    gelu_from: int = 0,
 ) -> torch.Tensor:
-    """y [M, N] = (a8 · w8ᵀ) · ascale · wscale + lora_act · proj_upᵀ + bias (then GELU of columns ``gelu_from`` on).
+    """y [M, N] = (a8 · w8ᵀ) · ascale · wscale + lora_act · proj_upᵀ + bias (then GELU).
 
     ``out``: an [M, N] tensor (any row stride, unit column stride) to write into, e.g. a column slice of a wider
     output; with ``accumulate`` y is added to what it holds."""
@@ -354,7 +352,6 @@ def w4a4_gemm(
         a8, w8, ascale, wscale, lora_act if r else ascale, proj_up if r else ascale, bias if bias is not None else ascale, out,
         m, n, kp, r,
         a8.stride(0), w8.stride(0), lora_act.stride(0) if r else 0, proj_up.stride(0) if r else 0, out.stride(0),
-        int(gelu_from) if gelu else 0,
     )
     flags = dict(HAS_LORA=r > 0, HAS_BIAS=bias is not None, GELU=gelu, BLOCK_R=block_r, R_CHUNK=r_chunk,
                  DOT_FP32=fp32_dots(a8, proj_up), ACCUMULATE=bool(accumulate))

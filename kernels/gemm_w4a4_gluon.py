@@ -76,7 +76,7 @@ def _gelu_tanh(y):
 
 @gluon.jit
 def _consumer(a_bufs, b_bufs, up_smem, ready, empty, ascale_ptr, wscale_ptr, lora_ptr, up_ptr, bias_ptr, c_ptr,
-              M, N, KP, R, stride_lm, stride_un, stride_cm, gelu_from,
+              M, N, KP, R, stride_lm, stride_un, stride_cm,
               BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
               INSTR_N: gl.constexpr, HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr, GELU: gl.constexpr,
               ACCUMULATE: gl.constexpr, BLOCK_R: gl.constexpr, R_CHUNK: gl.constexpr, WARPS: gl.constexpr):
@@ -130,7 +130,7 @@ def _consumer(a_bufs, b_bufs, up_smem, ready, empty, ascale_ptr, wscale_ptr, lor
         if HAS_BIAS:
             y += gl.load(bias_ptr + rn, mask=nmask, other=0.0).to(gl.float32)[None, :]
         if GELU:
-            y = gl.where(rn[None, :] >= gelu_from, _gelu_tanh(y), y)
+            y = _gelu_tanh(y)
         c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :]
         cmask = mmask[:, None] & nmask[None, :]
         if ACCUMULATE:
@@ -140,7 +140,7 @@ def _consumer(a_bufs, b_bufs, up_smem, ready, empty, ascale_ptr, wscale_ptr, lor
 
 @gluon.jit
 def _w4a4_gemm_ws_kernel(a_desc, b_desc, ascale_ptr, wscale_ptr, lora_ptr, up_ptr, bias_ptr, c_ptr,
-                         M, N, KP, R, stride_lm, stride_un, stride_cm, gelu_from,
+                         M, N, KP, R, stride_lm, stride_un, stride_cm,
                          HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr, GELU: gl.constexpr, ACCUMULATE: gl.constexpr,
                          BLOCK_R: gl.constexpr, R_CHUNK: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
                          INSTR_N: gl.constexpr, WARPS: gl.constexpr):
@@ -158,8 +158,8 @@ def _w4a4_gemm_ws_kernel(a_desc, b_desc, ascale_ptr, wscale_ptr, lora_ptr, up_pt
         mbarrier.init(empty.index(i), count=1)
     gl.warp_specialize([
         (_consumer, (a_bufs, b_bufs, up_smem, ready, empty, ascale_ptr, wscale_ptr, lora_ptr, up_ptr, bias_ptr, c_ptr,
-                     M, N, KP, R, stride_lm, stride_un, stride_cm, gelu_from, BM, BN, BK, STAGES, GROUP_M, INSTR_N,
-                     HAS_LORA, HAS_BIAS, GELU, ACCUMULATE, BLOCK_R, R_CHUNK, WARPS)),
+                     M, N, KP, R, stride_lm, stride_un, stride_cm, BM, BN, BK, STAGES, GROUP_M, INSTR_N, HAS_LORA,
+                     HAS_BIAS, GELU, ACCUMULATE, BLOCK_R, R_CHUNK, WARPS)),
         (_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, KP, BM, BN, BK, STAGES, GROUP_M)),
     ], [1], [40])
 
@@ -175,7 +175,7 @@ def launch_ws(cfg_kwargs: dict, num_warps: int, args: tuple, flags: dict, m: int
                              gl.NVMMASharedLayout.get_default_for([bn, bk], gl.int8))
     programs = min(triton.cdiv(m, bm) * triton.cdiv(n, bn), sm_count(a8.device))
     flags = {k: v for k, v in flags.items() if k != "DOT_FP32"}  # bf16 branch only (the tuner offers this for 16-bit)
-    launch(_w4a4_gemm_ws_kernel, (programs,), (a_desc, b_desc) + args[2:12] + args[14:18],
+    launch(_w4a4_gemm_ws_kernel, (programs,), (a_desc, b_desc) + args[2:12] + args[14:17],
            num_warps=num_warps, **flags, STAGES=cfg_kwargs["STAGES"], GROUP_M=cfg_kwargs["GROUP_M"],
            INSTR_N=min(bn, 128), WARPS=num_warps)
 

@@ -183,9 +183,8 @@ def epilogue(
     extra_down: torch.Tensor | None = None,
     extra_up: torch.Tensor | None = None,
     gelu: bool = False,
-    gelu_from: int = 0,
 ) -> torch.Tensor:
-    """Low-rank up-projection, bias and optional GELU (of columns ``gelu_from`` on) on the fp32 GEMM result."""
+    """Low-rank up-projection, bias and optional GELU on the fp32 GEMM result."""
     y = acc
     if lora_act is not None:
         y = y + lora_act @ w.proj_up.float().T
@@ -194,16 +193,8 @@ def epilogue(
     if w.bias is not None:
         y = y + w.bias.float()
     if gelu:
-        y = gelu_columns(y, gelu_from)
+        y = torch.nn.functional.gelu(y, approximate="tanh")
     return y
-
-
-def gelu_columns(y: torch.Tensor, start: int = 0) -> torch.Tensor:
-    """The tanh GELU of columns ``start`` on (all of them at 0), the rest as they are: FLUX's single blocks apply
-    it to the MLP share of ``linear1``'s output only (the columns after q, k and v)."""
-    if start <= 0:
-        return torch.nn.functional.gelu(y, approximate="tanh")
-    return torch.cat([y[..., :start], torch.nn.functional.gelu(y[..., start:], approximate="tanh")], dim=-1)
 
 
 def svdq_linear_reference(
@@ -213,10 +204,8 @@ def svdq_linear_reference(
     extra_up: torch.Tensor | None = None,
     gelu: bool = False,
     out_dtype: torch.dtype | None = None,
-    gelu_from: int = 0,
 ) -> torch.Tensor:
-    """The quantized linear in plain PyTorch. ``extra_down``/``extra_up`` are LoRA factors appended to the branch;
-    ``gelu`` applies the tanh GELU to the result's columns ``gelu_from`` on.
+    """The quantized linear in plain PyTorch. ``extra_down``/``extra_up`` are LoRA factors appended to the branch.
 
     x: [..., K] in any float dtype; returns [..., N] in ``out_dtype`` (default: x's dtype).
     """
@@ -240,5 +229,5 @@ def svdq_linear_reference(
         w8 = int8_weight_operand(w)
         acc = (a.double() @ w8.double().T).float() * ascale[:, None] * w.wscale.float()[None, :]
     extra_act = x2.float() @ extra_down.float() if extra_down is not None else None
-    y = epilogue(acc, w, lowrank_down(x2, w), extra_act, extra_up, gelu, gelu_from)
+    y = epilogue(acc, w, lowrank_down(x2, w), extra_act, extra_up, gelu)
     return y.to(out_dtype or x.dtype).reshape(*lead, w.out_features)

@@ -74,11 +74,10 @@ def linear(
     in_features: int,
     out_features: int,
     gelu: bool = False,
-    gelu_from: int = 0,
 ) -> torch.Tensor:
     """One quantized linear on [..., K]: ``tensors`` in ``QuantizedLinearWeights.TENSOR_FIELDS`` order, an
-    optional LoRA (down [K, r], up [N, r], strength folded in) added to the branch, then (``gelu``) the tanh GELU
-    of the output columns ``gelu_from`` on. Returns [..., N] in x's dtype."""
+    optional LoRA (down [K, r], up [N, r], strength folded in) added to the branch, then (``gelu``) the tanh GELU.
+    Returns [..., N] in x's dtype."""
     if len(tensors) != len(FIELDS):
         raise ValueError(f"svdq::linear takes {len(FIELDS)} weight tensors ({', '.join(FIELDS)}), got {len(tensors)}")
     q = tensors[0]
@@ -87,7 +86,7 @@ def linear(
     if fast is not None and fast[0] == key:
         layer = fast[1]()
         if layer is not None and layer.svdq_lora is fast[2] and triton_usable(x):
-            y = svdq_linear(x, fast[3], gelu=gelu, gelu_from=gelu_from)
+            y = svdq_linear(x, fast[3], gelu=gelu)
             return y if y.dtype == x.dtype else y.to(x.dtype)
     found = _owner_of(q)
     if found is not None:  # a registered layer: its own eager path, with its caches and its attached LoRA
@@ -97,26 +96,26 @@ def linear(
             if layer.svdq_lora:
                 w = layer.svdq_part_with_lora(w, x.device, part)
             setattr(q, STATE, (key, weakref.ref(layer), layer.svdq_lora, w))
-            y = svdq_linear(x, w, gelu=gelu, gelu_from=gelu_from)
+            y = svdq_linear(x, w, gelu=gelu)
         else:  # reference path or weights elsewhere (lowvram): the layer streams and computes them
-            y = layer.svdq_part_linear(x, part, gelu, gelu_from)
+            y = layer.svdq_part_linear(x, part, gelu)
     else:  # loose tensors: a layer object for this call
         w = QuantizedLinearWeights(in_features=in_features, out_features=out_features, kind=kind, precision=precision,
                                    act_precision=act_precision, act_unsigned=act_unsigned, act_shift=act_shift,
                                    **dict(zip(FIELDS, tensors)))
         w.validate()
         if lora_down is None:
-            y = svdq_linear(x, w, gelu=gelu, gelu_from=gelu_from)
+            y = svdq_linear(x, w, gelu=gelu)
         elif triton_usable(x):  # the kernels take one branch
-            y = svdq_linear(x, with_extra_branch(w, lora_down, lora_up), gelu=gelu, gelu_from=gelu_from)
+            y = svdq_linear(x, with_extra_branch(w, lora_down, lora_up), gelu=gelu)
         else:  # the reference keeps the LoRA separate, in fp32
-            y = svdq_linear(x, w, extra_down=lora_down, extra_up=lora_up, gelu=gelu, gelu_from=gelu_from)
+            y = svdq_linear(x, w, extra_down=lora_down, extra_up=lora_up, gelu=gelu)
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 @linear.register_fake
 def _linear_shape(x, tensors, lora_down, lora_up, kind, precision, act_precision, act_unsigned, act_shift,
-                  in_features, out_features, gelu=False, gelu_from=0):
+                  in_features, out_features, gelu=False):
     if x.shape[-1] != in_features:
         raise ValueError(f"input has {x.shape[-1]} features, layer expects {in_features}")
     return x.new_empty((*x.shape[:-1], out_features))
@@ -124,8 +123,8 @@ def _linear_shape(x, tensors, lora_down, lora_up, kind, precision, act_precision
 
 def call(x: torch.Tensor, w_tensors: List[Optional[torch.Tensor]], meta: dict, in_features: int, out_features: int,
          lora_down: Optional[torch.Tensor] = None, lora_up: Optional[torch.Tensor] = None,
-         gelu: bool = False, gelu_from: int = 0) -> torch.Tensor:
+         gelu: bool = False) -> torch.Tensor:
     """``torch.ops.svdq.linear`` with the layer metadata dict of the checkpoint format (missing keys: defaults)."""
     return linear(x, w_tensors, lora_down, lora_up, meta.get("kind", "w4a4"), meta.get("precision", "int4"),
                   meta.get("act_precision", "int4"), bool(meta.get("act_unsigned", False)),
-                  float(meta.get("act_shift", 0.0)), in_features, out_features, gelu, gelu_from)
+                  float(meta.get("act_shift", 0.0)), in_features, out_features, gelu)

@@ -18,7 +18,7 @@ import comfy.model_management
 import comfy.utils
 
 from ..quant.checkpoint import Checkpoint, CheckpointError, load_checkpoint
-from .ops import fuse_gelu, make_svdq_ops
+from .ops import fuse_mlp_gelu, make_svdq_ops
 from .patcher import SVDQModelPatcher
 
 log = logging.getLogger("svdq")
@@ -76,9 +76,9 @@ def build_model_patcher(
     model = model_config.get_model(sd, "")
     model = model.to(offload_device)
     model.load_model_weights(dict(sd), "")
-    moved = fuse_gelu(model.diffusion_model)
+    moved = fuse_mlp_gelu(model.diffusion_model)
     if moved:
-        log.info("svdq: %d GELUs run in the GEMM epilogue of the layer before them", moved)
+        log.info("svdq: %d MLP GELUs run in their first layer's GEMM epilogue", moved)
     return SVDQModelPatcher(model, load_device=load_device, offload_device=offload_device)
 
 

@@ -15,7 +15,7 @@ import torch
 
 from ..kernels import torch_op
 from ..kernels.dispatch import outside_graph_pools, svdq_linear, triton_usable, with_extra_branch
-from ..kernels.reference import QuantizedLinearWeights, gelu_columns
+from ..kernels.reference import QuantizedLinearWeights
 
 _META = ("kind", "precision", "act_precision", "act_unsigned", "act_shift")
 
@@ -58,8 +58,7 @@ def make_svdq_ops(layer_meta: dict[str, dict]):
                 self.svdq_meta = None
                 self.svdq_lora: list = []  # (down [K, r], up [N, r]) extra low-rank factors (LoRA), see patcher
                 self.svdq_bias_delta = None  # LoRA bias patches on a quantized layer, see patcher
-                self.svdq_gelu = False  # the tanh GELU after this layer was moved in here (``fuse_gelu``)
-                self.svdq_gelu_from = 0  # ... for the output columns from this one on (FLUX single blocks: the MLP's)
+                self.svdq_gelu = False  # the tanh GELU after this layer was moved in here (``fuse_mlp_gelu``)
                 self.svdq_parts: list = []  # (attribute prefix, meta, in_range, out_range, state-dict prefix)
                 self.svdq_field_names: list = []  # per part: the attribute names of its tensors, in TENSOR_FIELDS order
 
@@ -163,11 +162,9 @@ def make_svdq_ops(layer_meta: dict[str, dict]):
                 # the GELU runs in the GEMM epilogue unless a LoRA bias delta must be added before it, or the
                 # parts split the input (their sum exists only after the last part)
                 gelu = self.svdq_gelu and self.svdq_bias_delta is None and self.svdq_parts[0][2] is None
-                whole = len(self.svdq_parts) == 1 and self.svdq_parts[0][2] is None and self.svdq_parts[0][3] is None
-                gelu = gelu and (whole or not self.svdq_gelu_from)  # a column range: on a whole layer only
                 if torch.compiler.is_compiling():
                     y = self._traced_forward(x, gelu)
-                elif whole:
+                elif len(self.svdq_parts) == 1 and self.svdq_parts[0][2] is None and self.svdq_parts[0][3] is None:
                     comfy.ops.run_every_op()
                     y = self._part_linear(x, 0, gelu=gelu)
                 else:
@@ -176,7 +173,7 @@ def make_svdq_ops(layer_meta: dict[str, dict]):
                 if self.svdq_bias_delta is not None:
                     y = y + self.svdq_bias_delta.to(device=y.device, dtype=y.dtype)
                 if self.svdq_gelu and not gelu:
-                    y = gelu_columns(y, self.svdq_gelu_from)
+                    y = torch.nn.functional.gelu(y, approximate="tanh")
                 return y
 
             def _lora_factors(self, device, part: int = 0):
@@ -207,18 +204,15 @@ def make_svdq_ops(layer_meta: dict[str, dict]):
                 cache[part] = (self.svdq_lora, w, device, merged)
                 return merged
 
-            def _part_linear(self, x, part: int, out=None, accumulate: bool = False, gelu: bool = False,
-                             gelu_from: int | None = None):
+            def _part_linear(self, x, part: int, out=None, accumulate: bool = False, gelu: bool = False):
                 w = self.quantized_weights(device=x.device, part=part)
-                start = self.svdq_gelu_from if gelu_from is None else gelu_from
                 if not self.svdq_lora:
-                    return svdq_linear(x, w, gelu=gelu, out=out, accumulate=accumulate, gelu_from=start)
+                    return svdq_linear(x, w, gelu=gelu, out=out, accumulate=accumulate)
                 if triton_usable(x):  # the kernels take one branch: merged once per LoRA set
                     return svdq_linear(x, self._with_lora_branch(w, x.device, part), gelu=gelu, out=out,
-                                       accumulate=accumulate, gelu_from=start)
+                                       accumulate=accumulate)
                 down, up = self._lora_factors(x.device, part)  # the reference keeps them separate, in fp32
-                return svdq_linear(x, w, extra_down=down, extra_up=up, gelu=gelu, out=out, accumulate=accumulate,
-                                   gelu_from=start)
+                return svdq_linear(x, w, extra_down=down, extra_up=up, gelu=gelu, out=out, accumulate=accumulate)
 
             def _composite_forward(self, x, gelu: bool = False):
                 """Parts split by output rows write their column slices of one output (no concatenation); parts
@@ -250,8 +244,7 @@ def make_svdq_ops(layer_meta: dict[str, dict]):
                     xi = x if in_range is None else x[..., in_range[0]: in_range[1]]
                     k = xi.shape[-1]
                     n = self.out_features if out_range is None else out_range[1] - out_range[0]
-                    outs.append(torch_op.call(xi, tensors, meta, k, n, down, up, gelu=gelu,
-                                              gelu_from=self.svdq_gelu_from))
+                    outs.append(torch_op.call(xi, tensors, meta, k, n, down, up, gelu=gelu))
                 if len(outs) == 1:
                     return outs[0]
                 if self.svdq_parts[0][3] is not None:
@@ -280,16 +273,11 @@ def make_svdq_ops(layer_meta: dict[str, dict]):
                 """The part's weights object with the attached LoRA merged into its branch (cached per LoRA set)."""
                 return self._with_lora_branch(w, device, part)
 
-            def svdq_part_linear(self, x, part: int, gelu: bool = False, gelu_from: int = 0):
+            def svdq_part_linear(self, x, part: int, gelu: bool = False):
                 """One part on its input, as the eager forward computes it (what ``svdq::linear`` runs)."""
-                return self._part_linear(x, part, gelu=gelu, gelu_from=gelu_from)
+                return self._part_linear(x, part, gelu=gelu)
 
     return SVDQOps
-
-
-def fuse_gelu(root: torch.nn.Module) -> int:
-    """Both GELU fusions below; returns how many GELUs moved into GEMM epilogues."""
-    return fuse_mlp_gelu(root) + fuse_single_block_gelu(root)
 
 
 def fuse_mlp_gelu(root: torch.nn.Module) -> int:
@@ -310,26 +298,4 @@ def fuse_mlp_gelu(root: torch.nn.Module) -> int:
                 lin.svdq_gelu = True
                 seq[i + 1] = torch.nn.Identity()
                 moved += 1
-    return moved
-
-
-def fuse_single_block_gelu(root: torch.nn.Module) -> int:
-    """Move the tanh GELU of each FLUX-type single block (ComfyUI's ``SingleStreamBlock``: ``linear1`` makes q, k,
-    v and the MLP input side by side, ``mlp_act`` is applied to the MLP share only) into ``linear1``'s epilogue,
-    for its columns after q, k and v: ``mlp_act`` becomes ``nn.Identity`` and the 4608 x 12288 activation is not
-    read and written again by a separate kernel. Recognised by the attributes ComfyUI's block forward uses; a block
-    whose ``linear1`` is split into parts, or that is not laid out as expected, is left as it is."""
-    moved = 0
-    for block in root.modules():
-        lin, act, hidden = getattr(block, "linear1", None), getattr(block, "mlp_act", None), getattr(block, "hidden_size", None)
-        if (type(act) is not torch.nn.GELU or act.approximate != "tanh" or not isinstance(hidden, int)
-                or getattr(lin, "svdq_meta", None) is None or lin.svdq_gelu or len(lin.svdq_parts) != 1
-                or lin.svdq_parts[0][2] is not None or lin.svdq_parts[0][3] is not None):
-            continue
-        mlp = getattr(block, "mlp_hidden_dim_first", getattr(block, "mlp_hidden_dim", None))
-        if lin.out_features != 3 * hidden + mlp:
-            continue
-        lin.svdq_gelu, lin.svdq_gelu_from = True, 3 * hidden
-        block.mlp_act = torch.nn.Identity()
-        moved += 1
     return moved

@@ -84,10 +84,6 @@ def test_gemm_schedules_match_reference(m, k, n, rank, bias, unsigned, schedule,
     x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
     assert rel(triton_kernels.svdq_linear(x, layer), svdq_linear_reference(x, layer)) <= 1e-2
     assert rel(triton_kernels.svdq_linear(x, layer, gelu=True), svdq_linear_reference(x, layer, gelu=True)) <= 1e-2
-    start = n // 2 + 3  # a GELU of the columns from here on (FLUX single blocks: the MLP share), mid-tile
-    out = triton_kernels.svdq_linear(x, layer, gelu=True, gelu_from=start)
-    assert rel(out, svdq_linear_reference(x, layer, gelu=True, gelu_from=start)) <= 1e-2
-    assert rel(out[:, :start], triton_kernels.svdq_linear(x, layer)[:, :start]) <= 1e-3
 
 
 def test_int8_activation_mode(triton_kernels):
@@ -96,21 +92,11 @@ def test_int8_activation_mode(triton_kernels):
     assert rel(triton_kernels.svdq_linear(x, layer), svdq_linear_reference(x, layer)) <= 1e-2
 
 
-@pytest.mark.parametrize("start", [0, 24, 64, 200])
-def test_gelu_epilogue(start, triton_kernels):
-    """The GELU of the output columns from ``start`` on (0: all; past the end: none) in the GEMM epilogue."""
-    from svdq.kernels.reference import gelu_columns
-
+def test_gelu_epilogue(triton_kernels):
     layer = random_layer(64, 128, 16, True, device=DEV)
     x = torch.randn(5, 128, device=DEV, dtype=torch.bfloat16)
-    out = triton_kernels.svdq_linear(x, layer, gelu=True, gelu_from=start)
-    ref = svdq_linear_reference(x, layer, gelu=True, gelu_from=start)
-    assert rel(out, ref) <= 1e-2
-    plain = svdq_linear_reference(x, layer).float()
-    assert torch.allclose(ref.float(), gelu_columns(plain, start), atol=2e-2)
-    assert torch.equal(ref[:, :start], svdq_linear_reference(x, layer)[:, :start])  # before start: untouched
-    if start < 64:
-        assert rel(ref[:, start:], plain[:, start:]) > 1e-2  # the GELU did something
+    out = triton_kernels.svdq_linear(x, layer, gelu=True)
+    assert rel(out, svdq_linear_reference(x, layer, gelu=True)) <= 1e-2
 
 
 def test_lora_extension_matches_reference(triton_kernels):
