@@ -59,9 +59,10 @@ def outside_graph_pools(make):
     if _helper is None:
         _helper = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="svdq-alloc")
     device, stream = torch.cuda.current_device(), torch.cuda.current_stream()
+    inference = torch.is_inference_mode_enabled()  # thread-local: the tensors come out as the caller's would
 
     def run():
-        with torch.cuda.device(device), torch.cuda.stream(stream), torch.no_grad():
+        with torch.cuda.device(device), torch.cuda.stream(stream), torch.inference_mode(inference), torch.no_grad():
             return make()
 
     return _helper.submit(run).result()
