@@ -16,8 +16,7 @@ times ``apply_model`` on 1024x1024 inputs (4096 image + 512 text tokens):
   svdq_fbc    svdq with the first-block cache at threshold 0.12: a 20-step sampler run against svdq without it
   *_compile   (bf16_compile, fp8_compile, svdq_compile, svdq_lora_compile) the same model under ``torch.compile``
               (Inductor), set up the way ComfyUI's TorchCompileModel node does (``set_torch_compile_wrapper``), one
-              compiled module per transformer block (``--compile-scope model``: the whole diffusion model);
-              compile time is reported apart from the step time
+              compiled module per transformer block; compile time is reported apart from the step time
   *_cudagraphs, *_wholecompile, *_wholero   the whole diffusion model compiled as ComfyUI's TorchCompileModel node
               does, with its backend "cudagraphs" (Dynamo graphs replayed as CUDA graphs, eager numerics), with
               "inductor", and with Inductor in mode reduce-overhead (its CUDA graphs)
@@ -337,7 +336,6 @@ def profile_step(patcher, cfg, batch=1):
 
 COMPILE_BACKEND = "inductor"
 COMPILE_MODE = None  # torch.compile mode of the *_compile rows (reduce-overhead: Inductor's CUDA graphs)
-COMPILE_SCOPE = "blocks"  # blocks: one compiled module per transformer block; model: the whole diffusion model
 
 
 # Row suffixes: how a row's model is compiled (backend, mode, scope); "compile" takes the command-line settings.
@@ -364,7 +362,7 @@ def compiled(patcher, cfg, variant="compile"):
     whole diffusion model, per ``VARIANTS``."""
     from comfy_api.torch_helpers import set_torch_compile_wrapper
 
-    backend, mode, scope = VARIANTS.get(variant) or (COMPILE_BACKEND, COMPILE_MODE, COMPILE_SCOPE)
+    backend, mode, scope = VARIANTS.get(variant) or (COMPILE_BACKEND, COMPILE_MODE, "blocks")
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     m = patcher.clone()
     if scope == "model":  # one graph for the whole forward: the only scope Inductor's CUDA graphs accept
@@ -421,13 +419,11 @@ def main() -> int:
                     help="torch.compile backend of the *_compile rows (aot_eager: same numerics as eager, a check)")
     ap.add_argument("--compile-mode", default=None,
                     help="torch.compile mode of the *_compile rows (reduce-overhead: CUDA graphs, no host launch cost)")
-    ap.add_argument("--compile-scope", choices=["blocks", "model"], default="blocks",
-                    help="what the *_compile rows compile: each transformer block, or the whole diffusion model")
     ap.add_argument("--fbc-thresholds", default="0.12", help="first-block cache thresholds (first = the reported one)")
     args = ap.parse_args()
     thresholds = [float(t) for t in args.fbc_thresholds.split(",")]
-    global COMPILE_BACKEND, COMPILE_MODE, COMPILE_SCOPE, UNET_CONFIG
-    COMPILE_BACKEND, COMPILE_MODE, COMPILE_SCOPE = args.compile_backend, args.compile_mode, args.compile_scope
+    global COMPILE_BACKEND, COMPILE_MODE, UNET_CONFIG
+    COMPILE_BACKEND, COMPILE_MODE = args.compile_backend, args.compile_mode
     cfg = FLUX_DEV if args.config == "flux-dev" else dict(TINY_FLUX, context_in_dim=4096, vec_in_dim=768)
     UNET_CONFIG = None if args.config == "flux-dev" else cfg
     rows = args.rows.split(",")
@@ -436,7 +432,7 @@ def main() -> int:
 
     env = {"gpu": torch.cuda.get_device_name(0) if CUDA else "cpu", "torch": torch.__version__, "triton": triton.__version__,
            "python": platform.python_version(), "config": args.config,
-           "compile": {"backend": COMPILE_BACKEND, "mode": COMPILE_MODE, "scope": COMPILE_SCOPE}}
+           "compile": {"backend": COMPILE_BACKEND, "mode": COMPILE_MODE}}
     log(f"{env}")
     results: dict = {"env": env, "rows": {}, "capped": {}}
     t0 = time.time()
