@@ -18,12 +18,16 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-CONFIGS = [(128, 256, 128, 4), (128, 256, 64, 6), (128, 128, 128, 5), (128, 256, 128, 3)]  # BM, BN, BK, stages
+# BM, BN, BK, stages, ping-pong (BM rows per warpgroup) or cooperative (BM rows split over two warpgroups)
+CONFIGS = [(128, 256, 128, 4, False), (128, 128, 128, 5, False),
+           (64, 256, 128, 4, True), (64, 256, 64, 6, True), (128, 128, 128, 4, True), (128, 128, 128, 5, True)]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
+    ap.add_argument("--rank", type=int, default=0, help="low-rank branch width (the epilogue's extra work)")
+    ap.add_argument("--shapes", default=None, help="K:N,K:N... (default: the five M = 4608 FLUX shapes)")
     args = ap.parse_args()
     import _path  # noqa: F401
     import triton.testing
@@ -34,27 +38,31 @@ def main() -> int:
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
     print(f"# {env['gpu']}, torch {env['torch']}, triton {env['triton']}", flush=True)
     rows = []
-    for k, n in M4608:
+    shapes = [tuple(int(v) for v in s.split(":")) for s in args.shapes.split(",")] if args.shapes else M4608
+    r = args.rank
+    print(f"# rank {r}", flush=True)
+    for k, n in shapes:
         m = 4608
-        layer = make_layer(n, k, 0)
+        layer = make_layer(n, k, r)
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         wb = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-        a8, sa, _ = quantize_activation(x, layer.k_padded, layer.smooth, None)
+        a8, sa, lora = quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down if r else None)
+        up = layer.proj_up if r else None
         w8 = expand_weight(layer.qweight, layer.wmult)
         def triton_gemm():
-            return w4a4_gemm(a8, sa, w8, layer.wscale, None, None, layer.bias, torch.bfloat16, schedule="tma")
+            return w4a4_gemm(a8, sa, w8, layer.wscale, lora, up, layer.bias, torch.bfloat16, schedule="tma")
 
         ref = triton_gemm()
         row = {"K": k, "N": n,
                "bf16": triton.testing.do_bench_cudagraph(lambda: torch.nn.functional.linear(x, wb), rep=50) * 1e3,
                "triton": triton.testing.do_bench_cudagraph(triton_gemm, rep=50) * 1e3}
-        for bm, bn, bk, st in CONFIGS:
-            name = f"gluon_{bm}x{bn}x{bk}_s{st}"
-            cfg = {"kwargs": {"SCHEDULE": "gluon", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "STAGES": st,
-                              "GROUP_M": 8}, "num_warps": 8, "num_stages": 1}
+        for bm, bn, bk, st, pp in CONFIGS:
+            name = f"{'pingpong' if pp else 'gluon'}_{bm}x{bn}x{bk}_s{st}"
+            cfg = {"kwargs": {"SCHEDULE": "gluon", "PINGPONG": pp, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
+                              "STAGES": st, "GROUP_M": 8}, "num_warps": 4 if pp else 8, "num_stages": 1}
 
             def fn(cfg=cfg):
-                return w4a4_gemm(a8, sa, w8, layer.wscale, None, None, layer.bias, torch.bfloat16, config=cfg)
+                return w4a4_gemm(a8, sa, w8, layer.wscale, lora, up, layer.bias, torch.bfloat16, config=cfg)
 
             try:
                 y = fn()

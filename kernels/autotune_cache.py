@@ -58,12 +58,16 @@ _shipped_cache: dict | None = None
 
 
 def shipped() -> dict:
-    """The pre-tuned configs that ship with the package (empty when the file is missing or unreadable)."""
+    """The pre-tuned configs that ship with the package (empty when the file is missing or unreadable), or those of
+    ``$SVDQ_TUNED_CONFIGS`` (a site's own pre-tuned file; same-run A/B of two tunings in ``bench/``)."""
     global _shipped_cache
     if _shipped_cache is None:
+        path = os.environ.get("SVDQ_TUNED_CONFIGS") or Path(__file__).with_name("tuned_configs.json")
         try:
-            _shipped_cache = json.loads((Path(__file__).with_name("tuned_configs.json")).read_text())
-        except (OSError, json.JSONDecodeError):
+            _shipped_cache = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            if os.environ.get("SVDQ_TUNED_CONFIGS"):
+                log.warning("svdq: cannot read SVDQ_TUNED_CONFIGS=%s (%s); tuning shapes as they come", path, exc)
             _shipped_cache = {}
     return _shipped_cache
 

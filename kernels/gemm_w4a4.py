@@ -230,7 +230,7 @@ def _tma_configs():
 
 
 def _ws_configs():
-    return [triton.Config(kw, num_warps=8, num_stages=1) for kw in gemm_w4a4_gluon.ws_configs()] if HAS_GLUON else []
+    return [triton.Config(kw, num_warps=w, num_stages=1) for kw, w in gemm_w4a4_gluon.ws_configs()] if HAS_GLUON else []
 
 
 class _GemmTuned(TunedKernel):
@@ -240,20 +240,22 @@ class _GemmTuned(TunedKernel):
 
     def _default_order(self, configs: list, args: tuple) -> list:
         """Untuned calls (``SVDQ_AUTOTUNE=0``, CUDA-graph capture before tuning) start from the measured winners:
-        the warp-specialized kernel at K ≥ 8192, the 128 × 256 × 128 four-stage TMA tile for large layers, the
-        two-per-SM 128 × 128 × 64 tile for small M or N (H100/H200 sweeps in BENCHMARKS.md)."""
+        the ping-pong Gluon kernel for large layers, then the 128 × 256 × 128 four-stage TMA tile; the two-per-SM
+        128 × 128 × 64 tile for small M or N, where the ping-pong kernel leads only at K ≥ 8192 (H100/H200 sweeps in
+        BENCHMARKS.md)."""
         m, n, kp = args[8], args[9], args[10]
         small = m <= 1024 or n <= 3072
         key = (small, kp >= 8192, len(configs))  # configs: this tuner's list, less the ones the call cannot take
         hit = self.__dict__.setdefault("_orders", {}).get(key)
         if hit is not None:
             return hit
-        want = [("gluon", 128, 256, 128)] if kp >= 8192 else []
+        pingpong = ("pingpong", 128, 128, 128)
+        want = [pingpong, ("gluon", 128, 256, 128)] if kp >= 8192 else [] if small else [pingpong]
         want += [("tma", 128, 128, 64), ("tma", 128, 256, 128)] if small else [("tma", 128, 256, 128), ("tma", 128, 128, 64)]
 
         def rank(c):
             kw = c.kwargs
-            key = (kw.get("SCHEDULE"), kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"])
+            key = ("pingpong" if kw.get("PINGPONG") else kw.get("SCHEDULE"), kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"])
             stages_ok = kw.get("SCHEDULE") != "tma" or c.num_stages == 4  # the four-stage variants won
             return want.index(key) if key in want and stages_ok and kw.get("FLATTEN", True) else len(want)
 

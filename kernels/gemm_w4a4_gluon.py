@@ -75,6 +75,52 @@ def _gelu_tanh(y):
 
 
 @gluon.jit
+def _tile_epilogue(acc, pid_m, pid_n, up_smem, ascale_ptr, wscale_ptr, lora_ptr, up_ptr, bias_ptr, c_ptr, M, N, R,
+                   stride_lm, stride_un, stride_cm, BM: gl.constexpr, BN: gl.constexpr, INSTR_N: gl.constexpr,
+                   HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr, GELU: gl.constexpr, ACCUMULATE: gl.constexpr,
+                   BLOCK_R: gl.constexpr, R_CHUNK: gl.constexpr, WARPS: gl.constexpr):
+    """Scales, the low-rank branch on bf16 wgmma (proj_up chunks staged in ``up_smem``), bias, GELU, one store:
+    the Triton kernel's epilogue term for term, so outputs are bit-identical."""
+    y_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+                                                       instr_shape=[16, INSTR_N, 16])
+    la_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=y_layout, k_width=2)
+    up_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // (R_CHUNK // 8), R_CHUNK // 8],
+                                               warps_per_cta=[WARPS, 1], order=[1, 0])
+    rm = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, y_layout))
+    rn = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, y_layout))
+    mmask = rm < M
+    nmask = rn < N
+    sa = gl.load(ascale_ptr + rm, mask=mmask, other=0.0)
+    sw = gl.load(wscale_ptr + rn, mask=nmask, other=0.0)
+    y = gl.convert_layout(acc.to(gl.float32), y_layout) * sa[:, None] * sw[None, :]
+    if HAS_LORA:
+        lm = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, la_layout))
+        un = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, up_layout))
+        for r0 in gl.static_range(0, BLOCK_R, R_CHUNK):
+            lr = r0 + gl.arange(0, R_CHUNK, layout=gl.SliceLayout(0, la_layout))
+            la = gl.load(lora_ptr + lm[:, None] * stride_lm + lr[None, :],
+                         mask=(lm < M)[:, None] & (lr < R)[None, :], other=0.0).to(gl.bfloat16)
+            ur = r0 + gl.arange(0, R_CHUNK, layout=gl.SliceLayout(0, up_layout))
+            up = gl.load(up_ptr + un[:, None] * stride_un + ur[None, :],
+                         mask=(un < N)[:, None] & (ur < R)[None, :], other=0.0)
+            gl.thread_barrier()  # the previous chunk's (or tile's) MMA has finished reading up_smem
+            up_smem.store(up.to(gl.bfloat16))
+            fence_async_shared()
+            gl.thread_barrier()
+            y = warpgroup_mma(la, up_smem.permute((1, 0)), y, is_async=True)
+            y = warpgroup_mma_wait(num_outstanding=0, deps=(y,))
+    if HAS_BIAS:
+        y += gl.load(bias_ptr + rn, mask=nmask, other=0.0).to(gl.float32)[None, :]
+    if GELU:
+        y = _gelu_tanh(y)
+    c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :]
+    cmask = mmask[:, None] & nmask[None, :]
+    if ACCUMULATE:
+        y += gl.load(c_ptrs, mask=cmask, other=0.0).to(gl.float32)
+    gl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=cmask)
+
+
+@gluon.jit
 def _consumer(a_bufs, b_bufs, up_smem, ready, empty, ascale_ptr, wscale_ptr, lora_ptr, up_ptr, bias_ptr, c_ptr,
               M, N, KP, R, stride_lm, stride_un, stride_cm,
               BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
@@ -84,11 +130,6 @@ def _consumer(a_bufs, b_bufs, up_smem, ready, empty, ascale_ptr, wscale_ptr, lor
     MMA after it has been issued), then the epilogue of the tile."""
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                          instr_shape=[16, INSTR_N, 32])
-    y_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
-                                                       instr_shape=[16, INSTR_N, 16])
-    la_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=y_layout, k_width=2)
-    up_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // (R_CHUNK // 8), R_CHUNK // 8],
-                                               warps_per_cta=[WARPS, 1], order=[1, 0])
     num_m, num_n, k_tiles = _schedule(M, N, KP, BM, BN, BK)
     it = 0
     for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
@@ -104,38 +145,9 @@ def _consumer(a_bufs, b_bufs, up_smem, ready, empty, ascale_ptr, wscale_ptr, lor
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
 
-        rm = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, y_layout))
-        rn = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, y_layout))
-        mmask = rm < M
-        nmask = rn < N
-        sa = gl.load(ascale_ptr + rm, mask=mmask, other=0.0)
-        sw = gl.load(wscale_ptr + rn, mask=nmask, other=0.0)
-        y = gl.convert_layout(acc.to(gl.float32), y_layout) * sa[:, None] * sw[None, :]
-        if HAS_LORA:
-            lm = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, la_layout))
-            un = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, up_layout))
-            for r0 in gl.static_range(0, BLOCK_R, R_CHUNK):
-                lr = r0 + gl.arange(0, R_CHUNK, layout=gl.SliceLayout(0, la_layout))
-                la = gl.load(lora_ptr + lm[:, None] * stride_lm + lr[None, :],
-                             mask=(lm < M)[:, None] & (lr < R)[None, :], other=0.0).to(gl.bfloat16)
-                ur = r0 + gl.arange(0, R_CHUNK, layout=gl.SliceLayout(0, up_layout))
-                up = gl.load(up_ptr + un[:, None] * stride_un + ur[None, :],
-                             mask=(un < N)[:, None] & (ur < R)[None, :], other=0.0)
-                gl.thread_barrier()  # the previous chunk's (or tile's) MMA has finished reading up_smem
-                up_smem.store(up.to(gl.bfloat16))
-                fence_async_shared()
-                gl.thread_barrier()
-                y = warpgroup_mma(la, up_smem.permute((1, 0)), y, is_async=True)
-                y = warpgroup_mma_wait(num_outstanding=0, deps=(y,))
-        if HAS_BIAS:
-            y += gl.load(bias_ptr + rn, mask=nmask, other=0.0).to(gl.float32)[None, :]
-        if GELU:
-            y = _gelu_tanh(y)
-        c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :]
-        cmask = mmask[:, None] & nmask[None, :]
-        if ACCUMULATE:
-            y += gl.load(c_ptrs, mask=cmask, other=0.0).to(gl.float32)
-        gl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=cmask)
+        _tile_epilogue(acc, pid_m, pid_n, up_smem, ascale_ptr, wscale_ptr, lora_ptr, up_ptr, bias_ptr, c_ptr, M, N, R,
+                       stride_lm, stride_un, stride_cm, BM, BN, INSTR_N, HAS_LORA, HAS_BIAS, GELU, ACCUMULATE, BLOCK_R,
+                       R_CHUNK, WARPS)
 
 
 @gluon.jit
@@ -164,9 +176,81 @@ def _w4a4_gemm_ws_kernel(a_desc, b_desc, ascale_ptr, wscale_ptr, lora_ptr, up_pt
     ], [1], [40])
 
 
+@gluon.jit
+def _pingpong_consumer(a_bufs, b_bufs, up_smem, ready, empty, turn, ascale_ptr, wscale_ptr, lora_ptr, up_ptr, bias_ptr,
+                       c_ptr, M, N, KP, R, stride_lm, stride_un, stride_cm,
+                       BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
+                       GROUP_M: gl.constexpr, INSTR_N: gl.constexpr, HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr,
+                       GELU: gl.constexpr, ACCUMULATE: gl.constexpr, BLOCK_R: gl.constexpr, R_CHUNK: gl.constexpr,
+                       WG: gl.constexpr):
+    """One warpgroup taking every other tile of its program (``WG`` = 0 or 1), its main loops alternating with the
+    other warpgroup's: it waits on ``turn[WG]`` until the other has issued every MMA of the tile before, and passes
+    the turn back once its own are issued. So one warpgroup's epilogue runs under the other's MMAs, and the two walk
+    the stage ring in the producer's order (which also keeps mbarrier phases within one of each other)."""
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, INSTR_N, 32])
+    num_m, num_n, k_tiles = _schedule(M, N, KP, BM, BN, BK)
+    j = WG  # this tile's place in the program's tile sequence (the producer's order)
+    for tile in range(gl.program_id(0) + WG * gl.num_programs(0), num_m * num_n, 2 * gl.num_programs(0)):
+        pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
+        mbarrier.wait(turn.index(WG), ((j - 1) // 2) & 1, pred=j > 0)
+        it = j * k_tiles
+        acc = gl.zeros([BM, BN], gl.int32, layout=acc_layout)
+        for ki in range(k_tiles):
+            s = it % STAGES
+            mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+            acc = warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+            mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES), pred=ki > 0)  # the MMA before this one is done
+            it += 1
+        mbarrier.arrive(turn.index(1 - WG))  # every MMA of this tile is issued: the other warpgroup's turn
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
+        _tile_epilogue(acc, pid_m, pid_n, up_smem.index(WG), ascale_ptr, wscale_ptr, lora_ptr, up_ptr, bias_ptr, c_ptr,
+                       M, N, R, stride_lm, stride_un, stride_cm, BM, BN, INSTR_N, HAS_LORA, HAS_BIAS, GELU, ACCUMULATE,
+                       BLOCK_R, R_CHUNK, 4)
+        j += 2
+
+
+@gluon.jit
+def _w4a4_gemm_pingpong_kernel(a_desc, b_desc, ascale_ptr, wscale_ptr, lora_ptr, up_ptr, bias_ptr, c_ptr,
+                               M, N, KP, R, stride_lm, stride_un, stride_cm,
+                               HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr, GELU: gl.constexpr,
+                               ACCUMULATE: gl.constexpr, BLOCK_R: gl.constexpr, R_CHUNK: gl.constexpr,
+                               STAGES: gl.constexpr, GROUP_M: gl.constexpr, INSTR_N: gl.constexpr,
+                               CONSUMER_REGS: gl.constexpr):
+    """Ping-pong schedule: a producer warp and two consumer warpgroups, each with whole tiles of its own (BM rows
+    per warpgroup), whose main loops take turns (``_pingpong_consumer``). The cooperative kernel above runs its
+    epilogue with the tensor cores idle; here the other warpgroup's MMAs fill that time."""
+    BM: gl.constexpr = a_desc.block_type.shape[0]
+    BK: gl.constexpr = a_desc.block_type.shape[1]
+    BN: gl.constexpr = b_desc.block_type.shape[0]
+    a_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BM, BK], a_desc.layout)
+    b_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BN, BK], b_desc.layout)
+    up_smem = gl.allocate_shared_memory(gl.bfloat16, [2, BN, R_CHUNK],
+                                        gl.NVMMASharedLayout.get_default_for([BN, R_CHUNK], gl.bfloat16))
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=1)
+    for i in gl.static_range(2):
+        mbarrier.init(turn.index(i), count=1)
+    gl.warp_specialize([
+        (_pingpong_consumer, (a_bufs, b_bufs, up_smem, ready, empty, turn, ascale_ptr, wscale_ptr, lora_ptr, up_ptr,
+                              bias_ptr, c_ptr, M, N, KP, R, stride_lm, stride_un, stride_cm, BM, BN, BK, STAGES, GROUP_M,
+                              INSTR_N, HAS_LORA, HAS_BIAS, GELU, ACCUMULATE, BLOCK_R, R_CHUNK, 0)),
+        (_pingpong_consumer, (a_bufs, b_bufs, up_smem, ready, empty, turn, ascale_ptr, wscale_ptr, lora_ptr, up_ptr,
+                              bias_ptr, c_ptr, M, N, KP, R, stride_lm, stride_un, stride_cm, BM, BN, BK, STAGES, GROUP_M,
+                              INSTR_N, HAS_LORA, HAS_BIAS, GELU, ACCUMULATE, BLOCK_R, R_CHUNK, 1)),
+        (_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, KP, BM, BN, BK, STAGES, GROUP_M)),
+    ], [4, 1], [CONSUMER_REGS, 40])
+
+
 def launch_ws(cfg_kwargs: dict, num_warps: int, args: tuple, flags: dict, m: int, n: int) -> None:
     """Launch with the ``w4a4_gemm`` argument tuple (see ``gemm_w4a4._GemmTuned``): descriptors for this tile
-    shape, one program per SM (at most one per tile)."""
+    shape, one program per SM (at most one per tile); ``PINGPONG`` picks the ping-pong kernel."""
     bm, bn, bk = cfg_kwargs["BLOCK_M"], cfg_kwargs["BLOCK_N"], cfg_kwargs["BLOCK_K"]
     a8, w8, kp = args[0], args[1], args[10]
     a_desc = GluonDescriptor(a8, [m, kp], [a8.stride(0), 1], [bm, bk],
@@ -175,16 +259,25 @@ def launch_ws(cfg_kwargs: dict, num_warps: int, args: tuple, flags: dict, m: int
                              gl.NVMMASharedLayout.get_default_for([bn, bk], gl.int8))
     programs = min(triton.cdiv(m, bm) * triton.cdiv(n, bn), sm_count(a8.device))
     flags = {k: v for k, v in flags.items() if k != "DOT_FP32"}  # bf16 branch only (the tuner offers this for 16-bit)
+    if cfg_kwargs.get("PINGPONG"):  # BLOCK_M rows per warpgroup; the default partition is one warpgroup
+        launch(_w4a4_gemm_pingpong_kernel, (programs,), (a_desc, b_desc) + args[2:12] + args[14:17],
+               num_warps=4, **flags, STAGES=cfg_kwargs["STAGES"], GROUP_M=cfg_kwargs["GROUP_M"],
+               INSTR_N=min(bn, 128), CONSUMER_REGS=232)
+        return
     launch(_w4a4_gemm_ws_kernel, (programs,), (a_desc, b_desc) + args[2:12] + args[14:17],
            num_warps=num_warps, **flags, STAGES=cfg_kwargs["STAGES"], GROUP_M=cfg_kwargs["GROUP_M"],
            INSTR_N=min(bn, 128), WARPS=num_warps)
 
 
-def ws_configs() -> list[dict]:
-    """(tile, stages) candidates (each adds tuning time on the first call of a shape); the tuner drops any that do
-    not fit (a wide branch needs more shared memory)."""
-    return [{"SCHEDULE": "gluon", "BLOCK_M": 128, "BLOCK_N": bn, "BLOCK_K": bk, "STAGES": st, "GROUP_M": 8}
-            for bn, bk, st in [(256, 128, 4), (128, 128, 5)]]  # the H100 probe's winners; (256,128,3), (256,64,6) never won
+def ws_configs() -> list[tuple[dict, int]]:
+    """(config kwargs, warps) candidates (each adds tuning time on the first call of a shape); the tuner drops any
+    that do not fit (a wide branch needs more shared memory). The H100 probes' winners: cooperative 128 x 256 and
+    128 x 128 (session 5; 128 x 256 x 64 and three stages never won), ping-pong 128 x 128 x 128 with four stages
+    (session 7: 64 x 256 tiles and five or six stages were slower, ``bench/gluon_gemm_probe.py``)."""
+    coop = [({"SCHEDULE": "gluon", "BLOCK_M": 128, "BLOCK_N": bn, "BLOCK_K": bk, "STAGES": st, "GROUP_M": 8}, 8)
+            for bn, bk, st in [(256, 128, 4), (128, 128, 5)]]
+    return coop + [({"SCHEDULE": "gluon", "PINGPONG": True, "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128,
+                     "STAGES": 4, "GROUP_M": 8}, 4)]
 
 
 def usable(a8: torch.Tensor, proj_up: torch.Tensor | None) -> bool:

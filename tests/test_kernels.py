@@ -322,6 +322,32 @@ def test_gluon_schedule_bit_identical_to_tma(rank, gelu, acc, triton_kernels):
     assert kernel not in launch._broken and any(key[0] is kernel for key in launch._cache)
 
 
+@pytest.mark.skipif(not SM90, reason="Gluon wgmma kernel: sm_90")
+@pytest.mark.parametrize("m,rank,acc", [(1000, 32, False), (1000, 96, True), (100, 0, False), (4608, 32, False)])
+@pytest.mark.parametrize("tile", [(64, 256, 128, 4), (128, 128, 128, 5)])
+def test_pingpong_schedule_bit_identical_to_tma(m, rank, acc, tile, triton_kernels):
+    """The ping-pong Gluon kernel (two warpgroups taking turns over the stage ring) gives the TMA kernel's bits:
+    odd M, a chunked wide branch, accumulation, fewer tiles than warpgroups (M = 100: one of them idle), and a
+    FLUX-sized layer where each program's warpgroups alternate many times."""
+    from svdq.kernels.act_quant import quantize_activation
+    from svdq.kernels.gemm_w4a4 import expand_weight, w4a4_gemm
+
+    bm, bn, bk, stages = tile
+    layer = random_layer(3072, 3072, rank, True, device=DEV, seed=rank + m)
+    x = torch.randn(m, 3072, device=DEV, dtype=torch.bfloat16)
+    a8, sa, lora = quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down)
+    w8 = expand_weight(layer.qweight, layer.wmult)
+    base = torch.randn(m, 3072, device=DEV, dtype=torch.bfloat16)
+    cfg = {"kwargs": {"SCHEDULE": "gluon", "PINGPONG": True, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
+                      "STAGES": stages, "GROUP_M": 8}, "num_warps": 4, "num_stages": 1}
+    want = w4a4_gemm(a8, sa, w8, layer.wscale, lora, layer.proj_up, layer.bias, torch.bfloat16, schedule="tma",
+                     out=base.clone() if acc else None, accumulate=acc)
+    got = w4a4_gemm(a8, sa, w8, layer.wscale, lora, layer.proj_up, layer.bias, torch.bfloat16, config=cfg,
+                    out=base.clone() if acc else None, accumulate=acc)
+    torch.cuda.synchronize()
+    assert torch.equal(got, want)
+
+
 def test_tuner_offers_gluon_configs_only_where_they_run(monkeypatch):
     """The warp-specialized schedule is a candidate only for sm_90 calls with a 16-bit (or no) branch; fp32 data
     (fp32 dots in the epilogue) and other GPUs tune over the Triton kernels alone."""
@@ -367,8 +393,8 @@ def test_launch_keys_accept_both_descriptor_kinds():
 
 def test_untuned_gemm_starts_from_the_measured_winners():
     """Without tuning (SVDQ_AUTOTUNE=0, graph capture before tuning) the GEMM tries the sweep winners first: the
-    warp-specialized kernel at long K where it can run, the large TMA tile for big layers, the two-per-SM tile
-    for small ones; every other config stays behind them in its order."""
+    ping-pong Gluon kernel for big layers where it can run, else the large TMA tile, the two-per-SM tile for small
+    ones; every other config stays behind them in its order."""
     from svdq.kernels import gemm_w4a4
 
     tuner = gemm_w4a4._TUNERS["auto"]
@@ -380,12 +406,16 @@ def test_untuned_gemm_starts_from_the_measured_winners():
         c = order[0]
         return c.kwargs["SCHEDULE"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs.get("PER_SM", 1), c.num_stages
 
-    assert first(4608, 12288, 3072) == ("tma", 256, 128, 1, 4)
     assert first(512, 12288, 3072) == ("tma", 128, 64, 2, 4)
+    no_gluon = [c for c in tuner.configs if c.kwargs["SCHEDULE"] != "gluon"]
+    big = (None,) * 8 + (4608, 12288, 3072)
+    c = tuner._default_order(no_gluon, big)[0]
+    assert (c.kwargs["SCHEDULE"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages) == ("tma", 256, 128, 4)
+    assert tuner._default_order(no_gluon, (None,) * 8 + (4608, 3072, 15360))[0].kwargs["SCHEDULE"] == "tma"
     if gemm_w4a4.HAS_GLUON:
-        assert first(4608, 3072, 15360)[0] == "gluon"
-        no_gluon = [c for c in tuner.configs if c.kwargs["SCHEDULE"] != "gluon"]
-        assert tuner._default_order(no_gluon, (None,) * 8 + (4608, 3072, 15360))[0].kwargs["SCHEDULE"] == "tma"
+        for shape in [(4608, 12288, 3072), (4608, 3072, 15360)]:
+            c = tuner._default_order(tuner.configs, (None,) * 8 + shape)[0]
+            assert c.kwargs.get("PINGPONG") and (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) == (128, 128)
 
 
 def test_shipped_tuned_configs_are_used_before_tuning_when_they_can_run(monkeypatch):
