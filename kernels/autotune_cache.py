@@ -17,6 +17,7 @@ import logging
 import os
 import tempfile
 import threading
+import weakref
 from pathlib import Path
 
 import torch
@@ -55,6 +56,7 @@ def _save() -> None:
 
 
 _shipped_cache: dict | None = None
+_tuners: "weakref.WeakSet" = weakref.WeakSet()  # every TunedKernel, for reload_tuned_configs
 
 
 def shipped() -> dict:
@@ -70,6 +72,16 @@ def shipped() -> dict:
                 log.warning("svdq: cannot read SVDQ_TUNED_CONFIGS=%s (%s); tuning shapes as they come", path, exc)
             _shipped_cache = {}
     return _shipped_cache
+
+
+def reload_tuned_configs() -> None:
+    """Forget the pre-tuned file and every tuner's remembered choices, so the next calls read
+    ``$SVDQ_TUNED_CONFIGS`` (or the shipped file) again: a same-run A/B of two tunings (``bench/config_ab.py``).
+    Call plans are keyed by that variable (``dispatch._ENV``), so they are re-recorded too."""
+    global _shipped_cache
+    _shipped_cache = None
+    for tuner in list(_tuners):
+        tuner._fast.clear()
 
 
 def m_bucket(m: int) -> int:
@@ -115,6 +127,7 @@ class TunedKernel:
         self.name = name
         self.configs = configs
         self._fast: dict = {}
+        _tuners.add(self)
 
     @staticmethod
     def _cfg_dict(cfg) -> dict:
