@@ -2,11 +2,13 @@
 model, its step timed under each file in turn, alternating, so host and GPU drift between runs (and a second
 process finding Inductor's caches warm) does not enter the ratio.
 
-    python bench/config_ab.py --a OLD.json --b NEW.json [--rounds 3] [--batch 1,2] [--compile] [--json OUT]
+    python bench/config_ab.py --a OLD.json --b NEW.json [--rounds 3] [--batch 1,2] [--compile] [--profile] [--json OUT]
 
 Each switch sets ``SVDQ_TUNED_CONFIGS`` and calls ``autotune_cache.reload_tuned_configs()``; call plans are keyed by
 that variable, so every layer re-records its launches with the other file's configs. ``--compile`` also times the
-model under ``torch.compile`` (one compiled module per block, as ``bench/e2e.py``'s ``svdq_compile`` row).
+model under ``torch.compile`` (one compiled module per block, as ``bench/e2e.py``'s ``svdq_compile`` row);
+``--profile`` adds the GPU time of one profiled eager step per file (a, b, b, a), split by kernel class, to see
+whether a difference in the kernels reaches the step.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch", default="1,2")
     ap.add_argument("--compile", action="store_true", help="also time the per-block torch.compile model")
+    ap.add_argument("--profile", action="store_true", help="GPU time by kernel class of one eager step per file")
     ap.add_argument("--json", default=None)
     ap.add_argument("--config", choices=["flux-dev", "tiny"], default="flux-dev", help="tiny: a CPU smoke run")
     args = ap.parse_args()
@@ -71,7 +74,16 @@ def main() -> int:
                     ms, _, _ = e2e.time_step(p, cfg, b, reps=reps, warmup=1)
                     times.setdefault(f"{mode}_b{b}", {}).setdefault(v, []).append(ms)
                     e2e.log(f"{mode} batch {b} round {r}: {v} {ms:7.1f} ms")
-    result = {"env": env, "raw": times,
+    profiles: dict = {}
+    if args.profile:
+        b = int(args.batch.split(",")[-1])
+        for v in ("a", "b", "b", "a"):
+            use(getattr(args, v))
+            shares, top, gpu_ms = e2e.profile_step(patcher, cfg, b)
+            ms = {k: round(f * gpu_ms, 2) for k, f in shares.items()}
+            profiles.setdefault(v, []).append({"gpu_ms": gpu_ms, "class_ms": ms, "top": top})
+            e2e.log(f"profile batch {b} {v}: GPU {gpu_ms:.1f} ms; " + ", ".join(f"{k} {x:.1f}" for k, x in ms.items()))
+    result = {"env": env, "raw": times, "profiles": profiles,
               "median_ms": {k: {v: statistics.median(t) for v, t in d.items()} for k, d in times.items()}}
     for k, d in result["median_ms"].items():
         e2e.log(f"{k}: a {d['a']:.1f} ms, b {d['b']:.1f} ms, b/a {d['b'] / d['a']:.3f}")
