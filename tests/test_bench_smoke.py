@@ -26,3 +26,26 @@ def test_e2e_bench_tiny_config_runs_every_core_row(tmp_path):
         assert row["1"]["ms"] > 0 and row["1"]["model_gib"] > 0
     assert res["summary"]["svdq_model_bytes_vs_bf16"] < 0.3  # 4-bit weights, scales and branch against bf16
     assert res["env"]["config"] == "tiny"
+
+
+def test_config_ab_tiny_alternates_both_files(tmp_path):
+    """``bench/config_ab.py`` on the tiny model (CPU): both pre-tuned files are timed in every round, in alternating
+    order, and a file that is not JSON is refused before the model is built."""
+    a = tmp_path / "a.json"
+    b = tmp_path / "b.json"
+    a.write_text((ROOT / "kernels" / "tuned_configs.json").read_text())
+    b.write_text("{}")
+    out = tmp_path / "ab.json"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    cmd = [sys.executable, str(ROOT / "bench" / "config_ab.py"), "--config", "tiny", "--rounds", "2", "--batch", "1"]
+    proc = subprocess.run(cmd + ["--a", str(a), "--b", str(b), "--json", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert len(res["raw"]["eager_b1"]["a"]) == 2 and len(res["raw"]["eager_b1"]["b"]) == 2
+    assert all(t > 0 for t in res["raw"]["eager_b1"]["a"] + res["raw"]["eager_b1"]["b"])
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    proc = subprocess.run(cmd + ["--a", str(a), "--b", str(bad)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0 and "JSONDecodeError" in proc.stderr

@@ -445,6 +445,32 @@ def test_shipped_tuned_configs_are_used_before_tuning_when_they_can_run(monkeypa
         assert tuner._lookup_or_tune(args, flags, 4608, 3072, 3072) == {"tuned": True} and tuned == [(4608, 3072)]
 
 
+def test_tuned_configs_override_and_reload(monkeypatch, tmp_path, caplog):
+    """``SVDQ_TUNED_CONFIGS`` replaces the shipped file once ``reload_tuned_configs`` runs (which also drops every
+    tuner's remembered choices); an unreadable file logs a warning and means "tune as shapes come", never a crash.
+    Call plans are keyed by the variable, so a switch mid-run re-records them."""
+    from svdq.kernels import autotune_cache, dispatch, gemm_w4a4
+
+    tuner = gemm_w4a4._TUNERS["auto"]
+    own = tmp_path / "own.json"
+    own.write_text('{"GPU|w4a4_gemm_auto_ws|512|64|64": {"kwargs": {"SCHEDULE": "pointer"}}}')
+    monkeypatch.setattr(autotune_cache, "_shipped_cache", None)
+    monkeypatch.setenv("SVDQ_TUNED_CONFIGS", str(own))
+    tuner._fast["stale"] = {"kwargs": {}}
+    autotune_cache.reload_tuned_configs()
+    assert "stale" not in tuner._fast
+    assert list(autotune_cache.shipped()) == ["GPU|w4a4_gemm_auto_ws|512|64|64"]
+    monkeypatch.setenv("SVDQ_TUNED_CONFIGS", str(tmp_path / "missing.json"))
+    autotune_cache.reload_tuned_configs()
+    with caplog.at_level("WARNING", logger="svdq"):
+        assert autotune_cache.shipped() == {}
+    assert "SVDQ_TUNED_CONFIGS" in caplog.text
+    monkeypatch.delenv("SVDQ_TUNED_CONFIGS")
+    autotune_cache.reload_tuned_configs()
+    assert autotune_cache.shipped() and "SVDQ_TUNED_CONFIGS" in dispatch._ENV
+    monkeypatch.setattr(autotune_cache, "_shipped_cache", None)
+
+
 def test_shipped_tuned_configs_file_is_valid():
     """Every shipped entry names a kernel config that exists in this version's tuner lists."""
     from svdq.kernels import autotune_cache, gemm_w4a4
