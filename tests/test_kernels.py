@@ -323,12 +323,14 @@ def test_gluon_schedule_bit_identical_to_tma(rank, gelu, acc, triton_kernels):
 
 
 @pytest.mark.skipif(not SM90, reason="Gluon wgmma kernel: sm_90")
-@pytest.mark.parametrize("m,rank,acc", [(1000, 32, False), (1000, 96, True), (100, 0, False), (4608, 32, False)])
-@pytest.mark.parametrize("tile", [(64, 256, 128, 4), (128, 128, 128, 5)])
-def test_pingpong_schedule_bit_identical_to_tma(m, rank, acc, tile, triton_kernels):
+@pytest.mark.parametrize("m,rank,acc,gelu", [(1000, 32, False, False), (1000, 96, True, False), (100, 0, False, False),
+                                             (4608, 32, False, False), (4608, 32, False, True)])
+@pytest.mark.parametrize("tile", [(64, 256, 128, 4), (128, 128, 128, 4)])
+def test_pingpong_schedule_bit_identical_to_tma(m, rank, acc, gelu, tile, triton_kernels):
     """The ping-pong Gluon kernel (two warpgroups taking turns over the stage ring) gives the TMA kernel's bits:
     odd M, a chunked wide branch, accumulation, fewer tiles than warpgroups (M = 100: one of them idle), and a
-    FLUX-sized layer where each program's warpgroups alternate many times."""
+    FLUX-sized layer where each program's warpgroups alternate many times; with GELU (the shipped configs pick
+    this kernel for FLUX's MLP up-projections) within 1e-5, as the cooperative kernel."""
     from svdq.kernels.act_quant import quantize_activation
     from svdq.kernels.gemm_w4a4 import expand_weight, w4a4_gemm
 
@@ -340,12 +342,15 @@ def test_pingpong_schedule_bit_identical_to_tma(m, rank, acc, tile, triton_kerne
     base = torch.randn(m, 3072, device=DEV, dtype=torch.bfloat16)
     cfg = {"kwargs": {"SCHEDULE": "gluon", "PINGPONG": True, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
                       "STAGES": stages, "GROUP_M": 8}, "num_warps": 4, "num_stages": 1}
-    want = w4a4_gemm(a8, sa, w8, layer.wscale, lora, layer.proj_up, layer.bias, torch.bfloat16, schedule="tma",
-                     out=base.clone() if acc else None, accumulate=acc)
-    got = w4a4_gemm(a8, sa, w8, layer.wscale, lora, layer.proj_up, layer.bias, torch.bfloat16, config=cfg,
+    want = w4a4_gemm(a8, sa, w8, layer.wscale, lora, layer.proj_up, layer.bias, torch.bfloat16, gelu,
+                     schedule="tma", out=base.clone() if acc else None, accumulate=acc)
+    got = w4a4_gemm(a8, sa, w8, layer.wscale, lora, layer.proj_up, layer.bias, torch.bfloat16, gelu, config=cfg,
                     out=base.clone() if acc else None, accumulate=acc)
     torch.cuda.synchronize()
-    assert torch.equal(got, want)
+    if gelu:
+        assert rel(got, want) < 1e-5
+    else:
+        assert torch.equal(got, want)
 
 
 def test_tuner_offers_gluon_configs_only_where_they_run(monkeypatch):
