@@ -67,6 +67,20 @@ def _producer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, KP,
 
 
 @gluon.jit
+def _mainloop(a_bufs, b_bufs, ready, empty, acc, it, k_tiles, STAGES: gl.constexpr):
+    """One tile's K loop over the stage ring from global stage count ``it``: int8 wgmma with one group in flight
+    (the last one is left in flight for the caller), each stage released as soon as the MMA after it is issued."""
+    for ki in range(k_tiles):
+        s = it % STAGES
+        mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+        acc = warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+        mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES), pred=ki > 0)  # the MMA before this one is done
+        it += 1
+    return acc, it
+
+
+@gluon.jit
 def _gelu_tanh(y):
     c = 0.7978845608028654  # the Triton kernel's expression, term for term: the same bits
     u = c * (y + 0.044715 * y * y * y)
@@ -135,13 +149,7 @@ def _consumer(a_bufs, b_bufs, up_smem, ready, empty, ascale_ptr, wscale_ptr, lor
     for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
         pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
         acc = gl.zeros([BM, BN], gl.int32, layout=acc_layout)
-        for ki in range(k_tiles):
-            s = it % STAGES
-            mbarrier.wait(ready.index(s), (it // STAGES) & 1)
-            acc = warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), acc, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-            mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES), pred=ki > 0)  # the MMA before this one is done
-            it += 1
+        acc, it = _mainloop(a_bufs, b_bufs, ready, empty, acc, it, k_tiles, STAGES)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
 
@@ -196,13 +204,7 @@ def _pingpong_consumer(a_bufs, b_bufs, up_smem, ready, empty, turn, ascale_ptr, 
         mbarrier.wait(turn.index(WG), ((j - 1) // 2) & 1, pred=j > 0)
         it = j * k_tiles
         acc = gl.zeros([BM, BN], gl.int32, layout=acc_layout)
-        for ki in range(k_tiles):
-            s = it % STAGES
-            mbarrier.wait(ready.index(s), (it // STAGES) & 1)
-            acc = warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), acc, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-            mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES), pred=ki > 0)  # the MMA before this one is done
-            it += 1
+        acc, it = _mainloop(a_bufs, b_bufs, ready, empty, acc, it, k_tiles, STAGES)
         mbarrier.arrive(turn.index(1 - WG))  # every MMA of this tile is issued: the other warpgroup's turn
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
