@@ -264,45 +264,6 @@ def act_rows(triton) -> list[dict]:
 
 ACT_NAME0 = "bm32_g4_w4_k1_fwd"
 
-ACT_CHUNK_SHAPES = [(4608, 3072, 32), (4608, 12288, 32), (4608, 15360, 32), (9216, 15360, 32), (8192, 12288, 32)]
-ACT_CHUNKS = [None, 512, 768, 1024, 1536, 2304]
-
-
-def act_chunk_rows(triton) -> list[dict]:
-    """The activation kernels run row chunk by row chunk (``row_chunk``: pass 2 re-reads what pass 1 just left in
-    L2) against one launch pair, at FLUX's activation shapes; CUDA-graph µs, codes checked against one pair.
-    Besides each graph replay, a cold-L2 time (``do_bench`` clears L2 before every call, as the model's previous
-    kernels would have evicted most of the input)."""
-    from svdq.kernels.act_quant import quantize_activation
-
-    rate = copy_rate_bytes_per_us()
-    rows = []
-    for m, k, rank in ACT_CHUNK_SHAPES:
-        layer = make_layer(64, k, rank)
-        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        row = {"M": m, "K": k, "rank": rank, "one_read_floor_us": (x.numel() * 2 + m * layer.k_padded) / rate,
-               "two_read_floor_us": (2 * x.numel() * 2 + m * layer.k_padded) / rate}
-        ref = quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down)
-        for chunk in ACT_CHUNKS:
-            name = f"chunk{chunk or 'none'}"
-
-            def fn(chunk=chunk):
-                return quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down, row_chunk=chunk)
-
-            a, sc, _ = fn()
-            row[name + "_ok"] = bool(torch.equal(a, ref[0]) and torch.equal(sc, ref[1]))
-            row[name] = triton.testing.do_bench_cudagraph(fn, rep=50) * 1e3
-
-            row[name + "_cold"] = triton.testing.do_bench(fn, warmup=5, rep=50, return_mode="median") * 1e3
-        rows.append(row)
-        cells = []
-        for c in ACT_CHUNKS:
-            n = f"chunk{c or 'none'}"
-            cells.append(f"{c or 'none'} {row[n]:.1f}/{row[n + '_cold']:.1f}{'' if row[n + '_ok'] else ' WRONG'}")
-        print(f"actchunk M={m} K={k}: floors {row['two_read_floor_us']:.1f} / {row['one_read_floor_us']:.1f} µs; "
-              + ", ".join(cells) + " (graph / cold µs)", flush=True)
-    return rows
-
 
 def main() -> int:
     ap = argparse.ArgumentParser()
@@ -324,8 +285,6 @@ def main() -> int:
     out = {"env": env}
     if "act" in only:
         out["act"] = act_rows(triton)
-    if "actchunk" in only:
-        out["actchunk"] = act_chunk_rows(triton)
     if "gemm" in only:
         out["gemm"] = gemm_rows(shapes, triton)
     if "gemmcfg" in only:

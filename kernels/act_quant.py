@@ -179,7 +179,6 @@ def quantize_activation(
     groups: int | None = None,
     num_warps: int | None = None,
     reverse: bool = True,
-    row_chunk: int | None = None,
 ):
     """Launch the activation kernels on x2 [M, K]. Returns (int8 [M, Kp], scale [M], lora [M, R] fp32 | None).
 
@@ -187,9 +186,7 @@ def quantize_activation(
     dispatcher's per-device arena: the results live until the next call). Tile knobs (``bench/kernel_variants.py``
     measures them): ``k_per_program`` pass 1's K tiles per program (default ``tiles_per_program``), ``groups``
     64-groups per K tile (default 2 where they divide), ``num_warps`` (default 4, 8 for a branch wider than 32),
-    ``reverse`` pass 2's reverse visiting order, ``row_chunk`` rows per pass-1/pass-2 launch pair (both passes run
-    chunk by chunk, so pass 2 re-reads a chunk pass 1 has just left in L2 instead of an input larger than L2;
-    default: all rows in one pair). Codes and scales do not depend on it: every row is quantized on its own."""
+    ``reverse`` pass 2's reverse visiting order."""
     m, k = x2.shape
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
@@ -215,13 +212,11 @@ def quantize_activation(
         raise ValueError(f"{groups} groups per tile do not divide the {ng} groups of K = {k_padded}")
     bm = block_m or (64 if wide else 32)
     nsub = ng // groups
-    chunk = m if not row_chunk or row_chunk >= m else max(bm, row_chunk // bm * bm)
-    mc = min(chunk, m)  # the largest chunk: scratch for per-chunk partials is sized by it and reused chunk after chunk
-    m_blocks = triton.cdiv(mc, bm)
+    m_blocks = triton.cdiv(m, bm)
     ksub = k_per_program or tiles_per_program(m_blocks, nsub, r, x2.device)
     nparts = triton.cdiv(nsub, ksub)
     # one allocation for the fp32 outputs and scratch (scale, group maxima, low-rank result and partials)
-    nf = m + m * nparts + (m * r + nparts * mc * r if r else 0)
+    nf = m + m * nparts + (m * r + nparts * m * r if r else 0)
     if scratch is None:
         f32 = torch.empty(nf, dtype=torch.float32, device=x2.device)
         out = torch.empty(m, k_padded, dtype=torch.int8, device=x2.device)
@@ -231,30 +226,25 @@ def quantize_activation(
     scale = f32[:m]
     gmax = f32[m : m + m * nparts].view(m, nparts)  # each pass-1 program's row maxima
     lora = f32[m + m * nparts : m + m * nparts + m * r].view(m, r) if r else None
+    parts = f32[m + m * nparts + m * r :].view(nparts, m, r) if r else None
     inv = smooth  # the kernels take λ and form 1/λ themselves
-    for r0 in range(0, m, chunk):
-        rows = min(chunk, m - r0)
-        xc, gc, oc, sc = x2[r0 : r0 + rows], gmax[r0 : r0 + rows], out[r0 : r0 + rows], scale[r0 : r0 + rows]
-        lc = lora[r0 : r0 + rows] if r else None
-        parts = f32[m + m * nparts + m * r :][: nparts * rows * r].view(nparts, rows, r) if r else None
-        blocks = triton.cdiv(rows, bm)
-        launch(_act_stats_kernel, (blocks, nparts), (
-            xc, inv if inv is not None else xc, proj_down if r else xc, gc, parts if r else gc,
-            rows, k, r, nsub,
-            xc.stride(0), proj_down.stride(0) if r else 0, gc.stride(0),
-            float(shift)),
-            UNSIGNED=bool(unsigned), HAS_SMOOTH=inv is not None, HAS_LORA=r > 0, DOT_FP32=fp32_dots(x2),
-            BLOCK_M=bm, BLOCK_R=block_r, GROUP=64, GROUPS=groups, KSUB=ksub, num_warps=num_warps,
-        )
-        launch(_act_quant_kernel, (blocks, nsub), (
-            xc, inv if inv is not None else xc, gc, oc, sc, parts if r else gc, lc if r else gc,
-            rows, k, k_padded, r, nparts,
-            xc.stride(0), oc.stride(0), gc.stride(0), lc.stride(0) if r else 0,
-            float(shift)),
-            QMAX=qmax, UMAX=umax, QMIN=qmin,
-            UNSIGNED=bool(unsigned), HAS_SMOOTH=inv is not None, INT8_MODE=mode == "int8", USE_RINT=not interpreting(),
-            HAS_LORA=r > 0, BLOCK_R=block_r,
-            BLOCK_M=bm, GROUP=64, GROUPS=groups, NP_POW2=max(2, triton.next_power_of_2(nparts)), REVERSE=reverse,
-            num_warps=num_warps,
-        )
+    launch(_act_stats_kernel, (m_blocks, nparts), (
+        x2, inv if inv is not None else x2, proj_down if r else x2, gmax, parts if r else gmax,
+        m, k, r, nsub,
+        x2.stride(0), proj_down.stride(0) if r else 0, gmax.stride(0),
+        float(shift)),
+        UNSIGNED=bool(unsigned), HAS_SMOOTH=inv is not None, HAS_LORA=r > 0, DOT_FP32=fp32_dots(x2),
+        BLOCK_M=bm, BLOCK_R=block_r, GROUP=64, GROUPS=groups, KSUB=ksub, num_warps=num_warps,
+    )
+    launch(_act_quant_kernel, (m_blocks, nsub), (
+        x2, inv if inv is not None else x2, gmax, out, scale, parts if r else gmax, lora if r else gmax,
+        m, k, k_padded, r, nparts,
+        x2.stride(0), out.stride(0), gmax.stride(0), lora.stride(0) if r else 0,
+        float(shift)),
+        QMAX=qmax, UMAX=umax, QMIN=qmin,
+        UNSIGNED=bool(unsigned), HAS_SMOOTH=inv is not None, INT8_MODE=mode == "int8", USE_RINT=not interpreting(),
+        HAS_LORA=r > 0, BLOCK_R=block_r,
+        BLOCK_M=bm, GROUP=64, GROUPS=groups, NP_POW2=max(2, triton.next_power_of_2(nparts)), REVERSE=reverse,
+        num_warps=num_warps,
+    )
     return out, scale, lora

@@ -63,22 +63,6 @@ def test_activation_tiles_per_program(per_program, triton_kernels):
     assert rel(lora, x.float() @ layer.proj_down.float()) < 1e-3
 
 
-@pytest.mark.parametrize("row_chunk,rank", [(32, 96), (64, 0), (40, 32)])
-def test_activation_row_chunks(row_chunk, rank, triton_kernels):
-    """Both passes run chunk by chunk of rows (for L2 reuse at large K): the same codes and scales as one launch
-    pair, the branch product equal up to fp32 summation order, a short last chunk included (M = 101), and a chunk
-    that is not a multiple of the row block rounded down to one."""
-    from svdq.kernels.act_quant import quantize_activation
-
-    layer = random_layer(64, 1280, rank, True, device=DEV, seed=row_chunk)
-    x = torch.randn(101, 1280, device=DEV, dtype=torch.bfloat16)
-    a1, s1, l1 = quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down)
-    a, s, lora = quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down, row_chunk=row_chunk)
-    assert torch.equal(a, a1) and torch.equal(s, s1)
-    if rank:
-        assert rel(lora, l1) < 1e-5
-
-
 @pytest.mark.parametrize("m,k,n,rank,bias,unsigned", SHAPES)
 def test_w4a4_linear_matches_reference(m, k, n, rank, bias, unsigned, triton_kernels):
     layer = random_layer(n, k, rank, bias, unsigned, 0.171875 if unsigned else 0.0, device=DEV, seed=k)
