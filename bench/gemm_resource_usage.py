@@ -96,8 +96,10 @@ def gluon_usage(bindir: str) -> int:
     base = dict(HAS_LORA=True, HAS_BIAS=True, GELU=True, ACCUMULATE=False, BLOCK_R=32, R_CHUNK=32, GROUP_M=8)
     kernels = [("cooperative", g._w4a4_gemm_ws_kernel, (128, 256, 128), dict(STAGES=4, INSTR_N=128, WARPS=8), 8),
                ("cooperative", g._w4a4_gemm_ws_kernel, (128, 128, 128), dict(STAGES=5, INSTR_N=128, WARPS=8), 8),
-               ("ping-pong", g._w4a4_gemm_pingpong_kernel, (128, 128, 128), dict(STAGES=4, INSTR_N=128, CONSUMER_REGS=232), 4),
-               ("ping-pong", g._w4a4_gemm_pingpong_kernel, (64, 256, 128), dict(STAGES=4, INSTR_N=128, CONSUMER_REGS=232), 4)]
+               ("ping-pong", g._w4a4_gemm_pingpong_kernel, (128, 128, 128), dict(STAGES=4, INSTR_N=128, **g.pingpong_registers(40)), 4),
+               ("ping-pong, producer 24 registers", g._w4a4_gemm_pingpong_kernel, (128, 128, 128),
+                dict(STAGES=4, INSTR_N=128, **g.pingpong_registers(24)), 4),
+               ("ping-pong", g._w4a4_gemm_pingpong_kernel, (64, 256, 128), dict(STAGES=4, INSTR_N=128, **g.pingpong_registers(40)), 4)]
     for (label, fn, (bm, bn, bk), extra, warps), gelu in [(k, gelu) for k in kernels for gelu in (False, True)]:
         a = torch.empty(256, 256, dtype=torch.int8)
         descs = {"a_desc": TensorDescriptor(a, [256, 256], [256, 1], [bm, bk], gl.NVMMASharedLayout.get_default_for([bm, bk], gl.int8)),
