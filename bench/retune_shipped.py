@@ -86,7 +86,6 @@ def main() -> int:
         rows.append(row)
         print(f"M={m} N={n} K={kp} {'+'.join(f'{k}={v}' for k, v in flags.items() if k in ('GELU', 'BLOCK_R'))}: "
               + ", ".join(f"{k} {v:.1f}" for k, v in times.items()) + f" -> {best}", flush=True)
-        del targs
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__, "rows": rows}, f, indent=1)
