@@ -189,12 +189,12 @@ def _w4a16_gemv_kernel(
                 xs = xv * step
                 xsum += xv * (step + 8.0)
             else:
+                xsum += xv
+                xs = xv
                 if 4 * j <= 19:
                     bits = ((p << (19 - 4 * j)) & NIB_MASK) ^ ONE_XOR
                 else:
                     bits = ((p >> (4 * j - 19)) & NIB_MASK) ^ ONE_XOR
-                xs = xv
-                xsum += xv
             bf = bits.to(tl.float32, bitcast=True)
             part += xs[None, :, :] * bf
             if TWO_ROWS:
