@@ -18,10 +18,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-# BM, BN, BK, stages, ping-pong (BM rows per warpgroup) or cooperative (BM rows split over two warpgroups)
-CONFIGS = [(128, 256, 128, 4, False), (128, 128, 128, 5, False),
-           (64, 256, 128, 4, True), (64, 256, 64, 6, True), (128, 128, 128, 4, True), (128, 128, 128, 5, True),
-           (128, 128, 128, 4, 24)]  # ping-pong with a 24-register producer (consumers 240: fewer epilogue spills)
+# BM, BN, BK, stages, ping-pong (BM rows per warpgroup) or cooperative (BM rows split over two warpgroups),
+# the ping-pong producer's registers (None: the kernel's default; 24 leaves the consumers 240, fewer epilogue spills)
+CONFIGS = [(128, 256, 128, 4, False, None), (128, 128, 128, 5, False, None),
+           (64, 256, 128, 4, True, None), (64, 256, 64, 6, True, None), (128, 128, 128, 4, True, None),
+           (128, 128, 128, 5, True, None), (128, 128, 128, 4, True, 24)]
 
 
 def main() -> int:
@@ -57,12 +58,12 @@ def main() -> int:
         row = {"K": k, "N": n,
                "bf16": triton.testing.do_bench_cudagraph(lambda: torch.nn.functional.linear(x, wb), rep=50) * 1e3,
                "triton": triton.testing.do_bench_cudagraph(triton_gemm, rep=50) * 1e3}
-        for bm, bn, bk, st, pp in CONFIGS:
-            name = f"{'pingpong' if pp else 'gluon'}_{bm}x{bn}x{bk}_s{st}" + (f"_p{pp}" if pp is not True and pp else "")
-            kw = {"SCHEDULE": "gluon", "PINGPONG": bool(pp), "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "STAGES": st,
+        for bm, bn, bk, st, pp, regs in CONFIGS:
+            name = f"{'pingpong' if pp else 'gluon'}_{bm}x{bn}x{bk}_s{st}" + (f"_p{regs}" if regs else "")
+            kw = {"SCHEDULE": "gluon", "PINGPONG": pp, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "STAGES": st,
                   "GROUP_M": 8}
-            if pp is not True and pp:
-                kw["PRODUCER_REGS"] = pp
+            if regs:
+                kw["PRODUCER_REGS"] = regs
             cfg = {"kwargs": kw, "num_warps": 4 if pp else 8, "num_stages": 1}
 
             def fn(cfg=cfg):

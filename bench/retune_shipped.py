@@ -24,21 +24,20 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 M_OF_BUCKET = {512: 512, 1024: 1024, 4096: 4096, 8192: 4608, 16384: 9216}  # FLUX: txt, img, both, batch 2
 
 
-def call_args(m: int, n: int, kp: int, flags: dict) -> tuple:
-    """The ``w4a4_gemm`` argument tuple for random operands of one shape."""
+def gemm_call(m: int, n: int, kp: int, flags: dict):
+    """``w4a4_gemm`` on random operands of one key's shape and flags, as a function of the config to launch."""
+    from svdq.kernels.gemm_w4a4 import w4a4_gemm
+
     dev = "cuda"
     r = int(flags["BLOCK_R"]) if flags["HAS_LORA"] else 0
     a8 = torch.randint(-100, 100, (m, kp), dtype=torch.int8, device=dev)
     w8 = torch.randint(-100, 100, (n, kp), dtype=torch.int8, device=dev)
-    sa = torch.rand(m, device=dev) * 1e-3
-    sw = torch.rand(n, device=dev) * 1e-3
-    lora = torch.randn(m, max(r, 1), device=dev)
-    up = torch.randn(n, max(r, 1), device=dev, dtype=torch.bfloat16)
-    bias = torch.randn(n, device=dev, dtype=torch.bfloat16)
+    sa, sw = torch.rand(m, device=dev) * 1e-3, torch.rand(n, device=dev) * 1e-3
+    lora = torch.randn(m, r, device=dev) if r else None
+    up = torch.randn(n, r, device=dev, dtype=torch.bfloat16) if r else None
+    bias = torch.randn(n, device=dev, dtype=torch.bfloat16) if flags["HAS_BIAS"] else None
     out = torch.empty(m, n, device=dev, dtype=torch.bfloat16)
-    return (a8, w8, sa, sw, lora if r else sa, up if r else sa, bias if flags["HAS_BIAS"] else sa, out,
-            m, n, kp, r, a8.stride(0), w8.stride(0), lora.stride(0) if r else 0, up.stride(0) if r else 0,
-            out.stride(0))
+    return lambda cfg: w4a4_gemm(a8, sa, w8, sw, lora, up, bias, torch.bfloat16, flags["GELU"], config=cfg, out=out)
 
 
 def parse_flag(v: str):
@@ -71,17 +70,17 @@ def main() -> int:
         bucket, n, kp = (int(v) for v in parts[2:5])
         flags = {k: parse_flag(v) for k, v in (p.split("=") for p in parts[5:])}
         m = M_OF_BUCKET.get(bucket, bucket)
-        targs = call_args(m, n, kp, flags)
+        run = gemm_call(m, n, kp, flags)
+        cfgs = {"shipped": old, **{f"new{i}": tuner._cfg_dict(c) for i, c in enumerate(news)}}
         times = {}
-        for name, cfg in [("shipped", old)] + [(f"new{i}", tuner._cfg_dict(c)) for i, c in enumerate(news)]:
+        for name, cfg in cfgs.items():
             try:
-                times[name] = triton.testing.do_bench(lambda cfg=cfg: tuner._launch(cfg, targs, flags, m, n),
-                                                      warmup=10, rep=50, return_mode="median") * 1e3
+                times[name] = triton.testing.do_bench(lambda cfg=cfg: run(cfg), warmup=10, rep=50,
+                                                      return_mode="median") * 1e3
             except Exception as exc:  # a config that does not fit this call (shared memory)
                 print(f"{key} {name} failed: {str(exc)[-300:]}", flush=True)
         best = min(times, key=times.get)
-        winner = old if best == "shipped" else tuner._cfg_dict(news[int(best[3:])])
-        table[key] = winner
+        winner = table[key] = cfgs[best]
         row = {"key": key, "m": m, "times_us": times, "winner": winner}
         rows.append(row)
         print(f"M={m} N={n} K={kp} {'+'.join(f'{k}={v}' for k, v in flags.items() if k in ('GELU', 'BLOCK_R'))}: "

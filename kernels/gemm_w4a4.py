@@ -250,7 +250,10 @@ class _GemmTuned(TunedKernel):
         if hit is not None:
             return hit
         pingpong = ("pingpong", 128, 128, 128)
-        want = [pingpong, ("gluon", 128, 256, 128)] if kp >= 8192 else [] if small else [pingpong]
+        if kp >= 8192:
+            want = [pingpong, ("gluon", 128, 256, 128)]
+        else:
+            want = [] if small else [pingpong]
         want += [("tma", 128, 128, 64), ("tma", 128, 256, 128)] if small else [("tma", 128, 256, 128), ("tma", 128, 128, 64)]
 
         def rank(c):
