@@ -3,6 +3,10 @@ model, its step timed under each file in turn, alternating, so host and GPU drif
 process finding Inductor's caches warm) does not enter the ratio.
 
     python bench/config_ab.py --a OLD.json --b NEW.json [--rounds 3] [--batch 1,2] [--compile] [--profile] [--json OUT]
+    python bench/config_ab.py --a SVDQ_PACKED_MAX_M=0 --b SVDQ_PACKED_MAX_M=1024 ...
+
+A variant that is not a file is a list of ``NAME=VALUE`` environment settings (comma-separated), switched the same
+way: any variable in ``kernels.dispatch._ENV`` re-records the call plans.
 
 Each switch sets ``SVDQ_TUNED_CONFIGS`` and calls ``autotune_cache.reload_tuned_configs()``; call plans are keyed by
 that variable, so every layer re-records its launches with the other file's configs. ``--compile`` also times the
@@ -24,17 +28,27 @@ import torch
 import e2e  # the full-size model, its loader and the step timing of bench/e2e.py
 
 
-def use(path: str) -> None:
+def is_settings(spec: str) -> bool:
+    return "=" in spec and not os.path.exists(spec)
+
+
+def use(spec: str) -> None:
     from svdq.kernels import autotune_cache
 
-    os.environ["SVDQ_TUNED_CONFIGS"] = os.path.abspath(path)
+    if is_settings(spec):
+        for item in spec.split(","):
+            name, value = item.split("=", 1)
+            os.environ[name.strip()] = value.strip()
+        return
+    os.environ["SVDQ_TUNED_CONFIGS"] = os.path.abspath(spec)
     autotune_cache.reload_tuned_configs()
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--a", required=True, help="pre-tuned config file A (e.g. the previous kernels/tuned_configs.json)")
-    ap.add_argument("--b", required=True, help="pre-tuned config file B")
+    ap.add_argument("--a", required=True, help="pre-tuned config file A (e.g. the previous kernels/tuned_configs.json), "
+                    "or NAME=VALUE settings")
+    ap.add_argument("--b", required=True, help="pre-tuned config file B, or NAME=VALUE settings")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch", default="1,2")
     ap.add_argument("--compile", action="store_true", help="also time the per-block torch.compile model")
@@ -43,7 +57,8 @@ def main() -> int:
     ap.add_argument("--config", choices=["flux-dev", "tiny"], default="flux-dev", help="tiny: a CPU smoke run")
     args = ap.parse_args()
     for p in (args.a, args.b):
-        json.loads(open(p).read())  # a clear error now rather than a silent fall back to tuning
+        if not is_settings(p):
+            json.loads(open(p).read())  # a clear error now rather than a silent fall back to tuning
     if args.config == "tiny":
         cfg = dict(e2e.TINY_FLUX, context_in_dim=4096, vec_in_dim=768)
     elif not torch.cuda.is_available():

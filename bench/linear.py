@@ -11,8 +11,8 @@ Rows per shape (times in µs, medians of triton.testing.do_bench; ratios are bf1
   svdq r32    fused Triton kernels, rank 32 (the default)
   svdq r32 a8 the Hopper A8 mode (4-bit weights, int8 per-token activations), rank 32
   svdq r96    rank 96: the default branch widened by a rank-64 LoRA (what an attached LoRA costs a layer)
-and a breakdown of the r32 layer under CUDA-graph replay (activation kernels / weight expansion / GEMM: GPU time,
-no launch overhead). W4A16 GEMV rows at M = 1, 16.
+and a breakdown of the r32 layer under CUDA-graph replay (activation kernels / weight expansion / int8 GEMM / the
+GEMM on packed weights that replaces expansion + int8 GEMM for M <= 1024: GPU time, no launch overhead). W4A16 GEMV rows at M = 1, 16.
 """
 
 from __future__ import annotations
@@ -112,6 +112,7 @@ def run_shape(m, k, n, quick=False):
     from svdq.kernels.act_quant import quantize_activation
     from svdq.kernels.dispatch import svdq_linear, weight_workspace
     from svdq.kernels.gemm_w4a4 import expand_weight, w4a4_gemm
+    from svdq.kernels.gemm_w4a4_packed import transposed_multipliers, w4a4_gemm_packed
 
     dev = "cuda"
     x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
@@ -144,6 +145,9 @@ def run_shape(m, k, n, quick=False):
     r["part_act"] = bench_graph(lambda: quantize_activation(x, l32.k_padded, l32.smooth, l32.proj_down))
     r["part_expand"] = bench_graph(lambda: expand_weight(l32.qweight, l32.wmult, out=wsp))
     r["part_gemm"] = bench_graph(lambda: w4a4_gemm(a8, sa, w8, l32.wscale, lora, l32.proj_up, l32.bias, torch.bfloat16))
+    mt = transposed_multipliers(l32.wmult)  # the GEMM on packed weights (no expansion; dispatch's pick for M <= 1024)
+    r["part_packed"] = bench_graph(lambda: w4a4_gemm_packed(a8, sa, l32.qweight, mt, l32.wscale, lora, l32.proj_up,
+                                                            l32.bias, torch.bfloat16))
     r["weight_bytes_ratio_r32"] = sum(t.numel() * t.element_size() for t in l32.tensors().values() if t is not l32.bias) / (n * k * 2)
     return r
 
@@ -184,12 +188,13 @@ def main() -> int:
     gemv = [run_gemv(m, 3072, 18432) for m in (1, 16)] + [run_gemv(m, 3072, 9216) for m in (1, 16)]
     cols = ["bf16", "fp8_row", "int8_mm", "unfused", "svdq_r0", "svdq_r32", "svdq_r32_a8", "svdq_r96"]
     print(f"# {env['gpu']}, torch {env['torch']}, triton {env['triton']}")
-    print(f"{'M':>6} {'K':>6} {'N':>6} | " + " | ".join(f"{c:>11}" for c in cols) + " | graph: bf16 / r32 | graph µs: act expand gemm | r32 vs unfused | branch cost")
+    print(f"{'M':>6} {'K':>6} {'N':>6} | " + " | ".join(f"{c:>11}" for c in cols) + " | graph: bf16 / r32 | graph µs: act expand gemm packed | r32 vs unfused | branch cost")
     for r in rows:
         cells = [f"{r['bf16']:7.1f}    "] + [f"{r[c]:6.1f} {r['bf16'] / r[c]:4.2f}x" for c in cols[1:]]
         print(f"{r['M']:>6} {r['K']:>6} {r['N']:>6} | " + " | ".join(cells)
               + f" | {r['bf16_graph']:6.1f} / {r['svdq_r32_graph']:6.1f} {r['bf16_graph'] / r['svdq_r32_graph']:4.2f}x"
-              + f" | {r['part_act']:5.1f} {r['part_expand']:5.1f} {r['part_gemm']:6.1f} | {r['unfused'] / r['svdq_r32']:5.2f}x"
+              + f" | {r['part_act']:5.1f} {r['part_expand']:5.1f} {r['part_gemm']:6.1f} {r['part_packed']:6.1f}"
+              + f" | {r['unfused'] / r['svdq_r32']:5.2f}x"
               + f" | {100 * (r['svdq_r32'] / r['svdq_r0'] - 1):+.1f}%")
     main_rows = [r for r in rows if r["M"] == 4608]
     summary = {

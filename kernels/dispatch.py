@@ -25,6 +25,7 @@ try:  # Triton is optional: CPU-only installs run the reference
 
     from .act_quant import quantize_activation
     from .gemm_w4a4 import expand_weight, w4a4_gemm
+    from . import gemm_w4a4_packed
     from .gemv_w4a16 import w4a16_linear
     from .launch import is_descriptor, recording
 
@@ -35,7 +36,7 @@ except Exception as _exc:  # pragma: no cover - depends on the install
 
 _warned: set[str] = set()
 W4A16_MAX_M = 64  # above this the dequantize + cuBLAS path wins
-_ENV = ("SVDQ_GEMM", "SVDQ_W4A16", "SVDQ_FAST_LAUNCH", "SVDQ_TUNED_CONFIGS")  # what a recorded plan depends on
+_ENV = ("SVDQ_GEMM", "SVDQ_W4A16", "SVDQ_FAST_LAUNCH", "SVDQ_TUNED_CONFIGS", "SVDQ_PACKED_MAX_M")  # what a plan depends on
 INT_POINTERS = True  # call plans pass fixed tensors to the launcher as addresses (bench/host_profile.py A/B)
 
 
@@ -253,9 +254,32 @@ def _run(x2, w, down, up, gelu, out2=None, accumulate=False):
             x2, w.k_padded, w.smooth, down, w.act_shift, w.act_unsigned and w.act_precision == "int4", w.act_precision,
             scratch=arena(x2.device).get,
         )
+        if packed_gemm(x2, w.qweight):
+            mult_t = derived(w, "mult_t", lambda: gemm_w4a4_packed.transposed_multipliers(w.wmult))
+            return gemm_w4a4_packed.w4a4_gemm_packed(a8, ascale, w.qweight, mult_t, w.wscale, lora, up, w.bias,
+                                                     x2.dtype, gelu, out=out2, accumulate=accumulate)
         w8 = int8_weights(w)
         return w4a4_gemm(a8, ascale, w8, w.wscale, lora, up, w.bias, x2.dtype, gelu, out=out2, accumulate=accumulate)
     return None
+
+
+PACKED_MAX_M = 1024  # H100: faster than expansion + int8 GEMM at M = 256-1024, slower at 4608 (BENCHMARKS.md)
+
+
+def packed_gemm(x2: torch.Tensor, qweight: torch.Tensor) -> bool:
+    """Whether this call multiplies the packed 4-bit weights directly (``gemm_w4a4_packed``) instead of expanding
+    them to int8 first: ``SVDQ_GEMM=packed`` always (where it can run), another ``SVDQ_GEMM`` schedule never,
+    ``auto`` on sm_90 for at most ``SVDQ_PACKED_MAX_M`` rows (default 1024), where reading 4-bit weights beats
+    the expansion pass; at larger M the expansion is a small share and the warp-specialized int8 GEMMs are faster."""
+    choice = os.environ.get("SVDQ_GEMM", "auto").lower()
+    if choice not in ("auto", "packed") or not gemm_w4a4_packed.usable(x2) or qweight.data_ptr() % 16:
+        return False  # (a weight sliced out of a larger tensor may start off a TMA boundary: expand it instead)
+    if choice == "packed":
+        return True
+    from .autotune_cache import capability_major, interpreting
+
+    limit = int(os.environ.get("SVDQ_PACKED_MAX_M", PACKED_MAX_M))
+    return (not interpreting() and x2.is_cuda and capability_major(x2.device) == 9 and 0 < x2.shape[0] <= limit)
 
 
 class _Plan:

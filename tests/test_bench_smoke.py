@@ -49,3 +49,16 @@ def test_config_ab_tiny_alternates_both_files(tmp_path):
     proc = subprocess.run(cmd + ["--a", str(a), "--b", str(bad)], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode != 0 and "JSONDecodeError" in proc.stderr
+
+
+def test_config_ab_tiny_switches_settings(tmp_path):
+    """A variant given as NAME=VALUE settings is switched like a file: both timed in every round."""
+    out = tmp_path / "ab.json"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    cmd = [sys.executable, str(ROOT / "bench" / "config_ab.py"), "--config", "tiny", "--rounds", "2", "--batch", "1",
+           "--a", "SVDQ_PACKED_MAX_M=0", "--b", "SVDQ_PACKED_MAX_M=1024,SVDQ_GEMM=auto", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert len(res["raw"]["eager_b1"]["a"]) == 2 and len(res["raw"]["eager_b1"]["b"]) == 2
+    assert res["env"]["b"] == "SVDQ_PACKED_MAX_M=1024,SVDQ_GEMM=auto"

@@ -13,7 +13,7 @@ from svdq.kernels.reference import activation_operand, int8_weight_operand, svdq
 GPU = torch.cuda.is_available()
 DEV = device()
 SM90 = GPU and torch.cuda.get_device_capability()[0] == 9
-SCHEDULES = ["pointer", "tma"] + [pytest.param("gluon", marks=pytest.mark.skipif(not SM90, reason="Gluon wgmma kernel: sm_90"))]
+SCHEDULES = ["pointer", "tma", "packed"] + [pytest.param("gluon", marks=pytest.mark.skipif(not SM90, reason="Gluon wgmma kernel: sm_90"))]
 
 
 def rel(a, b):
@@ -84,6 +84,83 @@ def test_gemm_schedules_match_reference(m, k, n, rank, bias, unsigned, schedule,
     x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
     assert rel(triton_kernels.svdq_linear(x, layer), svdq_linear_reference(x, layer)) <= 1e-2
     assert rel(triton_kernels.svdq_linear(x, layer, gelu=True), svdq_linear_reference(x, layer, gelu=True)) <= 1e-2
+
+
+PACKED_CASES = [  # (M, K, N, rank, bias, gelu, unsigned): odd M and N, K with a short last tile, wide branches
+    (7, 200, 130, 16, True, False, False),
+    (33, 384, 64, 32, False, True, True),
+    (70, 128, 192, 0, True, False, False),
+    (12, 640, 96, 96, True, True, False),
+] + ([(512, 3072, 9216, 32, True, False, False), (1000, 12288, 3072, 32, True, False, False),
+      (4608, 3072, 3072, 32, True, True, False)] if GPU else [])
+PACKED_TILES = [(64, 64, 128), (128, 64, 64)] + ([(64, 128, 128), (64, 256, 128), (128, 128, 128)] if GPU else [])
+
+
+@pytest.mark.parametrize("tile", PACKED_TILES)
+@pytest.mark.parametrize("m,k,n,rank,bias,gelu,unsigned", PACKED_CASES)
+def test_packed_gemm_equals_expanded_gemm(m, k, n, rank, bias, gelu, unsigned, tile, triton_kernels):
+    """The GEMM on packed weights (codes unpacked in registers) against the int8 GEMM on the expanded weight: the
+    same integer accumulation, so the same output (the branch MMA runs transposed: within a bf16 ulp if not
+    bit for bit), also when adding into a column slice of a wider output."""
+    from svdq.kernels.act_quant import quantize_activation
+    from svdq.kernels.gemm_w4a4 import w4a4_gemm
+    from svdq.kernels.gemm_w4a4_packed import transposed_multipliers, w4a4_gemm_packed
+
+    layer = random_layer(n, k, rank, bias, unsigned, 0.171875 if unsigned else 0.0, device=DEV, seed=m + n)
+    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+    a8, sa, lora = quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down, layer.act_shift, unsigned)
+    up = layer.proj_up if rank else None
+    want = w4a4_gemm(a8, sa, int8_weight_operand(layer), layer.wscale, lora, up, layer.bias, torch.bfloat16, gelu,
+                     schedule="pointer")
+    bn, bt, bk = tile
+    cfg = {"BLOCK_N": bn, "BLOCK_T": bt, "BLOCK_K": bk, "STAGES": 2, "num_warps": 4}
+    mt = transposed_multipliers(layer.wmult)
+    got = w4a4_gemm_packed(a8, sa, layer.qweight, mt, layer.wscale, lora, up, layer.bias, torch.bfloat16, gelu,
+                           config=cfg)
+    assert (got.float() - want.float()).abs().max() <= want.float().abs().max() * 2 ** -7
+    assert rel(got, want) < 1e-3
+    if not GPU:
+        assert torch.equal(got, want)  # the interpreter's dots are exact in both orders
+    wide = torch.randn(m, n + 40, device=DEV, dtype=torch.bfloat16)
+    before = wide.clone()
+    w4a4_gemm_packed(a8, sa, layer.qweight, mt, layer.wscale, lora, up, layer.bias, torch.bfloat16, gelu,
+                     out=wide[:, 24 : 24 + n], accumulate=True, config=cfg)
+    assert torch.equal(wide[:, :24], before[:, :24]) and torch.equal(wide[:, 24 + n :], before[:, 24 + n :])
+    assert rel(wide[:, 24 : 24 + n], before[:, 24 : 24 + n].float() + want.float()) < 1e-2
+
+
+def test_packed_gemm_rejects_mismatched_operands(triton_kernels):
+    from svdq.kernels.act_quant import quantize_activation
+    from svdq.kernels.gemm_w4a4_packed import transposed_multipliers, w4a4_gemm_packed
+
+    layer = random_layer(64, 256, 0, False, device=DEV)
+    a8, sa, _ = quantize_activation(torch.randn(3, 256, device=DEV, dtype=torch.bfloat16), 256, layer.smooth, None)
+    mt = transposed_multipliers(layer.wmult)
+    args = (layer.wscale, None, None, None, torch.bfloat16)
+    with pytest.raises(ValueError, match="packed weight"):
+        w4a4_gemm_packed(a8[:, :192], sa, layer.qweight, mt, *args)
+    with pytest.raises(ValueError, match="multipliers"):
+        w4a4_gemm_packed(a8, sa, layer.qweight, layer.wmult, *args)
+    with pytest.raises(ValueError, match="BLOCK_K"):
+        w4a4_gemm_packed(a8, sa, layer.qweight, mt, *args, config={"BLOCK_N": 32, "BLOCK_K": 128})
+    with pytest.raises(ValueError, match="output"):
+        w4a4_gemm_packed(a8, sa, layer.qweight, mt, *args, out=torch.empty(3, 65, device=DEV, dtype=torch.bfloat16))
+
+
+def test_packed_gemm_dispatch_rule(triton_kernels, monkeypatch):
+    """``SVDQ_GEMM=packed`` forces the packed kernel, another schedule disables it; ``auto`` takes it on sm_90
+    up to SVDQ_PACKED_MAX_M rows and never on the CPU interpreter."""
+    layer = random_layer(64, 128, 0, False, device=DEV)
+    x = torch.randn(5, 128, device=DEV, dtype=torch.bfloat16)
+    monkeypatch.setenv("SVDQ_GEMM", "packed")
+    assert triton_kernels.packed_gemm(x, layer.qweight)
+    assert not triton_kernels.packed_gemm(x, layer.qweight.view(-1)[1:33].view(1, 32))  # off a 16-byte boundary
+    monkeypatch.setenv("SVDQ_GEMM", "tma")
+    assert not triton_kernels.packed_gemm(x, layer.qweight)
+    monkeypatch.setenv("SVDQ_GEMM", "auto")
+    assert triton_kernels.packed_gemm(x, layer.qweight) == SM90
+    monkeypatch.setenv("SVDQ_PACKED_MAX_M", "4")
+    assert not triton_kernels.packed_gemm(x, layer.qweight)
 
 
 def test_int8_activation_mode(triton_kernels):

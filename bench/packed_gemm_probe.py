@@ -1,0 +1,113 @@
+"""Does the GEMM that reads packed 4-bit weights (``kernels/gemm_w4a4_packed.py``) beat expand + int8 GEMM?
+
+    python bench/packed_gemm_probe.py [--json OUT] [--rank 32] [--shapes K:N,...] [--m 4608]
+
+Same run, CUDA-graph µs: cuBLAS bf16; the ping-pong Gluon GEMM on the expanded int8 weight alone and together
+with the weight expansion it needs (what a layer call runs now); the same with the schedule a layer call picks (shipped or tuned configs); the packed-weight kernel at each
+tile config.
+Its output is compared with the ping-pong kernel's (same integer accumulation; the branch MMA runs transposed, so
+the last bits of the 16-bit output may differ).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+# BLOCK_N (weight rows), BLOCK_T (tokens), BLOCK_K, stages, warps, GROUP_N, unpacking (1: PTX; 2: a plain copy,
+# wrong numbers, the timing without the unpacking arithmetic)
+CONFIGS = [(128, 128, 128, 4, 4, 8, 1), (64, 256, 128, 3, 4, 8, 1), (64, 256, 128, 3, 4, 16, 1), (64, 256, 128, 2, 4, 8, 1),
+           (128, 128, 128, 4, 4, 8, 2), (64, 256, 128, 3, 4, 8, 2)]
+# small M (the text stream's 512 / 1024 rows): fewer tokens per tile, so that the grid fills the GPU
+SMALL_CONFIGS = [(64, 128, 128, 4, 4, 8, 1), (128, 128, 128, 4, 4, 8, 1), (64, 64, 128, 4, 4, 8, 1),
+                 (128, 64, 128, 4, 4, 8, 1), (64, 256, 128, 3, 4, 8, 1), (128, 64, 256, 3, 4, 8, 1)]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json")
+    ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--m", type=int, default=4608)
+    ap.add_argument("--shapes", default=None, help="K:N,K:N... (default: the five M = 4608 FLUX shapes)")
+    ap.add_argument("--small", action="store_true", help="the tile configs for small M")
+    args = ap.parse_args()
+    import _path  # noqa: F401
+    import triton.testing
+    from linear import M4608, make_layer
+    from svdq.kernels.act_quant import quantize_activation
+    from svdq.kernels.gemm_w4a4 import expand_weight, w4a4_gemm
+    from svdq.kernels.gemm_w4a4_packed import transposed_multipliers, w4a4_gemm_packed
+
+    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
+    print(f"# {env['gpu']}, torch {env['torch']}, triton {env['triton']}, rank {args.rank}, M {args.m}", flush=True)
+    rows = []
+    shapes = [tuple(int(v) for v in s.split(":")) for s in args.shapes.split(",")] if args.shapes else M4608
+    r, m = args.rank, args.m
+    pingpong = {"kwargs": {"SCHEDULE": "gluon", "PINGPONG": True, "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128,
+                           "STAGES": 4, "GROUP_M": 8}, "num_warps": 4, "num_stages": 1}
+    for k, n in shapes:
+        layer = make_layer(n, k, r)
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        wb = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        a8, sa, lora = quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down if r else None)
+        up = layer.proj_up if r else None
+        w8 = torch.empty(n, layer.k_padded, dtype=torch.int8, device="cuda")
+        mt = transposed_multipliers(layer.wmult)
+
+        def gemm():
+            return w4a4_gemm(a8, sa, w8, layer.wscale, lora, up, layer.bias, torch.bfloat16, config=pingpong)
+
+        def expand_gemm():
+            expand_weight(layer.qweight, layer.wmult, out=w8)
+            return gemm()
+
+        def expand_tuned():  # what a layer call runs now: the shipped (or freshly tuned) schedule for this shape
+            expand_weight(layer.qweight, layer.wmult, out=w8)
+            return w4a4_gemm(a8, sa, w8, layer.wscale, lora, up, layer.bias, torch.bfloat16)
+
+        ref = expand_gemm()
+        expand_tuned()
+        row = {"K": k, "N": n, "M": m,
+               "bf16": triton.testing.do_bench_cudagraph(lambda: torch.nn.functional.linear(x, wb), rep=50) * 1e3,
+               "pingpong_gemm": triton.testing.do_bench_cudagraph(gemm, rep=50) * 1e3,
+               "expand_pingpong": triton.testing.do_bench_cudagraph(expand_gemm, rep=50) * 1e3,
+               "expand_tuned": triton.testing.do_bench_cudagraph(expand_tuned, rep=50) * 1e3}
+        for bn, bt, bk, st, w, gn, ptx in (SMALL_CONFIGS if args.small else CONFIGS):
+            name = f"packed_{bn}x{bt}x{bk}_s{st}_w{w}_g{gn}" + ("_nounpack" if ptx == 2 else "")
+            cfg = {"BLOCK_N": bn, "BLOCK_T": bt, "BLOCK_K": bk, "STAGES": st, "num_warps": w, "GROUP_N": gn,
+                   "USE_PTX": ptx}
+
+            def fn(cfg=cfg):
+                return w4a4_gemm_packed(a8, sa, layer.qweight, mt, layer.wscale, lora, up, layer.bias, torch.bfloat16,
+                                        config=cfg)
+
+            try:
+                y = fn()
+                row[name + "_exact"] = bool(torch.equal(y, ref))
+                row[name + "_rel"] = float((y.float() - ref.float()).norm() / ref.float().norm())
+                row[name] = triton.testing.do_bench_cudagraph(fn, rep=50) * 1e3
+            except Exception as exc:
+                print(f"{name} failed: {str(exc)[-1500:]}", flush=True)
+        timed = {c: v for c, v in row.items() if c.startswith("packed") and isinstance(v, float)
+                 and not c.endswith(("_rel", "_nounpack"))}
+        best = min(timed, key=timed.get) if timed else None
+        print(f"packed K={k} N={n} M={m}: bf16 {row['bf16']:.1f}, ping-pong GEMM {row['pingpong_gemm']:.1f}, "
+              f"expand + ping-pong {row['expand_pingpong']:.1f}, expand + tuned {row['expand_tuned']:.1f}"
+              + (f", best packed {best} {timed[best]:.1f} (rel {row[best + '_rel']:.1e}, exact {row[best + '_exact']})"
+                 if best else ""), flush=True)
+        print("row", {a: (round(b, 4) if isinstance(b, float) else b) for a, b in row.items()}, flush=True)
+        rows.append(row)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"env": env, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
