@@ -11,6 +11,11 @@ operand ``code * multiplier`` in registers, and the activations (int8, from the 
 shared-memory B operand. The main loop stays a pure int32 accumulation; the epilogue is the transposed twin of
 the other kernels' (scales, low-rank branch, bias, GELU, one 16-bit store).
 
+Where it wins (H100, ``bench/packed_gemm_probe.py``, BENCHMARKS.md): at M = 256-1024, where the expansion pass is a
+large share of the layer (M = 256, 3072→12288: 24.5 µs against 51.5 for expansion + int8 GEMM). At M = 4608 it is
+5-18% slower than expansion + the ping-pong Gluon GEMM: Triton waits for each register-operand wgmma before the next
+step's unpacking (no overlap inside a program), so dispatch uses it up to ``dispatch.PACKED_MAX_M`` rows only.
+
 Unpacking a word of four codes (GPU, inline PTX, 7 instructions): its two bytes are spread into 16-bit lanes, the
 even and odd nibbles offset by 8 (so they are 0..15), multiplied by the group's multiplier with ``256 - 8·mult``
 added in the same multiply-add (each lane then holds ``code·mult + 256``, never borrowing from its neighbour), and
