@@ -1,6 +1,10 @@
 """Does the GEMM that reads packed 4-bit weights (``kernels/gemm_w4a4_packed.py``) beat expand + int8 GEMM?
 
     python bench/packed_gemm_probe.py [--json OUT] [--rank 32] [--shapes K:N,...] [--m 4608]
+    python bench/packed_gemm_probe.py --w4a16 [--json OUT]
+
+``--w4a16``: the W4A16 layer (16-bit input, M = 1-64) on the packed-weight tensor-core kernel
+(``kernels/gemm_w4a16_packed.py``) at several tiles, against cuBLAS bf16 and what ``svdq_linear`` runs now.
 
 Same run, CUDA-graph µs: cuBLAS bf16; the ping-pong Gluon GEMM on the expanded int8 weight alone and together
 with the weight expansion it needs (what a layer call runs now); the same with the schedule a layer call picks (shipped or tuned configs); the packed-weight kernel at each
@@ -36,8 +40,11 @@ def main() -> int:
     ap.add_argument("--m", type=int, default=4608)
     ap.add_argument("--shapes", default=None, help="K:N,K:N... (default: the five M = 4608 FLUX shapes)")
     ap.add_argument("--small", action="store_true", help="the tile configs for small M")
+    ap.add_argument("--w4a16", action="store_true", help="the W4A16 kernels at M = 1-64 instead")
     args = ap.parse_args()
     import _path  # noqa: F401
+    if args.w4a16:
+        return w4a16_rows(args)
     import triton.testing
     from linear import M4608, make_layer
     from svdq.kernels.act_quant import quantize_activation
@@ -103,6 +110,57 @@ def main() -> int:
                  if best else ""), flush=True)
         print("row", {a: (round(b, 4) if isinstance(b, float) else b) for a, b in row.items()}, flush=True)
         rows.append(row)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"env": env, "rows": rows}, f, indent=1)
+    return 0
+
+
+W4A16_TILES = [(64, 128, 4, 4), (64, 256, 4, 4), (128, 128, 4, 4), (64, 128, 6, 4), (64, 256, 3, 4)]
+
+
+def w4a16_rows(args) -> int:
+    import triton.testing
+    from linear import make_layer
+    from svdq.kernels.dispatch import svdq_linear
+    from svdq.kernels.gemm_w4a4_packed import transposed_multipliers
+    from svdq.kernels.gemm_w4a16_packed import w4a16_packed
+
+    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
+    print(f"# {env['gpu']}, torch {env['torch']}, triton {env['triton']}, W4A16", flush=True)
+    rows = []
+    for k, n in [(3072, 18432), (3072, 9216), (3072, 3072)]:
+        layer = make_layer(n, k, 0, kind="w4a16")
+        wb = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        mt = transposed_multipliers(layer.wmult)
+        inv = torch.reciprocal(layer.smooth.float())
+        for m in (1, 2, 4, 16, 64):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            ref = svdq_linear(x, layer)
+            row = {"M": m, "K": k, "N": n,
+                   "bf16": triton.testing.do_bench_cudagraph(lambda: torch.nn.functional.linear(x, wb, layer.bias), rep=50) * 1e3,
+                   "current": triton.testing.do_bench_cudagraph(lambda: svdq_linear(x, layer), rep=50) * 1e3}
+            for bn, bk, st, w in W4A16_TILES:
+                name = f"packed_{bn}x{bk}_s{st}_w{w}"
+                cfg = {"BLOCK_N": bn, "BLOCK_K": bk, "STAGES": st, "num_warps": w}
+
+                def fn(cfg=cfg):
+                    y = w4a16_packed(x, layer.qweight, mt, layer.wscale, inv, k, layer.bias, torch.bfloat16, config=cfg)
+                    return y if y.dtype == torch.bfloat16 else y.to(torch.bfloat16)
+
+                try:
+                    y = fn()
+                    row[name + "_rel"] = float((y.float() - ref.float()).norm() / ref.float().norm())
+                    row[name] = triton.testing.do_bench_cudagraph(fn, rep=50) * 1e3
+                except Exception as exc:
+                    print(f"{name} failed: {str(exc)[-800:]}", flush=True)
+            timed = {c: v for c, v in row.items() if c.startswith("packed") and not c.endswith("_rel")}
+            best = min(timed, key=timed.get) if timed else None
+            print(f"w4a16 M={m} K={k} N={n}: bf16 {row['bf16']:.1f}, current {row['current']:.1f}"
+                  + (f", best packed {best} {timed[best]:.1f} (x{row['bf16'] / timed[best]:.2f} bf16, rel {row[best + '_rel']:.1e})"
+                     if best else "") + "; " + ", ".join(f"{c} {v:.1f}" for c, v in sorted(timed.items(), key=lambda t: t[1])),
+                  flush=True)
+            rows.append(row)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"env": env, "rows": rows}, f, indent=1)

@@ -25,7 +25,7 @@ try:  # Triton is optional: CPU-only installs run the reference
 
     from .act_quant import quantize_activation
     from .gemm_w4a4 import expand_weight, w4a4_gemm
-    from . import gemm_w4a4_packed
+    from . import gemm_w4a4_packed, gemm_w4a16_packed
     from .gemv_w4a16 import w4a16_linear
     from .launch import is_descriptor, recording
 
@@ -375,10 +375,32 @@ def _planned(x2: torch.Tensor, w: QuantizedLinearWeights, gelu: bool, out2: torc
     return y
 
 
+def packed_w4a16(x2: torch.Tensor, qweight: torch.Tensor) -> bool:
+    """Whether a 16-bit-input call takes the tensor-core kernel on packed weights (``gemm_w4a16_packed``):
+    ``SVDQ_W4A16=packed`` always (up to 64 rows), ``gemv`` / ``mma`` never, ``auto`` (default) on sm_90 for 2-64
+    rows, where it measured faster than the CUDA-core word kernels (M = 2-4) and the older tensor-core kernel
+    (M = 16: 29 vs 176 µs at 3072→18432); one row stays on the word kernel (19.5 vs 28.8 µs)."""
+    impl = os.environ.get("SVDQ_W4A16", "auto").lower()
+    m = x2.shape[0]
+    if impl not in ("auto", "packed") or not gemm_w4a16_packed.usable(x2) or qweight.data_ptr() % 16:
+        return False
+    if impl == "packed":
+        return 0 < m <= gemm_w4a16_packed.MAX_M
+    from .autotune_cache import capability_major, interpreting
+
+    return (not interpreting() and x2.is_cuda and capability_major(x2.device) == 9
+            and 2 <= m <= gemm_w4a16_packed.MAX_M)
+
+
 def _w4a16(x2, w, down, up, gelu):
     if x2.shape[0] <= W4A16_MAX_M:
         final = down is None and not gelu  # then the kernel may write the output dtype itself
         inv = None if w.smooth is None else derived(w, "inv_smooth", lambda: torch.reciprocal(w.smooth.float()))
+        if packed_w4a16(x2, w.qweight):
+            mult_t = derived(w, "mult_t", lambda: gemm_w4a4_packed.transposed_multipliers(w.wmult))
+            y = gemm_w4a16_packed.w4a16_packed(x2, w.qweight, mult_t, w.wscale, inv, w.in_features, bias=w.bias,
+                                               out_dtype=x2.dtype if final else torch.float32)
+            return _finish(y, x2, down, up, gelu)
         y = w4a16_linear(x2, w.qweight, w.wmult, w.wscale, w.smooth, w.in_features, bias=w.bias,
                          out_dtype=x2.dtype if final else torch.float32, inv_smooth=inv)
     else:

@@ -286,8 +286,8 @@ def w4a16_linear(x2: torch.Tensor, qweight: torch.Tensor, wmult: torch.Tensor, w
     kp = qweight.shape[1] * 2
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
-    impl = os.environ.get("SVDQ_W4A16", "gemv")
-    if m <= SMALL_M and impl == "gemv":
+    impl = os.environ.get("SVDQ_W4A16", "auto").lower()
+    if m <= SMALL_M and impl in ("gemv", "auto", "packed"):
         return _w4a16_gemv(x2, qweight, wmult, wscale, smooth, inv_smooth, bias, out_dtype)
     while block_k > 64 and kp % block_k:
         block_k //= 2

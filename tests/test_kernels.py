@@ -163,6 +163,20 @@ def test_packed_gemm_dispatch_rule(triton_kernels, monkeypatch):
     assert not triton_kernels.packed_gemm(x, layer.qweight)
 
 
+def test_packed_w4a16_dispatch_rule(triton_kernels, monkeypatch):
+    """W4A16: ``auto`` takes the packed tensor-core kernel on sm_90 for 2-64 rows (one row stays on the word
+    kernel), ``packed`` forces it up to 64 rows, ``gemv`` / ``mma`` never."""
+    layer = random_layer(64, 128, 0, False, kind="w4a16", device=DEV)
+    rows = {m: torch.randn(m, 128, device=DEV, dtype=torch.bfloat16) for m in (1, 2, 64, 65)}
+    monkeypatch.setenv("SVDQ_W4A16", "auto")
+    assert [triton_kernels.packed_w4a16(rows[m], layer.qweight) for m in (1, 2, 64, 65)] == [False, SM90, SM90, False]
+    monkeypatch.setenv("SVDQ_W4A16", "packed")
+    assert [triton_kernels.packed_w4a16(rows[m], layer.qweight) for m in (1, 2, 64, 65)] == [True, True, True, False]
+    for impl in ("gemv", "mma"):
+        monkeypatch.setenv("SVDQ_W4A16", impl)
+        assert not triton_kernels.packed_w4a16(rows[2], layer.qweight)
+
+
 def test_int8_activation_mode(triton_kernels):
     layer = random_layer(96, 192, 32, True, act="int8", device=DEV)
     x = torch.randn(9, 192, device=DEV, dtype=torch.bfloat16)
@@ -196,15 +210,44 @@ def test_expand_weight_exact(n, k, triton_kernels):
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 16, 40])
-@pytest.mark.parametrize("impl", ["gemv", "mma"])
+@pytest.mark.parametrize("impl", ["gemv", "mma", "packed", "auto"])
 def test_w4a16_matches_reference(m, impl, triton_kernels, monkeypatch):
-    """Both W4A16 kernels (CUDA-core word kernel for M <= 4 unless SVDQ_W4A16=mma, tensor-core otherwise)."""
+    """Every W4A16 kernel: the CUDA-core word kernels (M <= 4 with ``gemv``), the older tensor-core kernel
+    (``mma``), the tensor-core kernel on packed weights (``packed``; ``auto`` takes it on sm_90 for 2-64 rows)."""
     monkeypatch.setenv("SVDQ_W4A16", impl)
     k, n = (3072, 9216) if GPU else (256, 96)
     layer = random_layer(n, k, 0, True, kind="w4a16", device=DEV, seed=m)
     x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
     out = triton_kernels.svdq_linear(x, layer)
     assert rel(out, svdq_linear_reference(x, layer)) <= 1e-2
+
+
+@pytest.mark.parametrize("m,k,n,tile,split,bias,smooth", [
+    (1, 200, 130, (64, 128), None, True, True),  # K with a short last tile, N not a multiple of the tile
+    (16, 640, 64, (64, 128), 3, False, True),  # split over K: fp32 partial sums added atomically, bias once
+    (40, 384, 192, (128, 128), 2, True, False),  # 40 rows: one 64-row tile; no smoothing
+    (3, 512, 96, (64, 256), 1, True, True),
+] + ([(2, 3072, 18432, (64, 256), None, True, True), (64, 3072, 3072, (64, 128), None, True, True)] if GPU else []))
+def test_w4a16_packed_matches_reference(m, k, n, tile, split, bias, smooth, triton_kernels):
+    """The tensor-core W4A16 kernel on packed weights (codes unpacked to bf16 in registers) at odd shapes, tiles
+    and K splits; fp32 out of a split (partial sums added atomically), the output dtype without one."""
+    from svdq.kernels.gemm_w4a4_packed import transposed_multipliers
+    from svdq.kernels.gemm_w4a16_packed import w4a16_packed
+
+    layer = random_layer(n, k, 0, bias, kind="w4a16", device=DEV, seed=m + k)
+    if not smooth:
+        layer.smooth = None
+    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+    inv = None if layer.smooth is None else torch.reciprocal(layer.smooth.float())
+    cfg = {"BLOCK_N": tile[0], "BLOCK_K": tile[1], **({"SPLIT": split} if split else {})}
+    y = w4a16_packed(x, layer.qweight, transposed_multipliers(layer.wmult), layer.wscale, inv, k, layer.bias,
+                     torch.bfloat16, config=cfg)
+    if split:  # (left to the launcher, the split depends on the GPU's size)
+        assert y.dtype == (torch.float32 if split > 1 else torch.bfloat16)
+    assert rel(y, svdq_linear_reference(x, layer)) <= 1e-2
+    with pytest.raises(ValueError, match="rows"):
+        w4a16_packed(torch.zeros(65, k, device=DEV, dtype=torch.bfloat16), layer.qweight,
+                     transposed_multipliers(layer.wmult), layer.wscale, inv, k)
 
 
 @pytest.mark.parametrize("m", [1, 2])
