@@ -116,6 +116,7 @@ def default_tile(m: int, n: int) -> dict:
 
 
 def usable(x2: torch.Tensor) -> bool:
+    """Needs host-side TMA descriptors; runs on NVIDIA GPUs (measured on sm_90) and in the interpreter."""
     return HAS_HOST_DESCRIPTORS and (interpreting() or (x2.is_cuda and torch.version.hip is None))
 
 

@@ -323,6 +323,19 @@ def branch_chunks(rank: int) -> tuple[int, int]:
     return padded, next(c for c in (64, 32, 16) if padded % c == 0)
 
 
+def gemm_output(out: torch.Tensor | None, m: int, n: int, dtype: torch.dtype, device: torch.device,
+                accumulate: bool) -> torch.Tensor:
+    """The GEMM's [M, N] output: a new tensor, or the given one checked (any row stride, unit column stride)."""
+    if out is None:
+        if accumulate:
+            raise ValueError("accumulate needs an output to add to")
+        return torch.empty(m, n, dtype=dtype, device=device)
+    if out.shape != (m, n) or out.stride(1) != 1 or out.dtype != dtype or out.device != device:
+        raise ValueError(f"output must be {dtype} [{m}, {n}] with unit column stride on {device}, got "
+                         f"{out.dtype} {tuple(out.shape)} strides {out.stride()} on {out.device}")
+    return out
+
+
 def w4a4_gemm(
     a8: torch.Tensor,
     ascale: torch.Tensor,
@@ -345,13 +358,7 @@ def w4a4_gemm(
     m, kp = a8.shape
     n = w8.shape[0]
     r = 0 if proj_up is None else proj_up.shape[1]
-    if out is None:
-        if accumulate:
-            raise ValueError("accumulate needs an output to add to")
-        out = torch.empty(m, n, dtype=out_dtype, device=a8.device)
-    elif out.shape != (m, n) or out.stride(1) != 1 or out.dtype != out_dtype or out.device != a8.device:
-        raise ValueError(f"output must be {out_dtype} [{m}, {n}] with unit column stride on {a8.device}, got "
-                         f"{out.dtype} {tuple(out.shape)} strides {out.stride()} on {out.device}")
+    out = gemm_output(out, m, n, out_dtype, a8.device, accumulate)
     block_r, r_chunk = branch_chunks(r)
     args = (
         a8, w8, ascale, wscale, lora_act if r else ascale, proj_up if r else ascale, bias if bias is not None else ascale, out,

@@ -30,7 +30,7 @@ import triton.language as tl
 
 from .autotune_cache import fp32_dots, interpreting, sm_count
 from .launch import HAS_HOST_DESCRIPTORS, TensorDescriptor, launch
-from .gemm_w4a4 import _gelu_tanh
+from .gemm_w4a4 import _gelu_tanh, branch_chunks, gemm_output
 
 _UNPACK_PTX = tl.constexpr("""{
 .reg .b32 x, y, e, o, k;
@@ -166,8 +166,6 @@ def w4a4_gemm_packed(
 ) -> torch.Tensor:
     """y [M, N] = (a8 · (codes · mult)ᵀ) · ascale · wscale + lora_act · proj_upᵀ + bias (then GELU), from the
     packed codes ``qweight`` [N, Kp/2] and ``mult_t`` = ``transposed_multipliers(wmult)``."""
-    from .gemm_w4a4 import branch_chunks
-
     m, kp = a8.shape
     n = qweight.shape[0]
     if qweight.dtype != torch.uint8 or qweight.shape[1] * 2 != kp or kp % 64:
@@ -176,13 +174,7 @@ def w4a4_gemm_packed(
     if mult_t.dtype != torch.uint8 or mult_t.shape[0] != kp // 64 or mult_t.shape[1] < n or mult_t.stride(0) % 16:
         raise ValueError(f"multipliers {mult_t.dtype} {tuple(mult_t.shape)}: expected transposed_multipliers(wmult)")
     r = 0 if proj_up is None else proj_up.shape[1]
-    if out is None:
-        if accumulate:
-            raise ValueError("accumulate needs an output to add to")
-        out = torch.empty(m, n, dtype=out_dtype, device=a8.device)
-    elif out.shape != (m, n) or out.stride(1) != 1 or out.dtype != out_dtype or out.device != a8.device:
-        raise ValueError(f"output must be {out_dtype} [{m}, {n}] with unit column stride on {a8.device}, got "
-                         f"{out.dtype} {tuple(out.shape)} strides {out.stride()} on {out.device}")
+    out = gemm_output(out, m, n, out_dtype, a8.device, accumulate)
     if m == 0:
         return out
     programs = sm_count(a8.device) if a8.is_cuda else 4
