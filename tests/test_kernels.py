@@ -3,6 +3,7 @@
 On CPU the kernels run under TRITON_INTERPRET=1 at small shapes (conftest); on a CUDA GPU at larger ones.
 """
 
+import numpy as np
 import pytest
 import torch
 
@@ -127,6 +128,33 @@ def test_packed_gemm_equals_expanded_gemm(m, k, n, rank, bias, gelu, unsigned, t
                      out=wide[:, 24 : 24 + n], accumulate=True, config=cfg)
     assert torch.equal(wide[:, :24], before[:, :24]) and torch.equal(wide[:, 24 + n :], before[:, 24 + n :])
     assert rel(wide[:, 24 : 24 + n], before[:, 24 : 24 + n].float() + want.float()) < 1e-2
+
+
+def _sext4(v):
+    return np.where(v & 8, v.astype(np.int64) - 16, v.astype(np.int64))
+
+
+def test_unpack_ptx_sequences_on_every_word():
+    """The inline PTX that unpacks codes on the GPU, run by a small PTX model on every 16-bit word of four codes and
+    every multiplier 0..15 (the interpreter runs the kernels' plain-Triton twin instead, so this is what checks the
+    bit tricks on the CPU): the int8 operand ``code * mult`` of the W4A4 kernel, and the bf16 pairs of the W4A16
+    kernel."""
+    from ptx_model import run
+    from svdq.kernels.gemm_w4a4_packed import _UNPACK_PTX
+    from svdq.kernels.gemm_w4a16_packed import _UNPACK_BF16_PTX
+
+    word, mult = (a.ravel().astype(np.uint32) for a in np.meshgrid(np.arange(65536), np.arange(16)))
+    word32 = np.where(word & 0x8000, word | 0xFFFF0000, word).astype(np.uint32)  # int16 widened, as the kernel's .to(int32)
+    codes = [_sext4((word >> (4 * i)) & 0xF) * mult for i in range(4)]
+    packed = run(_UNPACK_PTX.value, {1: word32, 5: mult})[0]
+    for i in range(4):
+        assert np.array_equal(((packed >> (8 * i)) & 0xFF).astype(np.uint8).view(np.int8), codes[i].astype(np.int8))
+    mult_f32 = mult.astype(np.float32).view(np.uint32)
+    for j in range(2):  # the kernel hands each asm call the word shifted to its pair
+        pair = run(_UNPACK_BF16_PTX.value, {1: (word32.view(np.int32) >> (8 * j)).view(np.uint32), 3: mult_f32})[0]
+        for lane in range(2):
+            got = ((pair >> (16 * lane)) & 0xFFFF).astype(np.uint32) << 16
+            assert np.array_equal(got.view(np.float32), codes[2 * j + lane].astype(np.float32))
 
 
 def test_packed_gemm_rejects_mismatched_operands(triton_kernels):
