@@ -8,7 +8,9 @@ so the main loop is one exact int32 accumulation over all of K, and only the per
 scales remain, applied once in the epilogue together with ``lora_act · proj_upᵀ`` and the bias.
 
 The 4-bit weights stay 4-bit in memory; ``expand_weight`` unpacks them to int8 just in time into a reused
-per-device workspace (a bandwidth-bound pass over 16-bit words of four codes, 3–10% of the GEMM).
+per-device workspace (a bandwidth-bound pass over 16-bit words of four codes, 3–10% of the GEMM). For at most
+``dispatch.PACKED_MAX_M`` rows, where that pass is a large share of the layer, ``gemm_w4a4_packed`` multiplies the
+packed codes directly instead.
 
 Schedules of the same product, picked per shape by one tuner (configs name their kernel): a grouped
 one-tile-per-program kernel with pointer loads (any GPU Triton supports), on sm_90+ a persistent kernel fed by
