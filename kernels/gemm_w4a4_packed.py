@@ -16,7 +16,7 @@ large share of the layer (M = 256, 3072→12288: 24.5 µs against 51.5 for expan
 5-18% slower than expansion + the ping-pong Gluon GEMM: Triton waits for each register-operand wgmma before the next
 step's unpacking (no overlap inside a program), so dispatch uses it up to ``dispatch.PACKED_MAX_M`` rows only.
 
-Unpacking a word of four codes (GPU, inline PTX, 7 instructions): its two bytes are spread into 16-bit lanes, the
+Unpacking a word of four codes (GPU, inline PTX, 9 instructions): its two bytes are spread into 16-bit lanes, the
 even and odd nibbles offset by 8 (so they are 0..15), multiplied by the group's multiplier with ``256 - 8·mult``
 added in the same multiply-add (each lane then holds ``code·mult + 256``, never borrowing from its neighbour), and
 the four low bytes gathered into one word. The CPU interpreter runs the same arithmetic in plain Triton.
