@@ -26,6 +26,7 @@ try:  # Triton is optional: CPU-only installs run the reference
     from .act_quant import quantize_activation
     from .gemm_w4a4 import expand_weight, w4a4_gemm
     from . import gemm_w4a4_packed, gemm_w4a16_packed
+    from .autotune_cache import capability_major, interpreting
     from .gemv_w4a16 import w4a16_linear
     from .launch import is_descriptor, recording
 
@@ -255,8 +256,7 @@ def _run(x2, w, down, up, gelu, out2=None, accumulate=False):
             scratch=arena(x2.device).get,
         )
         if packed_gemm(x2, w.qweight):
-            mult_t = derived(w, "mult_t", lambda: gemm_w4a4_packed.transposed_multipliers(w.wmult))
-            return gemm_w4a4_packed.w4a4_gemm_packed(a8, ascale, w.qweight, mult_t, w.wscale, lora, up, w.bias,
+            return gemm_w4a4_packed.w4a4_gemm_packed(a8, ascale, w.qweight, _mult_t(w), w.wscale, lora, up, w.bias,
                                                      x2.dtype, gelu, out=out2, accumulate=accumulate)
         w8 = int8_weights(w)
         return w4a4_gemm(a8, ascale, w8, w.wscale, lora, up, w.bias, x2.dtype, gelu, out=out2, accumulate=accumulate)
@@ -266,20 +266,32 @@ def _run(x2, w, down, up, gelu, out2=None, accumulate=False):
 PACKED_MAX_M = 1024  # H100: faster than expansion + int8 GEMM at M = 256-1024, slower at 4608 (BENCHMARKS.md)
 
 
+def _mult_t(w: QuantizedLinearWeights) -> torch.Tensor:
+    """The layer's group multipliers as the packed-weight kernels take them (made once, kept with the layer)."""
+    return derived(w, "mult_t", lambda: gemm_w4a4_packed.transposed_multipliers(w.wmult))
+
+
+def _packed_choice(x2: torch.Tensor, qweight: torch.Tensor, variable: str, forcing: str) -> str | None:
+    """``"forced"``, ``"auto"`` or None (not here) for a packed-weight kernel switched by ``variable``: it needs
+    TMA here and a weight starting on a 16-byte boundary (one sliced out of a larger tensor may not: the older
+    kernels take it); ``auto`` applies on sm_90 only, where the kernels were measured."""
+    choice = os.environ.get(variable, "auto").lower()
+    if choice not in ("auto", forcing) or not gemm_w4a4_packed.usable(x2) or qweight.data_ptr() % 16:
+        return None
+    if choice == forcing:
+        return "forced"
+    return "auto" if not interpreting() and x2.is_cuda and capability_major(x2.device) == 9 else None
+
+
 def packed_gemm(x2: torch.Tensor, qweight: torch.Tensor) -> bool:
     """Whether this call multiplies the packed 4-bit weights directly (``gemm_w4a4_packed``) instead of expanding
     them to int8 first: ``SVDQ_GEMM=packed`` always (where it can run), another ``SVDQ_GEMM`` schedule never,
     ``auto`` on sm_90 for at most ``SVDQ_PACKED_MAX_M`` rows (default 1024), where reading 4-bit weights beats
     the expansion pass; at larger M the expansion is a small share and the warp-specialized int8 GEMMs are faster."""
-    choice = os.environ.get("SVDQ_GEMM", "auto").lower()
-    if choice not in ("auto", "packed") or not gemm_w4a4_packed.usable(x2) or qweight.data_ptr() % 16:
-        return False  # (a weight sliced out of a larger tensor may start off a TMA boundary: expand it instead)
-    if choice == "packed":
-        return True
-    from .autotune_cache import capability_major, interpreting
-
-    limit = int(os.environ.get("SVDQ_PACKED_MAX_M", PACKED_MAX_M))
-    return (not interpreting() and x2.is_cuda and capability_major(x2.device) == 9 and 0 < x2.shape[0] <= limit)
+    choice = _packed_choice(x2, qweight, "SVDQ_GEMM", "packed")
+    if choice == "auto":
+        return 0 < x2.shape[0] <= int(os.environ.get("SVDQ_PACKED_MAX_M", PACKED_MAX_M))
+    return choice == "forced"
 
 
 class _Plan:
@@ -380,16 +392,9 @@ def packed_w4a16(x2: torch.Tensor, qweight: torch.Tensor) -> bool:
     ``SVDQ_W4A16=packed`` always (up to 64 rows), ``gemv`` / ``mma`` never, ``auto`` (default) on sm_90 for 2-64
     rows, where it measured faster than the CUDA-core word kernels (M = 2-4) and the older tensor-core kernel
     (M = 16: 29 vs 176 µs at 3072→18432); one row stays on the word kernel (19.5 vs 28.8 µs)."""
-    impl = os.environ.get("SVDQ_W4A16", "auto").lower()
-    m = x2.shape[0]
-    if impl not in ("auto", "packed") or not gemm_w4a16_packed.usable(x2) or qweight.data_ptr() % 16:
-        return False
-    if impl == "packed":
-        return 0 < m <= gemm_w4a16_packed.MAX_M
-    from .autotune_cache import capability_major, interpreting
-
-    return (not interpreting() and x2.is_cuda and capability_major(x2.device) == 9
-            and 2 <= m <= gemm_w4a16_packed.MAX_M)
+    choice = _packed_choice(x2, qweight, "SVDQ_W4A16", "packed")
+    least = {"forced": 1, "auto": 2}.get(choice)
+    return least is not None and least <= x2.shape[0] <= gemm_w4a16_packed.MAX_M
 
 
 def _w4a16(x2, w, down, up, gelu):
@@ -397,8 +402,7 @@ def _w4a16(x2, w, down, up, gelu):
         final = down is None and not gelu  # then the kernel may write the output dtype itself
         inv = None if w.smooth is None else derived(w, "inv_smooth", lambda: torch.reciprocal(w.smooth.float()))
         if packed_w4a16(x2, w.qweight):
-            mult_t = derived(w, "mult_t", lambda: gemm_w4a4_packed.transposed_multipliers(w.wmult))
-            y = gemm_w4a16_packed.w4a16_packed(x2, w.qweight, mult_t, w.wscale, inv, w.in_features, bias=w.bias,
+            y = gemm_w4a16_packed.w4a16_packed(x2, w.qweight, _mult_t(w), w.wscale, inv, w.in_features, bias=w.bias,
                                                out_dtype=x2.dtype if final else torch.float32)
             return _finish(y, x2, down, up, gelu)
         y = w4a16_linear(x2, w.qweight, w.wmult, w.wscale, w.smooth, w.in_features, bias=w.bias,

@@ -23,7 +23,8 @@ import triton
 import triton.language as tl
 
 from .autotune_cache import interpreting, sm_count
-from .launch import HAS_HOST_DESCRIPTORS, TensorDescriptor, launch
+from .gemm_w4a4_packed import check_packed, weight_descriptors
+from .launch import launch
 
 _UNPACK_BF16_PTX = tl.constexpr("""{
 .reg .b32 t, v, h, m2, k2;
@@ -115,11 +116,6 @@ def default_tile(m: int, n: int) -> dict:
     return {"BLOCK_N": bn, "BLOCK_K": bk, "STAGES": 4, "num_warps": 4}
 
 
-def usable(x2: torch.Tensor) -> bool:
-    """Needs host-side TMA descriptors; runs on NVIDIA GPUs (measured on sm_90) and in the interpreter."""
-    return HAS_HOST_DESCRIPTORS and (interpreting() or (x2.is_cuda and torch.version.hip is None))
-
-
 def w4a16_packed(x2: torch.Tensor, qweight: torch.Tensor, mult_t: torch.Tensor, wscale: torch.Tensor,
                  inv_smooth: torch.Tensor | None, in_features: int, bias: torch.Tensor | None = None,
                  out_dtype: torch.dtype = torch.float32, config: dict | None = None) -> torch.Tensor:
@@ -133,8 +129,7 @@ def w4a16_packed(x2: torch.Tensor, qweight: torch.Tensor, mult_t: torch.Tensor, 
         raise ValueError(f"input of {k} features does not fit a layer of {in_features} (packed {tuple(qweight.shape)})")
     if m > MAX_M:
         raise ValueError(f"the packed W4A16 kernel takes at most {MAX_M} rows, not {m}")
-    if mult_t.dtype != torch.uint8 or mult_t.shape[0] != kp // 64 or mult_t.shape[1] < n or mult_t.stride(0) % 16:
-        raise ValueError(f"multipliers {mult_t.dtype} {tuple(mult_t.shape)}: expected transposed_multipliers(wmult)")
+    check_packed(qweight, mult_t)
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
     cfg = {**default_tile(m, n), **(config or {})}
@@ -150,9 +145,7 @@ def w4a16_packed(x2: torch.Tensor, qweight: torch.Tensor, mult_t: torch.Tensor, 
            else torch.empty(m, n, dtype=out_dtype, device=x2.device))
     if m == 0:
         return out
-    words = qweight.contiguous().view(torch.int16)
-    p_desc = TensorDescriptor(words, [n, kp // 4], [words.stride(0), 1], [bn, bk // 4])
-    mt_desc = TensorDescriptor(mult_t, [kp // 64, n], [mult_t.stride(0), 1], [bk // 64, bn])
+    p_desc, mt_desc = weight_descriptors(qweight, mult_t, bn, bk)
     launch(_w4a16_packed_kernel, (blocks_n, split, blocks_t), (
         x2, inv_smooth if inv_smooth is not None else wscale, p_desc, mt_desc, wscale,
         bias if bias is not None else wscale, out, m, n, k, kp, per_split, x2.stride(0), out.stride(0)),

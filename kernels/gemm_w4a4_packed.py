@@ -134,9 +134,30 @@ def transposed_multipliers(wmult: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def check_packed(qweight: torch.Tensor, mult_t: torch.Tensor) -> None:
+    """Packed codes uint8 [N, Kp/2] (Kp a multiple of 64) and their ``transposed_multipliers``, or a clear error."""
+    n, kp = qweight.shape[0], qweight.shape[1] * 2
+    if qweight.dtype != torch.uint8 or kp % 64:
+        raise ValueError(f"packed weight {qweight.dtype} {tuple(qweight.shape)}: expected uint8 [N, Kp/2] with Kp a "
+                         f"multiple of 64")
+    if mult_t.dtype != torch.uint8 or mult_t.shape[0] != kp // 64 or mult_t.shape[1] < n or mult_t.stride(0) % 16:
+        raise ValueError(f"multipliers {mult_t.dtype} {tuple(mult_t.shape)}: expected transposed_multipliers(wmult)")
+
+
+def weight_descriptors(qweight: torch.Tensor, mult_t: torch.Tensor, bn: int, bk: int):
+    """TMA descriptors of one [bn weight rows, bk] step: the codes as 16-bit words of four, and the multipliers.
+    Shared by both packed-weight kernels (W4A4 here, W4A16 in ``gemm_w4a16_packed``)."""
+    if bk % 64 or bk // 64 * bn % 128:  # each stage's multipliers are one TMA box: 128-byte aligned in shared memory
+        raise ValueError(f"tile {bn} x {bk}: BLOCK_K must be a multiple of 64 and BLOCK_N * BLOCK_K / 64 of 128")
+    n, kp = qweight.shape[0], qweight.shape[1] * 2
+    words = qweight.contiguous().view(torch.int16)
+    return (TensorDescriptor(words, [n, kp // 4], [words.stride(0), 1], [bn, bk // 4]),
+            TensorDescriptor(mult_t, [kp // 64, n], [mult_t.stride(0), 1], [bk // 64, bn]))
+
+
 def usable(a8: torch.Tensor) -> bool:
-    """Needs host-side TMA descriptors (Triton >= 3.4) and, for the register-operand wgmma, sm_90 (the interpreter
-    runs it anywhere)."""
+    """Either packed-weight kernel can run here: host-side TMA descriptors (Triton >= 3.4) on an NVIDIA GPU (measured
+    on sm_90, where wgmma takes the register operand), or the interpreter."""
     return HAS_HOST_DESCRIPTORS and (interpreting() or (a8.is_cuda and torch.version.hip is None))
 
 
@@ -168,11 +189,10 @@ def w4a4_gemm_packed(
     packed codes ``qweight`` [N, Kp/2] and ``mult_t`` = ``transposed_multipliers(wmult)``."""
     m, kp = a8.shape
     n = qweight.shape[0]
-    if qweight.dtype != torch.uint8 or qweight.shape[1] * 2 != kp or kp % 64:
+    if qweight.shape[1] * 2 != kp:
         raise ValueError(f"packed weight {qweight.dtype} {tuple(qweight.shape)} does not match int8 activations of "
                          f"{kp} columns (uint8 [N, Kp/2] with Kp a multiple of 64)")
-    if mult_t.dtype != torch.uint8 or mult_t.shape[0] != kp // 64 or mult_t.shape[1] < n or mult_t.stride(0) % 16:
-        raise ValueError(f"multipliers {mult_t.dtype} {tuple(mult_t.shape)}: expected transposed_multipliers(wmult)")
+    check_packed(qweight, mult_t)
     r = 0 if proj_up is None else proj_up.shape[1]
     out = gemm_output(out, m, n, out_dtype, a8.device, accumulate)
     if m == 0:
@@ -180,14 +200,8 @@ def w4a4_gemm_packed(
     programs = sm_count(a8.device) if a8.is_cuda else 4
     cfg = dict(default_config(m, n, programs), **(config or {}))
     bn, bt, bk = cfg["BLOCK_N"], cfg["BLOCK_T"], cfg["BLOCK_K"]
-    if bk % 64 or bk // 64 * bn % 128:  # each stage's multipliers are one TMA box: 128-byte aligned in shared memory
-        raise ValueError(f"tile {bn} x {bk}: BLOCK_K must be a multiple of 64 and BLOCK_N * BLOCK_K / 64 of 128")
-    if bk % 64 or bk // 64 * bn % 128:  # each stage's multipliers are one TMA box: 128-byte aligned in shared memory
-        raise ValueError(f"tile {bn} x {bk}: BLOCK_K must be a multiple of 64 and BLOCK_N * BLOCK_K / 64 of 128")
-    words = qweight.contiguous().view(torch.int16)
+    p_desc, mt_desc = weight_descriptors(qweight, mult_t, bn, bk)
     a_desc = TensorDescriptor(a8, [m, kp], [a8.stride(0), 1], [bt, bk])
-    p_desc = TensorDescriptor(words, [n, kp // 4], [words.stride(0), 1], [bn, bk // 4])
-    mt_desc = TensorDescriptor(mult_t, [kp // 64, n], [mult_t.stride(0), 1], [bk // 64, bn])
     block_r, r_chunk = branch_chunks(r)
     tiles = triton.cdiv(n, bn) * triton.cdiv(m, bt)
     launch(_w4a4_packed_kernel, (tiles,), (
