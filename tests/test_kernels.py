@@ -120,8 +120,8 @@ def test_packed_gemm_equals_expanded_gemm(m, k, n, rank, bias, gelu, unsigned, t
                            config=cfg)
     assert (got.float() - want.float()).abs().max() <= want.float().abs().max() * 2 ** -7
     assert rel(got, want) < 1e-3
-    if not GPU:
-        assert torch.equal(got, want)  # the interpreter's dots are exact in both orders
+    if not GPU and rank == 0:  # integer product and the same elementwise epilogue: equal bits (the branch's fp32
+        assert torch.equal(got, want)  # dot runs transposed here, and numpy may sum it in another order)
     wide = torch.randn(m, n + 40, device=DEV, dtype=torch.bfloat16)
     before = wide.clone()
     w4a4_gemm_packed(a8, sa, layer.qweight, mt, layer.wscale, lora, up, layer.bias, torch.bfloat16, gelu,
