@@ -126,12 +126,12 @@ def gemm_config_rows(triton) -> list[dict]:
 
 
 def w4a16_tile_rows(triton) -> list[dict]:
-    """The word kernel over its tile knobs (rows and 64-groups per program, prefetch, warps; eight or three shifts a
-    word, ``_3sh``), CUDA-graph µs: M = 1, and M = 2 (both rows sharing each unpacked weight) against the
-    16-bit-word rows kernel.
+    """The word kernel over its tile knobs (rows and 64-groups per program, prefetch, warps), CUDA-graph µs: M = 1,
+    and M = 2 (both rows sharing each unpacked weight) against the 16-bit-word rows kernel.
 
     A multi-row variant of it (one 4-D register tile for up to 4 rows) measured 1.9-30x slower than the kernels it
-    was to replace (register spills; ``bench/results-w4a16-words-h100.log``) and was removed."""
+    was to replace (register spills; ``bench/results-w4a16-words-h100.log``) and was removed; so was a form with
+    three shifts a word instead of eight (within ±3%, ``bench/results-w4a16-three-shifts-h100.log``)."""
     from svdq.kernels.gemv_w4a16 import _w4a16_gemv_one_row, _w4a16_gemv_rows
 
     rows = []
@@ -151,11 +151,10 @@ def w4a16_tile_rows(triton) -> list[dict]:
         if m == 2:
             fns["rows_kernel"] = lambda: _w4a16_gemv_rows(x, layer.qweight, layer.wmult, layer.wscale, layer.smooth,
                                                           layer.bias, torch.bfloat16)
-        for (bn, bg, pf, w), three in [(t, s) for t in tiles for s in (False, True)]:  # eight or three shifts a word
-            fns[f"n{bn}_g{bg}{'_pf' if pf else ''}_w{w}{'_3sh' if three else ''}"] = (
-                lambda bn=bn, bg=bg, pf=pf, w=w, three=three: _w4a16_gemv_one_row(
-                    x, layer.qweight, layer.wmult, layer.wscale, layer.smooth, inv, layer.bias, torch.bfloat16, bn, bg,
-                    None, pf, w, three))
+        for bn, bg, pf, w in tiles:
+            fns[f"n{bn}_g{bg}{'_pf' if pf else ''}_w{w}"] = (
+                lambda bn=bn, bg=bg, pf=pf, w=w: _w4a16_gemv_one_row(x, layer.qweight, layer.wmult, layer.wscale, layer.smooth,
+                                                                     inv, layer.bias, torch.bfloat16, bn, bg, None, pf, w))
         ref = None
         for name, fn in fns.items():
             try:

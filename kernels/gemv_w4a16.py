@@ -101,7 +101,6 @@ def _w4a16_gemv_kernel(
     NIB_MASK, ONE_XOR,
     HAS_SMOOTH: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, PREFETCH: tl.constexpr, TWO_ROWS: tl.constexpr,
-    THREE_SHIFTS: tl.constexpr = False,
 ):
     """M = 1 on the CUDA cores: three instructions per weight (shift, one logic op, FMA).
 
@@ -110,14 +109,7 @@ def _w4a16_gemv_kernel(
     flipping its sign bit) is turned into the float 1 + c/16 by placing it in the mantissa of 1.0 (no conversion
     instruction, no subtraction); since code = c - 8, Σ x·code = 16·Σ x·(1 + c/16) - 24·Σ x, and Σ x does not depend on the row. The group
     multiplier is applied once per word and step; the cross-thread reduction happens once, at the end.
-    TWO_ROWS: a second input row (batch 2 with CFG) shares every unpacked weight, with its own accumulators.
-
-    THREE_SHIFTS: three shifts a word instead of eight (11 integer instructions per 8 weights instead of 16; the
-    integer pipe, half the FP32 rate on Hopper, is what bounds this kernel). Each shifted copy serves two or three
-    nibbles at once, placed at mantissa bits 19, 15 or 11: the floats 1 + c/16, 1 + c/256, 1 + c/4096. The input
-    is scaled by 16, 256 or 4096 to match (once per input value, shared by all rows), so one accumulator still
-    holds Σ x·2^s + Σ x·c, and the Σ x·(2^s + 8) it carries is subtracted per step. Rounding: about 2^-12 of |x|
-    per word, against 2^-20 for the eight-shift form; both far below bf16's 2^-8."""
+    TWO_ROWS: a second input row (batch 2 with CFG) shares every unpacked weight, with its own accumulators."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -130,11 +122,6 @@ def _w4a16_gemv_kernel(
         acc1 = tl.zeros([BLOCK_N, BLOCK_G, 8], dtype=tl.float32)
     g_start = pid_s * G_PER_SPLIT
     g_end = tl.minimum(g_start + G_PER_SPLIT, G)
-    if THREE_SHIFTS:  # masks and constants of the nibble at bits 15 and 11, from those at 19 (runtime values)
-        mask15 = NIB_MASK >> 4
-        mask11 = NIB_MASK >> 8
-        xor15 = (ONE_XOR & 0x7F800000) | ((ONE_XOR & 0x007FFFFF) >> 4)
-        xor11 = (ONE_XOR & 0x7F800000) | ((ONE_XOR & 0x007FFFFF) >> 8)
     w_ptrs = p_ptr + rn_c[:, None, None] * stride_p + wi[None, None, :]
     u_ptrs = mult_ptr + rn_c[:, None] * stride_mult
     if PREFETCH:  # the next step's words are requested before this step's arithmetic: two steps in flight
@@ -159,10 +146,6 @@ def _w4a16_gemv_kernel(
         if TWO_ROWS:
             part1 = tl.zeros([BLOCK_N, BLOCK_G, 8], dtype=tl.float32)
             xsum1 = tl.zeros([BLOCK_G, 8], dtype=tl.float32)
-        if THREE_SHIFTS:  # nibbles 2, 1, 0 / 4, 3 / 7, 6, 5 land at bits 19, 15, 11 of these
-            p_lo = p << 11
-            p_mid = p << 3
-            p_hi = p >> 9
         for j in tl.static_range(8):  # nibble j of word w is input column 8w + j
             col = (g * 64)[:, None] + wi[None, :] * 8 + j
             cm = gm[:, None] & (col < K)
@@ -174,44 +157,21 @@ def _w4a16_gemv_kernel(
                 xv = xv * inv
                 if TWO_ROWS:
                     xv1 = xv1 * inv
+            xsum += xv
             # the nibble holds the code in two's complement: XOR with 8 gives c = code + 8. Mask and constant
             # come in as runtime values (registers), so AND and XOR compile to one LOP3 (it takes one immediate)
-            if THREE_SHIFTS:
-                src = p_lo if j <= 2 else (p_mid if j <= 4 else p_hi)
-                at = (11 + 4 * j) if j <= 2 else ((3 + 4 * j) if j <= 4 else (4 * j - 9))  # bit it lands on
-                if at == 19:
-                    bits = (src & NIB_MASK) ^ ONE_XOR
-                elif at == 15:
-                    bits = (src & mask15) ^ xor15
-                else:
-                    bits = (src & mask11) ^ xor11
-                step = 16.0 if at == 19 else (256.0 if at == 15 else 4096.0)  # 1 / (the float's step)
-                xs = xv * step
-                xsum += xv * (step + 8.0)
+            if 4 * j <= 19:
+                bits = ((p << (19 - 4 * j)) & NIB_MASK) ^ ONE_XOR
             else:
-                xsum += xv
-                xs = xv
-                if 4 * j <= 19:
-                    bits = ((p << (19 - 4 * j)) & NIB_MASK) ^ ONE_XOR
-                else:
-                    bits = ((p >> (4 * j - 19)) & NIB_MASK) ^ ONE_XOR
+                bits = ((p >> (4 * j - 19)) & NIB_MASK) ^ ONE_XOR
             bf = bits.to(tl.float32, bitcast=True)
-            part += xs[None, :, :] * bf
+            part += xv[None, :, :] * bf
             if TWO_ROWS:
-                if THREE_SHIFTS:
-                    xsum1 += xv1 * (step + 8.0)
-                    part1 += (xv1 * step)[None, :, :] * bf
-                else:
-                    xsum1 += xv1
-                    part1 += xv1[None, :, :] * bf
-        if THREE_SHIFTS:  # Σ x·code = Σ x·2^s·(1 + c/2^s) - Σ x·(2^s + 8)
-            acc += (part - xsum[None, :, :]) * uf[:, :, None]
-            if TWO_ROWS:
-                acc1 += (part1 - xsum1[None, :, :]) * uf[:, :, None]
-        else:
-            acc += (part * 16.0 - xsum[None, :, :] * 24.0) * uf[:, :, None]
-            if TWO_ROWS:
-                acc1 += (part1 * 16.0 - xsum1[None, :, :] * 24.0) * uf[:, :, None]
+                xsum1 += xv1
+                part1 += xv1[None, :, :] * bf
+        acc += (part * 16.0 - xsum[None, :, :] * 24.0) * uf[:, :, None]
+        if TWO_ROWS:
+            acc1 += (part1 * 16.0 - xsum1[None, :, :] * 24.0) * uf[:, :, None]
     y = tl.sum(tl.sum(acc, axis=2), axis=1)
     rm = tl.arange(0, 1)
     _store_rows(y[None, :], rm, rn, rm < 1, nmask, pid_s, wscale_ptr, bias_ptr, out_ptr, stride_om, SPLIT, HAS_BIAS)
@@ -350,13 +310,11 @@ def one_row_tile(n: int, m: int = 1) -> tuple[int, int, int]:
 
 
 ONE_ROW_PREFETCH = True  # request the next K step's words before this step's arithmetic
-ONE_ROW_THREE_SHIFTS = False  # three shifts a word: within ±3% of eight at the default tiles on the H100 (session 8), off
 
 
 def _w4a16_gemv_one_row(x2, qweight, wmult, wscale, smooth, inv_smooth, bias, out_dtype,
                         block_n: int | None = None, block_g: int | None = None, split: int | None = None,
-                        prefetch: bool | None = None, num_warps: int | None = None,
-                        three_shifts: bool | None = None):
+                        prefetch: bool | None = None, num_warps: int | None = None):
     """The word kernel for one input row, or two (``TWO_ROWS``: each unpacked weight serves both)."""
     m, k = x2.shape
     if m > 2:
@@ -379,7 +337,6 @@ def _w4a16_gemv_one_row(x2, qweight, wmult, wscale, smooth, inv_smooth, bias, ou
         x2.stride(0), p32.stride(0), wmult.stride(0), out.stride(0), 0x00780000, 0x3FC00000),
         HAS_SMOOTH=smooth is not None, SPLIT=split, HAS_BIAS=bias is not None,
         BLOCK_N=block_n, BLOCK_G=block_g, PREFETCH=ONE_ROW_PREFETCH if prefetch is None else prefetch, TWO_ROWS=m == 2,
-        THREE_SHIFTS=ONE_ROW_THREE_SHIFTS if three_shifts is None else three_shifts,
         num_warps=num_warps, num_stages=3,
     )
     return out

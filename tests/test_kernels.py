@@ -294,22 +294,6 @@ def test_w4a16_one_row_tiles_match_reference(m, k, n, tile, split, prefetch, tri
     assert rel(y, svdq_linear_reference(x, layer)) <= 1e-2
 
 
-@pytest.mark.parametrize("m", [1, 2])
-@pytest.mark.parametrize("k,n,split", [(448, 24, 2), (200, 40, 1)] + ([(3072, 18432, None)] if GPU else []))
-def test_w4a16_three_shift_form_matches_eight_shift_form(m, k, n, split, triton_kernels):
-    """The word kernel with three shifts a word (nibbles at mantissa bits 19, 15 and 11, the input scaled to match)
-    gives the eight-shift result to within its documented rounding (~2^-12 of |x| per word), one row or two."""
-    from svdq.kernels.gemv_w4a16 import _w4a16_gemv_one_row
-
-    layer = random_layer(n, k, 0, True, kind="w4a16", device=DEV, seed=k + m)
-    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16) * 3
-    args = (x, layer.qweight, layer.wmult, layer.wscale, layer.smooth, None, layer.bias, torch.float32)
-    y8 = _w4a16_gemv_one_row(*args, split=split, three_shifts=False)
-    y3 = _w4a16_gemv_one_row(*args, split=split, three_shifts=True)
-    assert rel(y3, y8) < 2e-4
-    assert rel(y3, svdq_linear_reference(x, layer)) <= 1e-2
-
-
 def test_fast_launch_reuses_kernels_correctly(triton_kernels):
     """Repeated calls (the cached-launcher path on a GPU) with changing M, alignment and rank stay exact."""
     from svdq.kernels import launch
