@@ -12,15 +12,14 @@ Same process, same data, same GPU for every pair; µs are medians of ``triton.te
            at N = 3072), with bf16 alongside
   w4a16tile the M = 1 W4A16 kernel over its tile knobs (rows and groups per program, the next step's words
            prefetched or not, warps)
-  actlaunch the activation kernels as two launches against one launch that hands out both passes chunk by
-           chunk of rows (pass 2 re-reading its chunk from L2), at several chunk sizes, FLUX's shapes
   act      the activation kernel pair under CUDA-graph replay over its tile knobs (rows per program, 64-groups
            per K tile, warps, K tiles per pass-1 program, pass 2's visiting order), rank 32 and a LoRA-widened
            rank 96, against its memory floor (x read twice, the int8 operand written once, at the copy rate)
 
 Variants measured and removed (numbers in BENCHMARKS.md, raw runs in bench/results-*-variants-h100.*): the
 byte-wise weight expansion, the CUDA-core W4A16 kernel with per-step reductions, a one-launch activation
-kernel (2× slower than the split-K pair at M = 4608), and the weight expansion launched together with pass 1 or
+kernel (2× slower than the split-K pair at M = 4608), the two passes in one launch chunk by chunk of rows with
+counters between them (1.3-2.7× slower, session 9: bench/results-act-one-launch*-h100.log), and the weight expansion launched together with pass 1 or
 pass 2 of the activation kernels (those kernels 4–10% faster, the layer 2–6% slower: the GEMM then finds its
 expanded weights only partly in L2; bench/results-fused-expansion-*-h200.log).
 """
@@ -209,11 +208,7 @@ ACT_VARIANTS = [  # (block_m, groups, num_warps, k_per_program, reverse); the fi
     (32, 2, 4, 8, True), (32, 2, 8, 16, True),
 ]
 # A one-launch kernel (both sweeps per row block, the second from L2) was measured 2.2-4.6x slower and removed:
-# bench/results-act-fused-h100.log. The one-launch kernel now in act_quant.py keeps the two passes' tiles and
-# hands out work chunk by chunk (``actlaunch``).
-ACT_LAUNCH_SHAPES = [(4608, 3072, 32), (9216, 3072, 32), (4096, 12288, 32), (8192, 12288, 32), (4608, 15360, 32),
-                     (9216, 15360, 32), (4608, 15360, 96), (512, 3072, 32), (1024, 12288, 32)]
-ACT_CHUNK_MB = (2, 4, 8, 16, 32)
+# bench/results-act-fused-h100.log
 ACT_SHAPES = [(4608, 3072, 32), (4608, 12288, 32), (4608, 15360, 32), (4608, 3072, 96), (4608, 12288, 96),
               (4608, 15360, 96), (1024, 3072, 32), (512, 3072, 32)]
 
@@ -228,27 +223,21 @@ def copy_rate_bytes_per_us() -> float:
     return 2 * a.numel() / t
 
 
-def act_rows(triton, launches: bool = False) -> list[dict]:
-    """The tile sweep, or (``launches``) two launches against the one-launch kernel at several chunk sizes."""
+def act_rows(triton) -> list[dict]:
     from svdq.kernels.act_quant import quantize_activation
 
     rate = copy_rate_bytes_per_us()
     rows = []
-    for m, k, rank in (ACT_LAUNCH_SHAPES if launches else ACT_SHAPES):
+    for m, k, rank in ACT_SHAPES:
         layer = make_layer(64, k, rank)
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         floor = (2 * x.numel() * 2 + m * layer.k_padded) / rate
         floor1 = (x.numel() * 2 + m * layer.k_padded) / rate
         row = {"M": m, "K": k, "rank": rank, "floor_us": floor, "one_read_floor_us": floor1}
-        ref = quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down, k_per_program=1, reverse=False,
-                                  one_launch=False)
-        if launches:
-            variants = [("two", dict(one_launch=False))] + [
-                (f"one_{mb}MB", dict(one_launch=True, chunk_bytes=mb << 20)) for mb in ACT_CHUNK_MB]
-        else:
-            variants = [(f"bm{bm or 'auto'}_g{groups or 'auto'}_w{warps or 'auto'}_k{kpp or 'auto'}_{'rev' if rev else 'fwd'}",
-                         dict(block_m=bm, groups=groups, num_warps=warps, k_per_program=kpp, reverse=rev, one_launch=False))
-                        for bm, groups, warps, kpp, rev in ACT_VARIANTS]
+        ref = quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down, k_per_program=1, reverse=False)
+        variants = [(f"bm{bm or 'auto'}_g{groups or 'auto'}_w{warps or 'auto'}_k{kpp or 'auto'}_{'rev' if rev else 'fwd'}",
+                     dict(block_m=bm, groups=groups, num_warps=warps, k_per_program=kpp, reverse=rev))
+                    for bm, groups, warps, kpp, rev in ACT_VARIANTS]
         variants.append(("default", {}))
         for name, kw in variants:
 
@@ -267,13 +256,11 @@ def act_rows(triton, launches: bool = False) -> list[dict]:
                 print(f"act {name} failed: {str(exc)[-800:]}", flush=True)
                 row[name] = float("nan")
         rows.append(row)
-        timed = {n: v for n, v in row.items() if n not in ("M", "K", "rank") and "floor" not in n
+        timed = {n: v for n, v in row.items() if (n.startswith("bm") or n == "default")
                  and not n.endswith("_ok") and not math.isnan(v)}
         best = min((v, n) for n, v in timed.items())
-        base = row["two"] if launches else row[ACT_NAME0]
-        print(f"act M={m} K={k} r={rank}: floors {floor:.1f} (two reads) / {floor1:.1f} (one) µs, "
-              f"{'two launches' if launches else 'old'} {base:.1f}, best {best[1]} {best[0]:.1f}; "
-              + ", ".join(f"{n} {v:.1f}" for n, v in timed.items()), flush=True)
+        print(f"act M={m} K={k} r={rank}: floors {floor:.1f} (two reads) / {floor1:.1f} (one) µs, old {row[ACT_NAME0]:.1f}, "
+              f"best {best[1]} {best[0]:.1f}; " + ", ".join(f"{n} {v:.1f}" for n, v in timed.items()), flush=True)
     return rows
 
 
@@ -300,8 +287,6 @@ def main() -> int:
     out = {"env": env}
     if "act" in only:
         out["act"] = act_rows(triton)
-    if "actlaunch" in only:
-        out["actlaunch"] = act_rows(triton, launches=True)
     if "gemm" in only:
         out["gemm"] = gemm_rows(shapes, triton)
     if "gemmcfg" in only:

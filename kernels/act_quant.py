@@ -13,8 +13,6 @@ bit for bit.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -53,15 +51,19 @@ def _load_smoothed(x_ptr, inv_ptr, rows, rmask, k, K, stride_xm, shift, UNSIGNED
 
 
 @triton.jit
-def _stats_program(
-    x_ptr, inv_ptr, down_ptr, gmax_ptr, lora_ptr, pid_m, pid_p,
-    M, K, R, NSUB, stride_xm, stride_dk, stride_gm, shift,
+def _act_stats_kernel(
+    x_ptr, inv_ptr, down_ptr, gmax_ptr, lora_ptr,
+    M, K, R, NSUB,
+    stride_xm, stride_dk, stride_gm,
+    shift,
     UNSIGNED: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_LORA: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, KSUB: tl.constexpr,
 ):
-    """Pass 1 of row block ``pid_m``, K tiles ``pid_p * KSUB ..``: each row's absmax over those tiles, and their
-    x·L1 partial product (one of each per program: KSUB times fewer partials to write and sum at large K)."""
+    """Pass 1, KSUB [BLOCK_M, GROUPS*64] tiles per program: each row's absmax over those tiles, and their x·L1
+    partial product (one of each per program: KSUB times fewer partials to write and sum at large K)."""
     BLOCK_K: tl.constexpr = GROUP * GROUPS
+    pid_m = tl.program_id(0)
+    pid_p = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
     rcols = tl.arange(0, BLOCK_R)
@@ -87,21 +89,6 @@ def _stats_program(
 
 
 @triton.jit
-def _act_stats_kernel(
-    x_ptr, inv_ptr, down_ptr, gmax_ptr, lora_ptr,
-    M, K, R, NSUB,
-    stride_xm, stride_dk, stride_gm,
-    shift,
-    UNSIGNED: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_LORA: tl.constexpr, DOT_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, KSUB: tl.constexpr,
-):
-    """Pass 1 as its own launch, grid (row blocks, K parts)."""
-    _stats_program(x_ptr, inv_ptr, down_ptr, gmax_ptr, lora_ptr, tl.program_id(0), tl.program_id(1),
-                   M, K, R, NSUB, stride_xm, stride_dk, stride_gm, shift,
-                   UNSIGNED, HAS_SMOOTH, HAS_LORA, DOT_FP32, BLOCK_M, BLOCK_R, GROUP, GROUPS, KSUB)
-
-
-@triton.jit
 def _quantize_store(xf, scale, out_ptr, rows, rmask, k, KP, stride_om, QMAX: tl.constexpr, UMAX: tl.constexpr,
                     QMIN: tl.constexpr, INT8_MODE: tl.constexpr, USE_RINT: tl.constexpr, BLOCK_M: tl.constexpr,
                     GROUP: tl.constexpr, GROUPS: tl.constexpr):
@@ -124,43 +111,6 @@ def _quantize_store(xf, scale, out_ptr, rows, rmask, k, KP, stride_om, QMAX: tl.
 
 
 @triton.jit
-def _quant_program(
-    x_ptr, inv_ptr, gmax_ptr, out_ptr, scale_ptr, part_ptr, lora_ptr, pid_m, pid_k, LAST_K,
-    M, K, KP, R, NPARTS, stride_xm, stride_om, stride_gm, stride_lm, shift,
-    QMAX: tl.constexpr, UMAX: tl.constexpr, QMIN: tl.constexpr,
-    UNSIGNED: tl.constexpr, HAS_SMOOTH: tl.constexpr, INT8_MODE: tl.constexpr, USE_RINT: tl.constexpr,
-    HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_M: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, NP_POW2: tl.constexpr,
-):
-    """Pass 2 of row block ``pid_m``, K tile ``pid_k``: the per-token scale from pass 1's row maxima (a handful
-    per row), then this tile's codes (int8 operand = code * mult). The program with ``pid_k == LAST_K`` also
-    writes the per-row results (scale, summed low-rank partials)."""
-    BLOCK_K: tl.constexpr = GROUP * GROUPS
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < M
-    pa = tl.arange(0, NP_POW2)
-    # .cg: pass 1 may have run on another SM of the same launch; never take these from this SM's L1
-    maxima = tl.load(gmax_ptr + rows[:, None] * stride_gm + pa[None, :], mask=rmask[:, None] & (pa[None, :] < NPARTS),
-                     other=0.0, cache_modifier=".cg")
-    row_max = tl.max(maxima, axis=1)
-    scale = tl.where(row_max > 0, tl.math.div_rn(row_max, tl.full([BLOCK_M], QMAX * UMAX, tl.float32)), 1.0)
-    if pid_k == LAST_K:  # one tile per row block writes per-row results
-        tl.store(scale_ptr + rows, scale, mask=rmask)
-        if HAS_LORA:  # sum the partials in a fixed order: deterministic, no atomics, no memset
-            rcols = tl.arange(0, BLOCK_R)
-            m2 = rmask[:, None] & (rcols[None, :] < R)
-            tot = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-            for t in range(0, NPARTS):
-                tot += tl.load(part_ptr + t * M * R + rows[:, None] * R + rcols[None, :], mask=m2, other=0.0,
-                               cache_modifier=".cg")
-            tl.store(lora_ptr + rows[:, None] * stride_lm + rcols[None, :], tot, mask=m2)
-    k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    _, xf = _load_smoothed(x_ptr, inv_ptr, rows, rmask, k, K, stride_xm, shift, UNSIGNED, HAS_SMOOTH, BLOCK_K)
-    _quantize_store(xf, scale, out_ptr, rows, rmask, k, KP, stride_om, QMAX, UMAX, QMIN, INT8_MODE, USE_RINT,
-                    BLOCK_M, GROUP, GROUPS)
-
-
-@triton.jit
 def _act_quant_kernel(
     x_ptr, inv_ptr, gmax_ptr, out_ptr, scale_ptr, part_ptr, lora_ptr,
     M, K, KP, R, NPARTS,
@@ -171,112 +121,38 @@ def _act_quant_kernel(
     HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, NP_POW2: tl.constexpr, REVERSE: tl.constexpr,
 ):
-    """Pass 2 as its own launch, grid (row blocks, K tiles). Tiles are visited in the reverse of pass 1's
-    order, so the first ones read the input pass 1 touched last, while it is still in L2."""
+    """Pass 2: per-token scale from pass 1's row maxima (a handful per row), then this tile's codes (int8
+    operand = code * mult).
+
+    Tiles are visited in the reverse of pass 1's order, so the first ones read the input pass 1 touched last,
+    while it is still in L2."""
+    BLOCK_K: tl.constexpr = GROUP * GROUPS
     if REVERSE:
         pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
         pid_k = tl.num_programs(1) - 1 - tl.program_id(1)
     else:
         pid_m = tl.program_id(0)
         pid_k = tl.program_id(1)
-    _quant_program(x_ptr, inv_ptr, gmax_ptr, out_ptr, scale_ptr, part_ptr, lora_ptr, pid_m, pid_k,
-                   tl.num_programs(1) - 1, M, K, KP, R, NPARTS, stride_xm, stride_om, stride_gm, stride_lm, shift,
-                   QMAX, UMAX, QMIN, UNSIGNED, HAS_SMOOTH, INT8_MODE, USE_RINT, HAS_LORA, BLOCK_R,
-                   BLOCK_M, GROUP, GROUPS, NP_POW2)
-
-
-@triton.jit
-def _pause(v, SLEEP: tl.constexpr):
-    """Back off between polls of a counter (``nanosleep``), so waiting programs do not flood its L2 slice."""
-    if SLEEP:
-        tl.inline_asm_elementwise("nanosleep.u32 128;\n mov.b32 $0, $1;", "=r,r", [v], dtype=tl.int32,
-                                  is_pure=False, pack=1)
-
-
-@triton.jit
-def _act_one_launch_kernel(
-    x_ptr, inv_ptr, down_ptr, gmax_ptr, out_ptr, scale_ptr, part_ptr, lora_ptr, sync_ptr,
-    M, K, KP, R, NSUB, NPARTS, CHUNKS, CB,
-    stride_xm, stride_dk, stride_om, stride_gm, stride_lm,
-    shift,
-    QMAX: tl.constexpr, UMAX: tl.constexpr, QMIN: tl.constexpr,
-    UNSIGNED: tl.constexpr, HAS_SMOOTH: tl.constexpr, INT8_MODE: tl.constexpr, USE_RINT: tl.constexpr,
-    HAS_LORA: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_M: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, KSUB: tl.constexpr, NP_POW2: tl.constexpr,
-    REVERSE: tl.constexpr, SLEEP: tl.constexpr,
-):
-    """Both passes in one launch, chunk by chunk of ``CB`` row blocks, so pass 2 re-reads a chunk from L2.
-
-    Work is handed out by ticket (an atomic counter), not by program id, in the order pass 1 of chunk 0, then
-    for each chunk c: pass 1 of chunk c + 1, pass 2 of chunk c. A pass-2 program waits until every pass-1
-    program of its chunk has counted itself done (release / acquire). It can only wait on programs that took
-    earlier tickets, and those are running and never wait on later ones: no deadlock, whatever order the
-    hardware starts programs in. The last program to finish zeroes the counters for the next launch.
-    sync: [0] tickets, [1] finished programs, [2 + c] pass-1 programs of chunk c done."""
-    P1 = CB * NPARTS
-    P2 = CB * NSUB
-    total = CHUNKS * (P1 + P2)
-    t = tl.atomic_add(sync_ptr, 1, sem="relaxed", scope="gpu")
-    first = t < P1
-    u = tl.maximum(t - P1, 0)
-    pair = u // (P1 + P2)  # the pair (pass 1 of chunk pair + 1, pass 2 of chunk pair)
-    off = u - pair * (P1 + P2)
-    lead = tl.where(pair + 1 < CHUNKS, P1, 0)  # the last pair has no pass 1 ahead of its pass 2
-    is_p1 = first | (off < lead)
-    chunk = tl.where(first, 0, tl.where(off < lead, pair + 1, pair))
-    loc = tl.where(first, t, tl.where(off < lead, off, off - lead))
-    m_blocks = tl.cdiv(M, BLOCK_M)
-    if is_p1:
-        pid_m = chunk * CB + loc % CB
-        pid_p = loc // CB
-        if pid_m < m_blocks:
-            _stats_program(x_ptr, inv_ptr, down_ptr, gmax_ptr, part_ptr, pid_m, pid_p,
-                           M, K, R, NSUB, stride_xm, stride_dk, stride_gm, shift,
-                           UNSIGNED, HAS_SMOOTH, HAS_LORA, DOT_FP32, BLOCK_M, BLOCK_R, GROUP, GROUPS, KSUB)
-        tl.debug_barrier()  # every thread's stores are in before the release below publishes them
-        tl.atomic_add(sync_ptr + 2 + chunk, 1, sem="release", scope="gpu")
-    else:
-        done = tl.atomic_add(sync_ptr + 2 + chunk, 0, sem="acquire", scope="gpu")
-        while done < P1:
-            _pause(done, SLEEP)
-            done = tl.atomic_add(sync_ptr + 2 + chunk, 0, sem="acquire", scope="gpu")
-        tl.debug_barrier()  # the acquire above orders every thread's loads below
-        if REVERSE:
-            loc = P2 - 1 - loc
-        pid_m = chunk * CB + loc % CB
-        pid_k = loc // CB
-        if pid_m < m_blocks:
-            _quant_program(x_ptr, inv_ptr, gmax_ptr, out_ptr, scale_ptr, part_ptr, lora_ptr, pid_m, pid_k,
-                           NSUB - 1, M, K, KP, R, NPARTS, stride_xm, stride_om, stride_gm, stride_lm, shift,
-                           QMAX, UMAX, QMIN, UNSIGNED, HAS_SMOOTH, INT8_MODE, USE_RINT, HAS_LORA, BLOCK_R,
-                           BLOCK_M, GROUP, GROUPS, NP_POW2)
-    tl.debug_barrier()
-    finished = tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel", scope="gpu")
-    if finished == total - 1:  # every other program has finished with the counters: reset them
-        c = tl.arange(0, 128)
-        for c0 in range(0, CHUNKS + 2, 128):
-            tl.store(sync_ptr + c0 + c, tl.zeros([128], dtype=tl.int32), mask=c0 + c < CHUNKS + 2)
-
-
-CHUNK_BYTES = 8 << 20  # input bytes per chunk of the one-launch kernel: two chunks in flight stay well inside L2
-
-_sync: dict[torch.device, torch.Tensor] = {}
-_sync_kept: list[torch.Tensor] = []  # outgrown counter buffers: a captured CUDA graph may still use one
-
-
-def sync_counters(device: torch.device, numel: int) -> torch.Tensor:
-    """Zeroed int32 counters for the one-launch kernel, one buffer per device, reused: every launch leaves them
-    zero again. Launches on a device must run one after the other (one stream), as the dispatcher's arena
-    already assumes."""
-    buf = _sync.get(device)
-    if buf is None or buf.numel() < numel:
-        if buf is not None:
-            _sync_kept.append(buf)
-        from .dispatch import outside_graph_pools
-
-        size = max(numel, 1024)
-        buf = _sync[device] = outside_graph_pools(lambda: torch.zeros(size, dtype=torch.int32, device=device))
-    return buf
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    pa = tl.arange(0, NP_POW2)
+    maxima = tl.load(gmax_ptr + rows[:, None] * stride_gm + pa[None, :], mask=rmask[:, None] & (pa[None, :] < NPARTS),
+                     other=0.0)
+    row_max = tl.max(maxima, axis=1)
+    scale = tl.where(row_max > 0, tl.math.div_rn(row_max, tl.full([BLOCK_M], QMAX * UMAX, tl.float32)), 1.0)
+    if pid_k == tl.num_programs(1) - 1:  # one tile per row block (the first to run, in reverse) writes per-row results
+        tl.store(scale_ptr + rows, scale, mask=rmask)
+        if HAS_LORA:  # sum the partials in a fixed order: deterministic, no atomics, no memset
+            rcols = tl.arange(0, BLOCK_R)
+            m2 = rmask[:, None] & (rcols[None, :] < R)
+            tot = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+            for t in range(0, NPARTS):
+                tot += tl.load(part_ptr + t * M * R + rows[:, None] * R + rcols[None, :], mask=m2, other=0.0)
+            tl.store(lora_ptr + rows[:, None] * stride_lm + rcols[None, :], tot, mask=m2)
+    k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    _, xf = _load_smoothed(x_ptr, inv_ptr, rows, rmask, k, K, stride_xm, shift, UNSIGNED, HAS_SMOOTH, BLOCK_K)
+    _quantize_store(xf, scale, out_ptr, rows, rmask, k, KP, stride_om, QMAX, UMAX, QMIN, INT8_MODE, USE_RINT,
+                    BLOCK_M, GROUP, GROUPS)
 
 
 def tiles_per_program(m_blocks: int, tiles: int, rank: int, device: torch.device) -> int:
@@ -303,8 +179,6 @@ def quantize_activation(
     groups: int | None = None,
     num_warps: int | None = None,
     reverse: bool = True,
-    one_launch: bool | None = None,
-    chunk_bytes: int | None = None,
 ):
     """Launch the activation kernels on x2 [M, K]. Returns (int8 [M, Kp], scale [M], lora [M, R] fp32 | None).
 
@@ -312,8 +186,7 @@ def quantize_activation(
     dispatcher's per-device arena: the results live until the next call). Tile knobs (``bench/kernel_variants.py``
     measures them): ``k_per_program`` pass 1's K tiles per program (default ``tiles_per_program``), ``groups``
     64-groups per K tile (default 2 where they divide), ``num_warps`` (default 4, 8 for a branch wider than 32),
-    ``reverse`` pass 2's reverse visiting order, ``one_launch`` both passes in one launch chunk by chunk (default:
-    ``SVDQ_ACT_LAUNCH``, ``one`` unless set to ``two``), ``chunk_bytes`` the input bytes of a chunk there."""
+    ``reverse`` pass 2's reverse visiting order."""
     m, k = x2.shape
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
@@ -355,37 +228,23 @@ def quantize_activation(
     lora = f32[m + m * nparts : m + m * nparts + m * r].view(m, r) if r else None
     parts = f32[m + m * nparts + m * r :].view(nparts, m, r) if r else None
     inv = smooth  # the kernels take λ and form 1/λ themselves
-    if one_launch is None:
-        one_launch = os.environ.get("SVDQ_ACT_LAUNCH", "one").lower() != "two"
-    common = dict(UNSIGNED=bool(unsigned), HAS_SMOOTH=inv is not None, HAS_LORA=r > 0, BLOCK_R=block_r, BLOCK_M=bm,
-                  GROUP=64, GROUPS=groups, num_warps=num_warps)
-    quant = dict(QMAX=qmax, UMAX=umax, QMIN=qmin, INT8_MODE=mode == "int8", USE_RINT=not interpreting(),
-                 NP_POW2=max(2, triton.next_power_of_2(nparts)), REVERSE=reverse)
-    if one_launch:
-        cb = max(1, (chunk_bytes or CHUNK_BYTES) // (bm * k * x2.element_size()))
-        chunks = triton.cdiv(m_blocks, cb)
-        cb = triton.cdiv(m_blocks, chunks)  # even chunks: no nearly empty last one
-        launch(_act_one_launch_kernel, (chunks * cb * (nparts + nsub),), (
-            x2, inv if inv is not None else x2, proj_down if r else x2, gmax, out, scale, parts if r else gmax,
-            lora if r else gmax, sync_counters(x2.device, chunks + 2),
-            m, k, k_padded, r, nsub, nparts, chunks, cb,
-            x2.stride(0), proj_down.stride(0) if r else 0, out.stride(0), gmax.stride(0), lora.stride(0) if r else 0,
-            float(shift)),
-            **common, **quant, DOT_FP32=fp32_dots(x2), KSUB=ksub, SLEEP=not interpreting(),
-        )
-        return out, scale, lora
     launch(_act_stats_kernel, (m_blocks, nparts), (
         x2, inv if inv is not None else x2, proj_down if r else x2, gmax, parts if r else gmax,
         m, k, r, nsub,
         x2.stride(0), proj_down.stride(0) if r else 0, gmax.stride(0),
         float(shift)),
-        **common, DOT_FP32=fp32_dots(x2), KSUB=ksub,
+        UNSIGNED=bool(unsigned), HAS_SMOOTH=inv is not None, HAS_LORA=r > 0, DOT_FP32=fp32_dots(x2),
+        BLOCK_M=bm, BLOCK_R=block_r, GROUP=64, GROUPS=groups, KSUB=ksub, num_warps=num_warps,
     )
     launch(_act_quant_kernel, (m_blocks, nsub), (
         x2, inv if inv is not None else x2, gmax, out, scale, parts if r else gmax, lora if r else gmax,
         m, k, k_padded, r, nparts,
         x2.stride(0), out.stride(0), gmax.stride(0), lora.stride(0) if r else 0,
         float(shift)),
-        **common, **quant,
+        QMAX=qmax, UMAX=umax, QMIN=qmin,
+        UNSIGNED=bool(unsigned), HAS_SMOOTH=inv is not None, INT8_MODE=mode == "int8", USE_RINT=not interpreting(),
+        HAS_LORA=r > 0, BLOCK_R=block_r,
+        BLOCK_M=bm, GROUP=64, GROUPS=groups, NP_POW2=max(2, triton.next_power_of_2(nparts)), REVERSE=reverse,
+        num_warps=num_warps,
     )
     return out, scale, lora

@@ -64,49 +64,6 @@ def test_activation_tiles_per_program(per_program, triton_kernels):
     assert rel(lora, x.float() @ layer.proj_down.float()) < 1e-3
 
 
-@pytest.mark.parametrize("m,k,rank,unsigned,chunk_bytes", [
-    (37, 1280, 96, False, 1),  # one row block per chunk: chunks pipelined, every pass-2 program waits on a counter
-    (70, 640, 32, True, 40_000),  # 3 row blocks: chunks of two blocks, the last with one real block and one empty
-    (9, 320, 0, False, None),  # no branch, one chunk
-] + ([(4608, 15360, 32, False, None), (4096, 12288, 32, True, None), (4608, 3072, 32, False, None),
-      (512, 3072, 32, False, None), (9216, 3072, 96, False, None)] if GPU else []))
-def test_activation_one_launch_equals_two(m, k, rank, unsigned, chunk_bytes, triton_kernels):
-    """Both passes in one launch, chunk by chunk with counters between them, give the two launches' codes,
-    scales and branch product bit for bit, leave the counters zero for the next launch, and repeat."""
-    from svdq.kernels.act_quant import quantize_activation, sync_counters
-
-    layer = random_layer(64, k, rank, True, unsigned, 0.171875 if unsigned else 0.0, device=DEV, seed=m)
-    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16) * 3
-    args = (x, layer.k_padded, layer.smooth, layer.proj_down, layer.act_shift, unsigned)
-    a2, s2, l2 = quantize_activation(*args, one_launch=False)
-    for _ in range(2 if GPU else 1):
-        a1, s1, l1 = quantize_activation(*args, one_launch=True, chunk_bytes=chunk_bytes)
-        assert torch.equal(a1, a2), f"{(a1 != a2).sum().item()} codes differ"
-        assert torch.equal(s1, s2)
-        if rank:
-            assert torch.equal(l1, l2)
-        assert int(sync_counters(x.device, 1).abs().sum()) == 0
-
-
-@pytest.mark.skipif(not GPU, reason="CUDA graphs")
-def test_activation_one_launch_in_cuda_graph(triton_kernels):
-    """Replayed from a CUDA graph the one-launch kernel resets its own counters: every replay is right."""
-    from svdq.kernels.act_quant import quantize_activation
-
-    layer = random_layer(64, 3072, 32, True, device=DEV, seed=5)
-    x = torch.randn(2048, 3072, device=DEV, dtype=torch.bfloat16)
-    ref = quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down, one_launch=False)
-    quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down, one_launch=True)  # compile outside
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down, one_launch=True, chunk_bytes=1 << 20)
-    for _ in range(3):
-        out[0].zero_()
-        g.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1]) and torch.equal(out[2], ref[2])
-
-
 @pytest.mark.parametrize("m,k,n,rank,bias,unsigned", SHAPES)
 def test_w4a4_linear_matches_reference(m, k, n, rank, bias, unsigned, triton_kernels):
     layer = random_layer(n, k, rank, bias, unsigned, 0.171875 if unsigned else 0.0, device=DEV, seed=k)
