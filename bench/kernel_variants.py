@@ -12,6 +12,8 @@ Same process, same data, same GPU for every pair; µs are medians of ``triton.te
            at N = 3072), with bf16 alongside
   w4a16tile the M = 1 W4A16 kernel over its tile knobs (rows and groups per program, the next step's words
            prefetched or not, warps)
+  actpass2 the activation kernels with 1/λ precomputed (pass 2 on 16-row tiles since session 9) over pass 1's tile
+           (rows, warps, K tiles per program, the row maximum kept elementwise over its tiles)
   act      the activation kernel pair under CUDA-graph replay over its tile knobs (rows per program, 64-groups
            per K tile, warps, K tiles per pass-1 program, pass 2's visiting order), rank 32 and a LoRA-widened
            rank 96, against its memory floor (x read twice, the int8 operand written once, at the copy rate)
@@ -223,12 +225,13 @@ def copy_rate_bytes_per_us() -> float:
     return 2 * a.numel() / t
 
 
-def act_rows(triton) -> list[dict]:
+def act_rows(triton, launches: bool = False) -> list[dict]:
+    """The tile sweep, or (``launches``) the precomputed 1/λ and pass 2's own tile at FLUX's shapes."""
     from svdq.kernels.act_quant import quantize_activation
 
     rate = copy_rate_bytes_per_us()
     rows = []
-    for m, k, rank in ACT_SHAPES:
+    for m, k, rank in (ACT_PASS2_SHAPES if launches else ACT_SHAPES):
         layer = make_layer(64, k, rank)
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         floor = (2 * x.numel() * 2 + m * layer.k_padded) / rate
@@ -238,6 +241,11 @@ def act_rows(triton) -> list[dict]:
         variants = [(f"bm{bm or 'auto'}_g{groups or 'auto'}_w{warps or 'auto'}_k{kpp or 'auto'}_{'rev' if rev else 'fwd'}",
                      dict(block_m=bm, groups=groups, num_warps=warps, k_per_program=kpp, reverse=rev))
                     for bm, groups, warps, kpp, rev in ACT_VARIANTS]
+        if launches:  # session 9: 1/λ precomputed, pass 2's tile apart from pass 1's
+            inv = torch.reciprocal(layer.smooth.float())
+            variants = [(f"inv_p1_{bm}x{w}w_k{kpp or 'auto'}{'_ew' if ew else ''}",
+                         dict(inv_smooth=inv, block_m=bm, num_warps=w, k_per_program=kpp, ew_max=ew))
+                        for bm, w, kpp, ew in ACT_PASS1]
         variants.append(("default", {}))
         for name, kw in variants:
 
@@ -256,15 +264,20 @@ def act_rows(triton) -> list[dict]:
                 print(f"act {name} failed: {str(exc)[-800:]}", flush=True)
                 row[name] = float("nan")
         rows.append(row)
-        timed = {n: v for n, v in row.items() if (n.startswith("bm") or n == "default")
+        timed = {n: v for n, v in row.items() if (n.startswith(("bm", "inv")) or n == "default")
                  and not n.endswith("_ok") and not math.isnan(v)}
         best = min((v, n) for n, v in timed.items())
-        print(f"act M={m} K={k} r={rank}: floors {floor:.1f} (two reads) / {floor1:.1f} (one) µs, old {row[ACT_NAME0]:.1f}, "
+        print(f"act M={m} K={k} r={rank}: floors {floor:.1f} (two reads) / {floor1:.1f} (one) µs, old {row.get(ACT_NAME0, math.nan):.1f}, "
               f"best {best[1]} {best[0]:.1f}; " + ", ".join(f"{n} {v:.1f}" for n, v in timed.items()), flush=True)
     return rows
 
 
 ACT_NAME0 = "bm32_g4_w4_k1_fwd"
+ACT_PASS1 = [  # pass 1's (rows, warps, K tiles per program, elementwise max over its tiles); pass 2: 16 rows, 4 warps
+    (32, 4, None, False), (32, 4, None, True), (64, 4, None, False), (64, 4, None, True), (64, 8, None, False),
+    (64, 8, None, True), (64, 4, 8, True), (128, 8, None, False), (32, 4, 8, True)]
+ACT_PASS2_SHAPES = [(4608, 3072, 32), (4096, 12288, 32), (4608, 15360, 32), (9216, 15360, 32), (512, 3072, 32),
+                    (4608, 15360, 96)]
 
 
 def main() -> int:
@@ -287,6 +300,8 @@ def main() -> int:
     out = {"env": env}
     if "act" in only:
         out["act"] = act_rows(triton)
+    if "actpass2" in only:
+        out["actpass2"] = act_rows(triton, launches=True)
     if "gemm" in only:
         out["gemm"] = gemm_rows(shapes, triton)
     if "gemmcfg" in only:

@@ -6,9 +6,10 @@ Two launches over a (token block × K tile) grid, so every SM has work whatever 
 (one or a few K tiles), each row's absmax and an ``x · L1`` partial product (tensor cores). Pass 2 derives the
 per-token scale from those few maxima (re-deriving the group maxima from its own tile), writes the int8 operand
 ``code * multiplier`` and sums the low-rank partials in a fixed order (deterministic, no atomics), visiting
-tiles in reverse so that it starts on the input pass 1 left in L2. The launcher passes 1/λ; per-group
-reciprocals are IEEE (``div_rn``) and rounding is the fp32 magic-number trick, so codes equal the reference's
-bit for bit.
+tiles in reverse so that it starts on the input pass 1 left in L2. The two passes have their own tiles (they
+exchange only per-row results). The kernels multiply by 1/λ in fp32, made once per layer by ``torch.reciprocal``
+as in the reference (dividing per tile cost 10-20% of the kernels' time); per-group reciprocals are IEEE
+(``div_rn``) and rounding is round-half-even, so codes equal the reference's bit for bit.
 """
 
 from __future__ import annotations
@@ -41,9 +42,9 @@ def _load_smoothed(x_ptr, inv_ptr, rows, rmask, k, K, stride_xm, shift, UNSIGNED
     m2 = rmask[:, None] & kmask[None, :]
     x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :], mask=m2, other=0.0)
     xf = x.to(tl.float32) + shift
-    if HAS_SMOOTH:  # 1/λ with IEEE division, as torch.reciprocal in the reference
-        lam = tl.load(inv_ptr + k, mask=kmask, other=1.0).to(tl.float32)
-        xf = xf * tl.math.div_rn(tl.full([BLOCK_K], 1.0, tl.float32), lam)[None, :]
+    if HAS_SMOOTH:  # 1/λ in fp32, made once per layer by torch.reciprocal as in the reference (no division here)
+        inv = tl.load(inv_ptr + k, mask=kmask, other=1.0)
+        xf = xf * inv[None, :]
     xf = tl.where(m2, xf, 0.0)
     if UNSIGNED:
         xf = tl.maximum(xf, 0.0)
@@ -58,6 +59,7 @@ def _act_stats_kernel(
     shift,
     UNSIGNED: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_LORA: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, KSUB: tl.constexpr,
+    EW_MAX: tl.constexpr,
 ):
     """Pass 1, KSUB [BLOCK_M, GROUPS*64] tiles per program: each row's absmax over those tiles, and their x·L1
     partial product (one of each per program: KSUB times fewer partials to write and sum at large K)."""
@@ -68,13 +70,19 @@ def _act_stats_kernel(
     rmask = rows < M
     rcols = tl.arange(0, BLOCK_R)
     part = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-    rmax = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if EW_MAX:
+        amax = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)  # elementwise over the tiles: one row reduction at the end
+    else:
+        rmax = tl.zeros([BLOCK_M], dtype=tl.float32)
     for s in tl.static_range(KSUB):
         sub = pid_p * KSUB + s
         if sub < NSUB:
             k = sub * BLOCK_K + tl.arange(0, BLOCK_K)
             x, xf = _load_smoothed(x_ptr, inv_ptr, rows, rmask, k, K, stride_xm, shift, UNSIGNED, HAS_SMOOTH, BLOCK_K)
-            rmax = tl.maximum(rmax, tl.max(tl.abs(xf), axis=1))
+            if EW_MAX:
+                amax = tl.maximum(amax, tl.abs(xf))
+            else:
+                rmax = tl.maximum(rmax, tl.max(tl.abs(xf), axis=1))
             if HAS_LORA:
                 d = tl.load(down_ptr + k[:, None] * stride_dk + rcols[None, :],
                             mask=(k[:, None] < K) & (rcols[None, :] < R), other=0.0)
@@ -82,6 +90,8 @@ def _act_stats_kernel(
                     part = tl.dot(x.to(tl.float32), d.to(tl.float32), part, input_precision="ieee")
                 else:
                     part = tl.dot(x, d.to(x.dtype), part)
+    if EW_MAX:
+        rmax = tl.max(amax, axis=1)
     tl.store(gmax_ptr + rows * stride_gm + pid_p, rmax, mask=rmask)  # [M, n_parts]
     if HAS_LORA:  # partials [n_parts, M, R]: only the real rank travels through memory, not its power-of-two pad
         base = lora_ptr + pid_p * M * R
@@ -179,14 +189,21 @@ def quantize_activation(
     groups: int | None = None,
     num_warps: int | None = None,
     reverse: bool = True,
+    inv_smooth: torch.Tensor | None = None,
+    pass2_block_m: int | None = None,
+    pass2_warps: int | None = None,
+    ew_max: bool | None = None,
 ):
     """Launch the activation kernels on x2 [M, K]. Returns (int8 [M, Kp], scale [M], lora [M, R] fp32 | None).
 
     ``scratch(name, numel, dtype)``, where given, supplies reused buffers instead of fresh allocations (the
     dispatcher's per-device arena: the results live until the next call). Tile knobs (``bench/kernel_variants.py``
     measures them): ``k_per_program`` pass 1's K tiles per program (default ``tiles_per_program``), ``groups``
-    64-groups per K tile (default 2 where they divide), ``num_warps`` (default 4, 8 for a branch wider than 32),
-    ``reverse`` pass 2's reverse visiting order."""
+    64-groups per K tile (default 2 where they divide), ``num_warps`` pass 1's (default 4 at K < 8192 and rank ≤ 32, else 8),
+    ``reverse`` pass 2's reverse visiting order, ``pass2_block_m`` / ``pass2_warps`` pass 2's own tile (its rows
+    need not match pass 1's: both exchange per-row results), ``ew_max`` pass 1 keeping the absolute maximum
+    elementwise across its K tiles and reducing rows once. ``inv_smooth``: the fp32 ``torch.reciprocal`` of
+    ``smooth``, where the caller keeps one (else it is made here, one more small launch)."""
     m, k = x2.shape
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
@@ -200,12 +217,15 @@ def quantize_activation(
         raise ValueError(f"activation kernel supports int4 and int8, not {mode!r}")
     ng = k_padded // 64
     block_r = max(16, triton.next_power_of_2(r)) if r else 16
-    # H100 tile sweeps (bench/kernel_variants.py, BENCHMARKS.md): 128-column tiles everywhere (32 elements a thread:
-    # fewer registers, more programs resident), 64 rows where K >= 8192 or the branch is wider than 32, and
-    # 8 warps for a wide branch (its pass-1 dot); 32 rows x 128 columns at K = 3072, rank 32: 37.1 vs 40.5 µs
+    # H100 tile sweeps (bench/kernel_variants.py, BENCHMARKS.md): 128-column tiles everywhere; pass 1 on 32 rows x
+    # 4 warps at K = 3072, rank 32, else 64 rows x 8 warps (its dot and row maxima over more K tiles), the row
+    # maximum kept elementwise across its K tiles for a branch wider than 32 (-11% at rank 96; slower at 32);
+    # pass 2 on 16 rows x 4 warps (16 elements a thread: 64 registers, no spills; 64 x 128 spilled)
     wide = k_padded >= 8192 or r > 32
     if num_warps is None:
-        num_warps = 8 if r > 32 else 4
+        num_warps = 8 if wide else 4
+    if ew_max is None:
+        ew_max = r > 32
     if groups is None:
         groups = 2 if ng % 2 == 0 else 1
     elif ng % groups:
@@ -227,16 +247,20 @@ def quantize_activation(
     gmax = f32[m : m + m * nparts].view(m, nparts)  # each pass-1 program's row maxima
     lora = f32[m + m * nparts : m + m * nparts + m * r].view(m, r) if r else None
     parts = f32[m + m * nparts + m * r :].view(nparts, m, r) if r else None
-    inv = smooth  # the kernels take λ and form 1/λ themselves
+    inv = inv_smooth
+    if smooth is not None and inv is None:
+        inv = torch.reciprocal(smooth.float())
+    bm2 = pass2_block_m or 16
+    warps2 = pass2_warps or 4
     launch(_act_stats_kernel, (m_blocks, nparts), (
         x2, inv if inv is not None else x2, proj_down if r else x2, gmax, parts if r else gmax,
         m, k, r, nsub,
         x2.stride(0), proj_down.stride(0) if r else 0, gmax.stride(0),
         float(shift)),
         UNSIGNED=bool(unsigned), HAS_SMOOTH=inv is not None, HAS_LORA=r > 0, DOT_FP32=fp32_dots(x2),
-        BLOCK_M=bm, BLOCK_R=block_r, GROUP=64, GROUPS=groups, KSUB=ksub, num_warps=num_warps,
+        BLOCK_M=bm, BLOCK_R=block_r, GROUP=64, GROUPS=groups, KSUB=ksub, EW_MAX=bool(ew_max), num_warps=num_warps,
     )
-    launch(_act_quant_kernel, (m_blocks, nsub), (
+    launch(_act_quant_kernel, (triton.cdiv(m, bm2), nsub), (
         x2, inv if inv is not None else x2, gmax, out, scale, parts if r else gmax, lora if r else gmax,
         m, k, k_padded, r, nparts,
         x2.stride(0), out.stride(0), gmax.stride(0), lora.stride(0) if r else 0,
@@ -244,7 +268,7 @@ def quantize_activation(
         QMAX=qmax, UMAX=umax, QMIN=qmin,
         UNSIGNED=bool(unsigned), HAS_SMOOTH=inv is not None, INT8_MODE=mode == "int8", USE_RINT=not interpreting(),
         HAS_LORA=r > 0, BLOCK_R=block_r,
-        BLOCK_M=bm, GROUP=64, GROUPS=groups, NP_POW2=max(2, triton.next_power_of_2(nparts)), REVERSE=reverse,
-        num_warps=num_warps,
+        BLOCK_M=bm2, GROUP=64, GROUPS=groups, NP_POW2=max(2, triton.next_power_of_2(nparts)), REVERSE=reverse,
+        num_warps=warps2,
     )
     return out, scale, lora

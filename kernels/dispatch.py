@@ -253,7 +253,7 @@ def _run(x2, w, down, up, gelu, out2=None, accumulate=False):
     if w.act_precision in ("int4", "int8"):
         a8, ascale, lora = quantize_activation(
             x2, w.k_padded, w.smooth, down, w.act_shift, w.act_unsigned and w.act_precision == "int4", w.act_precision,
-            scratch=arena(x2.device).get,
+            scratch=arena(x2.device).get, inv_smooth=_inv_smooth(w),
         )
         if packed_gemm(x2, w.qweight):
             return gemm_w4a4_packed.w4a4_gemm_packed(a8, ascale, w.qweight, _mult_t(w), w.wscale, lora, up, w.bias,
@@ -264,6 +264,12 @@ def _run(x2, w, down, up, gelu, out2=None, accumulate=False):
 
 
 PACKED_MAX_M = 1024  # H100: faster than expansion + int8 GEMM at M = 256-1024, slower at 4608 (BENCHMARKS.md)
+
+
+def _inv_smooth(w: QuantizedLinearWeights) -> torch.Tensor | None:
+    """1/λ in fp32 (``torch.reciprocal``, as the reference), made once and kept with the layer: the kernels multiply
+    by it instead of dividing per tile."""
+    return None if w.smooth is None else derived(w, "inv_smooth", lambda: torch.reciprocal(w.smooth.float()))
 
 
 def _mult_t(w: QuantizedLinearWeights) -> torch.Tensor:
@@ -400,7 +406,7 @@ def packed_w4a16(x2: torch.Tensor, qweight: torch.Tensor) -> bool:
 def _w4a16(x2, w, down, up, gelu):
     if x2.shape[0] <= W4A16_MAX_M:
         final = down is None and not gelu  # then the kernel may write the output dtype itself
-        inv = None if w.smooth is None else derived(w, "inv_smooth", lambda: torch.reciprocal(w.smooth.float()))
+        inv = _inv_smooth(w)
         if packed_w4a16(x2, w.qweight):
             y = gemm_w4a16_packed.w4a16_packed(x2, w.qweight, _mult_t(w), w.wscale, inv, w.in_features, bias=w.bias,
                                                out_dtype=x2.dtype if final else torch.float32)
@@ -428,7 +434,7 @@ def _int4g(x2, w, down, up, gelu):
     else:
         a8, ascale, lora = quantize_activation(
             x2, w.k_padded, w.smooth, None, w.act_shift, w.act_unsigned and w.act_precision == "int4", w.act_precision,
-            scratch=arena(x2.device).get,
+            scratch=arena(x2.device).get, inv_smooth=_inv_smooth(w),
         )
         y = (a8[:, : w.in_features].to(x2.dtype) @ wd.T).float() * ascale[:, None]
     if w.bias is not None:

@@ -49,19 +49,38 @@ def test_activation_kernel_codes_match(m, k, n, rank, bias, unsigned, triton_ker
         assert rel(lora, lref) < 1e-3
 
 
-@pytest.mark.parametrize("per_program", [2, 3])
-def test_activation_tiles_per_program(per_program, triton_kernels):
+@pytest.mark.parametrize("per_program,ew_max", [(2, False), (3, False), (3, True)])
+def test_activation_tiles_per_program(per_program, ew_max, triton_kernels):
     """Pass 1 covering several K tiles per program (fewer low-rank partials; the last program's share may be
-    short) gives the same codes and branch product as one tile per program."""
+    short), its row maxima reduced per tile or once (``ew_max``), gives the same codes and branch product as one
+    tile per program."""
     from svdq.kernels.act_quant import quantize_activation
 
     layer = random_layer(64, 1280, 96, True, device=DEV, seed=per_program)  # 5 tiles of 256
     x = torch.randn(37, 1280, device=DEV, dtype=torch.bfloat16)
     a1, s1, l1 = quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down, k_per_program=1)
-    a, s, lora = quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down, k_per_program=per_program)
+    a, s, lora = quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down, k_per_program=per_program,
+                                     ew_max=ew_max)
     assert torch.equal(a, a1) and torch.equal(s, s1)
     assert rel(lora, l1) < 1e-5
     assert rel(lora, x.float() @ layer.proj_down.float()) < 1e-3
+
+
+@pytest.mark.parametrize("block_m,pass2_block_m,pass2_warps", [(32, 16, 4), (16, 64, 8), (64, 32, 2)])
+def test_activation_pass2_tile_apart(block_m, pass2_block_m, pass2_warps, triton_kernels):
+    """Pass 2 on row blocks of another height than pass 1's (they exchange per-row maxima and branch partials),
+    with 1/λ given precomputed, gives the same codes, scales and branch product as matching tiles."""
+    from svdq.kernels.act_quant import quantize_activation
+
+    layer = random_layer(64, 640, 32, True, device=DEV, seed=block_m)
+    x = torch.randn(75, 640, device=DEV, dtype=torch.bfloat16)
+    a1, s1, l1 = quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down, block_m=block_m)
+    inv = torch.reciprocal(layer.smooth.float())
+    a, s, lora = quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down, block_m=block_m,
+                                     pass2_block_m=pass2_block_m, pass2_warps=pass2_warps, inv_smooth=inv)
+    assert torch.equal(a, a1) and torch.equal(s, s1) and torch.equal(lora, l1)
+    a_ref, s_ref = activation_operand(x, layer)
+    assert torch.equal(a, a_ref) and torch.equal(s, s_ref)
 
 
 @pytest.mark.parametrize("m,k,n,rank,bias,unsigned", SHAPES)
