@@ -134,7 +134,9 @@ def w4a16_tile_rows(triton) -> list[dict]:
 
     A multi-row variant of it (one 4-D register tile for up to 4 rows) measured 1.9-30x slower than the kernels it
     was to replace (register spills; ``bench/results-w4a16-words-h100.log``) and was removed; so was a form with
-    three shifts a word instead of eight (within ±3%, ``bench/results-w4a16-three-shifts-h100.log``)."""
+    three shifts a word instead of eight (within ±3%, ``bench/results-w4a16-three-shifts-h100.log``), and a prefetch
+    two K steps ahead (three in flight: no gain, 21.3 vs 20.5 µs at 3072->18432; ``bench/results-w4a16-prefetch2-h100.log``,
+    its ``pf2`` columns, session 9)."""
     from svdq.kernels.gemv_w4a16 import _w4a16_gemv_one_row, _w4a16_gemv_rows
 
     rows = []
