@@ -12,8 +12,8 @@ Same process, same data, same GPU for every pair; µs are medians of ``triton.te
            at N = 3072), with bf16 alongside
   w4a16tile the M = 1 W4A16 kernel over its tile knobs (rows and groups per program, the next step's words
            prefetched or not, warps)
-  actpass2 the activation kernels with 1/λ precomputed (pass 2 on 16-row tiles since session 9) over pass 1's tile
-           (rows, warps, K tiles per program, the row maximum kept elementwise over its tiles)
+  actpass2 the activation kernels around their session-9 defaults: pass 2's tile (rows, warps, 64-groups) and
+           pass 1's (rows, warps, 64-groups), 1/λ precomputed as dispatch passes it
   act      the activation kernel pair under CUDA-graph replay over its tile knobs (rows per program, 64-groups
            per K tile, warps, K tiles per pass-1 program, pass 2's visiting order), rank 32 and a LoRA-widened
            rank 96, against its memory floor (x read twice, the int8 operand written once, at the copy rate)
@@ -243,11 +243,10 @@ def act_rows(triton, launches: bool = False) -> list[dict]:
         variants = [(f"bm{bm or 'auto'}_g{groups or 'auto'}_w{warps or 'auto'}_k{kpp or 'auto'}_{'rev' if rev else 'fwd'}",
                      dict(block_m=bm, groups=groups, num_warps=warps, k_per_program=kpp, reverse=rev))
                     for bm, groups, warps, kpp, rev in ACT_VARIANTS]
-        if launches:  # session 9: 1/λ precomputed, pass 2's tile apart from pass 1's
+        if launches:  # session 9: tiles around the defaults (1/λ precomputed, pass 2's tile apart from pass 1's)
             inv = torch.reciprocal(layer.smooth.float())
-            variants = [(f"inv_p1_{bm}x{w}w_k{kpp or 'auto'}{'_ew' if ew else ''}",
-                         dict(inv_smooth=inv, block_m=bm, num_warps=w, k_per_program=kpp, ew_max=ew))
-                        for bm, w, kpp, ew in ACT_PASS1]
+            variants = [("inv_" + ("_".join(f"{n}{v}" for n, v in kw.items()) or "current"), dict(inv_smooth=inv, **kw))
+                        for kw in ACT_TILES]
         variants.append(("default", {}))
         for name, kw in variants:
 
@@ -275,9 +274,10 @@ def act_rows(triton, launches: bool = False) -> list[dict]:
 
 
 ACT_NAME0 = "bm32_g4_w4_k1_fwd"
-ACT_PASS1 = [  # pass 1's (rows, warps, K tiles per program, elementwise max over its tiles); pass 2: 16 rows, 4 warps
-    (32, 4, None, False), (32, 4, None, True), (64, 4, None, False), (64, 4, None, True), (64, 8, None, False),
-    (64, 8, None, True), (64, 4, 8, True), (128, 8, None, False), (32, 4, 8, True)]
+ACT_TILES = [  # session 9, around the defaults (pass 1 32 x 4 warps at K = 3072, else 64 x 8; pass 2 16 x 4; 2 groups)
+    {}, dict(pass2_groups=4), dict(pass2_groups=1, pass2_block_m=32), dict(pass2_groups=4, pass2_block_m=8),
+    dict(pass2_groups=4, pass2_warps=8), dict(pass2_groups=1, pass2_block_m=64, pass2_warps=8),
+    dict(groups=4), dict(groups=4, block_m=64, num_warps=8), dict(block_m=128, num_warps=8)]
 ACT_PASS2_SHAPES = [(4608, 3072, 32), (4096, 12288, 32), (4608, 15360, 32), (9216, 15360, 32), (512, 3072, 32),
                     (4608, 15360, 96)]
 

@@ -192,6 +192,7 @@ def quantize_activation(
     inv_smooth: torch.Tensor | None = None,
     pass2_block_m: int | None = None,
     pass2_warps: int | None = None,
+    pass2_groups: int | None = None,
     ew_max: bool | None = None,
 ):
     """Launch the activation kernels on x2 [M, K]. Returns (int8 [M, Kp], scale [M], lora [M, R] fp32 | None).
@@ -200,8 +201,8 @@ def quantize_activation(
     dispatcher's per-device arena: the results live until the next call). Tile knobs (``bench/kernel_variants.py``
     measures them): ``k_per_program`` pass 1's K tiles per program (default ``tiles_per_program``), ``groups``
     64-groups per K tile (default 2 where they divide), ``num_warps`` pass 1's (default 4 at K < 8192 and rank ≤ 32, else 8),
-    ``reverse`` pass 2's reverse visiting order, ``pass2_block_m`` / ``pass2_warps`` pass 2's own tile (its rows
-    need not match pass 1's: both exchange per-row results), ``ew_max`` pass 1 keeping the absolute maximum
+    ``reverse`` pass 2's reverse visiting order, ``pass2_block_m`` / ``pass2_warps`` / ``pass2_groups`` pass 2's own
+    tile (it need not match pass 1's: the passes exchange only per-row results), ``ew_max`` pass 1 keeping the absolute maximum
     elementwise across its K tiles and reducing rows once. ``inv_smooth``: the fp32 ``torch.reciprocal`` of
     ``smooth``, where the caller keeps one (else it is made here, one more small launch)."""
     m, k = x2.shape
@@ -220,7 +221,7 @@ def quantize_activation(
     # H100 tile sweeps (bench/kernel_variants.py, BENCHMARKS.md): 128-column tiles everywhere; pass 1 on 32 rows x
     # 4 warps at K = 3072, rank 32, else 64 rows x 8 warps (its dot and row maxima over more K tiles), the row
     # maximum kept elementwise across its K tiles for a branch wider than 32 (-11% at rank 96; slower at 32);
-    # pass 2 on 16 rows x 4 warps (16 elements a thread: 64 registers, no spills; 64 x 128 spilled)
+    # pass 2 on 16 rows x 256 columns x 4 warps (64 x 128 spilled; 16 x 128 within 1% but 4% slower at rank 96)
     wide = k_padded >= 8192 or r > 32
     if num_warps is None:
         num_warps = 8 if wide else 4
@@ -228,8 +229,8 @@ def quantize_activation(
         ew_max = r > 32
     if groups is None:
         groups = 2 if ng % 2 == 0 else 1
-    elif ng % groups:
-        raise ValueError(f"{groups} groups per tile do not divide the {ng} groups of K = {k_padded}")
+    elif ng % groups or groups & (groups - 1):
+        raise ValueError(f"a tile takes a power of two of 64-groups dividing the {ng} of K = {k_padded}, not {groups}")
     bm = block_m or (64 if wide else 32)
     nsub = ng // groups
     m_blocks = triton.cdiv(m, bm)
@@ -252,6 +253,10 @@ def quantize_activation(
         inv = torch.reciprocal(smooth.float())
     bm2 = pass2_block_m or 16
     warps2 = pass2_warps or 4
+    groups2 = pass2_groups or (4 if ng % 4 == 0 else groups)
+    if ng % groups2 or groups2 & (groups2 - 1):
+        raise ValueError(f"pass 2 takes a power of two of 64-groups per tile dividing the {ng} of K = {k_padded}, "
+                         f"not {groups2}")
     launch(_act_stats_kernel, (m_blocks, nparts), (
         x2, inv if inv is not None else x2, proj_down if r else x2, gmax, parts if r else gmax,
         m, k, r, nsub,
@@ -260,7 +265,7 @@ def quantize_activation(
         UNSIGNED=bool(unsigned), HAS_SMOOTH=inv is not None, HAS_LORA=r > 0, DOT_FP32=fp32_dots(x2),
         BLOCK_M=bm, BLOCK_R=block_r, GROUP=64, GROUPS=groups, KSUB=ksub, EW_MAX=bool(ew_max), num_warps=num_warps,
     )
-    launch(_act_quant_kernel, (triton.cdiv(m, bm2), nsub), (
+    launch(_act_quant_kernel, (triton.cdiv(m, bm2), ng // groups2), (
         x2, inv if inv is not None else x2, gmax, out, scale, parts if r else gmax, lora if r else gmax,
         m, k, k_padded, r, nparts,
         x2.stride(0), out.stride(0), gmax.stride(0), lora.stride(0) if r else 0,
@@ -268,7 +273,7 @@ def quantize_activation(
         QMAX=qmax, UMAX=umax, QMIN=qmin,
         UNSIGNED=bool(unsigned), HAS_SMOOTH=inv is not None, INT8_MODE=mode == "int8", USE_RINT=not interpreting(),
         HAS_LORA=r > 0, BLOCK_R=block_r,
-        BLOCK_M=bm2, GROUP=64, GROUPS=groups, NP_POW2=max(2, triton.next_power_of_2(nparts)), REVERSE=reverse,
+        BLOCK_M=bm2, GROUP=64, GROUPS=groups2, NP_POW2=max(2, triton.next_power_of_2(nparts)), REVERSE=reverse,
         num_warps=warps2,
     )
     return out, scale, lora

@@ -66,18 +66,20 @@ def test_activation_tiles_per_program(per_program, ew_max, triton_kernels):
     assert rel(lora, x.float() @ layer.proj_down.float()) < 1e-3
 
 
-@pytest.mark.parametrize("block_m,pass2_block_m,pass2_warps", [(32, 16, 4), (16, 64, 8), (64, 32, 2)])
-def test_activation_pass2_tile_apart(block_m, pass2_block_m, pass2_warps, triton_kernels):
-    """Pass 2 on row blocks of another height than pass 1's (they exchange per-row maxima and branch partials),
+@pytest.mark.parametrize("block_m,pass2_block_m,pass2_warps,pass2_groups", [(32, 16, 4, None), (16, 64, 8, 1),
+                                                                           (64, 32, 2, 4)])
+def test_activation_pass2_tile_apart(block_m, pass2_block_m, pass2_warps, pass2_groups, triton_kernels):
+    """Pass 2 on tiles of another height and width than pass 1's (they exchange per-row maxima and branch partials),
     with 1/λ given precomputed, gives the same codes, scales and branch product as matching tiles."""
     from svdq.kernels.act_quant import quantize_activation
 
-    layer = random_layer(64, 640, 32, True, device=DEV, seed=block_m)
-    x = torch.randn(75, 640, device=DEV, dtype=torch.bfloat16)
+    layer = random_layer(64, 1280, 32, True, device=DEV, seed=block_m)
+    x = torch.randn(75, 1280, device=DEV, dtype=torch.bfloat16)
     a1, s1, l1 = quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down, block_m=block_m)
     inv = torch.reciprocal(layer.smooth.float())
     a, s, lora = quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down, block_m=block_m,
-                                     pass2_block_m=pass2_block_m, pass2_warps=pass2_warps, inv_smooth=inv)
+                                     pass2_block_m=pass2_block_m, pass2_warps=pass2_warps, pass2_groups=pass2_groups,
+                                     inv_smooth=inv)
     assert torch.equal(a, a1) and torch.equal(s, s1) and torch.equal(lora, l1)
     a_ref, s_ref = activation_operand(x, layer)
     assert torch.equal(a, a_ref) and torch.equal(s, s_ref)
