@@ -42,19 +42,25 @@ def _expand_words_kernel(p_ptr, mult_ptr, out_ptr, N, W16, stride_p, stride_mult
                          BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
     """16-bit words of 4 codes [N, Kp/4] × mult [N, Kp/64] → int32 words of 4 int8 operands [N, Kp/4].
 
-    Purely elementwise (no interleave), so loads and stores are 16-byte vectors."""
+    Purely elementwise (no interleave), so loads and stores are 16-byte vectors. Each multiplier is loaded once
+    and broadcast over its group's 16 words (a byte gather per word, staged through shared memory, made the
+    kernel 1.13-1.39x slower on the H100: ``bench/results-expand-ab-session9-h100.log``)."""
     pid_n = tl.program_id(0)
     pid_w = tl.program_id(1)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
+    g = pid_w * (BLOCK_W // 16) + tl.arange(0, BLOCK_W // 16)  # a 64-group is 16 words: one multiplier each
     m2 = (n < N)[:, None] & (w < W16)[None, :]
     p = tl.load(p_ptr + n[:, None] * stride_p + w[None, :], mask=m2, other=0).to(tl.int32)
-    u = tl.load(mult_ptr + n[:, None] * stride_mult + (w // 16)[None, :], mask=m2, other=0).to(tl.int32)
+    u = tl.load(mult_ptr + n[:, None] * stride_mult + g[None, :], mask=(n < N)[:, None] & (g * 16 < W16)[None, :],
+                other=0).to(tl.int32)
+    p = tl.reshape(p, [BLOCK_N, BLOCK_W // 16, 16])
+    u = u[:, :, None]  # broadcast over the group's words, not one byte load per word
     b0 = ((((p << 28) >> 28) * u) & 0xFF)
     b1 = ((((p << 24) >> 28) * u) & 0xFF) << 8
     b2 = ((((p << 20) >> 28) * u) & 0xFF) << 16
     b3 = (((p << 16) >> 28) * u) << 24
-    tl.store(out_ptr + n[:, None] * stride_o + w[None, :], b0 | b1 | b2 | b3, mask=m2)
+    tl.store(out_ptr + n[:, None] * stride_o + w[None, :], tl.reshape(b0 | b1 | b2 | b3, [BLOCK_N, BLOCK_W]), mask=m2)
 
 
 def expand_weight(qweight: torch.Tensor, wmult: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
