@@ -96,6 +96,19 @@ def test_w4a4_linear_matches_reference(m, k, n, rank, bias, unsigned, triton_ker
     assert rel(out, ref) <= 1e-2
 
 
+def test_layer_keeps_one_inverse_smoothing(triton_kernels):
+    """The W4A4 path hands the activation kernels the layer's 1/λ, made once (``torch.reciprocal`` in fp32, as the
+    reference) and kept with the layer: the same tensor on the next call, and the codes equal the reference's."""
+    layer = random_layer(96, 320, 16, True, device=DEV, seed=3)
+    x = torch.randn(9, 320, device=DEV, dtype=torch.bfloat16)
+    out = triton_kernels.svdq_linear(x, layer)
+    inv = layer.__dict__["_svdq_derived"]["inv_smooth"]
+    assert inv.dtype == torch.float32 and torch.equal(inv, torch.reciprocal(layer.smooth.float()))
+    triton_kernels.svdq_linear(x, layer)
+    assert layer.__dict__["_svdq_derived"]["inv_smooth"] is inv
+    assert rel(out, svdq_linear_reference(x, layer)) <= 1e-2
+
+
 @pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("m,k,n,rank,bias,unsigned", SHAPES[1:] + ([(300, 3072, 9216, 32, True, False)] if GPU else []))
 def test_gemm_schedules_match_reference(m, k, n, rank, bias, unsigned, schedule, triton_kernels, monkeypatch):
