@@ -198,13 +198,14 @@ def quantize_activation(
     """Launch the activation kernels on x2 [M, K]. Returns (int8 [M, Kp], scale [M], lora [M, R] fp32 | None).
 
     ``scratch(name, numel, dtype)``, where given, supplies reused buffers instead of fresh allocations (the
-    dispatcher's per-device arena: the results live until the next call). Tile knobs (``bench/kernel_variants.py``
-    measures them): ``k_per_program`` pass 1's K tiles per program (default ``tiles_per_program``), ``groups``
-    64-groups per K tile (default 2 where they divide), ``num_warps`` pass 1's (default 4 at K < 8192 and rank ≤ 32, else 8),
-    ``reverse`` pass 2's reverse visiting order, ``pass2_block_m`` / ``pass2_warps`` / ``pass2_groups`` pass 2's own
-    tile (it need not match pass 1's: the passes exchange only per-row results), ``ew_max`` pass 1 keeping the absolute maximum
-    elementwise across its K tiles and reducing rows once. ``inv_smooth``: the fp32 ``torch.reciprocal`` of
-    ``smooth``, where the caller keeps one (else it is made here, one more small launch)."""
+    dispatcher's per-device arena: the results live until the next call). ``inv_smooth``: the fp32
+    ``torch.reciprocal`` of ``smooth``, where the caller keeps one (else it is made here, one more small launch).
+
+    Tile knobs (``bench/kernel_variants.py`` measures them): ``block_m``, ``groups`` (64-groups per K tile, a power
+    of two), ``num_warps`` and ``k_per_program`` (K tiles per program, default ``tiles_per_program``) are pass 1's;
+    ``ew_max`` makes pass 1 keep the absolute maximum elementwise across its K tiles and reduce rows once;
+    ``pass2_block_m`` / ``pass2_warps`` / ``pass2_groups`` are pass 2's own tile (the passes exchange only per-row
+    results, so the tiles may differ); ``reverse`` is pass 2's reverse visiting order."""
     m, k = x2.shape
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
@@ -218,8 +219,8 @@ def quantize_activation(
         raise ValueError(f"activation kernel supports int4 and int8, not {mode!r}")
     ng = k_padded // 64
     block_r = max(16, triton.next_power_of_2(r)) if r else 16
-    # H100 tile sweeps (bench/kernel_variants.py, BENCHMARKS.md): 128-column tiles everywhere; pass 1 on 32 rows x
-    # 4 warps at K = 3072, rank 32, else 64 rows x 8 warps (its dot and row maxima over more K tiles), the row
+    # H100 tile sweeps (bench/kernel_variants.py, BENCHMARKS.md): pass 1 on 128-column tiles, 32 rows x 4 warps at
+    # K = 3072, rank 32, else 64 rows x 8 warps (its dot and row maxima over more K tiles), the row
     # maximum kept elementwise across its K tiles for a branch wider than 32 (-11% at rank 96; slower at 32);
     # pass 2 on 16 rows x 256 columns x 4 warps (64 x 128 spilled; 16 x 128 within 1% but 4% slower at rank 96)
     wide = k_padded >= 8192 or r > 32
