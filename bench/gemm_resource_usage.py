@@ -1,6 +1,7 @@
 """Registers and stack (spills) of the persistent TMA GEMM kernel, compiled for sm_90a without a GPU.
 
-    python bench/gemm_resource_usage.py [--tree DIR] [--block 128,256,128] [--warps 8] [--stages 4] [--gluon]
+    python bench/gemm_resource_usage.py [--tree DIR] [--block 128,256,128] [--warps 8] [--stages 4] [--gluon | --act]
+                                        [--plain]
 
 Why: an epilogue change can push the 128 x 256 tile past 255 registers into local-memory spills, which costs more
 than the work it saves (BENCHMARKS.md, session 6: the per-column GELU select). This compiles the kernel with and
@@ -8,7 +9,8 @@ without the GELU epilogue through Triton's own compiler and reads the resource u
 check runs on any machine with Triton's bundled CUDA tools. ``--tree`` compiles another checkout's kernels (a
 folder holding ``svdq/kernels``). ``--gluon`` reports the warp-specialized Gluon kernels instead (cooperative and
 ping-pong, at their candidate tiles; this needs a Triton with Gluon, e.g. the 3.6 wheel): the figure per kernel is
-its largest partition's stack.
+its largest partition's stack. ``--act``: the activation kernels' two passes. Kernels are compiled with the launcher's specialization (aligned pointers, integer
+arguments divisible by 16, as at FLUX's shapes); ``--plain`` without it, as the figures before session 9 were taken.
 """
 
 from __future__ import annotations
@@ -31,6 +33,17 @@ def usage(cubin: bytes, bindir: str) -> dict:
     return {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", text)}
 
 
+def launcher_attrs(names, sig: dict, plain: bool) -> dict:
+    """The specialization the launcher gives at FLUX's shapes: 16-byte-aligned pointers and integer arguments that
+    are multiples of 16 (``kernels/launch.py`` keys on the same). Compiled without it, loads through the epilogue's
+    pointers are not vectorized and the register and stack figures come out far too high (255 registers and 64 bytes
+    of stack for the activation kernel's pass 2 at 64 x 128, against 106 and none as launched)."""
+    if plain:
+        return {}
+    return {(names.index(n),): [["tt.divisibility", 16]] for n in names
+            if sig[n].startswith("*") or sig[n] == "i32" and n != "gelu_from"}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tree", default=None, help="folder holding another checkout as svdq/ (default: this one)")
@@ -38,6 +51,10 @@ def main() -> int:
     ap.add_argument("--warps", type=int, default=8)
     ap.add_argument("--stages", type=int, default=4)
     ap.add_argument("--gluon", action="store_true", help="the Gluon kernels (cooperative and ping-pong) instead")
+    ap.add_argument("--act", action="store_true", help="the activation kernels (both passes at their default tiles "
+                    "and the tiles they replaced) instead")
+    ap.add_argument("--plain", action="store_true", help="without the launcher's alignment specialization (as the "
+                    "figures before session 9 were taken)")
     args = ap.parse_args()
     if args.tree:
         sys.path.insert(0, args.tree)
@@ -52,7 +69,9 @@ def main() -> int:
 
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     if args.gluon:
-        return gluon_usage(bindir)
+        return gluon_usage(bindir, args.plain)
+    if args.act:
+        return act_usage(bindir, args.plain)
     bm, bn, bk = (int(v) for v in args.block.split(","))
     fn = gemm_w4a4._w4a4_gemm_tma_kernel
     names = fn.arg_names
@@ -70,7 +89,8 @@ def main() -> int:
                 sig[n] = "i32" if n in ints else "constexpr"
         const = dict(HAS_LORA=True, HAS_BIAS=True, GELU=gelu, DOT_FP32=False, ACCUMULATE=False, BLOCK_M=bm,
                      BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=32, R_CHUNK=32, GROUP_M=8, FLATTEN=True)
-        src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in const.items()})
+        src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in const.items()},
+                        attrs=launcher_attrs(names, sig, args.plain))
         k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                            options={"num_warps": args.warps, "num_stages": args.stages})
         u = usage(k.asm["cubin"], bindir)
@@ -80,7 +100,52 @@ def main() -> int:
     return 0
 
 
-def gluon_usage(bindir: str) -> int:
+def act_usage(bindir: str, plain: bool) -> int:
+    """Compile the activation kernels' two passes (rank 32, smoothing, int4) for sm_90a at the tiles the launcher
+    picks now and at session 8's, and print registers, stack, SASS instructions per thread and IEEE division
+    sequences (``FCHK``) per thread."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from svdq.kernels import act_quant
+
+    ints = {"M", "K", "KP", "R", "NSUB", "NPARTS", "stride_xm", "stride_dk", "stride_gm", "stride_om", "stride_lm"}
+    fixed = dict(QMAX=7, UMAX=15, QMIN=-7, UNSIGNED=False, HAS_SMOOTH=True, INT8_MODE=False, USE_RINT=True,
+                 HAS_LORA=True, DOT_FP32=False, BLOCK_R=32, GROUP=64, NP_POW2=8, REVERSE=True, EW_MAX=False)
+    cases = [("pass 1, K = 3072 (32 rows x 128, 3 tiles)", act_quant._act_stats_kernel, dict(BLOCK_M=32, GROUPS=2, KSUB=3), 4),
+             ("pass 1, K >= 8192 now (64 x 128, 4 tiles, 8 warps)", act_quant._act_stats_kernel,
+              dict(BLOCK_M=64, GROUPS=2, KSUB=4), 8),
+             ("pass 1, K >= 8192 before (4 warps)", act_quant._act_stats_kernel, dict(BLOCK_M=64, GROUPS=2, KSUB=4), 4),
+             ("pass 2 now (16 rows x 256)", act_quant._act_quant_kernel, dict(BLOCK_M=16, GROUPS=4), 4),
+             ("pass 2 before, K >= 8192 (64 x 128)", act_quant._act_quant_kernel, dict(BLOCK_M=64, GROUPS=2), 4),
+             ("pass 2 before, K = 3072 (32 x 128)", act_quant._act_quant_kernel, dict(BLOCK_M=32, GROUPS=2), 4)]
+    for label, fn, tile, warps in cases:
+        names = fn.arg_names
+        const = {k: v for k, v in dict(fixed, **tile).items() if k in names}
+        sig = {n: "constexpr" if n in const else "i32" if n in ints else "fp32" if n == "shift" else
+               "*i8" if n == "out_ptr" else "*bf16" if n in ("x_ptr", "down_ptr") else "*fp32" for n in names}
+        src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in const.items()},
+                        attrs=launcher_attrs(names, sig, plain))
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+        u = usage(k.asm["cubin"], bindir)
+        sass = sass_text(k.asm["cubin"], bindir)
+        ops = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+([A-Z0-9_]+)", sass, re.M)
+        print(f"act {label}, {warps} warps: {u.get('REG')} registers, {u.get('STACK')} bytes of stack, {len(ops)} SASS "
+              f"instructions, {ops.count('FCHK')} division sequences (Triton {triton.__version__}, sm_90a)")
+    return 0
+
+
+def sass_text(cubin: bytes, bindir: str) -> str:
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        return subprocess.run([os.path.join(bindir, "cuobjdump"), "-sass", path], capture_output=True, text=True,
+                              check=True).stdout
+
+
+def gluon_usage(bindir: str, plain: bool) -> int:
     """Compile the Gluon kernels for sm_90a (rank 32 + bias epilogue, with and without GELU) and print their
     resource usage."""
     import torch
@@ -108,7 +173,8 @@ def gluon_usage(bindir: str) -> int:
         sig = {n: mangle_type(descs[n]) if n in descs else
                ("*bf16" if n in ("up_ptr", "bias_ptr", "c_ptr") else "*fp32") if n.endswith("_ptr") else
                "constexpr" if n in const else "i32" for n in fn.arg_names}
-        src = GluonASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
+        src = GluonASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()},
+                             attrs=launcher_attrs(fn.arg_names, sig, plain))
         k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
         u = usage(k.asm["cubin"], bindir)
         print(f"Gluon {label} {bm}x{bn}x{bk}, {extra['STAGES']} stages, rank 32 + bias, GELU={gelu}: {u.get('STACK')} bytes of "

@@ -222,7 +222,8 @@ def quantize_activation(
     # H100 tile sweeps (bench/kernel_variants.py, BENCHMARKS.md): pass 1 on 128-column tiles, 32 rows x 4 warps at
     # K = 3072, rank 32, else 64 rows x 8 warps (its dot and row maxima over more K tiles), the row
     # maximum kept elementwise across its K tiles for a branch wider than 32 (-11% at rank 96; slower at 32);
-    # pass 2 on 16 rows x 256 columns x 4 warps (64 x 128 spilled; 16 x 128 within 1% but 4% slower at rank 96)
+    # pass 2 on 16 rows x 256 columns x 4 warps (54 registers a thread; 64 x 128 took 101; 16 x 128 within 1%, but
+    # 4% slower at rank 96)
     wide = k_padded >= 8192 or r > 32
     if num_warps is None:
         num_warps = 8 if wide else 4
