@@ -227,26 +227,28 @@ def copy_rate_bytes_per_us() -> float:
     return 2 * a.numel() / t
 
 
-def act_rows(triton, launches: bool = False) -> list[dict]:
-    """The tile sweep, or (``launches``) the precomputed 1/λ and pass 2's own tile at FLUX's shapes."""
+def act_rows(triton, around_defaults: bool = False) -> list[dict]:
+    """The tile sweep, or (``around_defaults``) session 9's tiles around the defaults, 1/λ precomputed as dispatch
+    passes it, at FLUX's shapes."""
     from svdq.kernels.act_quant import quantize_activation
 
     rate = copy_rate_bytes_per_us()
     rows = []
-    for m, k, rank in (ACT_PASS2_SHAPES if launches else ACT_SHAPES):
+    for m, k, rank in (ACT_PASS2_SHAPES if around_defaults else ACT_SHAPES):
         layer = make_layer(64, k, rank)
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         floor = (2 * x.numel() * 2 + m * layer.k_padded) / rate
         floor1 = (x.numel() * 2 + m * layer.k_padded) / rate
         row = {"M": m, "K": k, "rank": rank, "floor_us": floor, "one_read_floor_us": floor1}
         ref = quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down, k_per_program=1, reverse=False)
-        variants = [(f"bm{bm or 'auto'}_g{groups or 'auto'}_w{warps or 'auto'}_k{kpp or 'auto'}_{'rev' if rev else 'fwd'}",
-                     dict(block_m=bm, groups=groups, num_warps=warps, k_per_program=kpp, reverse=rev))
-                    for bm, groups, warps, kpp, rev in ACT_VARIANTS]
-        if launches:  # session 9: tiles around the defaults (1/λ precomputed, pass 2's tile apart from pass 1's)
+        if around_defaults:  # pass 2's tile apart from pass 1's
             inv = torch.reciprocal(layer.smooth.float())
             variants = [("inv_" + ("_".join(f"{n}{v}" for n, v in kw.items()) or "current"), dict(inv_smooth=inv, **kw))
                         for kw in ACT_TILES]
+        else:
+            variants = [(f"bm{bm or 'auto'}_g{groups or 'auto'}_w{warps or 'auto'}_k{kpp or 'auto'}_{'rev' if rev else 'fwd'}",
+                         dict(block_m=bm, groups=groups, num_warps=warps, k_per_program=kpp, reverse=rev))
+                        for bm, groups, warps, kpp, rev in ACT_VARIANTS]
         variants.append(("default", {}))
         for name, kw in variants:
 
@@ -303,7 +305,7 @@ def main() -> int:
     if "act" in only:
         out["act"] = act_rows(triton)
     if "actpass2" in only:
-        out["actpass2"] = act_rows(triton, launches=True)
+        out["actpass2"] = act_rows(triton, around_defaults=True)
     if "gemm" in only:
         out["gemm"] = gemm_rows(shapes, triton)
     if "gemmcfg" in only:

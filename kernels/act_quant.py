@@ -8,8 +8,8 @@ per-token scale from those few maxima (re-deriving the group maxima from its own
 ``code * multiplier`` and sums the low-rank partials in a fixed order (deterministic, no atomics), visiting
 tiles in reverse so that it starts on the input pass 1 left in L2. The two passes have their own tiles (they
 exchange only per-row results). The kernels multiply by 1/λ in fp32, made once per layer by ``torch.reciprocal``
-as in the reference (dividing per tile cost 10-20% of the kernels' time); per-group reciprocals are IEEE
-(``div_rn``) and rounding is round-half-even, so codes equal the reference's bit for bit.
+as in the reference (not divided per tile); per-group reciprocals are IEEE (``div_rn``) and rounding is
+round-half-even, so codes equal the reference's bit for bit.
 """
 
 from __future__ import annotations
@@ -165,6 +165,14 @@ def _act_quant_kernel(
                     BLOCK_M, GROUP, GROUPS)
 
 
+def _groups_per_tile(ng: int, k_padded: int, groups: int, which: str) -> int:
+    """A tile's 64-groups: a power of two (Triton's ranges are) that divides K's groups."""
+    if ng % groups or groups & (groups - 1):
+        raise ValueError(f"{which} takes a power of two of 64-groups per tile dividing the {ng} of K = {k_padded}, "
+                         f"not {groups}")
+    return groups
+
+
 def tiles_per_program(m_blocks: int, tiles: int, rank: int, device: torch.device) -> int:
     """K tiles one pass-1 program covers: 1 without a branch, else up to 4 while the grid keeps ~8 programs per
     SM (rank ≤ 32) or ~2 (a wider, LoRA-extended branch, whose partials cost more than the lost parallelism).
@@ -229,10 +237,7 @@ def quantize_activation(
         num_warps = 8 if wide else 4
     if ew_max is None:
         ew_max = r > 32
-    if groups is None:
-        groups = 2 if ng % 2 == 0 else 1
-    elif ng % groups or groups & (groups - 1):
-        raise ValueError(f"a tile takes a power of two of 64-groups dividing the {ng} of K = {k_padded}, not {groups}")
+    groups = _groups_per_tile(ng, k_padded, groups or (2 if ng % 2 == 0 else 1), "pass 1")
     bm = block_m or (64 if wide else 32)
     nsub = ng // groups
     m_blocks = triton.cdiv(m, bm)
@@ -255,10 +260,7 @@ def quantize_activation(
         inv = torch.reciprocal(smooth.float())
     bm2 = pass2_block_m or 16
     warps2 = pass2_warps or 4
-    groups2 = pass2_groups or (4 if ng % 4 == 0 else groups)
-    if ng % groups2 or groups2 & (groups2 - 1):
-        raise ValueError(f"pass 2 takes a power of two of 64-groups per tile dividing the {ng} of K = {k_padded}, "
-                         f"not {groups2}")
+    groups2 = _groups_per_tile(ng, k_padded, pass2_groups or (4 if ng % 4 == 0 else groups), "pass 2")
     launch(_act_stats_kernel, (m_blocks, nparts), (
         x2, inv if inv is not None else x2, proj_down if r else x2, gmax, parts if r else gmax,
         m, k, r, nsub,
