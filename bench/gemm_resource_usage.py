@@ -54,6 +54,8 @@ def main() -> int:
     ap.add_argument("--gluon", action="store_true", help="the Gluon kernels (cooperative and ping-pong) instead")
     ap.add_argument("--act", action="store_true", help="the activation kernels (both passes at their default tiles "
                     "and the tiles they replaced) instead")
+    ap.add_argument("--w4a16", action="store_true", help="the tensor-core W4A16 kernels on packed weights (16-bit "
+                    "words of four codes, and the pair kernel on 32-bit words of eight) at M = 1's tile")
     ap.add_argument("--plain", action="store_true", help="without the launcher's alignment specialization (as the "
                     "figures before session 9 were taken)")
     args = ap.parse_args()
@@ -73,6 +75,8 @@ def main() -> int:
         return gluon_usage(bindir, args.plain)
     if args.act:
         return act_usage(bindir, args.plain)
+    if args.w4a16:
+        return w4a16_usage(bindir, args.plain)
     bm, bn, bk = (int(v) for v in args.block.split(","))
     fn = gemm_w4a4._w4a4_gemm_tma_kernel
     names = fn.arg_names
@@ -134,6 +138,39 @@ def act_usage(bindir: str, plain: bool) -> int:
         ops = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+([A-Z0-9_]+)", sass, re.M)
         print(f"act {label}, {warps} warps: {u.get('REG')} registers, {u.get('STACK')} bytes of stack, {len(ops)} SASS "
               f"instructions, {ops.count('FCHK')} division sequences (Triton {triton.__version__}, sm_90a)")
+    return 0
+
+
+def w4a16_usage(bindir: str, plain: bool) -> int:
+    """Compile both tensor-core W4A16 kernels (bias, smoothing, no split) for sm_90a at 64 weight rows x 256 and
+    print registers, stack, SASS instructions per thread and the main loop's instruction mix."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from svdq.kernels import gemm_w4a16_packed as w
+
+    ints = {"M", "N", "K", "KP", "K_PER_SPLIT", "stride_xm", "stride_om"}
+    bn, bk = 64, 256
+    for label, fn, words, xd in (("16-bit words", w._w4a16_packed_kernel, 4, None),
+                                 ("32-bit words (pairs), x read per step", w._w4a16_pairs_kernel, 8, False),
+                                 ("32-bit words (pairs), x prepared once", w._w4a16_pairs_kernel, 8, True)):
+        names = fn.arg_names
+        const = dict(HAS_SMOOTH=True, HAS_BIAS=True, SPLIT=1, BLOCK_N=bn, BLOCK_T=16, BLOCK_K=bk, STAGES=4, USE_PTX=1,
+                     DOT_FP32=False, **({} if xd is None else {"X_DESC": xd, "X_GATHER": False}))
+        sig = {n: "constexpr" if n in const else "i32" if n in ints else
+               f"tensordesc<i{4 * words}[{bn}, {bk // words}]>" if n == "p_desc" else
+               f"tensordesc<u8[{bk // 64}, {bn}]>" if n == "mt_desc" else
+               f"tensordesc<bf16[16, {bk}]>" if n == "x_desc" else
+               "*bf16" if n in ("x_ptr", "bias_ptr", "out_ptr") else "*fp32" for n in names}
+        src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in const.items()},
+                        attrs=launcher_attrs(names, sig, plain))
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        u = usage(k.asm["cubin"], bindir)
+        ops = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+([A-Z0-9_]+)", sass_text(k.asm["cubin"], bindir), re.M)
+        mix = {op: ops.count(op) for op in sorted(set(ops), key=ops.count, reverse=True)[:12]}
+        print(f"W4A16 {label}, {bn} x {bk}, 4 warps: {u.get('REG')} registers, {u.get('STACK')} bytes of stack, "
+              f"{len(ops)} SASS instructions; most frequent: {mix} (Triton {triton.__version__}, sm_90a)")
     return 0
 
 

@@ -12,6 +12,8 @@ Same process, same data, same GPU for every pair; µs are medians of ``triton.te
            at N = 3072), with bf16 alongside
   w4a16tile the M = 1 W4A16 kernel over its tile knobs (rows and groups per program, the next step's words
            prefetched or not, warps)
+  w4a16pairs the tensor-core W4A16 kernel on 32-bit words (pairs of codes) over its tiles, against the word kernel
+           and the 16-bit-word tensor-core kernel, M = 1, 2, 16
   actpass2 the activation kernels around their session-9 defaults: pass 2's tile (rows, warps, 64-groups) and
            pass 1's (rows, warps, 64-groups), 1/λ precomputed as dispatch passes it
   act      the activation kernel pair under CUDA-graph replay over its tile knobs (rows per program, 64-groups
@@ -178,6 +180,59 @@ def w4a16_tile_rows(triton) -> list[dict]:
     return rows
 
 
+def w4a16_pairs_rows(triton) -> list[dict]:
+    """The tensor-core W4A16 kernel on 32-bit words (``WORDS=32``: pairs of codes by one logic op and one bf16x2
+    FMA, K permuted so nothing moves between threads) over its tile knobs, against the word kernel (M <= 2, the
+    default there), the 16-bit-word tensor-core kernel at its default tile, and cuBLAS bf16; CUDA-graph µs. The
+    input is read either contiguously and permuted on chip, or element by element in the operand's order
+    (``xg``)."""
+    from svdq.kernels.gemm_w4a4_packed import transposed_multipliers
+    from svdq.kernels.gemm_w4a16_packed import w4a16_packed
+    from svdq.kernels.gemv_w4a16 import _w4a16_gemv_one_row
+    from svdq.kernels.reference import dequantize_weight
+
+    rows = []
+    # (rows, K, stages, warps, K split, how x arrives: "xd" prepared once per call, "xg" gathered, "" permuted on chip)
+    cfgs = [(64, 256, 4, 4, None, ""), (128, 128, 4, 8, None, ""), (64, 256, 4, 4, None, "xd"), (64, 128, 4, 4, None, "xd"),
+            (128, 128, 4, 8, None, "xd"), (128, 256, 3, 8, None, "xd"), (64, 512, 3, 4, None, "xd"),
+            (64, 256, 4, 4, 2, "xd"), (64, 128, 4, 4, 2, "xd"), (64, 256, 3, 4, None, "xd")]
+    for m, k, n in [(1, 3072, 18432), (1, 3072, 9216), (1, 3072, 3072), (2, 3072, 18432), (16, 3072, 18432),
+                    (2, 3072, 9216), (2, 3072, 3072), (32, 3072, 18432), (64, 3072, 9216)]:
+        layer = make_layer(n, k, 0, kind="w4a16")
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        wb = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        inv = torch.reciprocal(layer.smooth.float())
+        mt = transposed_multipliers(layer.wmult)
+        row = {"M": m, "K": k, "N": n,
+               "bf16_graph": triton.testing.do_bench_cudagraph(lambda: torch.nn.functional.linear(x, wb, layer.bias), rep=50) * 1e3}
+        fns = {}
+        if m <= 2:
+            fns["words_gemv"] = lambda: _w4a16_gemv_one_row(x, layer.qweight, layer.wmult, layer.wscale, layer.smooth, inv,
+                                                            layer.bias, torch.bfloat16)
+        fns["mma16"] = lambda: w4a16_packed(x, layer.qweight, mt, layer.wscale, inv, k, layer.bias, torch.bfloat16)
+        for bn, bk, st, w, sp, xmode in cfgs:
+            cfg = {"WORDS": 32, "BLOCK_N": bn, "BLOCK_K": bk, "STAGES": st, "num_warps": w, "X_GATHER": xmode == "xg",
+                   "X_DESC": xmode == "xd", **({"SPLIT": sp} if sp else {})}
+            fns[f"p{bn}x{bk}_s{st}_w{w}" + (f"_k{sp}" if sp else "") + (f"_{xmode}" if xmode else "")] = (
+                lambda cfg=cfg: w4a16_packed(x, layer.qweight, mt, layer.wscale, inv, k, layer.bias, torch.bfloat16,
+                                             config=cfg))
+        ref = (x.float() * inv) @ dequantize_weight(layer).T + layer.bias.float()
+        for name, fn in fns.items():
+            try:
+                y = fn().float()
+                row[name + "_rel"] = float((y - ref).norm() / ref.norm())
+                row[name] = triton.testing.do_bench_cudagraph(fn, rep=50) * 1e3
+            except Exception as exc:
+                print(f"{name} failed: {str(exc)[-300:]}", flush=True)
+        timed = {c: v for c, v in row.items() if c in fns}
+        best = min(timed, key=timed.get)
+        print(f"w4a16pairs M={m} K={k} N={n}: bf16 {row['bf16_graph']:.1f}, best {best} {timed[best]:.1f} "
+              f"(x{row['bf16_graph'] / timed[best]:.2f}); " + ", ".join(f"{c} {v:.1f} ({row[c + '_rel']:.1e})" for c, v in
+                                                                   sorted(timed.items(), key=lambda t: t[1])), flush=True)
+        rows.append(row)
+    return rows
+
+
 def w4a16_rows(triton) -> list[dict]:
     from svdq.kernels.dispatch import svdq_linear
 
@@ -314,6 +369,8 @@ def main() -> int:
         out["w4a16"] = w4a16_rows(triton)
     if "w4a16tile" in only:
         out["w4a16tile"] = w4a16_tile_rows(triton)
+    if "w4a16pairs" in only:
+        out["w4a16pairs"] = w4a16_pairs_rows(triton)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -50,9 +50,13 @@ def kernel_report() -> None:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--profile", action="store_true", help="bracket one call per layer with cudaProfilerStart/Stop")
+    ap.add_argument("--w4a16", action="store_true", help="the W4A16 kernels at one and two rows, 3072->18432, instead: "
+                    "the word kernel, the tensor-core kernels on 16-bit words and on 32-bit words (pairs)")
     args = ap.parse_args()
     from svdq.kernels.dispatch import svdq_linear
 
+    if args.w4a16:
+        return w4a16_profile(args.profile)
     calls = []
     for m, k, n, r in SHAPES:
         layer = make_layer(n, k, r)
@@ -65,6 +69,38 @@ def main() -> int:
         torch.cuda.cudart().cudaProfilerStart()
         for layer, x in calls:
             svdq_linear(x, layer)
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaProfilerStop()
+    else:
+        kernel_report()
+    return 0
+
+
+def w4a16_profile(profile: bool) -> int:
+    from svdq.kernels.gemm_w4a4_packed import transposed_multipliers
+    from svdq.kernels.gemm_w4a16_packed import w4a16_packed
+    from svdq.kernels.gemv_w4a16 import _w4a16_gemv_one_row
+
+    k, n = 3072, 18432
+    layer = make_layer(n, k, 0, kind="w4a16")
+    inv = torch.reciprocal(layer.smooth.float())
+    mt = transposed_multipliers(layer.wmult)
+    calls = []
+    for m in (1, 2):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        calls += [lambda x=x: _w4a16_gemv_one_row(x, layer.qweight, layer.wmult, layer.wscale, layer.smooth, inv,
+                                                  layer.bias, torch.bfloat16),
+                  lambda x=x: w4a16_packed(x, layer.qweight, mt, layer.wscale, inv, k, layer.bias, torch.bfloat16),
+                  lambda x=x: w4a16_packed(x, layer.qweight, mt, layer.wscale, inv, k, layer.bias, torch.bfloat16,
+                                           config={"WORDS": 32, "BLOCK_N": 64, "BLOCK_K": 256})]
+    for fn in calls:
+        for _ in range(3):
+            fn()
+    torch.cuda.synchronize()
+    if profile:
+        torch.cuda.cudart().cudaProfilerStart()
+        for fn in calls:
+            fn()
         torch.cuda.synchronize()
         torch.cuda.cudart().cudaProfilerStop()
     else:

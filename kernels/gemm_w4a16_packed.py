@@ -24,7 +24,7 @@ import triton.language as tl
 
 from .autotune_cache import interpreting, sm_count
 from .gemm_w4a4_packed import check_packed, weight_descriptors
-from .launch import launch
+from .launch import TensorDescriptor, launch
 
 _UNPACK_BF16_PTX = tl.constexpr("""{
 .reg .b32 t, v, h, m2, k2;
@@ -106,6 +106,129 @@ def _w4a16_packed_kernel(
         tl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=omask)
 
 
+# (word & 0x000F000F) ^ 0x43084308 in one logic op (0x6A = (a & b) ^ c): two nibbles 16 bits apart, each flipped to
+# code + 8 in the mantissa of bf16 128; then (128 + code + 8)·mult − 136·mult = code·mult, exact, in one bf16x2 FMA
+_PAIR_BF16_PTX = tl.constexpr("""{
+.reg .b32 v;
+lop3.b32 v, $1, 0x000F000F, 0x43084308, 0x6A;
+fma.rn.bf16x2 $0, v, $3, $5;
+}""")
+
+
+@triton.jit
+def _pair_operand(words, m2, k2, BN: tl.constexpr, BK: tl.constexpr, USE_PTX: tl.constexpr):
+    """int32 words [BN, BK/8] (eight signed codes, lowest nibble first) and per-group bf16x2 constants
+    (``m2`` = (mult, mult), ``k2`` = (-136·mult, -136·mult), int32 bit patterns [BN, BK/64]) → the bf16 A operand
+    [BN, BK] in a permuted K order: position 32a + 8p + 2b + h holds code j + 4h of word 4a + b, where
+    j = p // 2 + 2 (p % 2) (the order two joins leave the shifts in). A register pair
+    (k, k + 1) is then one word shifted by 4j and masked to two nibbles 16 bits apart (no byte shuffles), and in
+    wgmma's A layout (pairs 4 apart in one thread) a thread holds all four pairs of each word it reads, so words go
+    from shared memory to the thread that needs them without moving between threads."""
+    if USE_PTX:
+        w3 = words.reshape(BN, BK // 32, 4)  # [n, a, b]: word 4a + b
+        s = tl.join(w3, w3 >> 4)
+        s = tl.join(s, s >> 8)  # [n, a, b, j0, j1]: shifted by 4·(j0 + 2·j1), three shifts a word
+        s = tl.permute(s, (0, 1, 3, 4, 2)).reshape(BN, BK // 8, 4)  # [n, (a, p = 2·j0 + j1), b]
+        s = tl.broadcast_to(s[:, :, :, None], [BN, BK // 8, 4, 2]).reshape(BN, BK)
+        m = tl.broadcast_to(m2[:, :, None], [BN, BK // 64, 64]).reshape(BN, BK)
+        k = tl.broadcast_to(k2[:, :, None], [BN, BK // 64, 64]).reshape(BN, BK)
+        return tl.inline_asm_elementwise(_PAIR_BF16_PTX, "=r,r,r,r,r,r,r", [s, m, k], dtype=tl.bfloat16,
+                                         is_pure=True, pack=2)
+    else:
+        w3 = words.reshape(BN, BK // 32, 1, 4, 1)
+        p = tl.arange(0, 4)
+        sh = (((p >> 1) + 2 * (p & 1)) * 4)[None, None, :, None, None] + (tl.arange(0, 2) * 16)[None, None, None, None, :]
+        codes = ((((w3 >> sh) & 15) ^ 8) - 8).reshape(BN, BK)
+        mult = (m2 & 0xFFFF).to(tl.int16).to(tl.bfloat16, bitcast=True).to(tl.float32)
+        m = tl.broadcast_to(mult[:, :, None], [BN, BK // 64, 64]).reshape(BN, BK)
+        return (codes.to(tl.float32) * m).to(tl.bfloat16)
+
+
+@triton.jit
+def _bf16x2(v):
+    """fp32 [..] → int32 bit pattern of the bf16 pair (v, v)."""
+    b = v.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return b | (b << 16)
+
+
+@triton.jit
+def _smooth_permute_kernel(x_ptr, inv_ptr, xs_ptr, K, KP, stride_xm, stride_sm, HAS_SMOOTH: tl.constexpr,
+                           BLOCK: tl.constexpr):
+    """xs[m, l] = bf16(x[m, c(l)] / λ[c(l)]) in the pair kernel's operand order (c permutes within 32 columns; 0 past
+    K): what every program of ``_w4a16_pairs_kernel`` would otherwise load, smooth, convert and permute per step."""
+    m = tl.program_id(1)
+    lk = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    pp = (lk // 8) % 4
+    col = (lk // 32) * 32 + ((lk // 2) % 4) * 8 + (pp >> 1) + 2 * (pp & 1) + (lk % 2) * 4
+    cmask = col < K
+    x = tl.load(x_ptr + m * stride_xm + col, mask=cmask, other=0.0).to(tl.float32)
+    if HAS_SMOOTH:
+        x = x * tl.load(inv_ptr + col, mask=cmask, other=0.0)
+    tl.store(xs_ptr + m * stride_sm + lk, x.to(tl.bfloat16), mask=lk < KP)
+
+
+@triton.jit
+def _w4a16_pairs_kernel(
+    x_ptr, inv_ptr, p_desc, mt_desc, x_desc, wscale_ptr, bias_ptr, out_ptr,
+    M, N, K, KP, K_PER_SPLIT,
+    stride_xm, stride_om,
+    HAS_SMOOTH: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+    USE_PTX: tl.constexpr, DOT_FP32: tl.constexpr, X_GATHER: tl.constexpr = False, X_DESC: tl.constexpr = False,
+):
+    """As ``_w4a16_packed_kernel`` (one [BLOCK_N, BLOCK_T] tile of Cᵀ over one K split), on 32-bit words of eight
+    codes: two instructions per pair of weights (mask + offset in one logic op, one bf16x2 FMA) plus three shifts
+    a word, the group constants made once per group, and the input's columns read in the operand's permuted order."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_t = tl.program_id(2)
+    off_n = pid_n * BLOCK_N
+    rt = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = rt < M
+    lk = tl.arange(0, BLOCK_K)
+    # operand position 32a + 8p + 2b + h holds input column 32a + 8b + j + 4h, j = p // 2 + 2 (p % 2) (_pair_operand)
+    pp = (lk // 8) % 4
+    perm = (lk // 32) * 32 + ((lk // 2) % 4) * 8 + (pp >> 1) + 2 * (pp & 1) + (lk % 2) * 4
+    acc = tl.zeros([BLOCK_N, BLOCK_T], dtype=tl.float32)
+    k_lo = pid_s * K_PER_SPLIT
+    k_hi = tl.minimum(KP, k_lo + K_PER_SPLIT)
+    for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
+        mf = mt_desc.load([k0 // 64, off_n]).T.to(tl.float32)
+        w = _pair_operand(p_desc.load([off_n, k0 // 8]), _bf16x2(mf), _bf16x2(mf * -136.0), BLOCK_N, BLOCK_K, USE_PTX)
+        if X_DESC:  # smoothed and permuted once per call (``smooth_permute``): a bulk copy, rows past M zero-filled
+            xb = x_desc.load([pid_t * BLOCK_T, k0])
+        else:
+            if X_GATHER:  # the input read in the operand's order (element by element)
+                rk = k0 + perm
+            else:  # read contiguously, then permuted on chip
+                rk = k0 + lk
+            kmask = rk < K
+            x = tl.load(x_ptr + rt[:, None] * stride_xm + rk[None, :], mask=tmask[:, None] & kmask[None, :], other=0.0)
+            x = x.to(tl.float32)
+            if HAS_SMOOTH:
+                x = x * tl.load(inv_ptr + rk, mask=kmask, other=0.0)[None, :]
+            xb = x.to(tl.bfloat16)
+            if not X_GATHER:  # column 32a + 8b + 4h + 2·j1 + j0 -> position 32a + 8·(2·j0 + j1) + 2b + h
+                xb = tl.permute(xb.reshape(BLOCK_T, BLOCK_K // 32, 4, 2, 2, 2), (0, 1, 5, 4, 2, 3)).reshape(BLOCK_T,
+                                                                                                      BLOCK_K)
+        if DOT_FP32:  # the interpreter multiplies bf16 as raw bits; the same values in fp32 (exact products)
+            acc = tl.dot(w.to(tl.float32), xb.to(tl.float32).T, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(w, xb.T, acc)
+    rn = off_n + tl.arange(0, BLOCK_N)
+    nmask = rn < N
+    y = acc * tl.load(wscale_ptr + rn, mask=nmask, other=0.0)[:, None]
+    if HAS_BIAS:
+        if pid_s == 0:
+            y += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[:, None]
+    ptrs = out_ptr + rt[None, :] * stride_om + rn[:, None]
+    omask = nmask[:, None] & tmask[None, :]
+    if SPLIT > 1:
+        tl.atomic_add(ptrs, y, mask=omask, sem="relaxed")
+    else:
+        tl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=omask)
+
+
 MAX_M = 64  # one to four 16-row tiles; above that the W4A4-style GEMMs are the better fit
 
 
@@ -121,7 +244,8 @@ def w4a16_packed(x2: torch.Tensor, qweight: torch.Tensor, mult_t: torch.Tensor, 
                  out_dtype: torch.dtype = torch.float32, config: dict | None = None) -> torch.Tensor:
     """[M, N] = (x2 · inv_smooth) · (codes · mult · wscale)ᵀ + bias, from the packed codes ``qweight`` [N, Kp/2]
     and ``mult_t`` = ``gemm_w4a4_packed.transposed_multipliers(wmult)``; fp32 where the K split adds partial sums
-    atomically, else ``out_dtype``."""
+    atomically, else ``out_dtype``. ``config["WORDS"]``: 16 (default, 16-bit words of four codes) or 32 (the
+    pair kernel on 32-bit words of eight)."""
     m, k = x2.shape
     n, half = qweight.shape
     kp = half * 2
@@ -133,7 +257,7 @@ def w4a16_packed(x2: torch.Tensor, qweight: torch.Tensor, mult_t: torch.Tensor, 
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
     cfg = {**default_tile(m, n), **(config or {})}
-    bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
+    bn, bk, words = cfg["BLOCK_N"], cfg["BLOCK_K"], cfg.get("WORDS", 16)
     bt = 16 if m <= 16 else (32 if m <= 32 else 64)
     blocks_n, blocks_t = triton.cdiv(n, bn), triton.cdiv(m, bt)
     steps = triton.cdiv(kp, bk)
@@ -145,11 +269,35 @@ def w4a16_packed(x2: torch.Tensor, qweight: torch.Tensor, mult_t: torch.Tensor, 
            else torch.empty(m, n, dtype=out_dtype, device=x2.device))
     if m == 0:
         return out
-    p_desc, mt_desc = weight_descriptors(qweight, mult_t, bn, bk)
-    launch(_w4a16_packed_kernel, (blocks_n, split, blocks_t), (
-        x2, inv_smooth if inv_smooth is not None else wscale, p_desc, mt_desc, wscale,
-        bias if bias is not None else wscale, out, m, n, k, kp, per_split, x2.stride(0), out.stride(0)),
+    inv = inv_smooth if inv_smooth is not None else wscale
+    extra = {}
+    if words == 32:
+        kernel, (p_desc, mt_desc) = _w4a16_pairs_kernel, word32_descriptors(qweight, mult_t, bn, bk)
+        x_desc = p_desc  # a placeholder where the kernel reads x itself
+        if cfg.get("X_DESC"):
+            xs = torch.empty(m, kp, dtype=torch.bfloat16, device=x2.device)
+            launch(_smooth_permute_kernel, (triton.cdiv(kp, 1024), m), (x2, inv, xs, k, kp, x2.stride(0), xs.stride(0)),
+                   HAS_SMOOTH=inv_smooth is not None, BLOCK=1024, num_warps=4)
+            x_desc = TensorDescriptor(xs, [m, kp], [xs.stride(0), 1], [bt, bk])
+        extra = {"X_DESC": bool(cfg.get("X_DESC")), "X_GATHER": bool(cfg.get("X_GATHER"))}
+        args = (x2, inv, p_desc, mt_desc, x_desc)
+    elif words == 16:
+        kernel, (p_desc, mt_desc) = _w4a16_packed_kernel, weight_descriptors(qweight, mult_t, bn, bk)
+        args = (x2, inv, p_desc, mt_desc)
+    else:
+        raise ValueError(f"WORDS is 16 or 32, not {words}")
+    launch(kernel, (blocks_n, split, blocks_t), args + (
+        wscale, bias if bias is not None else wscale, out, m, n, k, kp, per_split, x2.stride(0), out.stride(0)),
         HAS_SMOOTH=inv_smooth is not None, HAS_BIAS=bias is not None, SPLIT=split, BLOCK_N=bn, BLOCK_T=bt,
         BLOCK_K=bk, STAGES=cfg["STAGES"], USE_PTX=int(not interpreting()), DOT_FP32=interpreting(),
-        num_warps=cfg["num_warps"])
+        num_warps=cfg["num_warps"], **extra)
     return out
+
+
+def word32_descriptors(qweight: torch.Tensor, mult_t: torch.Tensor, bn: int, bk: int):
+    """TMA descriptors of one [bn weight rows, bk] step for the pair kernel: the codes as 32-bit words of eight,
+    and the multipliers (same box rule as ``weight_descriptors``)."""
+    _, mt_desc = weight_descriptors(qweight, mult_t, bn, bk)
+    n, kp = qweight.shape[0], qweight.shape[1] * 2
+    words = qweight.contiguous().view(torch.int32)
+    return TensorDescriptor(words, [n, kp // 8], [words.stride(0), 1], [bn, bk // 8]), mt_desc

@@ -1,7 +1,7 @@
 """A tiny interpreter for the integer and bf16x2 PTX the unpacking kernels inline, so CPU tests can run the very asm
 text the GPU runs, on every input, without a GPU (Triton's interpreter cannot run inline PTX).
 
-Covers the instructions those snippets use: and/or/xor/shl/shr, prmt (default mode), mad.lo.u32, mul.f32,
+Covers the instructions those snippets use: and/or/xor/lop3/shl/shr, prmt (default mode), mad.lo.u32, mul.f32,
 cvt.rn.bf16x2.f32 and fma.rn.bf16x2. Registers hold numpy uint32 arrays (one lane per test input).
 """
 
@@ -66,6 +66,12 @@ def run(asm: str, inputs: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
             r = (a[0].astype(np.uint64) << a[1]).astype(np.uint64) & 0xFFFFFFFF
         elif op == "shr.u32":
             r = a[0] >> a[1]
+        elif op == "lop3.b32":  # any function of three inputs: bit i of the table is f(a, b, c) at a·4 + b·2 + c = i
+            lut = int(src[3], 0)
+            r = np.zeros_like(a[0])
+            for i in range(8):
+                if lut >> i & 1:
+                    r |= ((a[0] if i & 4 else ~a[0]) & (a[1] if i & 2 else ~a[1]) & (a[2] if i & 1 else ~a[2]))
         elif op == "prmt.b32":
             r = _prmt(a[0], a[1], a[2])
         elif op == "mad.lo.u32":

@@ -171,11 +171,11 @@ def _sext4(v):
 def test_unpack_ptx_sequences_on_every_word():
     """The inline PTX that unpacks codes on the GPU, run by a small PTX model on every 16-bit word of four codes and
     every multiplier 0..15 (the interpreter runs the kernels' plain-Triton twin instead, so this is what checks the
-    bit tricks on the CPU): the int8 operand ``code * mult`` of the W4A4 kernel, and the bf16 pairs of the W4A16
-    kernel."""
+    bit tricks on the CPU): the int8 operand ``code * mult`` of the W4A4 kernel, and the bf16 pairs of both W4A16
+    kernels (for the 32-bit-word one, every low half-word with a scrambled high half)."""
     from ptx_model import run
     from svdq.kernels.gemm_w4a4_packed import _UNPACK_PTX
-    from svdq.kernels.gemm_w4a16_packed import _UNPACK_BF16_PTX
+    from svdq.kernels.gemm_w4a16_packed import _PAIR_BF16_PTX, _UNPACK_BF16_PTX
 
     word, mult = (a.ravel().astype(np.uint32) for a in np.meshgrid(np.arange(65536), np.arange(16)))
     word32 = np.where(word & 0x8000, word | 0xFFFF0000, word).astype(np.uint32)  # int16 widened, as the kernel's .to(int32)
@@ -184,6 +184,15 @@ def test_unpack_ptx_sequences_on_every_word():
     for i in range(4):
         assert np.array_equal(((packed >> (8 * i)) & 0xFF).astype(np.uint8).view(np.int8), codes[i].astype(np.int8))
     mult_f32 = mult.astype(np.float32).view(np.uint32)
+    bf16x2 = lambda v: (lambda b: b | (b << 16))(v.astype(np.float32).view(np.uint32) >> 16)  # exact small integers
+    for j in range(4):  # 32-bit words: the pair kernel hands each call the word shifted by 4j (codes j and j + 4)
+        hi_word = (word32 * 0x9E3779B1 & 0xFFFF).astype(np.uint32)  # the other half-word: codes 4-7
+        w32 = (word | (hi_word << 16)).astype(np.uint32)
+        pair = run(_PAIR_BF16_PTX.value, {1: w32 >> (4 * j), 3: bf16x2(mult), 5: bf16x2(-136.0 * mult)})[0]
+        for lane, nib in enumerate((j, j + 4)):
+            want = _sext4((w32 >> (4 * nib)) & 0xF) * mult
+            got = ((pair >> (16 * lane)) & 0xFFFF).astype(np.uint32) << 16
+            assert np.array_equal(got.view(np.float32), want.astype(np.float32))
     for j in range(2):  # the kernel hands each asm call the word shifted to its pair
         pair = run(_UNPACK_BF16_PTX.value, {1: (word32.view(np.int32) >> (8 * j)).view(np.uint32), 3: mult_f32})[0]
         for lane in range(2):
@@ -289,10 +298,13 @@ def test_w4a16_matches_reference(m, impl, triton_kernels, monkeypatch):
     (16, 640, 64, (64, 128), 3, False, True),  # split over K: fp32 partial sums added atomically, bias once
     (40, 384, 192, (128, 128), 2, True, False),  # 40 rows: one 64-row tile; no smoothing
     (3, 512, 96, (64, 256), 1, True, True),
-] + ([(2, 3072, 18432, (64, 256), None, True, True), (64, 3072, 3072, (64, 128), None, True, True)] if GPU else []))
-def test_w4a16_packed_matches_reference(m, k, n, tile, split, bias, smooth, triton_kernels):
-    """The tensor-core W4A16 kernel on packed weights (codes unpacked to bf16 in registers) at odd shapes, tiles
-    and K splits; fp32 out of a split (partial sums added atomically), the output dtype without one."""
+] + ([(2, 3072, 18432, (64, 256), None, True, True), (64, 3072, 3072, (64, 128), None, True, True),
+       (1, 3072, 9216, (128, 128), None, True, True), (5, 1000, 300, (64, 512), 2, True, True)] if GPU else []))
+@pytest.mark.parametrize("words", [16, 32])
+def test_w4a16_packed_matches_reference(m, k, n, tile, split, bias, smooth, words, triton_kernels):
+    """The tensor-core W4A16 kernels on packed weights (codes unpacked to bf16 in registers; 16-bit words of four
+    codes, or 32-bit words of eight with K permuted) at odd shapes, tiles and K splits; fp32 out of a split (partial
+    sums added atomically), the output dtype without one."""
     from svdq.kernels.gemm_w4a4_packed import transposed_multipliers
     from svdq.kernels.gemm_w4a16_packed import w4a16_packed
 
@@ -301,7 +313,8 @@ def test_w4a16_packed_matches_reference(m, k, n, tile, split, bias, smooth, trit
         layer.smooth = None
     x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
     inv = None if layer.smooth is None else torch.reciprocal(layer.smooth.float())
-    cfg = {"BLOCK_N": tile[0], "BLOCK_K": tile[1], **({"SPLIT": split} if split else {})}
+    cfg = {"BLOCK_N": tile[0], "BLOCK_K": tile[1], "WORDS": words, "num_warps": 8 if tile[0] == 128 else 4,
+           **({"SPLIT": split} if split else {})}
     y = w4a16_packed(x, layer.qweight, transposed_multipliers(layer.wmult), layer.wscale, inv, k, layer.bias,
                      torch.bfloat16, config=cfg)
     if split:  # (left to the launcher, the split depends on the GPU's size)
