@@ -1,6 +1,6 @@
 """Linear-layer speed on the GPU: svdq fused kernels against cuBLAS bf16, fp8 and int8 baselines, in one run.
 
-    python bench/linear.py [--json] [--quick]
+    python bench/linear.py [--json] [--quick | --w4a16]
 
 Rows per shape (times in µs, medians of triton.testing.do_bench; ratios are bf16 time / row time):
   bf16        cuBLAS F.linear
@@ -12,7 +12,7 @@ Rows per shape (times in µs, medians of triton.testing.do_bench; ratios are bf1
   svdq r32 a8 the Hopper A8 mode (4-bit weights, int8 per-token activations), rank 32
   svdq r96    rank 96: the default branch widened by a rank-64 LoRA (what an attached LoRA costs a layer)
 and a breakdown of the r32 layer under CUDA-graph replay (activation kernels / weight expansion / int8 GEMM / the
-GEMM on packed weights that replaces expansion + int8 GEMM for M <= 1024: GPU time, no launch overhead). W4A16 GEMV rows at M = 1, 16.
+GEMM on packed weights that replaces expansion + int8 GEMM for M <= 1024: GPU time, no launch overhead). W4A16 rows at M = 1, 2, 16.
 """
 
 from __future__ import annotations
@@ -176,6 +176,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--w4a16", action="store_true", help="only the W4A16 rows (M = 1, 2, 16)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench/linear.py needs a CUDA GPU", file=sys.stderr)
@@ -183,10 +184,16 @@ def main() -> int:
     import triton
 
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
+    gemv = [run_gemv(m, 3072, n) for n in (18432, 9216) for m in (1, 2, 16)]
+    if args.w4a16:
+        for g in gemv:
+            print(f"W4A16 M={g['M']} {g['K']}->{g['N']}: bf16 {g['bf16']:.1f} µs, svdq {g['svdq_w4a16']:.1f} µs "
+                  f"({g['bf16'] / g['svdq_w4a16']:.2f}x); graph replay: bf16 {g['bf16_graph']:.1f}, svdq "
+                  f"{g['svdq_w4a16_graph']:.1f} µs ({g['bf16_graph'] / g['svdq_w4a16_graph']:.2f}x)")
+        return 0
     rows = [run_shape(4608, k, n) for k, n in M4608]
     if not args.quick:
         rows += [run_shape(m, k, n) for m, k, n in M_SWEEP]
-    gemv = [run_gemv(m, 3072, 18432) for m in (1, 16)] + [run_gemv(m, 3072, 9216) for m in (1, 16)]
     cols = ["bf16", "fp8_row", "int8_mm", "unfused", "svdq_r0", "svdq_r32", "svdq_r32_a8", "svdq_r96"]
     print(f"# {env['gpu']}, torch {env['torch']}, triton {env['triton']}")
     print(f"{'M':>6} {'K':>6} {'N':>6} | " + " | ".join(f"{c:>11}" for c in cols) + " | graph: bf16 / r32 | graph µs: act expand gemm packed | r32 vs unfused | branch cost")

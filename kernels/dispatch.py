@@ -395,12 +395,12 @@ def _planned(x2: torch.Tensor, w: QuantizedLinearWeights, gelu: bool, out2: torc
 
 def packed_w4a16(x2: torch.Tensor, qweight: torch.Tensor) -> bool:
     """Whether a 16-bit-input call takes the tensor-core kernel on packed weights (``gemm_w4a16_packed``):
-    ``SVDQ_W4A16=packed`` always (up to 64 rows), ``gemv`` / ``mma`` never, ``auto`` (default) on sm_90 for 2-64
-    rows, where it measured faster than the CUDA-core word kernels (M = 2-4) and the older tensor-core kernel
-    (M = 16: 29 vs 176 µs at 3072→18432); one row stays on the word kernel (19.5 vs 28.8 µs)."""
+    ``SVDQ_W4A16=packed`` always (up to 64 rows), ``gemv`` / ``mma`` never, ``auto`` (default) on sm_90 for 1-64
+    rows. Its pair kernel measured faster than the CUDA-core word kernel at every FLUX width, one row included
+    (H100, 3072→18432 / 9216 / 3072: 19.9 / 11.8 / 6.6 µs against 20.3 / 12.9 / 7.9; two rows 20.0 / 12.1 / 6.8
+    against 37.1 / 20.7 / 10.2; ``bench/kernel_variants.py --only w4a16pairs``)."""
     choice = _packed_choice(x2, qweight, "SVDQ_W4A16", "packed")
-    least = {"forced": 1, "auto": 2}.get(choice)
-    return least is not None and least <= x2.shape[0] <= gemm_w4a16_packed.MAX_M
+    return choice is not None and 1 <= x2.shape[0] <= gemm_w4a16_packed.MAX_M
 
 
 def _w4a16(x2, w, down, up, gelu):
@@ -409,7 +409,8 @@ def _w4a16(x2, w, down, up, gelu):
         inv = _inv_smooth(w)
         if packed_w4a16(x2, w.qweight):
             y = gemm_w4a16_packed.w4a16_packed(x2, w.qweight, _mult_t(w), w.wscale, inv, w.in_features, bias=w.bias,
-                                               out_dtype=x2.dtype if final else torch.float32)
+                                               out_dtype=x2.dtype if final else torch.float32,
+                                               scratch=arena(x2.device).get)
             return _finish(y, x2, down, up, gelu)
         y = w4a16_linear(x2, w.qweight, w.wmult, w.wscale, w.smooth, w.in_features, bias=w.bias,
                          out_dtype=x2.dtype if final else torch.float32, inv_smooth=inv)

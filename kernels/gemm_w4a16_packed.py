@@ -4,16 +4,28 @@ Reference: ``kernels.reference.svdq_linear_reference`` (W4A16 path: ``(x / λ) �
 
 Why: with 16-bit activations the layer is memory-bound at small M, so it should read the 4-bit weights once and do
 little per weight. As in ``gemm_w4a4_packed``, the tile is computed transposed, ``Cᵀ = W · Xᵀ``: TMA brings the
-16-bit words of four codes and the transposed group multipliers, each thread turns its words into the bf16 operand
+packed codes and the transposed group multipliers, each thread turns its words into the bf16 operand
 ``code · mult`` (an exact small integer) in registers as wgmma's A operand, and the smoothed input rows ``x / λ``
 (bf16) are the B operand, up to 64 rows padded to a 16-row tile. The per-row ``wscale`` and the bias are applied to
 the fp32 result.
 
-Unpacking a pair of codes (GPU, inline PTX): the two nibbles, offset by 8, are placed in the mantissas of a bf16x2
-128 (``0x4300 | u`` is 128 + u exactly), and one bf16x2 FMA gives ``(128 + u) · mult − 136 · mult = code · mult``,
-exact. A pair is (k, k + 1) with k even: one register of wgmma's bf16 A operand (the next register of a thread holds
-k + 8, so a whole word of four codes does not map to one asm call). The interpreter runs the same arithmetic in plain
-Triton.
+Two kernels; dispatch runs the first.
+
+- ``_w4a16_pairs_kernel`` (32-bit words of eight codes; H100: 1.1-1.8× the kernels it replaced, BENCHMARKS.md).
+  A pair of codes costs one logic op and one bf16x2 FMA: ``(word >> 4j) & 0x000F000F`` holds codes j and j + 4,
+  16 bits apart, and XOR 0x43084308 puts each, offset by 8, in the mantissa of a bf16 128 (``lop3`` does both); the
+  FMA ``(128 + code + 8)·mult − 136·mult`` gives ``code · mult`` exactly, with ``(mult, mult)`` and
+  ``(−136·mult, −136·mult)`` made once per group. The operand's K order is permuted to fit: position
+  32a + 8p + 2b + h holds code j + 4h of word 4a + b (j = p // 2 + 2·(p % 2)). In wgmma's A layout a thread holds
+  pairs four apart, so it holds all four pairs of each word it reads: words go from shared memory to the thread that
+  needs them, nothing moves between threads. The input columns are read in the same order: per step (load, smooth,
+  permute on chip) or, for wide layers, prepared once per call by ``_smooth_permute_kernel`` and brought by TMA
+  (rows past M zero-filled, no per-step work).
+- ``_w4a16_packed_kernel`` (16-bit words of four codes), the earlier kernel, kept for A/B runs (``WORDS=16``): the
+  same bf16x2 trick, but a pair is (k, k + 1) of one 16-bit word, so each pair needs its own shifts and masks and
+  the multiplier is converted per pair (10 instructions a pair instead of 2).
+
+The interpreter runs the same arithmetic in plain Triton; ``tests/ptx_model.py`` runs the inline PTX.
 """
 
 from __future__ import annotations
@@ -232,20 +244,29 @@ def _w4a16_pairs_kernel(
 MAX_M = 64  # one to four 16-row tiles; above that the W4A4-style GEMMs are the better fit
 
 
-def default_tile(m: int, n: int) -> dict:
-    """Weight rows × K per program, the H100 winners (``bench/packed_gemm_probe.py --w4a16``): 64 × 256 for wide
-    layers (N ≥ 12288) up to 16 rows, 128 × 128 for N ≥ 6144 or more than 16 rows, else 64 × 128; four stages."""
+def default_tile(m: int, n: int, words: int = 32) -> dict:
+    """Weight rows × K per program, the H100 winners. The pair kernel (``bench/kernel_variants.py --only w4a16pairs``):
+    64 × 256, three stages, the input prepared once per call, for wide layers (N ≥ 12288) or more than 16 rows
+    (M = 32 at 3072→18432: 20.9 µs against 30.4 with four stages); else 128 × 128 on two warpgroups reading the
+    input per step (M = 1 at 3072→9216: 11.8 µs; 3072→3072: 6.6). The 16-bit-word kernel
+    (``bench/packed_gemm_probe.py --w4a16``): 64 × 256 for N ≥ 12288 up to 16 rows, 128 × 128 for N ≥ 6144 or more
+    than 16 rows, else 64 × 128; four stages."""
+    if words == 32:
+        if n >= 12288 or m > 16:
+            return {"BLOCK_N": 64, "BLOCK_K": 256, "STAGES": 3, "num_warps": 4, "X_DESC": True}
+        return {"BLOCK_N": 128, "BLOCK_K": 128, "STAGES": 4, "num_warps": 8, "X_DESC": False}
     bn, bk = (64, 256) if n >= 12288 and m <= 16 else ((128, 128) if n >= 6144 or m > 16 else (64, 128))
     return {"BLOCK_N": bn, "BLOCK_K": bk, "STAGES": 4, "num_warps": 4}
 
 
 def w4a16_packed(x2: torch.Tensor, qweight: torch.Tensor, mult_t: torch.Tensor, wscale: torch.Tensor,
                  inv_smooth: torch.Tensor | None, in_features: int, bias: torch.Tensor | None = None,
-                 out_dtype: torch.dtype = torch.float32, config: dict | None = None) -> torch.Tensor:
+                 out_dtype: torch.dtype = torch.float32, config: dict | None = None, scratch=None) -> torch.Tensor:
     """[M, N] = (x2 · inv_smooth) · (codes · mult · wscale)ᵀ + bias, from the packed codes ``qweight`` [N, Kp/2]
     and ``mult_t`` = ``gemm_w4a4_packed.transposed_multipliers(wmult)``; fp32 where the K split adds partial sums
-    atomically, else ``out_dtype``. ``config["WORDS"]``: 16 (default, 16-bit words of four codes) or 32 (the
-    pair kernel on 32-bit words of eight)."""
+    atomically, else ``out_dtype``. ``config["WORDS"]``: 32 (default: the pair kernel on 32-bit words of eight
+    codes) or 16 (the earlier kernel on 16-bit words of four, kept for A/B runs). ``scratch(name, numel, dtype)``,
+    where given, supplies the buffer of the prepared input (the dispatcher's arena, so calls can be replayed)."""
     m, k = x2.shape
     n, half = qweight.shape
     kp = half * 2
@@ -256,8 +277,9 @@ def w4a16_packed(x2: torch.Tensor, qweight: torch.Tensor, mult_t: torch.Tensor, 
     check_packed(qweight, mult_t)
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
-    cfg = {**default_tile(m, n), **(config or {})}
-    bn, bk, words = cfg["BLOCK_N"], cfg["BLOCK_K"], cfg.get("WORDS", 16)
+    words = (config or {}).get("WORDS", 32)
+    cfg = {**default_tile(m, n, words), **(config or {})}
+    bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
     bt = 16 if m <= 16 else (32 if m <= 32 else 64)
     blocks_n, blocks_t = triton.cdiv(n, bn), triton.cdiv(m, bt)
     steps = triton.cdiv(kp, bk)
@@ -275,7 +297,8 @@ def w4a16_packed(x2: torch.Tensor, qweight: torch.Tensor, mult_t: torch.Tensor, 
         kernel, (p_desc, mt_desc) = _w4a16_pairs_kernel, word32_descriptors(qweight, mult_t, bn, bk)
         x_desc = p_desc  # a placeholder where the kernel reads x itself
         if cfg.get("X_DESC"):
-            xs = torch.empty(m, kp, dtype=torch.bfloat16, device=x2.device)
+            xs = (torch.empty(m * kp, dtype=torch.bfloat16, device=x2.device) if scratch is None
+                  else scratch("w4a16_x", m * kp, torch.bfloat16)).view(m, kp)
             launch(_smooth_permute_kernel, (triton.cdiv(kp, 1024), m), (x2, inv, xs, k, kp, x2.stride(0), xs.stride(0)),
                    HAS_SMOOTH=inv_smooth is not None, BLOCK=1024, num_warps=4)
             x_desc = TensorDescriptor(xs, [m, kp], [xs.stride(0), 1], [bt, bk])

@@ -235,17 +235,18 @@ def test_packed_gemm_dispatch_rule(triton_kernels, monkeypatch):
 
 
 def test_packed_w4a16_dispatch_rule(triton_kernels, monkeypatch):
-    """W4A16: ``auto`` takes the packed tensor-core kernel on sm_90 for 2-64 rows (one row stays on the word
-    kernel), ``packed`` forces it up to 64 rows, ``gemv`` / ``mma`` never."""
+    """W4A16: ``auto`` takes the packed tensor-core kernel on sm_90 for 1-64 rows, ``packed`` forces it up to 64 rows
+    (elsewhere too), ``gemv`` / ``mma`` never."""
     layer = random_layer(64, 128, 0, False, kind="w4a16", device=DEV)
     rows = {m: torch.randn(m, 128, device=DEV, dtype=torch.bfloat16) for m in (1, 2, 64, 65)}
     monkeypatch.setenv("SVDQ_W4A16", "auto")
-    assert [triton_kernels.packed_w4a16(rows[m], layer.qweight) for m in (1, 2, 64, 65)] == [False, SM90, SM90, False]
+    assert [triton_kernels.packed_w4a16(rows[m], layer.qweight) for m in (1, 2, 64, 65)] == [SM90, SM90, SM90, False]
     monkeypatch.setenv("SVDQ_W4A16", "packed")
     assert [triton_kernels.packed_w4a16(rows[m], layer.qweight) for m in (1, 2, 64, 65)] == [True, True, True, False]
     for impl in ("gemv", "mma"):
         monkeypatch.setenv("SVDQ_W4A16", impl)
         assert not triton_kernels.packed_w4a16(rows[2], layer.qweight)
+        assert not triton_kernels.packed_w4a16(rows[1], layer.qweight)
 
 
 def test_int8_activation_mode(triton_kernels):
