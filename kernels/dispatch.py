@@ -92,7 +92,9 @@ class _Arena:
         self.captured |= capturing
         return capturing
 
-    def get(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    def get(self, name: str, numel: int, dtype: torch.dtype, zeroed: bool = False) -> torch.Tensor:
+        """``zeroed``: a buffer made zero when allocated, for kernels that leave it zero again after use (the
+        W4A16 pair kernel's split-K sums and tickets); the name must only ever be used that way."""
         need = numel * dtype.itemsize
         buf = self.buffers.get(name)
         self.note_capture()
@@ -100,8 +102,8 @@ class _Arena:
             if buf is not None and self.captured:
                 self.retired.append(buf)  # a captured graph may still read or write it
             size = max(need, 0 if buf is None else buf.numel() * 5 // 4)  # grow by at least a quarter
-            buf = outside_graph_pools(lambda: torch.empty((size + 255) // 256 * 256, dtype=torch.uint8,
-                                                          device=self.device))
+            make = torch.zeros if zeroed else torch.empty
+            buf = outside_graph_pools(lambda: make((size + 255) // 256 * 256, dtype=torch.uint8, device=self.device))
             self.buffers[name] = buf
             self.generation = next(_generations)
         return buf[:need].view(dtype)

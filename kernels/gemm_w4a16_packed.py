@@ -36,7 +36,7 @@ import triton.language as tl
 
 from .autotune_cache import interpreting, sm_count
 from .gemm_w4a4_packed import check_packed, weight_descriptors
-from .launch import TensorDescriptor, launch
+from .launch import TensorDescriptor, launch, zeros
 
 _UNPACK_BF16_PTX = tl.constexpr("""{
 .reg .b32 t, v, h, m2, k2;
@@ -181,7 +181,7 @@ def _smooth_permute_kernel(x_ptr, inv_ptr, xs_ptr, K, KP, stride_xm, stride_sm, 
 
 @triton.jit
 def _w4a16_pairs_kernel(
-    x_ptr, inv_ptr, p_desc, mt_desc, x_desc, wscale_ptr, bias_ptr, out_ptr,
+    x_ptr, inv_ptr, p_desc, mt_desc, x_desc, wscale_ptr, bias_ptr, out_ptr, sums_ptr, tickets_ptr,
     M, N, K, KP, K_PER_SPLIT,
     stride_xm, stride_om,
     HAS_SMOOTH: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
@@ -190,7 +190,11 @@ def _w4a16_pairs_kernel(
 ):
     """As ``_w4a16_packed_kernel`` (one [BLOCK_N, BLOCK_T] tile of Cᵀ over one K split), on 32-bit words of eight
     codes: two instructions per pair of weights (mask + offset in one logic op, one bf16x2 FMA) plus three shifts
-    a word, the group constants made once per group, and the input's columns read in the operand's permuted order."""
+    a word, the group constants made once per group, and the input's columns read in the operand's permuted order.
+
+    Split over K, the partial sums go atomically into fp32 ``sums`` and the tile's last program (by a ticket
+    counter) writes the output in its dtype and leaves ``sums`` and its ticket zero again: one launch, no memset,
+    and the output is the kernel's own (a call plan can replay it)."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_t = tl.program_id(2)
@@ -236,7 +240,16 @@ def _w4a16_pairs_kernel(
     ptrs = out_ptr + rt[None, :] * stride_om + rn[:, None]
     omask = nmask[:, None] & tmask[None, :]
     if SPLIT > 1:
-        tl.atomic_add(ptrs, y, mask=omask, sem="relaxed")
+        sums = sums_ptr + rt[None, :] * N + rn[:, None]
+        tl.atomic_add(sums, y, mask=omask, sem="relaxed")
+        tl.debug_barrier()  # every thread's additions before the ticket (released at GPU scope)
+        ticket_ptr = tickets_ptr + pid_t * tl.num_programs(0) + pid_n
+        if tl.atomic_add(ticket_ptr, 1, sem="acq_rel") == SPLIT - 1:
+            tl.debug_barrier()
+            tot = tl.load(sums, mask=omask, other=0.0, cache_modifier=".cg")
+            tl.store(ptrs, tot.to(out_ptr.dtype.element_ty), mask=omask)
+            tl.store(sums, tl.zeros_like(tot), mask=omask)
+            tl.store(ticket_ptr, 0)
     else:
         tl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=omask)
 
@@ -263,10 +276,11 @@ def w4a16_packed(x2: torch.Tensor, qweight: torch.Tensor, mult_t: torch.Tensor, 
                  inv_smooth: torch.Tensor | None, in_features: int, bias: torch.Tensor | None = None,
                  out_dtype: torch.dtype = torch.float32, config: dict | None = None, scratch=None) -> torch.Tensor:
     """[M, N] = (x2 · inv_smooth) · (codes · mult · wscale)ᵀ + bias, from the packed codes ``qweight`` [N, Kp/2]
-    and ``mult_t`` = ``gemm_w4a4_packed.transposed_multipliers(wmult)``; fp32 where the K split adds partial sums
-    atomically, else ``out_dtype``. ``config["WORDS"]``: 32 (default: the pair kernel on 32-bit words of eight
-    codes) or 16 (the earlier kernel on 16-bit words of four, kept for A/B runs). ``scratch(name, numel, dtype)``,
-    where given, supplies the buffer of the prepared input (the dispatcher's arena, so calls can be replayed)."""
+    and ``mult_t`` = ``gemm_w4a4_packed.transposed_multipliers(wmult)``, in ``out_dtype``. ``config["WORDS"]``: 32
+    (default: the pair kernel on 32-bit words of eight codes) or 16 (the earlier kernel on 16-bit words of four,
+    kept for A/B runs; split over K it returns fp32 partial sums added atomically). ``scratch(name, numel, dtype,
+    zeroed=False)``, where given, supplies the prepared input and the split-K sums and tickets (the dispatcher's
+    arena, so that calls can be replayed)."""
     m, k = x2.shape
     n, half = qweight.shape
     kp = half * 2
@@ -287,8 +301,11 @@ def w4a16_packed(x2: torch.Tensor, qweight: torch.Tensor, mult_t: torch.Tensor, 
     split = cfg.get("SPLIT") or max(1, min(steps, programs // (blocks_n * blocks_t)))
     per_split = triton.cdiv(steps, split) * bk
     split = triton.cdiv(kp, per_split)
-    out = (torch.zeros(m, n, dtype=torch.float32, device=x2.device) if split > 1
-           else torch.empty(m, n, dtype=out_dtype, device=x2.device))
+    if words == 16:
+        out = (zeros((m, n), torch.float32, x2.device) if split > 1
+               else torch.empty(m, n, dtype=out_dtype, device=x2.device))
+    else:  # the pair kernel finishes a split itself (``_w4a16_pairs_kernel``)
+        out = torch.empty(m, n, dtype=out_dtype, device=x2.device)
     if m == 0:
         return out
     inv = inv_smooth if inv_smooth is not None else wscale
@@ -303,14 +320,22 @@ def w4a16_packed(x2: torch.Tensor, qweight: torch.Tensor, mult_t: torch.Tensor, 
                    HAS_SMOOTH=inv_smooth is not None, BLOCK=1024, num_warps=4)
             x_desc = TensorDescriptor(xs, [m, kp], [xs.stride(0), 1], [bt, bk])
         extra = {"X_DESC": bool(cfg.get("X_DESC")), "X_GATHER": bool(cfg.get("X_GATHER"))}
-        args = (x2, inv, p_desc, mt_desc, x_desc)
+        sums = tickets = out  # placeholders without a split
+        if split > 1:  # zero now, zero again after the call: from the arena, made zero once
+            tiles = blocks_n * blocks_t
+            if scratch is None:
+                sums, tickets = zeros((m * n,), torch.float32, x2.device), zeros((tiles,), torch.int32, x2.device)
+            else:
+                sums = scratch("w4a16_sums", m * n, torch.float32, zeroed=True)
+                tickets = scratch("w4a16_tickets", tiles, torch.int32, zeroed=True)
+        head, after = (x2, inv, p_desc, mt_desc, x_desc), (out, sums, tickets)
     elif words == 16:
         kernel, (p_desc, mt_desc) = _w4a16_packed_kernel, weight_descriptors(qweight, mult_t, bn, bk)
-        args = (x2, inv, p_desc, mt_desc)
+        head, after = (x2, inv, p_desc, mt_desc), (out,)
     else:
         raise ValueError(f"WORDS is 16 or 32, not {words}")
-    launch(kernel, (blocks_n, split, blocks_t), args + (
-        wscale, bias if bias is not None else wscale, out, m, n, k, kp, per_split, x2.stride(0), out.stride(0)),
+    launch(kernel, (blocks_n, split, blocks_t), head + (wscale, bias if bias is not None else wscale) + after + (
+        m, n, k, kp, per_split, x2.stride(0), out.stride(0)),
         HAS_SMOOTH=inv_smooth is not None, HAS_BIAS=bias is not None, SPLIT=split, BLOCK_N=bn, BLOCK_T=bt,
         BLOCK_K=bk, STAGES=cfg["STAGES"], USE_PTX=int(not interpreting()), DOT_FP32=interpreting(),
         num_warps=cfg["num_warps"], **extra)

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import launch
+from .launch import launch, zeros
 from .autotune_cache import fp32_dots, interpreting, sm_count
 
 
@@ -259,7 +259,8 @@ def w4a16_linear(x2: torch.Tensor, qweight: torch.Tensor, wmult: torch.Tensor, w
         split = max(1, min(kp // block_k, (3 * sms) // max(blocks_n, 1)))
     k_per_split = triton.cdiv(triton.cdiv(kp, split), block_k) * block_k
     split = triton.cdiv(kp, k_per_split)
-    out = (torch.zeros if split > 1 else torch.empty)(m, n, dtype=torch.float32, device=x2.device)
+    out = zeros((m, n), torch.float32, x2.device) if split > 1 else torch.empty(m, n, dtype=torch.float32,
+                                                                                 device=x2.device)
     bm = 16
     grid = (blocks_n, split, triton.cdiv(m, bm))
     launch(_w4a16_kernel, grid, (
@@ -290,7 +291,7 @@ def _split_k(units: int, block: int, blocks_n: int, per_sm: int, device: torch.d
 def _gemv_output(m: int, n: int, split: int, out_dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Split over K, programs add fp32 partial sums atomically into zeros; otherwise one store in ``out_dtype``."""
     if split > 1:
-        return torch.zeros(m, n, dtype=torch.float32, device=device)
+        return zeros((m, n), torch.float32, device)
     return torch.empty(m, n, dtype=out_dtype, device=device)
 
 

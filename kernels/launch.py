@@ -14,6 +14,8 @@ import logging
 import os
 
 import torch
+import triton
+import triton.language as tl
 
 from .autotune_cache import interpreting
 
@@ -123,6 +125,22 @@ def launch(kernel, grid: tuple, args: tuple, num_warps: int = 4, num_stages: int
         kernel[grid](*args, **constexprs, **opts)
         if _recording is not None:
             _recording[-1] = None
+
+
+@triton.jit
+def _zero_kernel(ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(ptr + offs, tl.zeros([BLOCK], ptr.dtype.element_ty), mask=offs < n)
+
+
+def zeros(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.zeros`` for the outputs that split-K kernels add into, filled by a launch of ours: a recorded call
+    plan (``dispatch._Plan``) replays into a fresh ``torch.empty`` output, and would otherwise add into garbage."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    n = out.numel()
+    if n:
+        launch(_zero_kernel, (triton.cdiv(n, 1024),), (out, n), BLOCK=1024)
+    return out
 
 
 def _replayable(compiled, tail, grid, args, constexprs):

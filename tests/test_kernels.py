@@ -319,7 +319,7 @@ def test_w4a16_packed_matches_reference(m, k, n, tile, split, bias, smooth, word
     y = w4a16_packed(x, layer.qweight, transposed_multipliers(layer.wmult), layer.wscale, inv, k, layer.bias,
                      torch.bfloat16, config=cfg)
     if split:  # (left to the launcher, the split depends on the GPU's size)
-        assert y.dtype == (torch.float32 if split > 1 else torch.bfloat16)
+        assert y.dtype == (torch.float32 if split > 1 and words == 16 else torch.bfloat16)
     assert rel(y, svdq_linear_reference(x, layer)) <= 1e-2
     with pytest.raises(ValueError, match="rows"):
         w4a16_packed(torch.zeros(65, k, device=DEV, dtype=torch.bfloat16), layer.qweight,
@@ -370,14 +370,15 @@ def test_wrong_feature_count_is_a_clear_error(triton_kernels):
 
 
 @pytest.mark.skipif(not GPU, reason="call plans replay compiled CUDA kernels")
-@pytest.mark.parametrize("kind", ["w4a4", "w4a16"])
-def test_call_plans_replay_exactly(kind, triton_kernels, monkeypatch):
+@pytest.mark.parametrize("kind,dtype", [("w4a4", torch.bfloat16), ("w4a16", torch.bfloat16), ("w4a16", torch.float32)])
+def test_call_plans_replay_exactly(kind, dtype, triton_kernels, monkeypatch):
     """A layer call is recorded once per shape and replayed after: same numbers as the unplanned path, across
-    changing inputs, shapes and an arena that grows in between (which retires the plans)."""
+    changing inputs, shapes and an arena that grows in between (which retires the plans). In fp32 the W4A16
+    kernels' split-K output (zeroed, then added into) is the call's output itself: a replay must zero it again."""
     layer = random_layer(256, 512, 0 if kind == "w4a16" else 32, True, kind=kind, device=DEV, seed=11)
     ms = [1, 2] if kind == "w4a16" else [64, 7, 64]
     monkeypatch.setenv("SVDQ_PLANS", "0")
-    xs = [torch.randn(m, 512, device=DEV, dtype=torch.bfloat16) for m in ms * 2]
+    xs = [torch.randn(m, 512, device=DEV, dtype=dtype) for m in ms * 2]
     expect = [triton_kernels.svdq_linear(x, layer) for x in xs]
     monkeypatch.setenv("SVDQ_PLANS", "1")
     got = []
