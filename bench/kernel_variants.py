@@ -209,7 +209,8 @@ def w4a16_pairs_rows(triton) -> list[dict]:
         if m <= 2:
             fns["words_gemv"] = lambda: _w4a16_gemv_one_row(x, layer.qweight, layer.wmult, layer.wscale, layer.smooth, inv,
                                                             layer.bias, torch.bfloat16)
-        fns["mma16"] = lambda: w4a16_packed(x, layer.qweight, mt, layer.wscale, inv, k, layer.bias, torch.bfloat16)
+        fns["mma16"] = lambda: w4a16_packed(x, layer.qweight, mt, layer.wscale, inv, k, layer.bias, torch.bfloat16,
+                                            config={"WORDS": 16})
         for bn, bk, st, w, sp, xmode in cfgs:
             cfg = {"WORDS": 32, "BLOCK_N": bn, "BLOCK_K": bk, "STAGES": st, "num_warps": w, "X_GATHER": xmode == "xg",
                    "X_DESC": xmode == "xd", **({"SPLIT": sp} if sp else {})}

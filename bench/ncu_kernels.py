@@ -90,7 +90,8 @@ def w4a16_profile(profile: bool) -> int:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         calls += [lambda x=x: _w4a16_gemv_one_row(x, layer.qweight, layer.wmult, layer.wscale, layer.smooth, inv,
                                                   layer.bias, torch.bfloat16),
-                  lambda x=x: w4a16_packed(x, layer.qweight, mt, layer.wscale, inv, k, layer.bias, torch.bfloat16),
+                  lambda x=x: w4a16_packed(x, layer.qweight, mt, layer.wscale, inv, k, layer.bias, torch.bfloat16,
+                                           config={"WORDS": 16}),
                   lambda x=x: w4a16_packed(x, layer.qweight, mt, layer.wscale, inv, k, layer.bias, torch.bfloat16,
                                            config={"WORDS": 32, "BLOCK_N": 64, "BLOCK_K": 256})]
     for fn in calls:

@@ -142,7 +142,7 @@ def w4a16_rows(args) -> int:
                    "current": triton.testing.do_bench_cudagraph(lambda: svdq_linear(x, layer), rep=50) * 1e3}
             for bn, bk, st, w in W4A16_TILES:
                 name = f"packed_{bn}x{bk}_s{st}_w{w}"
-                cfg = {"BLOCK_N": bn, "BLOCK_K": bk, "STAGES": st, "num_warps": w}
+                cfg = {"BLOCK_N": bn, "BLOCK_K": bk, "STAGES": st, "num_warps": w, "WORDS": 16}  # the 16-bit-word kernel
 
                 def fn(cfg=cfg):
                     y = w4a16_packed(x, layer.qweight, mt, layer.wscale, inv, k, layer.bias, torch.bfloat16, config=cfg)

@@ -94,7 +94,7 @@ class _Arena:
 
     def get(self, name: str, numel: int, dtype: torch.dtype, zeroed: bool = False) -> torch.Tensor:
         """``zeroed``: a buffer made zero when allocated, for kernels that leave it zero again after use (the
-        W4A16 pair kernel's split-K sums and tickets); the name must only ever be used that way."""
+        W4A16 pair kernel's split-K tickets); the name must only ever be used that way."""
         need = numel * dtype.itemsize
         buf = self.buffers.get(name)
         self.note_capture()

@@ -192,9 +192,9 @@ def _w4a16_pairs_kernel(
     codes: two instructions per pair of weights (mask + offset in one logic op, one bf16x2 FMA) plus three shifts
     a word, the group constants made once per group, and the input's columns read in the operand's permuted order.
 
-    Split over K, the partial sums go atomically into fp32 ``sums`` and the tile's last program (by a ticket
-    counter) writes the output in its dtype and leaves ``sums`` and its ticket zero again: one launch, no memset,
-    and the output is the kernel's own (a call plan can replay it)."""
+    Split over K, each program stores its fp32 partial sums in ``sums`` and the tile's last program (by a ticket
+    counter) adds them in a fixed order, writes the output in its dtype and sets its ticket back to zero: one
+    launch, no memset, deterministic, and the output is the kernel's own (a call plan can replay it)."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_t = tl.program_id(2)
@@ -240,15 +240,16 @@ def _w4a16_pairs_kernel(
     ptrs = out_ptr + rt[None, :] * stride_om + rn[:, None]
     omask = nmask[:, None] & tmask[None, :]
     if SPLIT > 1:
-        sums = sums_ptr + rt[None, :] * N + rn[:, None]
-        tl.atomic_add(sums, y, mask=omask, sem="relaxed")
-        tl.debug_barrier()  # every thread's additions before the ticket (released at GPU scope)
+        part = rt[None, :] * N + rn[:, None]
+        tl.store(sums_ptr + pid_s * M * N + part, y, mask=omask)
+        tl.debug_barrier()  # every thread's partial sums before the ticket (released at GPU scope)
         ticket_ptr = tickets_ptr + pid_t * tl.num_programs(0) + pid_n
         if tl.atomic_add(ticket_ptr, 1, sem="acq_rel") == SPLIT - 1:
             tl.debug_barrier()
-            tot = tl.load(sums, mask=omask, other=0.0, cache_modifier=".cg")
+            tot = tl.zeros([BLOCK_N, BLOCK_T], dtype=tl.float32)
+            for s in tl.static_range(SPLIT):  # a fixed order: the same bits every call
+                tot += tl.load(sums_ptr + s * M * N + part, mask=omask, other=0.0, cache_modifier=".cg")
             tl.store(ptrs, tot.to(out_ptr.dtype.element_ty), mask=omask)
-            tl.store(sums, tl.zeros_like(tot), mask=omask)
             tl.store(ticket_ptr, 0)
     else:
         tl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=omask)
@@ -321,12 +322,13 @@ def w4a16_packed(x2: torch.Tensor, qweight: torch.Tensor, mult_t: torch.Tensor, 
             x_desc = TensorDescriptor(xs, [m, kp], [xs.stride(0), 1], [bt, bk])
         extra = {"X_DESC": bool(cfg.get("X_DESC")), "X_GATHER": bool(cfg.get("X_GATHER"))}
         sums = tickets = out  # placeholders without a split
-        if split > 1:  # zero now, zero again after the call: from the arena, made zero once
+        if split > 1:  # tickets: zero now, zero again after the call (from the arena, made zero once)
             tiles = blocks_n * blocks_t
             if scratch is None:
-                sums, tickets = zeros((m * n,), torch.float32, x2.device), zeros((tiles,), torch.int32, x2.device)
+                sums = torch.empty(split * m * n, dtype=torch.float32, device=x2.device)
+                tickets = zeros((tiles,), torch.int32, x2.device)
             else:
-                sums = scratch("w4a16_sums", m * n, torch.float32, zeroed=True)
+                sums = scratch("w4a16_sums", split * m * n, torch.float32)
                 tickets = scratch("w4a16_tickets", tiles, torch.int32, zeroed=True)
         head, after = (x2, inv, p_desc, mt_desc, x_desc), (out, sums, tickets)
     elif words == 16:
