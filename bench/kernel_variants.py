@@ -183,19 +183,23 @@ def w4a16_tile_rows(triton) -> list[dict]:
 def w4a16_pairs_rows(triton) -> list[dict]:
     """The tensor-core W4A16 kernel on 32-bit words (``WORDS=32``: pairs of codes by one logic op and one bf16x2
     FMA, K permuted so nothing moves between threads) over its tile knobs, against the word kernel (M <= 2, the
-    default there), the 16-bit-word tensor-core kernel at its default tile, and cuBLAS bf16; CUDA-graph µs. The
-    input is read either contiguously and permuted on chip, or element by element in the operand's order
-    (``xg``)."""
+    default there before), the 16-bit-word tensor-core kernel at its default tile (``mma16``), the pair kernel at
+    its default tile (``default``) and cuBLAS bf16; CUDA-graph µs. The input is read contiguously and permuted on
+    chip, element by element in the operand's order (``xg``), or prepared once per call (``xd``); ``kN``: split
+    over K in N parts (finished by the tile's last program)."""
     from svdq.kernels.gemm_w4a4_packed import transposed_multipliers
     from svdq.kernels.gemm_w4a16_packed import w4a16_packed
+    from svdq.kernels.dispatch import arena
     from svdq.kernels.gemv_w4a16 import _w4a16_gemv_one_row
     from svdq.kernels.reference import dequantize_weight
 
-    rows = []
+    scratch = arena(torch.device("cuda", torch.cuda.current_device())).get  # as dispatch passes it: split-K
+    rows = []  # sums and tickets and the prepared input in reused buffers
     # (rows, K, stages, warps, K split, how x arrives: "xd" prepared once per call, "xg" gathered, "" permuted on chip)
-    cfgs = [(64, 256, 4, 4, None, ""), (128, 128, 4, 8, None, ""), (64, 256, 4, 4, None, "xd"), (64, 128, 4, 4, None, "xd"),
-            (128, 128, 4, 8, None, "xd"), (128, 256, 3, 8, None, "xd"), (64, 512, 3, 4, None, "xd"),
-            (64, 256, 4, 4, 2, "xd"), (64, 128, 4, 4, 2, "xd"), (64, 256, 3, 4, None, "xd")]
+    cfgs = [(64, 256, 3, 4, None, ""), (128, 128, 4, 8, None, ""), (64, 256, 3, 4, None, "xd"), (64, 128, 4, 4, None, "xd"),
+            (128, 128, 4, 8, None, "xd"), (128, 256, 3, 8, None, "xd"), (64, 256, 3, 4, 2, "xd"), (64, 128, 4, 4, 2, "xd"),
+            (64, 128, 3, 4, 3, "xd"), (64, 128, 3, 4, 4, "xd"), (128, 128, 4, 8, 2, ""), (128, 128, 4, 8, 4, ""),
+            (128, 128, 4, 8, 1, "")]
     for m, k, n in [(1, 3072, 18432), (1, 3072, 9216), (1, 3072, 3072), (2, 3072, 18432), (16, 3072, 18432),
                     (2, 3072, 9216), (2, 3072, 3072), (32, 3072, 18432), (64, 3072, 9216)]:
         layer = make_layer(n, k, 0, kind="w4a16")
@@ -211,12 +215,14 @@ def w4a16_pairs_rows(triton) -> list[dict]:
                                                             layer.bias, torch.bfloat16)
         fns["mma16"] = lambda: w4a16_packed(x, layer.qweight, mt, layer.wscale, inv, k, layer.bias, torch.bfloat16,
                                             config={"WORDS": 16})
+        fns["default"] = lambda: w4a16_packed(x, layer.qweight, mt, layer.wscale, inv, k, layer.bias, torch.bfloat16,
+                                              scratch=scratch)
         for bn, bk, st, w, sp, xmode in cfgs:
             cfg = {"WORDS": 32, "BLOCK_N": bn, "BLOCK_K": bk, "STAGES": st, "num_warps": w, "X_GATHER": xmode == "xg",
                    "X_DESC": xmode == "xd", **({"SPLIT": sp} if sp else {})}
             fns[f"p{bn}x{bk}_s{st}_w{w}" + (f"_k{sp}" if sp else "") + (f"_{xmode}" if xmode else "")] = (
                 lambda cfg=cfg: w4a16_packed(x, layer.qweight, mt, layer.wscale, inv, k, layer.bias, torch.bfloat16,
-                                             config=cfg))
+                                             config=cfg, scratch=scratch))
         ref = (x.float() * inv) @ dequantize_weight(layer).T + layer.bias.float()
         for name, fn in fns.items():
             try:
