@@ -196,12 +196,12 @@ def w4a16_pairs_rows(triton) -> list[dict]:
     scratch = arena(torch.device("cuda", torch.cuda.current_device())).get  # as dispatch passes it: split-K
     rows = []  # sums and tickets and the prepared input in reused buffers
     # (rows, K, stages, warps, K split, how x arrives: "xd" prepared once per call, "xg" gathered, "" permuted on chip)
-    cfgs = [(64, 256, 3, 4, None, ""), (128, 128, 4, 8, None, ""), (64, 256, 3, 4, None, "xd"), (64, 128, 4, 4, None, "xd"),
-            (128, 128, 4, 8, None, "xd"), (128, 256, 3, 8, None, "xd"), (64, 256, 3, 4, 2, "xd"), (64, 128, 4, 4, 2, "xd"),
-            (64, 128, 3, 4, 3, "xd"), (64, 128, 3, 4, 4, "xd"), (128, 128, 4, 8, 2, ""), (128, 128, 4, 8, 4, ""),
-            (128, 128, 4, 8, 1, "")]
-    for m, k, n in [(1, 3072, 18432), (1, 3072, 9216), (1, 3072, 3072), (2, 3072, 18432), (16, 3072, 18432),
-                    (2, 3072, 9216), (2, 3072, 3072), (32, 3072, 18432), (64, 3072, 9216)]:
+    cfgs = [(64, 128, 3, 4, 3, "xd"), (64, 128, 2, 4, 3, "xd"), (64, 128, 4, 4, 3, "xd"), (64, 256, 3, 4, 3, "xd"),
+            (64, 256, 2, 4, 3, "xd"), (64, 128, 3, 4, 6, "xd"), (64, 128, 3, 4, 3, ""), (64, 128, 3, 4, 2, "xd"),
+            (64, 256, 3, 4, 2, "xd"), (128, 128, 3, 8, 3, "xd"), (128, 128, 4, 8, 3, ""), (64, 256, 3, 4, None, "xd"),
+            (128, 128, 4, 8, None, ""), (64, 128, 3, 4, 4, "xd"), (64, 256, 3, 4, 4, "xd")]
+    for m, k, n in [(1, 3072, 18432), (2, 3072, 18432), (16, 3072, 18432), (32, 3072, 18432), (1, 3072, 9216),
+                    (2, 3072, 9216), (64, 3072, 9216), (1, 3072, 3072)]:
         layer = make_layer(n, k, 0, kind="w4a16")
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         wb = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)

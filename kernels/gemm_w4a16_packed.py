@@ -259,15 +259,18 @@ MAX_M = 64  # one to four 16-row tiles; above that the W4A4-style GEMMs are the 
 
 
 def default_tile(m: int, n: int, words: int = 32) -> dict:
-    """Weight rows × K per program, the H100 winners. The pair kernel (``bench/kernel_variants.py --only w4a16pairs``):
-    64 × 256, three stages, the input prepared once per call, for wide layers (N ≥ 12288) or more than 16 rows
-    (M = 32 at 3072→18432: 20.9 µs against 30.4 with four stages); else 128 × 128 on two warpgroups reading the
-    input per step (M = 1 at 3072→9216: 11.8 µs; 3072→3072: 6.6). The 16-bit-word kernel
-    (``bench/packed_gemm_probe.py --w4a16``): 64 × 256 for N ≥ 12288 up to 16 rows, 128 × 128 for N ≥ 6144 or more
-    than 16 rows, else 64 × 128; four stages."""
+    """Weight rows × K per program, the H100 winners. The pair kernel (``bench/kernel_variants.py --only w4a16pairs``,
+    BENCHMARKS.md): for wide layers (N ≥ 12288) up to 16 rows, 64 × 128 on two stages, K split in three (the
+    tile's last program adds the parts), the input prepared once per call (3072→18432, M = 1: 16.6 µs against 19.5
+    for 64 × 256 without a split); for more rows 64 × 256 on three stages, input prepared (M = 32: 20.5 µs against
+    30.4 on four stages); else 128 × 128 on two warpgroups reading the input per step (M = 1 at 3072→9216: 11.4 µs;
+    3072→3072: 6.8). The 16-bit-word kernel (``bench/packed_gemm_probe.py --w4a16``): 64 × 256 for N ≥ 12288 up to
+    16 rows, 128 × 128 for N ≥ 6144 or more than 16 rows, else 64 × 128; four stages."""
     if words == 32:
-        if n >= 12288 or m > 16:
+        if m > 16:
             return {"BLOCK_N": 64, "BLOCK_K": 256, "STAGES": 3, "num_warps": 4, "X_DESC": True}
+        if n >= 12288:
+            return {"BLOCK_N": 64, "BLOCK_K": 128, "STAGES": 2, "num_warps": 4, "X_DESC": True, "SPLIT": 3}
         return {"BLOCK_N": 128, "BLOCK_K": 128, "STAGES": 4, "num_warps": 8, "X_DESC": False}
     bn, bk = (64, 256) if n >= 12288 and m <= 16 else ((128, 128) if n >= 6144 or m > 16 else (64, 128))
     return {"BLOCK_N": bn, "BLOCK_K": bk, "STAGES": 4, "num_warps": 4}
