@@ -81,6 +81,9 @@ def w4a16_profile(profile: bool) -> int:
     from svdq.kernels.gemm_w4a16_packed import w4a16_packed
     from svdq.kernels.gemv_w4a16 import _w4a16_gemv_one_row
 
+    from svdq.kernels.dispatch import arena
+
+    scratch = arena(torch.device("cuda", torch.cuda.current_device())).get  # the pair kernel at its default tile
     k, n = 3072, 18432
     layer = make_layer(n, k, 0, kind="w4a16")
     inv = torch.reciprocal(layer.smooth.float())
@@ -93,7 +96,7 @@ def w4a16_profile(profile: bool) -> int:
                   lambda x=x: w4a16_packed(x, layer.qweight, mt, layer.wscale, inv, k, layer.bias, torch.bfloat16,
                                            config={"WORDS": 16}),
                   lambda x=x: w4a16_packed(x, layer.qweight, mt, layer.wscale, inv, k, layer.bias, torch.bfloat16,
-                                           config={"WORDS": 32, "BLOCK_N": 64, "BLOCK_K": 256})]
+                                           scratch=scratch)]
     for fn in calls:
         for _ in range(3):
             fn()
