@@ -12,7 +12,8 @@ Rows per shape (times in µs, medians of triton.testing.do_bench; ratios are bf1
   svdq r32 a8 the Hopper A8 mode (4-bit weights, int8 per-token activations), rank 32
   svdq r96    rank 96: the default branch widened by a rank-64 LoRA (what an attached LoRA costs a layer)
 and a breakdown of the r32 layer under CUDA-graph replay (activation kernels / weight expansion / int8 GEMM / the
-GEMM on packed weights that replaces expansion + int8 GEMM for M <= 1024: GPU time, no launch overhead). W4A16 rows at M = 1, 2, 16.
+GEMM on packed weights that replaces expansion + int8 GEMM for M <= 1024: GPU time, no launch overhead). W4A16 rows at M = 1, 2, 16:
+eager, CUDA-graph replay, and graph replay with L2 flushed before each call (``bench_graph_cold``).
 """
 
 from __future__ import annotations
@@ -94,6 +95,49 @@ def bench_graph(fn):
         return float("nan")
 
 
+_FLUSH: list = []
+
+
+def bench_graph_cold(fn, reps: int = 20) -> float:
+    """GPU µs of ``fn`` with L2 cold: a CUDA graph of ``reps`` × (256 MB write, ``fn``) minus one of the writes alone
+    (median of five replays each). Why: replaying ``fn`` back to back leaves a working set smaller than L2 (a
+    4-bit 3072×18432 weight is 29 MB; L2 holds 50) partly cached, which a bf16 weight (113 MB) never is; inside a
+    model other layers' traffic evicts it between calls."""
+    if not _FLUSH:
+        _FLUSH.append(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"))
+    flush = _FLUSH[0]
+    fn()
+    graphs = (torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph())
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+        flush.zero_()
+        torch.cuda.synchronize()
+        for g, with_fn in zip(graphs, (False, True)):
+            with torch.cuda.graph(g):
+                for _ in range(reps):
+                    flush.zero_()
+                    if with_fn:
+                        fn()
+    torch.cuda.current_stream().wait_stream(side)
+
+    def replay_ms(g):
+        g.replay()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(5):
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            g.replay()
+            e1.record()
+            torch.cuda.synchronize()
+            times.append(e0.elapsed_time(e1))
+        return sorted(times)[2]
+
+    return (replay_ms(graphs[1]) - replay_ms(graphs[0])) * 1e3 / reps
+
+
 def launch_overhead_us(fn, calls=300):
     """Host time per call of a tiny problem: what Python and the launches cost when the GPU is not the limit."""
     import time
@@ -165,7 +209,15 @@ def run_gemv(m, k, n):
     r["svdq_w4a16"] = bench(lambda: svdq_linear(x, layer))
     r["bf16_graph"] = bench_graph(lambda: torch.nn.functional.linear(x, wb, b))
     r["svdq_w4a16_graph"] = bench_graph(lambda: svdq_linear(x, layer))
+    r["bf16_cold"] = bench_graph_cold(lambda: torch.nn.functional.linear(x, wb, b))
+    r["svdq_w4a16_cold"] = bench_graph_cold(lambda: svdq_linear(x, layer))
     return r
+
+
+def w4a16_line(g: dict) -> str:
+    return (f"bf16 {g['bf16']:.1f} µs, svdq {g['svdq_w4a16']:.1f} µs ({g['bf16'] / g['svdq_w4a16']:.2f}x); graph replay: "
+            f"bf16 {g['bf16_graph']:.1f}, svdq {g['svdq_w4a16_graph']:.1f} µs ({g['bf16_graph'] / g['svdq_w4a16_graph']:.2f}x); "
+            f"L2 cold: bf16 {g['bf16_cold']:.1f}, svdq {g['svdq_w4a16_cold']:.1f} µs ({g['bf16_cold'] / g['svdq_w4a16_cold']:.2f}x)")
 
 
 def geomean(v):
@@ -187,9 +239,7 @@ def main() -> int:
     gemv = [run_gemv(m, 3072, n) for n in (18432, 9216) for m in (1, 2, 16)]
     if args.w4a16:
         for g in gemv:
-            print(f"W4A16 M={g['M']} {g['K']}->{g['N']}: bf16 {g['bf16']:.1f} µs, svdq {g['svdq_w4a16']:.1f} µs "
-                  f"({g['bf16'] / g['svdq_w4a16']:.2f}x); graph replay: bf16 {g['bf16_graph']:.1f}, svdq "
-                  f"{g['svdq_w4a16_graph']:.1f} µs ({g['bf16_graph'] / g['svdq_w4a16_graph']:.2f}x)")
+            print(f"W4A16 M={g['M']} {g['K']}->{g['N']}: " + w4a16_line(g))
         return 0
     rows = [run_shape(4608, k, n) for k, n in M4608]
     if not args.quick:
@@ -226,8 +276,7 @@ def main() -> int:
     summary["host_us_per_call_bf16"] = launch_overhead_us(lambda: torch.nn.functional.linear(xt, wt))
     print("W4A16 GEMV:")
     for g in gemv:
-        print(f"  M={g['M']:>3} {g['K']}->{g['N']}: bf16 {g['bf16']:.1f} µs, svdq {g['svdq_w4a16']:.1f} µs ({g['bf16'] / g['svdq_w4a16']:.2f}x); "
-              f"graph replay: bf16 {g['bf16_graph']:.1f}, svdq {g['svdq_w4a16_graph']:.1f} µs ({g['bf16_graph'] / g['svdq_w4a16_graph']:.2f}x)")
+        print(f"  M={g['M']:>3} {g['K']}->{g['N']}: " + w4a16_line(g))
     print("summary (M=4608 geomeans): " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()))
     if args.json:
         print(json.dumps({"env": env, "rows": rows, "gemv": gemv, "summary": summary}))
