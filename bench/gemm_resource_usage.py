@@ -157,7 +157,7 @@ def w4a16_usage(bindir: str, plain: bool) -> int:
                                  ("32-bit words (pairs), x prepared once", w._w4a16_pairs_kernel, 8, True)):
         names = fn.arg_names
         const = dict(HAS_SMOOTH=True, HAS_BIAS=True, SPLIT=1, BLOCK_N=bn, BLOCK_T=16, BLOCK_K=bk, STAGES=4, USE_PTX=1,
-                     DOT_FP32=False, **({} if xd is None else {"X_DESC": xd, "X_GATHER": False}))
+                     DOT_FP32=False, **({} if xd is None else {"X_DESC": xd}))
         sig = {n: "constexpr" if n in const else "i32" if n in ints else
                f"tensordesc<i{4 * words}[{bn}, {bk // words}]>" if n == "p_desc" else
                f"tensordesc<u8[{bk // 64}, {bn}]>" if n == "mt_desc" else

@@ -185,7 +185,8 @@ def w4a16_pairs_rows(triton) -> list[dict]:
     FMA, K permuted so nothing moves between threads) over its tile knobs, against the word kernel (M <= 2, the
     default there before), the 16-bit-word tensor-core kernel at its default tile (``mma16``), the pair kernel at
     its default tile (``default``) and cuBLAS bf16; CUDA-graph µs. The input is read contiguously and permuted on
-    chip, element by element in the operand's order (``xg``), or prepared once per call (``xd``); ``kN``: split
+    chip or prepared once per call (``xd``; a third way, reading it element by element in the operand's order, measured
+    within 2% of the first and was removed: ``bench/results-w4a16-pairs-first-session10-h100.log``); ``kN``: split
     over K in N parts (finished by the tile's last program)."""
     from svdq.kernels.gemm_w4a4_packed import transposed_multipliers
     from svdq.kernels.gemm_w4a16_packed import w4a16_packed
@@ -195,7 +196,7 @@ def w4a16_pairs_rows(triton) -> list[dict]:
 
     scratch = arena(torch.device("cuda", torch.cuda.current_device())).get  # as dispatch passes it: split-K
     rows = []  # sums and tickets and the prepared input in reused buffers
-    # (rows, K, stages, warps, K split, how x arrives: "xd" prepared once per call, "xg" gathered, "" permuted on chip)
+    # (rows, K, stages, warps, K split, how x arrives: "xd" prepared once per call, "" permuted on chip)
     cfgs = [(64, 128, 3, 4, 3, "xd"), (64, 128, 2, 4, 3, "xd"), (64, 128, 4, 4, 3, "xd"), (64, 256, 3, 4, 3, "xd"),
             (64, 256, 2, 4, 3, "xd"), (64, 128, 3, 4, 6, "xd"), (64, 128, 3, 4, 3, ""), (64, 128, 3, 4, 2, "xd"),
             (64, 256, 3, 4, 2, "xd"), (128, 128, 3, 8, 3, "xd"), (128, 128, 4, 8, 3, ""), (64, 256, 3, 4, None, "xd"),
@@ -218,7 +219,7 @@ def w4a16_pairs_rows(triton) -> list[dict]:
         fns["default"] = lambda: w4a16_packed(x, layer.qweight, mt, layer.wscale, inv, k, layer.bias, torch.bfloat16,
                                               scratch=scratch)
         for bn, bk, st, w, sp, xmode in cfgs:
-            cfg = {"WORDS": 32, "BLOCK_N": bn, "BLOCK_K": bk, "STAGES": st, "num_warps": w, "X_GATHER": xmode == "xg",
+            cfg = {"WORDS": 32, "BLOCK_N": bn, "BLOCK_K": bk, "STAGES": st, "num_warps": w,
                    "X_DESC": xmode == "xd", **({"SPLIT": sp} if sp else {})}
             fns[f"p{bn}x{bk}_s{st}_w{w}" + (f"_k{sp}" if sp else "") + (f"_{xmode}" if xmode else "")] = (
                 lambda cfg=cfg: w4a16_packed(x, layer.qweight, mt, layer.wscale, inv, k, layer.bias, torch.bfloat16,

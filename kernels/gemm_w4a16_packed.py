@@ -186,7 +186,7 @@ def _w4a16_pairs_kernel(
     stride_xm, stride_om,
     HAS_SMOOTH: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
-    USE_PTX: tl.constexpr, DOT_FP32: tl.constexpr, X_GATHER: tl.constexpr = False, X_DESC: tl.constexpr = False,
+    USE_PTX: tl.constexpr, DOT_FP32: tl.constexpr, X_DESC: tl.constexpr = False,
 ):
     """As ``_w4a16_packed_kernel`` (one [BLOCK_N, BLOCK_T] tile of Cᵀ over one K split), on 32-bit words of eight
     codes: two instructions per pair of weights (mask + offset in one logic op, one bf16x2 FMA) plus three shifts
@@ -202,9 +202,6 @@ def _w4a16_pairs_kernel(
     rt = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = rt < M
     lk = tl.arange(0, BLOCK_K)
-    # operand position 32a + 8p + 2b + h holds input column 32a + 8b + j + 4h, j = p // 2 + 2 (p % 2) (_pair_operand)
-    pp = (lk // 8) % 4
-    perm = (lk // 32) * 32 + ((lk // 2) % 4) * 8 + (pp >> 1) + 2 * (pp & 1) + (lk % 2) * 4
     acc = tl.zeros([BLOCK_N, BLOCK_T], dtype=tl.float32)
     k_lo = pid_s * K_PER_SPLIT
     k_hi = tl.minimum(KP, k_lo + K_PER_SPLIT)
@@ -213,20 +210,16 @@ def _w4a16_pairs_kernel(
         w = _pair_operand(p_desc.load([off_n, k0 // 8]), _bf16x2(mf), _bf16x2(mf * -136.0), BLOCK_N, BLOCK_K, USE_PTX)
         if X_DESC:  # smoothed and permuted once per call (``smooth_permute``): a bulk copy, rows past M zero-filled
             xb = x_desc.load([pid_t * BLOCK_T, k0])
-        else:
-            if X_GATHER:  # the input read in the operand's order (element by element)
-                rk = k0 + perm
-            else:  # read contiguously, then permuted on chip
-                rk = k0 + lk
+        else:  # read contiguously, then permuted on chip (measured as fast as reading in the operand's order)
+            rk = k0 + lk
             kmask = rk < K
             x = tl.load(x_ptr + rt[:, None] * stride_xm + rk[None, :], mask=tmask[:, None] & kmask[None, :], other=0.0)
             x = x.to(tl.float32)
             if HAS_SMOOTH:
                 x = x * tl.load(inv_ptr + rk, mask=kmask, other=0.0)[None, :]
-            xb = x.to(tl.bfloat16)
-            if not X_GATHER:  # column 32a + 8b + 4h + 2·j1 + j0 -> position 32a + 8·(2·j0 + j1) + 2b + h
-                xb = tl.permute(xb.reshape(BLOCK_T, BLOCK_K // 32, 4, 2, 2, 2), (0, 1, 5, 4, 2, 3)).reshape(BLOCK_T,
-                                                                                                      BLOCK_K)
+            # column 32a + 8b + 4h + 2·j1 + j0 -> operand position 32a + 8·(2·j0 + j1) + 2b + h (``_pair_operand``)
+            xb = tl.permute(x.to(tl.bfloat16).reshape(BLOCK_T, BLOCK_K // 32, 4, 2, 2, 2),
+                            (0, 1, 5, 4, 2, 3)).reshape(BLOCK_T, BLOCK_K)
         if DOT_FP32:  # the interpreter multiplies bf16 as raw bits; the same values in fp32 (exact products)
             acc = tl.dot(w.to(tl.float32), xb.to(tl.float32).T, acc, input_precision="ieee")
         else:
@@ -323,7 +316,7 @@ def w4a16_packed(x2: torch.Tensor, qweight: torch.Tensor, mult_t: torch.Tensor, 
             launch(_smooth_permute_kernel, (triton.cdiv(kp, 1024), m), (x2, inv, xs, k, kp, x2.stride(0), xs.stride(0)),
                    HAS_SMOOTH=inv_smooth is not None, BLOCK=1024, num_warps=4)
             x_desc = TensorDescriptor(xs, [m, kp], [xs.stride(0), 1], [bt, bk])
-        extra = {"X_DESC": bool(cfg.get("X_DESC")), "X_GATHER": bool(cfg.get("X_GATHER"))}
+        extra = {"X_DESC": bool(cfg.get("X_DESC"))}
         sums = tickets = out  # placeholders without a split
         if split > 1:  # tickets: zero now, zero again after the call (from the arena, made zero once)
             tiles = blocks_n * blocks_t
