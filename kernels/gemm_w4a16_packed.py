@@ -73,6 +73,16 @@ def _unpack_bf16(words, mult, BN: tl.constexpr, BK: tl.constexpr, USE_PTX: tl.co
 
 
 @triton.jit
+def _scale_and_bias(acc, rn, nmask, pid_s, wscale_ptr, bias_ptr, HAS_BIAS: tl.constexpr):
+    """The Cᵀ tile's per-channel scale, and the bias (added by the first K split only)."""
+    y = acc * tl.load(wscale_ptr + rn, mask=nmask, other=0.0)[:, None]
+    if HAS_BIAS:
+        if pid_s == 0:
+            y += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[:, None]
+    return y
+
+
+@triton.jit
 def _w4a16_packed_kernel(
     x_ptr, inv_ptr, p_desc, mt_desc, wscale_ptr, bias_ptr, out_ptr,
     M, N, K, KP, K_PER_SPLIT,
@@ -106,10 +116,7 @@ def _w4a16_packed_kernel(
             acc = tl.dot(w, x.to(tl.bfloat16).T, acc)
     rn = off_n + tl.arange(0, BLOCK_N)
     nmask = rn < N
-    y = acc * tl.load(wscale_ptr + rn, mask=nmask, other=0.0)[:, None]
-    if HAS_BIAS:
-        if pid_s == 0:
-            y += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[:, None]
+    y = _scale_and_bias(acc, rn, nmask, pid_s, wscale_ptr, bias_ptr, HAS_BIAS)
     ptrs = out_ptr + rt[None, :] * stride_om + rn[:, None]
     omask = nmask[:, None] & tmask[None, :]
     if SPLIT > 1:
@@ -226,10 +233,7 @@ def _w4a16_pairs_kernel(
             acc = tl.dot(w, xb.T, acc)
     rn = off_n + tl.arange(0, BLOCK_N)
     nmask = rn < N
-    y = acc * tl.load(wscale_ptr + rn, mask=nmask, other=0.0)[:, None]
-    if HAS_BIAS:
-        if pid_s == 0:
-            y += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[:, None]
+    y = _scale_and_bias(acc, rn, nmask, pid_s, wscale_ptr, bias_ptr, HAS_BIAS)
     ptrs = out_ptr + rt[None, :] * stride_om + rn[:, None]
     omask = nmask[:, None] & tmask[None, :]
     if SPLIT > 1:
