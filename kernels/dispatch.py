@@ -399,8 +399,9 @@ def packed_w4a16(x2: torch.Tensor, qweight: torch.Tensor) -> bool:
     """Whether a 16-bit-input call takes the tensor-core kernel on packed weights (``gemm_w4a16_packed``):
     ``SVDQ_W4A16=packed`` always (up to 64 rows), ``gemv`` / ``mma`` never, ``auto`` (default) on sm_90 for 1-64
     rows. Its pair kernel measured faster than the CUDA-core word kernel at every FLUX width, one row included
-    (H100, 3072→18432 / 9216 / 3072: 16.6 / 11.4 / 6.8 µs against 20.4 / 12.3 / 7.6; two rows 16.6 / 11.6 / 7.0
-    against 37.2 / 19.9 / 10.2; ``bench/kernel_variants.py --only w4a16pairs``)."""
+    (H100, 3072→18432 / 9216 / 3072: 16.6 / 11.4 / 6.8 µs against 20.4 / 12.3 / 7.6), and the 16-bit-word
+    tensor-core kernel that served 2-64 rows before (two rows: 16.6 / 11.6 / 7.1 against 30.2 / 15.2 / 8.0;
+    ``bench/kernel_variants.py --only w4a16pairs``)."""
     choice = _packed_choice(x2, qweight, "SVDQ_W4A16", "packed")
     return choice is not None and 1 <= x2.shape[0] <= gemm_w4a16_packed.MAX_M
 
