@@ -100,9 +100,10 @@ _FLUSH: list = []
 
 def bench_graph_cold(fn, reps: int = 20) -> float:
     """GPU µs of ``fn`` with L2 cold: a CUDA graph of ``reps`` × (256 MB write, ``fn``) minus one of the writes alone
-    (median of five replays each). Why: replaying ``fn`` back to back leaves a working set smaller than L2 (a
-    4-bit 3072×18432 weight is 29 MB; L2 holds 50) partly cached, which a bf16 weight (113 MB) never is; inside a
-    model other layers' traffic evicts it between calls."""
+    (median of five replays each). Why: replaying ``fn`` back to back can leave part of a working set smaller than
+    L2 cached (a 4-bit 3072×18432 weight is 29 MB; L2 holds 50), which a bf16 weight (113 MB) never is; inside a
+    model other layers' traffic evicts it between calls. The flush has an after-effect of its own (its dirty lines
+    are written back while ``fn`` runs), which slows bf16 too."""
     if not _FLUSH:
         _FLUSH.append(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"))
     flush = _FLUSH[0]
