@@ -12,6 +12,9 @@ for 3 ≤ M ≤ 4 one that reads 16-bit words, shares each weight load between t
 with the mantissa trick, prefetches the next step and reduces across threads once at the end; above that a
 tensor-core kernel where even input columns multiply the low nibbles and odd columns the high ones
 (``code * mult``, |·| ≤ 120, is exact in 16 bit), M padded to 16.
+
+On sm_90 dispatch runs ``gemm_w4a16_packed``'s pair kernel instead, for 1-64 rows (faster at every FLUX width,
+BENCHMARKS.md); these kernels serve other GPUs, weights not on a 16-byte boundary, and ``SVDQ_W4A16=gemv``.
 """
 
 from __future__ import annotations
