@@ -329,7 +329,9 @@ def w4a16_packed(x2: torch.Tensor, qweight: torch.Tensor, mult_t: torch.Tensor, 
                 tickets = zeros((tiles,), torch.int32, x2.device)
             else:
                 sums = scratch("w4a16_sums", split * m * n, torch.float32)
-                tickets = scratch("w4a16_tickets", tiles, torch.int32, zeroed=True)
+                # one 256 KB allocation (up to 65,536 tiles) made zero at the first split call, normally an eager
+                # warm-up: a growth later, possibly under CUDA-graph capture, would need a fill outside the graph
+                tickets = scratch("w4a16_tickets", max(tiles, 1 << 16), torch.int32, zeroed=True)[:tiles]
         head, after = (x2, inv, p_desc, mt_desc, x_desc), (out, sums, tickets)
     elif words == 16:
         kernel, (p_desc, mt_desc) = _w4a16_packed_kernel, weight_descriptors(qweight, mult_t, bn, bk)

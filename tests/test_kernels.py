@@ -326,6 +326,26 @@ def test_w4a16_packed_matches_reference(m, k, n, tile, split, bias, smooth, word
                      transposed_multipliers(layer.wmult), layer.wscale, inv, k)
 
 
+def test_w4a16_pair_kernel_split_leaves_its_tickets_zero(triton_kernels):
+    """Split over K, the pair kernel's last program per tile adds the parts and sets the tile's ticket back to zero:
+    calls through a reused (arena) buffer give the same bits every time, and the next call starts from zero."""
+    from svdq.kernels.dispatch import _Arena
+    from svdq.kernels.gemm_w4a4_packed import transposed_multipliers
+    from svdq.kernels.gemm_w4a16_packed import w4a16_packed
+
+    m, k, n = 3, 640, 96
+    layer = random_layer(n, k, 0, True, kind="w4a16", device=DEV, seed=7)
+    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+    inv = torch.reciprocal(layer.smooth.float())
+    ar = _Arena(torch.device(DEV))
+    cfg = {"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT": 3}
+    ys = [w4a16_packed(x, layer.qweight, transposed_multipliers(layer.wmult), layer.wscale, inv, k, layer.bias,
+                       torch.bfloat16, config=cfg, scratch=ar.get) for _ in range(3)]
+    assert all(torch.equal(ys[0], y) for y in ys[1:])
+    assert not ar.buffers["w4a16_tickets"].view(torch.int32).any()
+    assert rel(ys[0], svdq_linear_reference(x, layer)) <= 1e-2
+
+
 @pytest.mark.parametrize("m", [1, 2])
 @pytest.mark.parametrize("prefetch", [False, True])
 @pytest.mark.parametrize("k,n,tile,split", [(200, 40, (8, 2), 1), (448, 24, (8, 2), 2)]
