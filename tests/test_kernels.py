@@ -294,14 +294,21 @@ def test_w4a16_matches_reference(m, impl, triton_kernels, monkeypatch):
     assert rel(out, svdq_linear_reference(x, layer)) <= 1e-2
 
 
-@pytest.mark.parametrize("m,k,n,tile,split,bias,smooth", [
+_W4A16_SMALL = [
     (1, 200, 130, (64, 128), None, True, True),  # K with a short last tile, N not a multiple of the tile
-    (16, 640, 64, (64, 128), 3, False, True),  # split over K: fp32 partial sums added atomically, bias once
+    (16, 640, 64, (64, 128), 3, False, True),  # split over K (partial sums, bias once)
     (40, 384, 192, (128, 128), 2, True, False),  # 40 rows: one 64-row tile; no smoothing
     (3, 512, 96, (64, 256), 1, True, True),
-] + ([(2, 3072, 18432, (64, 256), None, True, True), (64, 3072, 3072, (64, 128), None, True, True),
-       (1, 3072, 9216, (128, 128), None, True, True), (5, 1000, 300, (64, 512), 2, True, True)] if GPU else []))
-@pytest.mark.parametrize("words", [16, 32])
+]
+_W4A16_FLUX = [(2, 3072, 18432, (64, 256), None, True, True), (64, 3072, 3072, (64, 128), None, True, True),
+               (1, 3072, 9216, (128, 128), None, True, True), (5, 1000, 300, (64, 512), 2, True, True)]
+
+
+# both kernels at the small shapes; at FLUX's (GPU) the pair kernel that dispatch runs, and the 16-bit-word kernel
+# (kept for A/B runs) once: each case compiles new kernel variants, minutes of a GPU run
+@pytest.mark.parametrize("m,k,n,tile,split,bias,smooth,words",
+                         [(*c, w) for c in _W4A16_SMALL for w in (16, 32)]
+                         + ([(*c, 32) for c in _W4A16_FLUX] + [(*_W4A16_FLUX[0], 16)] if GPU else []))
 def test_w4a16_packed_matches_reference(m, k, n, tile, split, bias, smooth, words, triton_kernels):
     """The tensor-core W4A16 kernels on packed weights (codes unpacked to bf16 in registers; 16-bit words of four
     codes, or 32-bit words of eight with K permuted) at odd shapes, tiles and K splits; fp32 out of a split (partial
