@@ -312,7 +312,7 @@ def w4a16_packed(x2: torch.Tensor, qweight: torch.Tensor, mult_t: torch.Tensor, 
     inv = inv_smooth if inv_smooth is not None else wscale
     extra = {}
     if words == 32:
-        kernel, (p_desc, mt_desc) = _w4a16_pairs_kernel, word32_descriptors(qweight, mult_t, bn, bk)
+        kernel, (p_desc, mt_desc) = _w4a16_pairs_kernel, weight_descriptors(qweight, mult_t, bn, bk, 8)
         x_desc = p_desc  # a placeholder where the kernel reads x itself
         if cfg.get("X_DESC"):
             xs = (torch.empty(m * kp, dtype=torch.bfloat16, device=x2.device) if scratch is None
@@ -344,12 +344,3 @@ def w4a16_packed(x2: torch.Tensor, qweight: torch.Tensor, mult_t: torch.Tensor, 
         BLOCK_K=bk, STAGES=cfg["STAGES"], USE_PTX=int(not interpreting()), DOT_FP32=interpreting(),
         num_warps=cfg["num_warps"], **extra)
     return out
-
-
-def word32_descriptors(qweight: torch.Tensor, mult_t: torch.Tensor, bn: int, bk: int):
-    """TMA descriptors of one [bn weight rows, bk] step for the pair kernel: the codes as 32-bit words of eight,
-    and the multipliers (same box rule as ``weight_descriptors``)."""
-    _, mt_desc = weight_descriptors(qweight, mult_t, bn, bk)
-    n, kp = qweight.shape[0], qweight.shape[1] * 2
-    words = qweight.contiguous().view(torch.int32)
-    return TensorDescriptor(words, [n, kp // 8], [words.stride(0), 1], [bn, bk // 8]), mt_desc

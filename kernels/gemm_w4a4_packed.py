@@ -144,14 +144,15 @@ def check_packed(qweight: torch.Tensor, mult_t: torch.Tensor) -> None:
         raise ValueError(f"multipliers {mult_t.dtype} {tuple(mult_t.shape)}: expected transposed_multipliers(wmult)")
 
 
-def weight_descriptors(qweight: torch.Tensor, mult_t: torch.Tensor, bn: int, bk: int):
-    """TMA descriptors of one [bn weight rows, bk] step: the codes as 16-bit words of four, and the multipliers.
-    Shared by both packed-weight kernels (W4A4 here, W4A16 in ``gemm_w4a16_packed``)."""
+def weight_descriptors(qweight: torch.Tensor, mult_t: torch.Tensor, bn: int, bk: int, codes_per_word: int = 4):
+    """TMA descriptors of one [bn weight rows, bk] step: the codes as words (16-bit words of four, or 32-bit words
+    of eight for the W4A16 pair kernel), and the multipliers. Shared by the packed-weight kernels (W4A4 here,
+    W4A16 in ``gemm_w4a16_packed``)."""
     if bk % 64 or bk // 64 * bn % 128:  # each stage's multipliers are one TMA box: 128-byte aligned in shared memory
         raise ValueError(f"tile {bn} x {bk}: BLOCK_K must be a multiple of 64 and BLOCK_N * BLOCK_K / 64 of 128")
     n, kp = qweight.shape[0], qweight.shape[1] * 2
-    words = qweight.contiguous().view(torch.int16)
-    return (TensorDescriptor(words, [n, kp // 4], [words.stride(0), 1], [bn, bk // 4]),
+    words = qweight.contiguous().view({4: torch.int16, 8: torch.int32}[codes_per_word])
+    return (TensorDescriptor(words, [n, kp // codes_per_word], [words.stride(0), 1], [bn, bk // codes_per_word]),
             TensorDescriptor(mult_t, [kp // 64, n], [mult_t.stride(0), 1], [bk // 64, bn]))
 
 
