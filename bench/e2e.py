@@ -20,6 +20,8 @@ times ``apply_model`` on 1024x1024 inputs (4096 image + 512 text tokens):
   *_cudagraphs, *_wholecompile, *_wholero   the whole diffusion model compiled as ComfyUI's TorchCompileModel node
               does, with its backend "cudagraphs" (Dynamo graphs replayed as CUDA graphs, eager numerics), with
               "inductor", and with Inductor in mode reduce-overhead (its CUDA graphs)
+  ROW+VAR=VALUE  any row with environment variables set for it alone (e.g. ``svdq_compile+SVDQ_PDL=0``: a
+              same-run A/B of a runtime switch; the summary compares it with ROW)
 With ``--cap-gb`` the bf16 and svdq rows run again with ComfyUI believing the card has that much memory
 (``EXTRA_RESERVED_VRAM`` + a per-process memory fraction), so ComfyUI's own partial loading/offloading kicks in.
 The svdq weights are quantized round-to-nearest with a random rank-32 branch: step time depends only on the
@@ -29,6 +31,7 @@ shapes and the format (``bench/quantize_time.py`` times the real quantizer).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -349,11 +352,30 @@ VARIANTS = {
 
 
 def split_variant(label: str) -> tuple[str, str | None]:
-    """'svdq_lora_wholero' -> ('svdq_lora', 'wholero'); an eager row -> (label, None)."""
+    """'svdq_lora_wholero' -> ('svdq_lora', 'wholero'); an eager row -> (label, None); an environment suffix
+    ('svdq_compile+SVDQ_PDL=0', see ``row_env``) is not part of either."""
+    label = label.split("+", 1)[0]
     for v in VARIANTS:
         if label.endswith("_" + v):
             return label[: -len(v) - 1], v
     return label, None
+
+
+@contextlib.contextmanager
+def row_env(row: str):
+    """A row named 'ROW+VAR=VALUE[+VAR=VALUE...]' runs with those environment variables set (restored after): a
+    same-process A/B of a runtime switch such as ``SVDQ_PDL``."""
+    pairs = [kv.split("=", 1) for kv in row.split("+")[1:]]
+    before = {k: os.environ.get(k) for k, _ in pairs}
+    os.environ.update({k: v for k, v in pairs})
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def compiled(patcher, cfg, variant="compile"):
@@ -476,45 +498,46 @@ def main() -> int:
     for row in rows:
         base, variant = split_variant(row)
         try:
-            if base == "bf16":
-                record(row, load_core(sd), results["rows"])
-            elif base == "fp8":
-                record(row, load_core(sd, torch.float8_e4m3fn, fp8_fast=True), results["rows"])
-            elif row == "nf4":
-                record("nf4", load_nf4(sd), results["rows"])
-            elif base in ("svdq", "svdq_lora", "svdq_fbc", "svdq_nunchaku"):
-                if ckpt is None:
-                    t1 = time.time()
-                    ckpt = svdq_checkpoint(sd, cfg)
-                    log(f"svdq layers built in {time.time() - t1:.0f}s")
-                p = load_svdq(nunchaku_layout(ckpt, cfg["hidden_size"]) if row == "svdq_nunchaku" else ckpt)
-                if row == "svdq_nunchaku":
-                    record("svdq_nunchaku", p, results["rows"])
-                elif row == "svdq":
-                    record("svdq", p, results["rows"])
-                    if args.profile:
-                        shares, top, total_ms = profile_step(p, cfg)
-                        results["profile"] = {"shares": shares, "top_kernels": top, "gpu_ms": total_ms}
-                        log("profile: " + ", ".join(f"{k} {v:.1%}" for k, v in shares.items()))
-                        for k, v in top:
-                            log(f"   {v:6.1%}  {k}")
-                elif base == "svdq":  # a compiled svdq row
-                    record(row, p, results["rows"])
-                    if args.profile and variant == "compile":
-                        shares, top, total_ms = profile_step(compiled(p, cfg), cfg)
-                        results["profile_compile"] = {"shares": shares, "top_kernels": top, "gpu_ms": total_ms}
-                        log("profile (compiled): " + ", ".join(f"{k} {v:.1%}" for k, v in shares.items()))
-                        for k, v in top:
-                            log(f"   {v:6.1%}  {k}")
-                elif base == "svdq_lora":
-                    from svdq.nodes.lora import apply_lora
+            with row_env(row):
+                if base == "bf16":
+                    record(row, load_core(sd), results["rows"])
+                elif base == "fp8":
+                    record(row, load_core(sd, torch.float8_e4m3fn, fp8_fast=True), results["rows"])
+                elif row == "nf4":
+                    record("nf4", load_nf4(sd), results["rows"])
+                elif base in ("svdq", "svdq_lora", "svdq_fbc", "svdq_nunchaku"):
+                    if ckpt is None:
+                        t1 = time.time()
+                        ckpt = svdq_checkpoint(sd, cfg)
+                        log(f"svdq layers built in {time.time() - t1:.0f}s")
+                    p = load_svdq(nunchaku_layout(ckpt, cfg["hidden_size"]) if row == "svdq_nunchaku" else ckpt)
+                    if row == "svdq_nunchaku":
+                        record("svdq_nunchaku", p, results["rows"])
+                    elif row == "svdq":
+                        record("svdq", p, results["rows"])
+                        if args.profile:
+                            shares, top, total_ms = profile_step(p, cfg)
+                            results["profile"] = {"shares": shares, "top_kernels": top, "gpu_ms": total_ms}
+                            log("profile: " + ", ".join(f"{k} {v:.1%}" for k, v in shares.items()))
+                            for k, v in top:
+                                log(f"   {v:6.1%}  {k}")
+                    elif base == "svdq":  # a compiled svdq row
+                        record(row, p, results["rows"])
+                        if args.profile and variant == "compile":
+                            shares, top, total_ms = profile_step(compiled(p, cfg), cfg)
+                            results["profile_compile"] = {"shares": shares, "top_kernels": top, "gpu_ms": total_ms}
+                            log("profile (compiled): " + ", ".join(f"{k} {v:.1%}" for k, v in shares.items()))
+                            for k, v in top:
+                                log(f"   {v:6.1%}  {k}")
+                    elif base == "svdq_lora":
+                        from svdq.nodes.lora import apply_lora
 
-                    record(row, apply_lora(p, random_lora(ckpt), 1.0, "rank-64 LoRA"), results["rows"])
-                else:
-                    results["first_block_cache"] = first_block_cache_runs(p, cfg, thresholds)
-                    for r_ in results["first_block_cache"]:
-                        log(f"first-block cache: {r_}")
-            unload()
+                        record(row, apply_lora(p, random_lora(ckpt), 1.0, "rank-64 LoRA"), results["rows"])
+                    else:
+                        results["first_block_cache"] = first_block_cache_runs(p, cfg, thresholds)
+                        for r_ in results["first_block_cache"]:
+                            log(f"first-block cache: {r_}")
+                unload()
         except Exception as exc:  # one row failing must not lose the others
             import traceback
 
@@ -558,6 +581,11 @@ def main() -> int:
                   ("bf16_compile", "bf16"), ("svdq_compile", "svdq"), ("svdq_lora_compile", "svdq_compile")):
         if a in ok and b_ in ok:
             results.setdefault("summary", {})[f"{a}_vs_{b_}"] = {b: r[b_][b]["ms"] / r[a][b]["ms"] for b in batches}
+    for row in ok:  # a row run with an environment switch against the same row without it
+        plain = row.split("+", 1)[0]
+        if plain != row and plain in ok:
+            results.setdefault("summary", {})[f"{row}_vs_{plain}"] = {b: r[plain][b]["ms"] / r[row][b]["ms"]
+                                                                        for b in batches}
     for row in ok:  # every other compiled variant against its eager row and against bf16 compiled the same way
         base, variant = split_variant(row)
         if variant is not None and variant != "compile":

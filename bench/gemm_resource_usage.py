@@ -1,7 +1,7 @@
 """Registers and stack (spills) of the persistent TMA GEMM kernel, compiled for sm_90a without a GPU.
 
     python bench/gemm_resource_usage.py [--tree DIR] [--block 128,256,128] [--warps 8] [--stages 4] [--gluon | --act]
-                                        [--plain]
+                                        [--plain] [--pdl]
 
 Why: an epilogue change can push the 128 x 256 tile past 255 registers into local-memory spills, which costs more
 than the work it saves (BENCHMARKS.md, session 6: the per-column GELU select). This compiles the kernel with and
@@ -11,7 +11,8 @@ folder holding ``svdq/kernels``). ``--gluon`` reports the warp-specialized Gluon
 ping-pong, at their candidate tiles; this needs a Triton with Gluon, e.g. the 3.6 wheel): the figure per kernel is
 its largest partition's stack. ``--act``: the activation kernels' two passes. Kernels are compiled with the
 launcher's specialization (aligned pointers, integer arguments divisible by 16, as at FLUX's shapes); ``--plain``
-without it, as the figures before session 9 were taken.
+without it, as the figures before session 9 were taken. ``--pdl`` compiles them as launched with programmatic
+dependent launch (``PDL=True``: the grid-dependency instructions at the top) and counts those instructions in the PTX.
 """
 
 from __future__ import annotations
@@ -22,6 +23,14 @@ import re
 import subprocess
 import sys
 import tempfile
+
+
+EXTRA: dict = {}  # constexprs every kernel here is compiled with (``--pdl``)
+
+
+def pdl_note(k) -> str:
+    """How many grid-dependency instructions the compiled kernel holds (``--pdl``)."""
+    return f", {k.asm['ptx'].count('griddepcontrol')} griddepcontrol in PTX" if EXTRA else ""
 
 
 def usage(cubin: bytes, bindir: str) -> dict:
@@ -58,7 +67,10 @@ def main() -> int:
                     "words of four codes, and the pair kernel on 32-bit words of eight) at M = 1's tile")
     ap.add_argument("--plain", action="store_true", help="without the launcher's alignment specialization (as the "
                     "figures before session 9 were taken)")
+    ap.add_argument("--pdl", action="store_true", help="compiled with PDL=True (programmatic dependent launch)")
     args = ap.parse_args()
+    if args.pdl:
+        EXTRA["PDL"] = True
     if args.tree:
         sys.path.insert(0, args.tree)
     else:
@@ -93,7 +105,7 @@ def main() -> int:
             else:
                 sig[n] = "i32" if n in ints else "constexpr"
         const = dict(HAS_LORA=True, HAS_BIAS=True, GELU=gelu, DOT_FP32=False, ACCUMULATE=False, BLOCK_M=bm,
-                     BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=32, R_CHUNK=32, GROUP_M=8, FLATTEN=True)
+                     BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=32, R_CHUNK=32, GROUP_M=8, FLATTEN=True, **EXTRA)
         src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in const.items()},
                         attrs=launcher_attrs(names, sig, args.plain))
         k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
@@ -101,7 +113,7 @@ def main() -> int:
         u = usage(k.asm["cubin"], bindir)
         print(f"TMA GEMM {bm}x{bn}x{bk}, {args.warps} warps, {args.stages} stages, rank 32 + bias, GELU={gelu}: "
               f"{u.get('REG')} registers, {u.get('STACK')} bytes of stack, {u.get('SHARED')} B static shared "
-              f"(Triton {triton.__version__}, sm_90a)")
+              f"(Triton {triton.__version__}, sm_90a){pdl_note(k)}")
     return 0
 
 
@@ -127,7 +139,7 @@ def act_usage(bindir: str, plain: bool) -> int:
              ("pass 2 before, K = 3072 (32 x 128)", act_quant._act_quant_kernel, dict(BLOCK_M=32, GROUPS=2), 4)]
     for label, fn, tile, warps in cases:
         names = fn.arg_names
-        const = {k: v for k, v in dict(fixed, **tile).items() if k in names}
+        const = {k: v for k, v in dict(fixed, **tile, **EXTRA).items() if k in names}
         sig = {n: "constexpr" if n in const else "i32" if n in ints else "fp32" if n == "shift" else
                "*i8" if n == "out_ptr" else "*bf16" if n in ("x_ptr", "down_ptr") else "*fp32" for n in names}
         src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in const.items()},
@@ -137,7 +149,7 @@ def act_usage(bindir: str, plain: bool) -> int:
         sass = sass_text(k.asm["cubin"], bindir)
         ops = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+([A-Z0-9_]+)", sass, re.M)
         print(f"act {label}, {warps} warps: {u.get('REG')} registers, {u.get('STACK')} bytes of stack, {len(ops)} SASS "
-              f"instructions, {ops.count('FCHK')} division sequences (Triton {triton.__version__}, sm_90a)")
+              f"instructions, {ops.count('FCHK')} division sequences (Triton {triton.__version__}, sm_90a){pdl_note(k)}")
     return 0
 
 
@@ -157,7 +169,7 @@ def w4a16_usage(bindir: str, plain: bool) -> int:
                                  ("32-bit words (pairs), x prepared once", w._w4a16_pairs_kernel, 8, True)):
         names = fn.arg_names
         const = dict(HAS_SMOOTH=True, HAS_BIAS=True, SPLIT=1, BLOCK_N=bn, BLOCK_T=16, BLOCK_K=bk, STAGES=4, USE_PTX=1,
-                     DOT_FP32=False, **({} if xd is None else {"X_DESC": xd}))
+                     DOT_FP32=False, **({} if xd is None else {"X_DESC": xd, **EXTRA}))
         sig = {n: "constexpr" if n in const else "i32" if n in ints else
                f"tensordesc<i{4 * words}[{bn}, {bk // words}]>" if n == "p_desc" else
                f"tensordesc<u8[{bk // 64}, {bn}]>" if n == "mt_desc" else
@@ -170,7 +182,7 @@ def w4a16_usage(bindir: str, plain: bool) -> int:
         ops = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+([A-Z0-9_]+)", sass_text(k.asm["cubin"], bindir), re.M)
         mix = {op: ops.count(op) for op in sorted(set(ops), key=ops.count, reverse=True)[:12]}
         print(f"W4A16 {label}, {bn} x {bk}, 4 warps: {u.get('REG')} registers, {u.get('STACK')} bytes of stack, "
-              f"{len(ops)} SASS instructions; most frequent: {mix} (Triton {triton.__version__}, sm_90a)")
+              f"{len(ops)} SASS instructions; most frequent: {mix} (Triton {triton.__version__}, sm_90a){pdl_note(k)}")
     return 0
 
 
@@ -207,7 +219,7 @@ def gluon_usage(bindir: str, plain: bool) -> int:
         a = torch.empty(256, 256, dtype=torch.int8)
         descs = {"a_desc": TensorDescriptor(a, [256, 256], [256, 1], [bm, bk], gl.NVMMASharedLayout.get_default_for([bm, bk], gl.int8)),
                  "b_desc": TensorDescriptor(a, [256, 256], [256, 1], [bn, bk], gl.NVMMASharedLayout.get_default_for([bn, bk], gl.int8))}
-        const = dict(base, GELU=gelu, **extra)
+        const = dict(base, GELU=gelu, **extra, **EXTRA)
         sig = {n: mangle_type(descs[n]) if n in descs else
                ("*bf16" if n in ("up_ptr", "bias_ptr", "c_ptr") else "*fp32") if n.endswith("_ptr") else
                "constexpr" if n in const else "i32" for n in fn.arg_names}
@@ -216,7 +228,7 @@ def gluon_usage(bindir: str, plain: bool) -> int:
         k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
         u = usage(k.asm["cubin"], bindir)
         print(f"Gluon {label} {bm}x{bn}x{bk}, {extra['STAGES']} stages, rank 32 + bias, GELU={gelu}: {u.get('STACK')} bytes of "
-              f"stack, {k.metadata.shared} B shared (Triton {triton.__version__}, sm_90a)")
+              f"stack, {k.metadata.shared} B shared (Triton {triton.__version__}, sm_90a){pdl_note(k)}")
     return 0
 
 

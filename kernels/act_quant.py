@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from .launch import launch
+from .launch import launch, pdl_end, pdl_start
 from .autotune_cache import fp32_dots, interpreting, sm_count
 
 MAGIC = tl.constexpr(12582912.0)
@@ -59,11 +59,12 @@ def _act_stats_kernel(
     shift,
     UNSIGNED: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_LORA: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, KSUB: tl.constexpr,
-    EW_MAX: tl.constexpr,
+    EW_MAX: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """Pass 1, KSUB [BLOCK_M, GROUPS*64] tiles per program: each row's absmax over those tiles, and their x·L1
     partial product (one of each per program: KSUB times fewer partials to write and sum at large K)."""
     BLOCK_K: tl.constexpr = GROUP * GROUPS
+    pdl_start(PDL)
     pid_m = tl.program_id(0)
     pid_p = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -96,6 +97,7 @@ def _act_stats_kernel(
     if HAS_LORA:  # partials [n_parts, M, R]: only the real rank travels through memory, not its power-of-two pad
         base = lora_ptr + pid_p * M * R
         tl.store(base + rows[:, None] * R + rcols[None, :], part, mask=rmask[:, None] & (rcols[None, :] < R))
+    pdl_end(PDL)
 
 
 @triton.jit
@@ -130,6 +132,7 @@ def _act_quant_kernel(
     UNSIGNED: tl.constexpr, HAS_SMOOTH: tl.constexpr, INT8_MODE: tl.constexpr, USE_RINT: tl.constexpr,
     HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, NP_POW2: tl.constexpr, REVERSE: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Pass 2: per-token scale from pass 1's row maxima (a handful per row), then this tile's codes (int8
     operand = code * mult).
@@ -137,6 +140,7 @@ def _act_quant_kernel(
     Tiles are visited in the reverse of pass 1's order, so the first ones read the input pass 1 touched last,
     while it is still in L2."""
     BLOCK_K: tl.constexpr = GROUP * GROUPS
+    pdl_start(PDL)
     if REVERSE:
         pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
         pid_k = tl.num_programs(1) - 1 - tl.program_id(1)
@@ -163,6 +167,7 @@ def _act_quant_kernel(
     _, xf = _load_smoothed(x_ptr, inv_ptr, rows, rmask, k, K, stride_xm, shift, UNSIGNED, HAS_SMOOTH, BLOCK_K)
     _quantize_store(xf, scale, out_ptr, rows, rmask, k, KP, stride_om, QMAX, UMAX, QMIN, INT8_MODE, USE_RINT,
                     BLOCK_M, GROUP, GROUPS)
+    pdl_end(PDL)
 
 
 def _groups_per_tile(ng: int, k_padded: int, groups: int, which: str) -> int:
@@ -268,6 +273,7 @@ def quantize_activation(
         float(shift)),
         UNSIGNED=bool(unsigned), HAS_SMOOTH=inv is not None, HAS_LORA=r > 0, DOT_FP32=fp32_dots(x2),
         BLOCK_M=bm, BLOCK_R=block_r, GROUP=64, GROUPS=groups, KSUB=ksub, EW_MAX=bool(ew_max), num_warps=num_warps,
+        pdl=True,
     )
     launch(_act_quant_kernel, (triton.cdiv(m, bm2), ng // groups2), (
         x2, inv if inv is not None else x2, gmax, out, scale, parts if r else gmax, lora if r else gmax,
@@ -278,6 +284,6 @@ def quantize_activation(
         UNSIGNED=bool(unsigned), HAS_SMOOTH=inv is not None, INT8_MODE=mode == "int8", USE_RINT=not interpreting(),
         HAS_LORA=r > 0, BLOCK_R=block_r,
         BLOCK_M=bm2, GROUP=64, GROUPS=groups2, NP_POW2=max(2, triton.next_power_of_2(nparts)), REVERSE=reverse,
-        num_warps=warps2,
+        num_warps=warps2, pdl=True,
     )
     return out, scale, lora

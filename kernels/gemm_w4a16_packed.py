@@ -36,7 +36,7 @@ import triton.language as tl
 
 from .autotune_cache import interpreting, sm_count
 from .gemm_w4a4_packed import check_packed, weight_descriptors
-from .launch import TensorDescriptor, launch, zeros
+from .launch import TensorDescriptor, launch, pdl_end, pdl_start, zeros
 
 _UNPACK_BF16_PTX = tl.constexpr("""{
 .reg .b32 t, v, h, m2, k2;
@@ -172,9 +172,10 @@ def _bf16x2(v):
 
 @triton.jit
 def _smooth_permute_kernel(x_ptr, inv_ptr, xs_ptr, K, KP, stride_xm, stride_sm, HAS_SMOOTH: tl.constexpr,
-                           BLOCK: tl.constexpr):
+                           BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     """xs[m, l] = bf16(x[m, c(l)] / λ[c(l)]) in the pair kernel's operand order (c permutes within 32 columns; 0 past
     K): what every program of ``_w4a16_pairs_kernel`` would otherwise load, smooth, convert and permute per step."""
+    pdl_start(PDL)
     m = tl.program_id(1)
     lk = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     pp = (lk // 8) % 4
@@ -184,6 +185,7 @@ def _smooth_permute_kernel(x_ptr, inv_ptr, xs_ptr, K, KP, stride_xm, stride_sm, 
     if HAS_SMOOTH:
         x = x * tl.load(inv_ptr + col, mask=cmask, other=0.0)
     tl.store(xs_ptr + m * stride_sm + lk, x.to(tl.bfloat16), mask=lk < KP)
+    pdl_end(PDL)
 
 
 @triton.jit
@@ -193,7 +195,7 @@ def _w4a16_pairs_kernel(
     stride_xm, stride_om,
     HAS_SMOOTH: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
-    USE_PTX: tl.constexpr, DOT_FP32: tl.constexpr, X_DESC: tl.constexpr = False,
+    USE_PTX: tl.constexpr, DOT_FP32: tl.constexpr, X_DESC: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     """As ``_w4a16_packed_kernel`` (one [BLOCK_N, BLOCK_T] tile of Cᵀ over one K split), on 32-bit words of eight
     codes: two instructions per pair of weights (mask + offset in one logic op, one bf16x2 FMA) plus three shifts
@@ -202,6 +204,7 @@ def _w4a16_pairs_kernel(
     Split over K, each program stores its fp32 partial sums in ``sums`` and the tile's last program (by a ticket
     counter) adds them in a fixed order, writes the output in its dtype and sets its ticket back to zero: one
     launch, no memset, deterministic, and the output is the kernel's own (a call plan can replay it)."""
+    pdl_start(PDL)
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_t = tl.program_id(2)
@@ -215,7 +218,7 @@ def _w4a16_pairs_kernel(
     for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
         mf = mt_desc.load([k0 // 64, off_n]).T.to(tl.float32)
         w = _pair_operand(p_desc.load([off_n, k0 // 8]), _bf16x2(mf), _bf16x2(mf * -136.0), BLOCK_N, BLOCK_K, USE_PTX)
-        if X_DESC:  # smoothed and permuted once per call (``smooth_permute``): a bulk copy, rows past M zero-filled
+        if X_DESC:  # smoothed and permuted once per call (``smooth_permute``): a bulk copy (rows past M masked at the store)
             xb = x_desc.load([pid_t * BLOCK_T, k0])
         else:  # read contiguously, then permuted on chip (measured as fast as reading in the operand's order)
             rk = k0 + lk
@@ -250,6 +253,7 @@ def _w4a16_pairs_kernel(
             tl.store(ticket_ptr, 0)
     else:
         tl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=omask)
+    pdl_end(PDL)
 
 
 MAX_M = 64  # one to four 16-row tiles; above that the W4A4-style GEMMs are the better fit
@@ -315,12 +319,16 @@ def w4a16_packed(x2: torch.Tensor, qweight: torch.Tensor, mult_t: torch.Tensor, 
         kernel, (p_desc, mt_desc) = _w4a16_pairs_kernel, weight_descriptors(qweight, mult_t, bn, bk, 8)
         x_desc = p_desc  # a placeholder where the kernel reads x itself
         if cfg.get("X_DESC"):
-            xs = (torch.empty(m * kp, dtype=torch.bfloat16, device=x2.device) if scratch is None
-                  else scratch("w4a16_x", m * kp, torch.bfloat16)).view(m, kp)
+            # whole row tiles by default, so the bulk copy never reads past the tensor's rows (rows past M hold
+            # whatever the buffer held: they only reach output rows that are masked off); "m": M rows, the rest
+            # zero-filled by TMA (kept for A/B runs)
+            rows = m if cfg.get("X_ROWS") == "m" else blocks_t * bt
+            xs = (torch.empty(rows * kp, dtype=torch.bfloat16, device=x2.device) if scratch is None
+                  else scratch("w4a16_x", rows * kp, torch.bfloat16)).view(rows, kp)
             launch(_smooth_permute_kernel, (triton.cdiv(kp, 1024), m), (x2, inv, xs, k, kp, x2.stride(0), xs.stride(0)),
-                   HAS_SMOOTH=inv_smooth is not None, BLOCK=1024, num_warps=4)
-            x_desc = TensorDescriptor(xs, [m, kp], [xs.stride(0), 1], [bt, bk])
-        extra = {"X_DESC": bool(cfg.get("X_DESC"))}
+                   HAS_SMOOTH=inv_smooth is not None, BLOCK=1024, num_warps=4, pdl=True)
+            x_desc = TensorDescriptor(xs, [rows, kp], [xs.stride(0), 1], [bt, bk])
+        extra = {"X_DESC": bool(cfg.get("X_DESC")), "pdl": True}
         sums = tickets = out  # placeholders without a split
         if split > 1:  # tickets: zero now, zero again after the call (from the arena, made zero once)
             tiles = blocks_n * blocks_t

@@ -27,7 +27,8 @@ import triton
 import triton.language as tl
 
 from .autotune_cache import TunedKernel, capability_major, fp32_dots, interpreting, sm_count
-from .launch import HAS_HOST_DESCRIPTORS, TensorDescriptor, launch
+from .launch import (HAS_HOST_DESCRIPTORS, TensorDescriptor, gdc_launch_dependents, gdc_wait, launch, pdl_end,
+                     pdl_start)
 
 try:  # Gluon (Triton >= 3.5): the warp-specialized Hopper schedule
     from . import gemm_w4a4_gluon
@@ -39,12 +40,14 @@ except Exception:  # pragma: no cover - depends on the Triton version
 
 @triton.jit
 def _expand_words_kernel(p_ptr, mult_ptr, out_ptr, N, W16, stride_p, stride_mult, stride_o,
-                         BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+                         BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, PDL: tl.constexpr = False):
     """16-bit words of 4 codes [N, Kp/4] × mult [N, Kp/64] → int32 words of 4 int8 operands [N, Kp/4].
 
     Purely elementwise (no interleave), so loads and stores are 16-byte vectors. Each multiplier is loaded once
     and broadcast over its group's 16 words (a byte gather per word, staged through shared memory, made the
     kernel 1.13-1.39x slower on the H100: ``bench/results-expand-ab-session9-h100.log``)."""
+    if PDL == 1:  # the next kernel (the GEMM) may launch now; this one's loads (constant weights) need no wait
+        gdc_launch_dependents()
     pid_n = tl.program_id(0)
     pid_w = tl.program_id(1)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -60,7 +63,10 @@ def _expand_words_kernel(p_ptr, mult_ptr, out_ptr, N, W16, stride_p, stride_mult
     b1 = ((((p << 24) >> 28) * u) & 0xFF) << 8
     b2 = ((((p << 20) >> 28) * u) & 0xFF) << 16
     b3 = (((p << 16) >> 28) * u) << 24
+    if PDL > 0:  # the workspace may still be read by the kernel before (the previous layer's GEMM)
+        gdc_wait()
     tl.store(out_ptr + n[:, None] * stride_o + w[None, :], tl.reshape(b0 | b1 | b2 | b3, [BLOCK_N, BLOCK_W]), mask=m2)
+    pdl_end(PDL)
 
 
 def expand_weight(qweight: torch.Tensor, wmult: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -77,7 +83,7 @@ def expand_weight(qweight: torch.Tensor, wmult: torch.Tensor, out: torch.Tensor 
     bn, bw = 16, 256
     grid = (triton.cdiv(n, bn), triton.cdiv(words, bw))
     launch(_expand_words_kernel, grid, (p16, wmult, o32, n, words, p16.stride(0), wmult.stride(0), o32.stride(0)),
-           BLOCK_N=bn, BLOCK_W=bw, num_warps=4)
+           BLOCK_N=bn, BLOCK_W=bw, num_warps=4, pdl=True)
     return out
 
 
@@ -133,8 +139,9 @@ def _w4a4_gemm_kernel(
     HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, DOT_FP32: tl.constexpr,
     ACCUMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    R_CHUNK: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+    R_CHUNK: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    pdl_start(PDL)
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -167,6 +174,7 @@ def _w4a4_gemm_kernel(
 
     _epilogue(acc, rm, rn, M, N, R, ascale_ptr, wscale_ptr, lora_ptr, up_ptr, bias_ptr, c_ptr, stride_lm, stride_un,
               stride_cm, HAS_LORA, HAS_BIAS, GELU, DOT_FP32, BLOCK_R, R_CHUNK, ACCUMULATE)
+    pdl_end(PDL)
 
 
 @triton.jit
@@ -177,11 +185,12 @@ def _w4a4_gemm_tma_kernel(
     HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, DOT_FP32: tl.constexpr,
     ACCUMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    R_CHUNK: tl.constexpr, GROUP_M: tl.constexpr, FLATTEN: tl.constexpr,
+    R_CHUNK: tl.constexpr, GROUP_M: tl.constexpr, FLATTEN: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """Hopper schedule of the same product: one program per SM walks the output tiles (grouped order), operands
     arrive by TMA (bulk tensor copies, out-of-range rows and columns zero-filled), and the flattened tile loop
     lets the compiler overlap one tile's epilogue with the next tile's loads."""
+    pdl_start(PDL)
     start = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -205,6 +214,7 @@ def _w4a4_gemm_tma_kernel(
         rn = off_n + tl.arange(0, BLOCK_N)
         _epilogue(acc, rm, rn, M, N, R, ascale_ptr, wscale_ptr, lora_ptr, up_ptr, bias_ptr, c_ptr, stride_lm,
                   stride_un, stride_cm, HAS_LORA, HAS_BIAS, GELU, DOT_FP32, BLOCK_R, R_CHUNK, ACCUMULATE)
+    pdl_end(PDL)
 
 
 def _pointer_configs():
@@ -299,11 +309,11 @@ class _GemmTuned(TunedKernel):
             b_desc = TensorDescriptor(w8, [n, kp], [w8.stride(0), 1], [bn, kw["BLOCK_K"]])
             programs = min(tiles, sm_count(a8.device) * kw.pop("PER_SM", 1))
             launch(_w4a4_gemm_tma_kernel, (programs,), (a_desc, b_desc) + args[2:12] + args[14:17] + (programs,),
-                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **flags, **kw)
+                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], pdl=True, **flags, **kw)
         else:
             kw["EVEN_K"] = args[10] % kw["BLOCK_K"] == 0
             launch(_w4a4_gemm_kernel, (tiles,), args, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                   **flags, **kw)
+                   pdl=True, **flags, **kw)
 
 
 _TUNERS = {

@@ -34,6 +34,27 @@ from .autotune_cache import capability_major, sm_count
 from .launch import launch
 
 
+_GDC_WAIT = gl.constexpr("griddepcontrol.wait; // dummy $0")
+_GDC_LAUNCH = gl.constexpr("griddepcontrol.launch_dependents; // dummy $0")
+
+
+@gluon.jit
+def _pdl_start(PDL: gl.constexpr):
+    """``launch.pdl_start`` for Gluon: before any partition touches the previous kernels' outputs (or the buffers
+    they read), wait for the previous kernel; then let the next one launch."""
+    if PDL > 0:
+        gl.inline_asm_elementwise(_GDC_WAIT, "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+    if PDL == 1:
+        gl.inline_asm_elementwise(_GDC_LAUNCH, "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _pdl_end(PDL: gl.constexpr):
+    """``launch.pdl_end`` for Gluon (after every partition has finished)."""
+    if PDL == 2:
+        gl.inline_asm_elementwise(_GDC_LAUNCH, "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+
+
 @gluon.jit
 def _tile_coords(tile, num_m, num_n, GROUP_M: gl.constexpr):
     """Grouped order (GROUP_M row blocks share weight tiles in L2), as the Triton kernels."""
@@ -163,7 +184,8 @@ def _w4a4_gemm_ws_kernel(a_desc, b_desc, ascale_ptr, wscale_ptr, lora_ptr, up_pt
                          M, N, KP, R, stride_lm, stride_un, stride_cm,
                          HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr, GELU: gl.constexpr, ACCUMULATE: gl.constexpr,
                          BLOCK_R: gl.constexpr, R_CHUNK: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
-                         INSTR_N: gl.constexpr, WARPS: gl.constexpr):
+                         INSTR_N: gl.constexpr, WARPS: gl.constexpr, PDL: gl.constexpr = False):
+    _pdl_start(PDL)
     BM: gl.constexpr = a_desc.block_type.shape[0]
     BK: gl.constexpr = a_desc.block_type.shape[1]
     BN: gl.constexpr = b_desc.block_type.shape[0]
@@ -182,6 +204,7 @@ def _w4a4_gemm_ws_kernel(a_desc, b_desc, ascale_ptr, wscale_ptr, lora_ptr, up_pt
                      HAS_BIAS, GELU, ACCUMULATE, BLOCK_R, R_CHUNK, WARPS)),
         (_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, KP, BM, BN, BK, STAGES, GROUP_M)),
     ], [1], [40])
+    _pdl_end(PDL)
 
 
 @gluon.jit
@@ -220,10 +243,11 @@ def _w4a4_gemm_pingpong_kernel(a_desc, b_desc, ascale_ptr, wscale_ptr, lora_ptr,
                                HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr, GELU: gl.constexpr,
                                ACCUMULATE: gl.constexpr, BLOCK_R: gl.constexpr, R_CHUNK: gl.constexpr,
                                STAGES: gl.constexpr, GROUP_M: gl.constexpr, INSTR_N: gl.constexpr,
-                               CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+                               CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, PDL: gl.constexpr = False):
     """Ping-pong schedule: a producer warp and two consumer warpgroups, each with whole tiles of its own (BM rows
     per warpgroup), whose main loops take turns (``_pingpong_consumer``). The cooperative kernel above runs its
     epilogue with the tensor cores idle; here the other warpgroup's MMAs fill that time."""
+    _pdl_start(PDL)
     BM: gl.constexpr = a_desc.block_type.shape[0]
     BK: gl.constexpr = a_desc.block_type.shape[1]
     BN: gl.constexpr = b_desc.block_type.shape[0]
@@ -248,6 +272,7 @@ def _w4a4_gemm_pingpong_kernel(a_desc, b_desc, ascale_ptr, wscale_ptr, lora_ptr,
                               INSTR_N, HAS_LORA, HAS_BIAS, GELU, ACCUMULATE, BLOCK_R, R_CHUNK, 1)),
         (_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, KP, BM, BN, BK, STAGES, GROUP_M)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    _pdl_end(PDL)
 
 
 def launch_ws(cfg_kwargs: dict, num_warps: int, args: tuple, flags: dict, m: int, n: int) -> None:
@@ -264,11 +289,11 @@ def launch_ws(cfg_kwargs: dict, num_warps: int, args: tuple, flags: dict, m: int
     if cfg_kwargs.get("PINGPONG"):  # BLOCK_M rows per warpgroup; the default partition is one warpgroup
         launch(_w4a4_gemm_pingpong_kernel, (programs,), (a_desc, b_desc) + args[2:12] + args[14:17],
                num_warps=4, **flags, STAGES=cfg_kwargs["STAGES"], GROUP_M=cfg_kwargs["GROUP_M"],
-               INSTR_N=min(bn, 128), **pingpong_registers(cfg_kwargs.get("PRODUCER_REGS", 40)))
+               INSTR_N=min(bn, 128), **pingpong_registers(cfg_kwargs.get("PRODUCER_REGS", 40)), pdl=True)
         return
     launch(_w4a4_gemm_ws_kernel, (programs,), (a_desc, b_desc) + args[2:12] + args[14:17],
            num_warps=num_warps, **flags, STAGES=cfg_kwargs["STAGES"], GROUP_M=cfg_kwargs["GROUP_M"],
-           INSTR_N=min(bn, 128), WARPS=num_warps)
+           INSTR_N=min(bn, 128), WARPS=num_warps, pdl=True)
 
 
 def pingpong_registers(producer: int) -> dict:

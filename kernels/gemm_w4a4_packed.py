@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .autotune_cache import fp32_dots, interpreting, sm_count
-from .launch import HAS_HOST_DESCRIPTORS, TensorDescriptor, launch
+from .launch import HAS_HOST_DESCRIPTORS, TensorDescriptor, launch, pdl_end, pdl_start
 from .gemm_w4a4 import _gelu_tanh, branch_chunks, gemm_output
 
 _UNPACK_PTX = tl.constexpr("""{
@@ -74,9 +74,11 @@ def _w4a4_packed_kernel(
     ACCUMULATE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     R_CHUNK: tl.constexpr, GROUP_N: tl.constexpr, STAGES: tl.constexpr, USE_PTX: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """One [BLOCK_N weight rows, BLOCK_T tokens] tile of Cᵀ per program, grouped so that GROUP_N weight blocks
     share each token block's activations in L2."""
+    pdl_start(PDL)
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
     num_t = tl.cdiv(M, BLOCK_T)
@@ -122,6 +124,7 @@ def _w4a4_packed_kernel(
     if ACCUMULATE:
         y += tl.load(c_ptrs, mask=cmask, other=0.0).to(tl.float32)
     tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=cmask)
+    pdl_end(PDL)
 
 
 def transposed_multipliers(wmult: torch.Tensor) -> torch.Tensor:
@@ -212,5 +215,5 @@ def w4a4_gemm_packed(
         HAS_LORA=r > 0, HAS_BIAS=bias is not None, GELU=gelu, DOT_FP32=fp32_dots(a8, proj_up),
         ACCUMULATE=bool(accumulate), BLOCK_N=bn, BLOCK_T=bt, BLOCK_K=bk, BLOCK_R=block_r, R_CHUNK=r_chunk,
         GROUP_N=cfg["GROUP_N"], STAGES=cfg["STAGES"], USE_PTX=cfg.get("USE_PTX", int(not interpreting())),
-        num_warps=cfg["num_warps"])
+        num_warps=cfg["num_warps"], pdl=True)
     return out
