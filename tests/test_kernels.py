@@ -353,6 +353,81 @@ def test_w4a16_pair_kernel_split_leaves_its_tickets_zero(triton_kernels):
     assert rel(ys[0], svdq_linear_reference(x, layer)) <= 1e-2
 
 
+def test_w4a16_prepared_input_rows_past_m_do_not_reach_the_output(triton_kernels):
+    """The pair kernel's prepared input covers whole 16-row tiles and only M rows are written: rows past M hold what
+    the reused buffer held before (here NaN). They reach only output rows that are masked off, so the result is
+    exact and finite; the descriptor over M rows (TMA zero fill, ``X_ROWS="m"``) gives the same bits."""
+    from svdq.kernels.dispatch import _Arena
+    from svdq.kernels.gemm_w4a4_packed import transposed_multipliers
+    from svdq.kernels.gemm_w4a16_packed import w4a16_packed
+
+    m, k, n = 3, 640, 96
+    layer = random_layer(n, k, 0, True, kind="w4a16", device=DEV, seed=11)
+    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+    inv = torch.reciprocal(layer.smooth.float())
+    ar = _Arena(torch.device(DEV))
+    ar.get("w4a16_x", 16 * k, torch.bfloat16).fill_(float("nan"))
+    ys = [w4a16_packed(x, layer.qweight, transposed_multipliers(layer.wmult), layer.wscale, inv, k, layer.bias,
+                       torch.bfloat16, config={"BLOCK_N": 64, "BLOCK_K": 128, "X_DESC": True, "X_ROWS": rows},
+                       scratch=ar.get) for rows in ("tile", "m")]
+    assert ar.buffers["w4a16_x"].view(torch.bfloat16)[m * k:16 * k].isnan().all()  # the rows past M were not written
+    assert torch.isfinite(ys[0]).all() and torch.equal(ys[0], ys[1])
+    assert rel(ys[0], svdq_linear_reference(x, layer)) <= 1e-2
+
+
+def test_pdl_mode_only_on_hopper_cuda(monkeypatch):
+    """Programmatic dependent launch is off on the CPU, under the interpreter and with SVDQ_PDL=0; an unknown value
+    is an error on a GPU that has it."""
+    from svdq.kernels import launch
+
+    monkeypatch.setenv("SVDQ_PDL", "end")
+    assert launch.pdl_mode(torch.device("cpu")) == 0
+    assert launch.pdl_mode(None) == 0
+    if SM90 and launch.HAS_GDC:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        dev = torch.device("cuda", torch.cuda.current_device())
+        assert launch.pdl_mode(dev) == launch.PDL_MODES["end"]
+        monkeypatch.setenv("SVDQ_PDL", "1")
+        assert launch.pdl_mode(dev) == launch.PDL_DEFAULT
+        monkeypatch.setenv("SVDQ_PDL", "0")
+        assert launch.pdl_mode(dev) == 0
+        monkeypatch.setenv("SVDQ_PDL", "sometimes")
+        with pytest.raises(ValueError, match="SVDQ_PDL"):
+            launch.pdl_mode(dev)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not SM90, reason="programmatic dependent launch: sm_90+")
+@pytest.mark.parametrize("kind,m", [("w4a4", 300), ("w4a4", 1200), ("w4a16", 1), ("w4a16", 2)])
+def test_pdl_modes_give_the_same_bits_eager_and_in_cuda_graphs(kind, m, monkeypatch):
+    """Every launch mode gives the bits of plain launches, called one by one and replayed back to back from a CUDA
+    graph (where a kernel may start before the one before it has finished: a missing wait would read stale
+    activations or overwrite a buffer still in use)."""
+    from svdq.kernels import dispatch
+
+    k, n = (3072, 9216) if kind == "w4a4" else (3072, 18432)
+    layers = [random_layer(n, k, 0 if kind == "w4a16" else 32, True, kind=kind, device="cuda", seed=s) for s in (1, 2)]
+    xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+    monkeypatch.setenv("SVDQ_PDL", "0")
+    want = [dispatch.svdq_linear(x, layer) for x in xs for layer in layers]
+    for mode in ("start", "end", "wait"):
+        monkeypatch.setenv("SVDQ_PDL", mode)
+        got = [dispatch.svdq_linear(x, layer) for x in xs for layer in layers]
+        assert all(torch.equal(a, b) for a, b in zip(want, got)), mode
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                outs = [dispatch.svdq_linear(x, layer) for x in xs for layer in layers]
+        torch.cuda.current_stream().wait_stream(side)
+        for o in outs:
+            o.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(a, b) for a, b in zip(want, outs)), mode
+
+
 @pytest.mark.parametrize("m", [1, 2])
 @pytest.mark.parametrize("prefetch", [False, True])
 @pytest.mark.parametrize("k,n,tile,split", [(200, 40, (8, 2), 1), (448, 24, (8, 2), 2)]
