@@ -14,6 +14,7 @@ Same process, same data, same GPU for every pair; µs are medians of ``triton.te
            prefetched or not, warps)
   w4a16pairs the tensor-core W4A16 kernel on 32-bit words (pairs of codes) over its tiles, against the word kernel
            and the 16-bit-word tensor-core kernel, M = 1, 2, 16
+  w4a16cold the pair kernel's tiles warm (graph replay) and with L2 flushed before each call (by a read, by a write)
   actpass2 the activation kernels around their session-9 defaults: pass 2's tile (rows, warps, 64-groups) and
            pass 1's (rows, warps, 64-groups), 1/λ precomputed as dispatch passes it
   act      the activation kernel pair under CUDA-graph replay over its tile knobs (rows per program, 64-groups
@@ -241,6 +242,64 @@ def w4a16_pairs_rows(triton) -> list[dict]:
     return rows
 
 
+def w4a16_cold_rows(triton) -> list[dict]:
+    """The pair kernel's tiles with L2 cold as well as warm: CUDA-graph µs back to back (``warm``: part of a 29 MB
+    4-bit weight stays in the 50 MB L2 between replays) and with a 256 MB flush before each call, by a read (``read``:
+    clean lines, what the DRAM stream alone costs) and by a write (``write``: its dirty lines are written back during
+    the call). Why: inside a model other layers evict the weight between calls, so the cold rate is the one that
+    counts there; more bytes in flight per program (wider K steps, more stages) may win cold while losing warm."""
+    from linear import bench_graph_cold
+    from svdq.kernels.gemm_w4a4_packed import transposed_multipliers
+    from svdq.kernels.gemm_w4a16_packed import w4a16_packed
+    from svdq.kernels.dispatch import arena
+
+    scratch = arena(torch.device("cuda", torch.cuda.current_device())).get
+    # (weight rows, K step, stages, warps, K split or None (the launcher's), x prepared once per call)
+    cfgs = [(64, 128, 2, 4, 3, True), (64, 128, 4, 4, 3, True), (64, 256, 2, 4, 3, True), (64, 256, 3, 4, 3, True),
+            (64, 256, 4, 4, 3, True), (64, 512, 2, 4, 3, True), (64, 512, 3, 4, 3, True), (128, 128, 3, 8, 3, True),
+            (128, 256, 2, 8, 3, True), (128, 256, 3, 8, 3, True), (64, 256, 3, 4, 2, True), (64, 256, 3, 4, 6, True),
+            (64, 128, 4, 4, 6, True), (64, 256, 3, 4, None, True), (128, 128, 4, 8, None, False),
+            (128, 256, 3, 8, None, True)]
+    rows = []
+    for m, k, n in [(1, 3072, 18432), (2, 3072, 18432), (16, 3072, 18432), (1, 3072, 9216), (1, 3072, 3072)]:
+        layer = make_layer(n, k, 0, kind="w4a16")
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        wb = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        inv = torch.reciprocal(layer.smooth.float())
+        mt = transposed_multipliers(layer.wmult)
+
+        def bf16():
+            return torch.nn.functional.linear(x, wb, layer.bias)
+
+        row = {"M": m, "K": k, "N": n, "bf16": {"warm": triton.testing.do_bench_cudagraph(bf16, rep=50) * 1e3,
+                                                "read": bench_graph_cold(bf16, flush_by="read"),
+                                                "write": bench_graph_cold(bf16)}}
+        fns = {"default": lambda: w4a16_packed(x, layer.qweight, mt, layer.wscale, inv, k, layer.bias, torch.bfloat16,
+                                               scratch=scratch)}
+        for bn, bk, st, w, sp, xd in cfgs:
+            cfg = {"BLOCK_N": bn, "BLOCK_K": bk, "STAGES": st, "num_warps": w, "X_DESC": xd, "SPLIT": sp or 0}  # 0: auto
+            fns[f"p{bn}x{bk}_s{st}_w{w}" + (f"_k{sp}" if sp else "") + ("_xd" if xd else "")] = (
+                lambda cfg=cfg: w4a16_packed(x, layer.qweight, mt, layer.wscale, inv, k, layer.bias, torch.bfloat16,
+                                             config=cfg, scratch=scratch))
+        want = fns["default"]()
+        for name, fn in fns.items():
+            try:
+                same = torch.equal(fn(), want)
+                row[name] = {"warm": triton.testing.do_bench_cudagraph(fn, rep=50) * 1e3,
+                             "read": bench_graph_cold(fn, flush_by="read"), "write": bench_graph_cold(fn), "same": same}
+            except Exception as exc:
+                print(f"{name} failed: {str(exc)[-300:]}", flush=True)
+        timed = {c: v for c, v in row.items() if c in fns}
+        best = min(timed, key=lambda c: timed[c]["read"])
+        b = row["bf16"]
+        print(f"w4a16cold M={m} K={k} N={n}: bf16 warm/read/write {b['warm']:.1f}/{b['read']:.1f}/{b['write']:.1f}; "
+              f"best cold (read) {best} {timed[best]['read']:.1f} (x{b['read'] / timed[best]['read']:.2f}); "
+              + ", ".join(f"{c} {v['warm']:.1f}/{v['read']:.1f}/{v['write']:.1f}{'' if v['same'] else ' DIFFERS'}"
+                          for c, v in sorted(timed.items(), key=lambda t: t[1]["read"])), flush=True)
+        rows.append(row)
+    return rows
+
+
 def w4a16_rows(triton) -> list[dict]:
     from svdq.kernels.dispatch import svdq_linear
 
@@ -379,6 +438,8 @@ def main() -> int:
         out["w4a16tile"] = w4a16_tile_rows(triton)
     if "w4a16pairs" in only:
         out["w4a16pairs"] = w4a16_pairs_rows(triton)
+    if "w4a16cold" in only:
+        out["w4a16cold"] = w4a16_cold_rows(triton)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

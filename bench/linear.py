@@ -13,7 +13,8 @@ Rows per shape (times in µs, medians of triton.testing.do_bench; ratios are bf1
   svdq r96    rank 96: the default branch widened by a rank-64 LoRA (what an attached LoRA costs a layer)
 and a breakdown of the r32 layer under CUDA-graph replay (activation kernels / weight expansion / int8 GEMM / the
 GEMM on packed weights that replaces expansion + int8 GEMM for M <= 1024: GPU time, no launch overhead). W4A16 rows at M = 1, 2, 16:
-eager, CUDA-graph replay, and graph replay with L2 flushed before each call (``bench_graph_cold``).
+eager, CUDA-graph replay, and graph replay with L2 flushed before each call (``bench_graph_cold``), by a 256 MB write (as
+``triton.testing.do_bench`` flushes) and by a 256 MB read (no dirty lines left to write back during the call).
 """
 
 from __future__ import annotations
@@ -98,12 +99,13 @@ def bench_graph(fn):
 _FLUSH: list = []
 
 
-def bench_graph_cold(fn, reps: int = 20) -> float:
-    """GPU µs of ``fn`` with L2 cold: a CUDA graph of ``reps`` × (256 MB write, ``fn``) minus one of the writes alone
+def bench_graph_cold(fn, reps: int = 20, flush_by: str = "write") -> float:
+    """GPU µs of ``fn`` with L2 cold: a CUDA graph of ``reps`` × (256 MB flush, ``fn``) minus one of the flushes alone
     (median of five replays each). Why: replaying ``fn`` back to back can leave part of a working set smaller than
     L2 cached (a 4-bit 3072×18432 weight is 29 MB; L2 holds 50), which a bf16 weight (113 MB) never is; inside a
-    model other layers' traffic evicts it between calls. The flush has an after-effect of its own (its dirty lines
-    are written back while ``fn`` runs), which slows bf16 too."""
+    model other layers' traffic evicts it between calls. A write flush (``flush_by="write"``) has an after-effect of
+    its own (its dirty lines are written back while ``fn`` runs: an additive cost that slows bf16 too); a read flush
+    (``"read"``, a sum over the buffer) leaves clean lines."""
     if not _FLUSH:
         _FLUSH.append(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"))
     flush = _FLUSH[0]
@@ -118,7 +120,10 @@ def bench_graph_cold(fn, reps: int = 20) -> float:
         for g, with_fn in zip(graphs, (False, True)):
             with torch.cuda.graph(g):
                 for _ in range(reps):
-                    flush.zero_()
+                    if flush_by == "write":
+                        flush.zero_()
+                    else:
+                        flush.view(torch.int64).sum()
                     if with_fn:
                         fn()
     torch.cuda.current_stream().wait_stream(side)
@@ -212,13 +217,17 @@ def run_gemv(m, k, n):
     r["svdq_w4a16_graph"] = bench_graph(lambda: svdq_linear(x, layer))
     r["bf16_cold"] = bench_graph_cold(lambda: torch.nn.functional.linear(x, wb, b))
     r["svdq_w4a16_cold"] = bench_graph_cold(lambda: svdq_linear(x, layer))
+    r["bf16_cold_read"] = bench_graph_cold(lambda: torch.nn.functional.linear(x, wb, b), flush_by="read")
+    r["svdq_w4a16_cold_read"] = bench_graph_cold(lambda: svdq_linear(x, layer), flush_by="read")
     return r
 
 
 def w4a16_line(g: dict) -> str:
     return (f"bf16 {g['bf16']:.1f} µs, svdq {g['svdq_w4a16']:.1f} µs ({g['bf16'] / g['svdq_w4a16']:.2f}x); graph replay: "
             f"bf16 {g['bf16_graph']:.1f}, svdq {g['svdq_w4a16_graph']:.1f} µs ({g['bf16_graph'] / g['svdq_w4a16_graph']:.2f}x); "
-            f"L2 cold: bf16 {g['bf16_cold']:.1f}, svdq {g['svdq_w4a16_cold']:.1f} µs ({g['bf16_cold'] / g['svdq_w4a16_cold']:.2f}x)")
+            f"L2 cold (write flush): bf16 {g['bf16_cold']:.1f}, svdq {g['svdq_w4a16_cold']:.1f} µs "
+            f"({g['bf16_cold'] / g['svdq_w4a16_cold']:.2f}x); L2 cold (read flush): bf16 {g['bf16_cold_read']:.1f}, "
+            f"svdq {g['svdq_w4a16_cold_read']:.1f} µs ({g['bf16_cold_read'] / g['svdq_w4a16_cold_read']:.2f}x)")
 
 
 def geomean(v):
