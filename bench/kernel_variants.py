@@ -14,7 +14,6 @@ Same process, same data, same GPU for every pair; µs are medians of ``triton.te
            prefetched or not, warps)
   w4a16pairs the tensor-core W4A16 kernel on 32-bit words (pairs of codes) over its tiles, against the word kernel
            and the 16-bit-word tensor-core kernel, M = 1, 2, 16
-  actonepass the one-pass activation kernel (row block in shared memory) against the two launches, K <= 3584
   w4a16cold the pair kernel's tiles warm (graph replay) and with L2 flushed before each call (by a read, by a write)
   actpass2 the activation kernels around their session-9 defaults: pass 2's tile (rows, warps, 64-groups) and
            pass 1's (rows, warps, 64-groups), 1/λ precomputed as dispatch passes it
@@ -25,7 +24,9 @@ Same process, same data, same GPU for every pair; µs are medians of ``triton.te
 Variants measured and removed (numbers in BENCHMARKS.md, raw runs in bench/results-*-variants-h100.*): the
 byte-wise weight expansion, the CUDA-core W4A16 kernel with per-step reductions, a one-launch activation
 kernel (2× slower than the split-K pair at M = 4608), the two passes in one launch chunk by chunk of rows with
-counters between them (1.3-2.7× slower, session 9: bench/results-act-one-launch*-h100.log), and the weight expansion launched together with pass 1 or
+counters between them (1.3-2.7× slower, session 9: bench/results-act-one-launch*-h100.log), a one-pass Gluon kernel
+holding 16 rows × all of K in shared memory (2-7× slower, session 11, commit a046b40:
+bench/results-act-onepass*-session11-h100.log), and the weight expansion launched together with pass 1 or
 pass 2 of the activation kernels (those kernels 4–10% faster, the layer 2–6% slower: the GEMM then finds its
 expanded weights only partly in L2; bench/results-fused-expansion-*-h200.log).
 """
@@ -243,47 +244,6 @@ def w4a16_pairs_rows(triton) -> list[dict]:
     return rows
 
 
-def act_onepass_rows(triton) -> list[dict]:
-    """The one-pass activation kernel (``act_quant_gluon``: the row block in shared memory, x read once) against the
-    two launches, CUDA-graph µs, at the K = 3072 shapes of FLUX (and 3584, its limit), with the copy-rate floors of
-    one and two reads of x; codes and scales compared bit for bit."""
-    from svdq.kernels import act_quant_gluon
-    from svdq.kernels.act_quant import quantize_activation
-
-    unroll, warps = act_quant_gluon.UNROLL, act_quant_gluon.WARPS
-    rate = copy_rate_bytes_per_us()
-    rows = []
-    for m, k, rank in [(4608, 3072, 32), (4096, 3072, 32), (8192, 3072, 32), (9216, 3072, 32), (512, 3072, 32),
-                       (1024, 3072, 32), (4608, 3072, 96), (4608, 3072, 0), (4608, 3584, 32)]:
-        layer = make_layer(64, k, rank)
-        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        inv = torch.reciprocal(layer.smooth.float())
-
-        def fn():
-            return quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down, inv_smooth=inv)
-
-        row = {"M": m, "K": k, "rank": rank, "floor_two_reads": (2 * x.numel() * 2 + m * layer.k_padded) / rate,
-               "floor_one_read": (x.numel() * 2 + m * layer.k_padded) / rate}
-        outs = {}
-        for mode in ("0", "1"):
-            os.environ["SVDQ_ACT_ONEPASS"] = mode
-            outs[mode] = fn()
-            row["onepass" if mode == "1" else "twopass"] = triton.testing.do_bench_cudagraph(fn, rep=50) * 1e3
-        for u, w in ((1, 16), (4, 16), (2, 8), (2, 4)):  # unroll (tiles per loop step) and warps
-            act_quant_gluon.UNROLL, act_quant_gluon.WARPS = u, w
-            row[f"onepass_u{u}_w{w}"] = triton.testing.do_bench_cudagraph(fn, rep=50) * 1e3
-        act_quant_gluon.UNROLL, act_quant_gluon.WARPS = unroll, warps
-        os.environ.pop("SVDQ_ACT_ONEPASS", None)
-        row["same_codes"] = bool(torch.equal(outs["0"][0], outs["1"][0]) and torch.equal(outs["0"][1], outs["1"][1]))
-        row["lora_rel"] = (float((outs["0"][2] - outs["1"][2]).norm() / outs["0"][2].norm()) if rank else 0.0)
-        print(f"act one pass M={m} K={k} r={rank}: two launches {row['twopass']:.1f} µs, one pass {row['onepass']:.1f} µs "
-              f"({row['twopass'] / row['onepass']:.2f}x; " + ", ".join(f"{n[8:]} {v:.1f}" for n, v in row.items()
-                                                            if n.startswith("onepass_")) + "); floors {row['floor_two_reads']:.1f} / {row['floor_one_read']:.1f}; "
-              f"same codes {row['same_codes']}, branch rel {row['lora_rel']:.1e}", flush=True)
-        rows.append(row)
-    return rows
-
-
 def w4a16_cold_rows(triton) -> list[dict]:
     """The pair kernel's tiles with L2 cold as well as warm: CUDA-graph µs back to back (``warm``: part of a 29 MB
     4-bit weight stays in the 50 MB L2 between replays) and with a 256 MB flush before each call, by a read (``read``:
@@ -480,8 +440,6 @@ def main() -> int:
         out["w4a16tile"] = w4a16_tile_rows(triton)
     if "w4a16pairs" in only:
         out["w4a16pairs"] = w4a16_pairs_rows(triton)
-    if "actonepass" in only:
-        out["actonepass"] = act_onepass_rows(triton)
     if "w4a16cold" in only:
         out["w4a16cold"] = w4a16_cold_rows(triton)
     if args.json:

@@ -14,8 +14,6 @@ round-half-even, so codes equal the reference's bit for bit.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -23,11 +21,6 @@ from triton.language.extra import libdevice
 
 from .launch import launch, pdl_end, pdl_start
 from .autotune_cache import fp32_dots, interpreting, sm_count
-
-try:  # Gluon (Triton >= 3.5): the one-pass kernel for K up to 3584 on sm_90
-    from . import act_quant_gluon
-except Exception:  # pragma: no cover - depends on the Triton version
-    act_quant_gluon = None
 
 MAGIC = tl.constexpr(12582912.0)
 
@@ -238,24 +231,6 @@ def quantize_activation(
     else:
         raise ValueError(f"activation kernel supports int4 and int8, not {mode!r}")
     ng = k_padded // 64
-    inv = inv_smooth
-    if smooth is not None and inv is None:
-        inv = torch.reciprocal(smooth.float())
-    tiles_given = any(v is not None for v in (block_m, k_per_program, groups, num_warps, pass2_block_m, pass2_warps,
-                                              pass2_groups, ew_max))
-    if (act_quant_gluon is not None and not tiles_given and os.environ.get("SVDQ_ACT_ONEPASS", "0") == "1"
-            and not interpreting() and act_quant_gluon.usable(x2, k_padded, proj_down)):
-        nf = m + m * r  # one pass: no per-program maxima or branch partials
-        if scratch is None:
-            f32 = torch.empty(nf, dtype=torch.float32, device=x2.device)
-            out = torch.empty(m, k_padded, dtype=torch.int8, device=x2.device)
-        else:
-            f32 = scratch("act_f32", nf, torch.float32)
-            out = scratch("act_i8", m * k_padded, torch.int8).view(m, k_padded)
-        scale, lora = f32[:m], (f32[m:].view(m, r) if r else None)
-        act_quant_gluon.quantize_activation_onepass(x2, k_padded, inv, proj_down, shift, unsigned, qmax, umax, qmin,
-                                                    mode == "int8", out, scale, lora)
-        return out, scale, lora
     block_r = max(16, triton.next_power_of_2(r)) if r else 16
     # H100 tile sweeps (bench/kernel_variants.py, BENCHMARKS.md): pass 1 on 128-column tiles, 32 rows x 4 warps at
     # K = 3072, rank 32, else 64 rows x 8 warps (its dot and row maxima over more K tiles), the row
@@ -285,6 +260,9 @@ def quantize_activation(
     gmax = f32[m : m + m * nparts].view(m, nparts)  # each pass-1 program's row maxima
     lora = f32[m + m * nparts : m + m * nparts + m * r].view(m, r) if r else None
     parts = f32[m + m * nparts + m * r :].view(nparts, m, r) if r else None
+    inv = inv_smooth
+    if smooth is not None and inv is None:
+        inv = torch.reciprocal(smooth.float())
     bm2 = pass2_block_m or 16
     warps2 = pass2_warps or 4
     groups2 = _groups_per_tile(ng, k_padded, pass2_groups or (4 if ng % 4 == 0 else groups), "pass 2")

@@ -49,31 +49,6 @@ def test_activation_kernel_codes_match(m, k, n, rank, bias, unsigned, triton_ker
         assert rel(lora, lref) < 1e-3
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not SM90, reason="the one-pass activation kernel (Gluon): sm_90")
-@pytest.mark.parametrize("m,k,rank,unsigned,mode", [(4608, 3072, 32, False, "int4"), (37, 3000, 96, True, "int4"),
-                                                    (1, 64, 0, False, "int4"), (300, 3584, 16, False, "int8"),
-                                                    (129, 1280, 48, True, "int4")])
-def test_activation_one_pass_equals_two_passes(m, k, rank, unsigned, mode, monkeypatch):
-    """The one-pass kernel (row block in shared memory) against the two launches: the same codes and scales bit
-    for bit, the branch product equal up to fp32 summation order; odd M and K, rank 0 to a LoRA-widened 96."""
-    from svdq.kernels import act_quant
-
-    layer = random_layer(64, k, rank, True, unsigned, 0.171875 if unsigned else 0.0, device="cuda", seed=m)
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16) * 2
-    if unsigned:
-        x = torch.nn.functional.gelu(x.float(), approximate="tanh").to(torch.bfloat16)
-    assert act_quant.act_quant_gluon.usable(x, layer.k_padded, layer.proj_down)
-    args = (x, layer.k_padded, layer.smooth, layer.proj_down, layer.act_shift, unsigned, mode)
-    one = act_quant.quantize_activation(*args)
-    monkeypatch.setenv("SVDQ_ACT_ONEPASS", "0")
-    two = act_quant.quantize_activation(*args)
-    assert torch.equal(one[0], two[0]), f"{(one[0] != two[0]).sum().item()} codes differ"
-    assert torch.equal(one[1], two[1])
-    if rank:
-        assert rel(one[2], two[2]) < 1e-5
-
-
 @pytest.mark.parametrize("per_program,ew_max", [(2, False), (3, False), (3, True)])
 def test_activation_tiles_per_program(per_program, ew_max, triton_kernels):
     """Pass 1 covering several K tiles per program (fewer low-rank partials; the last program's share may be
