@@ -252,12 +252,11 @@ def w4a16_cold_rows(triton) -> list[dict]:
     counts there; more bytes in flight per program (wider K steps, more stages) may win cold while losing warm."""
     from linear import bench_graph_cold
     from svdq.kernels.gemm_w4a4_packed import transposed_multipliers
-    from svdq.kernels.gemm_w4a16_packed import tile_words, w4a16_packed
+    from svdq.kernels.gemm_w4a16_packed import w4a16_packed
     from svdq.kernels.dispatch import arena
 
     scratch = arena(torch.device("cuda", torch.cuda.current_device())).get
-    # (weight rows, K step, stages, warps, K split or None (the launcher's), x prepared once per call); "_tiled":
-    # the same with the codes stored tile by tile (``tile_words``: each step's box one contiguous run)
+    # (weight rows, K step, stages, warps, K split or None (the launcher's), x prepared once per call)
     cfgs = [(64, 128, 2, 4, 3, True), (64, 128, 4, 4, 3, True), (64, 256, 2, 4, 3, True), (64, 256, 3, 4, 3, True),
             (64, 256, 4, 4, 3, True), (64, 512, 2, 4, 3, True), (64, 512, 3, 4, 3, True), (128, 128, 3, 8, 3, True),
             (128, 256, 2, 8, 3, True), (128, 256, 3, 8, 3, True), (64, 256, 3, 4, 2, True), (64, 256, 3, 4, 6, True),
@@ -284,13 +283,6 @@ def w4a16_cold_rows(triton) -> list[dict]:
             fns[f"p{bn}x{bk}_s{st}_w{w}" + (f"_k{sp}" if sp else "") + ("_xd" if xd else "")] = (
                 lambda cfg=cfg: w4a16_packed(x, layer.qweight, mt, layer.wscale, inv, k, layer.bias, torch.bfloat16,
                                              config=cfg, scratch=scratch))
-        for bn, bk, st, w, sp in [(64, 128, 2, 4, 3), (64, 128, 4, 4, 3), (64, 256, 3, 4, 3), (128, 128, 4, 8, 0),
-                                  (64, 128, 2, 4, 0)]:
-            tw = tile_words(layer.qweight, bn, bk)
-            cfg = {"BLOCK_N": bn, "BLOCK_K": bk, "STAGES": st, "num_warps": w, "X_DESC": True, "SPLIT": sp}
-            fns[f"p{bn}x{bk}_s{st}_w{w}" + (f"_k{sp}" if sp else "") + "_xd_tiled"] = (
-                lambda cfg=cfg, tw=tw: w4a16_packed(x, layer.qweight, mt, layer.wscale, inv, k, layer.bias,
-                                                    torch.bfloat16, config=cfg, scratch=scratch, tiled_words=tw))
         want = fns["default"]()
         for name, fn in fns.items():
             try:

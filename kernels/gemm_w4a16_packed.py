@@ -199,7 +199,6 @@ def _w4a16_pairs_kernel(
     HAS_SMOOTH: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
     USE_PTX: tl.constexpr, DOT_FP32: tl.constexpr, X_DESC: tl.constexpr = False, PDL: tl.constexpr = False,
-    TILED: tl.constexpr = False,
 ):
     """As ``_w4a16_packed_kernel`` (one [BLOCK_N, BLOCK_T] tile of Cᵀ over one K split), on 32-bit words of eight
     codes: two instructions per pair of weights (mask + offset in one logic op, one bf16x2 FMA) plus three shifts
@@ -221,11 +220,7 @@ def _w4a16_pairs_kernel(
     k_hi = tl.minimum(KP, k_lo + K_PER_SPLIT)
     for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
         mf = mt_desc.load([k0 // 64, off_n]).T.to(tl.float32)
-        if TILED:  # the codes stored tile by tile (``tile_words``): one contiguous box per step
-            words = tl.reshape(p_desc.load([pid_n * (KP // BLOCK_K) + k0 // BLOCK_K, 0, 0]), [BLOCK_N, BLOCK_K // 8])
-        else:
-            words = p_desc.load([off_n, k0 // 8])
-        w = _pair_operand(words, _bf16x2(mf), _bf16x2(mf * -136.0), BLOCK_N, BLOCK_K, USE_PTX)
+        w = _pair_operand(p_desc.load([off_n, k0 // 8]), _bf16x2(mf), _bf16x2(mf * -136.0), BLOCK_N, BLOCK_K, USE_PTX)
         if X_DESC:  # smoothed and permuted once per call (``smooth_permute``): a bulk copy (rows past M masked at the store)
             xb = x_desc.load([pid_t * BLOCK_T, k0])
         else:  # read contiguously, then permuted on chip (measured as fast as reading in the operand's order)
@@ -285,28 +280,15 @@ def default_tile(m: int, n: int, words: int = 32) -> dict:
     return {"BLOCK_N": bn, "BLOCK_K": bk, "STAGES": 4, "num_warps": 4}
 
 
-def tile_words(qweight: torch.Tensor, bn: int, bk: int) -> torch.Tensor:
-    """The packed codes [N, Kp/2] as 32-bit words stored one [bn, bk/8] tile after another, row of tiles by row of
-    tiles: [N/bn · Kp/bk, bn, bk/8] (for A/B runs of the pair kernel's DRAM stream: each step's box is then one
-    contiguous run instead of bn rows of bk/2 bytes, 1.5 KB apart at K = 3072)."""
-    n, kp = qweight.shape[0], qweight.shape[1] * 2
-    if n % bn or kp % bk:
-        raise ValueError(f"tiles of {bn} x {bk} do not divide a [{n}, {kp}] weight")
-    w = qweight.contiguous().view(torch.int32).view(n // bn, bn, kp // bk, bk // 8)
-    return w.permute(0, 2, 1, 3).contiguous().view(n // bn * (kp // bk), bn, bk // 8)
-
-
 def w4a16_packed(x2: torch.Tensor, qweight: torch.Tensor, mult_t: torch.Tensor, wscale: torch.Tensor,
                  inv_smooth: torch.Tensor | None, in_features: int, bias: torch.Tensor | None = None,
-                 out_dtype: torch.dtype = torch.float32, config: dict | None = None, scratch=None,
-                 tiled_words: torch.Tensor | None = None) -> torch.Tensor:
+                 out_dtype: torch.dtype = torch.float32, config: dict | None = None, scratch=None) -> torch.Tensor:
     """[M, N] = (x2 · inv_smooth) · (codes · mult · wscale)ᵀ + bias, from the packed codes ``qweight`` [N, Kp/2]
     and ``mult_t`` = ``gemm_w4a4_packed.transposed_multipliers(wmult)``, in ``out_dtype``. ``config["WORDS"]``: 32
     (default: the pair kernel on 32-bit words of eight codes) or 16 (the earlier kernel on 16-bit words of four,
     kept for A/B runs; split over K it returns fp32 partial sums added atomically). ``scratch(name, numel, dtype,
     zeroed=False)``, where given, supplies the prepared input and the split-K sums and tickets (the dispatcher's
-    arena, so that calls can be replayed). ``tiled_words``: ``tile_words(qweight, BLOCK_N, BLOCK_K)`` to read the
-    codes from instead (pair kernel, A/B runs)."""
+    arena, so that calls can be replayed)."""
     m, k = x2.shape
     n, half = qweight.shape
     kp = half * 2
@@ -338,11 +320,6 @@ def w4a16_packed(x2: torch.Tensor, qweight: torch.Tensor, mult_t: torch.Tensor, 
     extra = {}
     if words == 32:
         kernel, (p_desc, mt_desc) = _w4a16_pairs_kernel, weight_descriptors(qweight, mult_t, bn, bk, 8)
-        if tiled_words is not None:
-            if tuple(tiled_words.shape[1:]) != (bn, bk // 8):
-                raise ValueError(f"tiled codes of {tuple(tiled_words.shape)} do not match the {bn} x {bk} tile")
-            p_desc = TensorDescriptor(tiled_words, list(tiled_words.shape), [tiled_words.stride(0), tiled_words.stride(1), 1],
-                                      [1, bn, bk // 8])
         x_desc = p_desc  # a placeholder where the kernel reads x itself
         if cfg.get("X_DESC"):
             # whole row tiles by default, so the bulk copy never reads past the tensor's rows (rows past M hold
@@ -354,7 +331,7 @@ def w4a16_packed(x2: torch.Tensor, qweight: torch.Tensor, mult_t: torch.Tensor, 
             launch(_smooth_permute_kernel, (triton.cdiv(kp, 1024), m), (x2, inv, xs, k, kp, x2.stride(0), xs.stride(0)),
                    HAS_SMOOTH=inv_smooth is not None, BLOCK=1024, num_warps=4, pdl=True)
             x_desc = TensorDescriptor(xs, [rows, kp], [xs.stride(0), 1], [bt, bk])
-        extra = {"X_DESC": bool(cfg.get("X_DESC")), "pdl": True, "TILED": tiled_words is not None}
+        extra = {"X_DESC": bool(cfg.get("X_DESC")), "pdl": True}
         sums = tickets = out  # placeholders without a split
         if split > 1:  # tickets: zero now, zero again after the call (from the arena, made zero once)
             tiles = blocks_n * blocks_t
