@@ -261,7 +261,10 @@ def w4a16_cold_rows(triton) -> list[dict]:
             (64, 256, 4, 4, 3, True), (64, 512, 2, 4, 3, True), (64, 512, 3, 4, 3, True), (128, 128, 3, 8, 3, True),
             (128, 256, 2, 8, 3, True), (128, 256, 3, 8, 3, True), (64, 256, 3, 4, 2, True), (64, 256, 3, 4, 6, True),
             (64, 128, 4, 4, 6, True), (64, 256, 3, 4, None, True), (128, 128, 4, 8, None, False),
-            (128, 256, 3, 8, None, True)]
+            (128, 256, 3, 8, None, True),
+            # fewer, longer programs with deeper pipelines (no split or two): more bytes in flight per program
+            (64, 128, 6, 4, 1, True), (64, 128, 8, 4, 1, True), (64, 128, 6, 4, 2, True), (64, 128, 8, 4, 2, True),
+            (64, 256, 4, 4, 1, True), (64, 256, 5, 4, 1, True), (128, 128, 6, 8, 1, True), (64, 128, 6, 4, 3, True)]
     rows = []
     for m, k, n in [(1, 3072, 18432), (2, 3072, 18432), (16, 3072, 18432), (1, 3072, 9216), (1, 3072, 3072)]:
         layer = make_layer(n, k, 0, kind="w4a16")
