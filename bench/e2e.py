@@ -333,8 +333,18 @@ def profile_step(patcher, cfg, batch=1):
         classes[c] += us
         kernels[ev.key] = kernels.get(ev.key, 0) + us
     total = sum(classes.values())
-    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:12]
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:TOP_KERNELS]
     return {k: v / total for k, v in classes.items()}, [(k[:90], v / total) for k, v in top], total / 1000
+
+
+TOP_KERNELS = 20  # kernels listed per profile
+
+
+def log_profile(label: str, shares: dict, top: list, total_ms: float) -> None:
+    log(f"profile ({label}, GPU {total_ms:.2f} ms): " + ", ".join(f"{k} {v:.1%} ({v * total_ms:.2f} ms)"
+                                                               for k, v in shares.items()))
+    for k, v in top:
+        log(f"   {v:6.1%} {v * total_ms:7.2f} ms  {k}")
 
 
 COMPILE_BACKEND = "inductor"
@@ -500,7 +510,12 @@ def main() -> int:
         try:
             with row_env(row):
                 if base == "bf16":
-                    record(row, load_core(sd), results["rows"])
+                    p = load_core(sd)
+                    record(row, p, results["rows"])
+                    if args.profile and variant == "compile":  # bf16's own split, to compare what is not a linear
+                        shares, top, total_ms = profile_step(compiled(p, cfg), cfg)
+                        results["profile_" + row] = {"shares": shares, "top_kernels": top, "gpu_ms": total_ms}
+                        log_profile(row, shares, top, total_ms)
                 elif base == "fp8":
                     record(row, load_core(sd, torch.float8_e4m3fn, fp8_fast=True), results["rows"])
                 elif row == "nf4":
@@ -518,17 +533,13 @@ def main() -> int:
                         if args.profile:
                             shares, top, total_ms = profile_step(p, cfg)
                             results["profile"] = {"shares": shares, "top_kernels": top, "gpu_ms": total_ms}
-                            log("profile: " + ", ".join(f"{k} {v:.1%}" for k, v in shares.items()))
-                            for k, v in top:
-                                log(f"   {v:6.1%}  {k}")
+                            log_profile(row, shares, top, total_ms)
                     elif base == "svdq":  # a compiled svdq row
                         record(row, p, results["rows"])
                         if args.profile and variant == "compile":
                             shares, top, total_ms = profile_step(compiled(p, cfg), cfg)
                             results["profile_compile"] = {"shares": shares, "top_kernels": top, "gpu_ms": total_ms}
-                            log("profile (compiled): " + ", ".join(f"{k} {v:.1%}" for k, v in shares.items()))
-                            for k, v in top:
-                                log(f"   {v:6.1%}  {k}")
+                            log_profile(row, shares, top, total_ms)
                     elif base == "svdq_lora":
                         from svdq.nodes.lora import apply_lora
 
