@@ -25,12 +25,17 @@ import sys
 import tempfile
 
 
-EXTRA: dict = {}  # constexprs every kernel here is compiled with (``--pdl``)
+EXTRA: dict = {"PDL": 0}  # constexprs every kernel here takes: the PDL mode, 0 or (``--pdl``) the launcher's default
+
+
+def extra_for(fn) -> dict:
+    """``EXTRA`` for the kernels that take it (another checkout's, ``--tree``, may predate it)."""
+    return {k: v for k, v in EXTRA.items() if k in fn.arg_names}
 
 
 def pdl_note(k) -> str:
     """How many grid-dependency instructions the compiled kernel holds (``--pdl``)."""
-    return f", {k.asm['ptx'].count('griddepcontrol')} griddepcontrol in PTX" if EXTRA else ""
+    return f", {k.asm['ptx'].count('griddepcontrol')} griddepcontrol in PTX" if EXTRA["PDL"] else ""
 
 
 def usage(cubin: bytes, bindir: str) -> dict:
@@ -67,15 +72,18 @@ def main() -> int:
                     "words of four codes, and the pair kernel on 32-bit words of eight) at M = 1's tile")
     ap.add_argument("--plain", action="store_true", help="without the launcher's alignment specialization (as the "
                     "figures before session 9 were taken)")
-    ap.add_argument("--pdl", action="store_true", help="compiled with PDL=True (programmatic dependent launch)")
+    ap.add_argument("--pdl", action="store_true", help="compiled in the launcher's default programmatic-dependent-launch mode "
+                    "(else PDL=0: no grid-dependency instructions)")
     args = ap.parse_args()
-    if args.pdl:
-        EXTRA["PDL"] = True
     if args.tree:
         sys.path.insert(0, args.tree)
     else:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         import _path  # noqa: F401  (this checkout as ``svdq``)
+    if args.pdl:
+        from svdq.kernels.launch import PDL_DEFAULT
+
+        EXTRA["PDL"] = PDL_DEFAULT
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -105,7 +113,7 @@ def main() -> int:
             else:
                 sig[n] = "i32" if n in ints else "constexpr"
         const = dict(HAS_LORA=True, HAS_BIAS=True, GELU=gelu, DOT_FP32=False, ACCUMULATE=False, BLOCK_M=bm,
-                     BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=32, R_CHUNK=32, GROUP_M=8, FLATTEN=True, **EXTRA)
+                     BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=32, R_CHUNK=32, GROUP_M=8, FLATTEN=True, **extra_for(fn))
         src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in const.items()},
                         attrs=launcher_attrs(names, sig, args.plain))
         k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
@@ -139,7 +147,7 @@ def act_usage(bindir: str, plain: bool) -> int:
              ("pass 2 before, K = 3072 (32 x 128)", act_quant._act_quant_kernel, dict(BLOCK_M=32, GROUPS=2), 4)]
     for label, fn, tile, warps in cases:
         names = fn.arg_names
-        const = {k: v for k, v in dict(fixed, **tile, **EXTRA).items() if k in names}
+        const = {k: v for k, v in dict(fixed, **tile, **extra_for(fn)).items() if k in names}
         sig = {n: "constexpr" if n in const else "i32" if n in ints else "fp32" if n == "shift" else
                "*i8" if n == "out_ptr" else "*bf16" if n in ("x_ptr", "down_ptr") else "*fp32" for n in names}
         src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in const.items()},
@@ -169,7 +177,7 @@ def w4a16_usage(bindir: str, plain: bool) -> int:
                                  ("32-bit words (pairs), x prepared once", w._w4a16_pairs_kernel, 8, True)):
         names = fn.arg_names
         const = dict(HAS_SMOOTH=True, HAS_BIAS=True, SPLIT=1, BLOCK_N=bn, BLOCK_T=16, BLOCK_K=bk, STAGES=4, USE_PTX=1,
-                     DOT_FP32=False, **({} if xd is None else {"X_DESC": xd, **EXTRA}))
+                     DOT_FP32=False, **({} if xd is None else {"X_DESC": xd}), **extra_for(fn))
         sig = {n: "constexpr" if n in const else "i32" if n in ints else
                f"tensordesc<i{4 * words}[{bn}, {bk // words}]>" if n == "p_desc" else
                f"tensordesc<u8[{bk // 64}, {bn}]>" if n == "mt_desc" else
@@ -219,7 +227,7 @@ def gluon_usage(bindir: str, plain: bool) -> int:
         a = torch.empty(256, 256, dtype=torch.int8)
         descs = {"a_desc": TensorDescriptor(a, [256, 256], [256, 1], [bm, bk], gl.NVMMASharedLayout.get_default_for([bm, bk], gl.int8)),
                  "b_desc": TensorDescriptor(a, [256, 256], [256, 1], [bn, bk], gl.NVMMASharedLayout.get_default_for([bn, bk], gl.int8))}
-        const = dict(base, GELU=gelu, **extra, **EXTRA)
+        const = dict(base, GELU=gelu, **extra, **extra_for(fn))
         sig = {n: mangle_type(descs[n]) if n in descs else
                ("*bf16" if n in ("up_ptr", "bias_ptr", "c_ptr") else "*fp32") if n.endswith("_ptr") else
                "constexpr" if n in const else "i32" for n in fn.arg_names}
