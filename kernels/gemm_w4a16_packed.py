@@ -76,6 +76,18 @@ def _unpack_bf16(words, mult, BN: tl.constexpr, BK: tl.constexpr, USE_PTX: tl.co
 
 
 @triton.jit
+def _tile_of_program(M, KP, K_PER_SPLIT, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Both W4A16 kernels' grid (weight-row blocks, K splits, input-row blocks): this program's block indices, its
+    first weight row, its input rows and their mask, and its K range."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_t = tl.program_id(2)
+    rt = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    k_lo = pid_s * K_PER_SPLIT
+    return pid_n, pid_s, pid_t, pid_n * BLOCK_N, rt, rt < M, k_lo, tl.minimum(KP, k_lo + K_PER_SPLIT)
+
+
+@triton.jit
 def _scale_and_bias(acc, rn, nmask, pid_s, wscale_ptr, bias_ptr, HAS_BIAS: tl.constexpr):
     """The Cᵀ tile's per-channel scale, and the bias (added by the first K split only)."""
     y = acc * tl.load(wscale_ptr + rn, mask=nmask, other=0.0)[:, None]
@@ -96,15 +108,8 @@ def _w4a16_packed_kernel(
 ):
     """One [BLOCK_N weight rows, BLOCK_T input rows] tile of Cᵀ over one K split per program; with SPLIT > 1 the
     fp32 partial sums are added atomically into a zeroed output (the bias by split 0 only)."""
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    pid_t = tl.program_id(2)
-    off_n = pid_n * BLOCK_N
-    rt = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    tmask = rt < M
+    pid_n, pid_s, pid_t, off_n, rt, tmask, k_lo, k_hi = _tile_of_program(M, KP, K_PER_SPLIT, BLOCK_N, BLOCK_T)
     acc = tl.zeros([BLOCK_N, BLOCK_T], dtype=tl.float32)
-    k_lo = pid_s * K_PER_SPLIT
-    k_hi = tl.minimum(KP, k_lo + K_PER_SPLIT)
     for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
         w = _unpack_bf16(p_desc.load([off_n, k0 // 4]), mt_desc.load([k0 // 64, off_n]).T, BLOCK_N, BLOCK_K, USE_PTX)
         rk = k0 + tl.arange(0, BLOCK_K)
@@ -208,16 +213,9 @@ def _w4a16_pairs_kernel(
     counter) adds them in a fixed order, writes the output in its dtype and sets its ticket back to zero: one
     launch, no memset, deterministic, and the output is the kernel's own (a call plan can replay it)."""
     pdl_start(PDL)
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    pid_t = tl.program_id(2)
-    off_n = pid_n * BLOCK_N
-    rt = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    tmask = rt < M
+    pid_n, pid_s, pid_t, off_n, rt, tmask, k_lo, k_hi = _tile_of_program(M, KP, K_PER_SPLIT, BLOCK_N, BLOCK_T)
     lk = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_N, BLOCK_T], dtype=tl.float32)
-    k_lo = pid_s * K_PER_SPLIT
-    k_hi = tl.minimum(KP, k_lo + K_PER_SPLIT)
     for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
         mf = mt_desc.load([k0 // 64, off_n]).T.to(tl.float32)
         w = _pair_operand(p_desc.load([off_n, k0 // 8]), _bf16x2(mf), _bf16x2(mf * -136.0), BLOCK_N, BLOCK_K, USE_PTX)

@@ -163,11 +163,10 @@ def launch(kernel, grid: tuple, args: tuple, num_warps: int = 4, num_stages: int
     opts = {"num_warps": num_warps}
     if num_stages is not None:
         opts["num_stages"] = num_stages
+    device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
     if pdl:
-        dev = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
-        if dev is None:
-            dev = next((a.base.device for a in args if is_descriptor(a)), None)
-        mode = pdl_mode(dev)
+        mode = pdl_mode(device if device is not None else
+                        next((a.base.device for a in args if is_descriptor(a)), None))
         constexprs["PDL"] = mode
         if mode:
             opts["launch_pdl"] = True
@@ -176,8 +175,7 @@ def launch(kernel, grid: tuple, args: tuple, num_warps: int = 4, num_stages: int
         if _recording is not None:
             _recording.append(None)
         return
-    dev = next((a.device.index for a in args if isinstance(a, torch.Tensor)), None)
-    key = (kernel, dev, num_warps, num_stages, tuple(sorted(constexprs.items())), tuple(_spec(a) for a in args))
+    key = (kernel, None if device is None else device.index, num_warps, num_stages, tuple(sorted(constexprs.items())), tuple(_spec(a) for a in args))
     hit = _cache.get(key)
     if hit is None:
         compiled = kernel[grid](*args, **constexprs, **opts)
