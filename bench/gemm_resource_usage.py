@@ -220,10 +220,14 @@ def gluon_usage(bindir: str, plain: bool) -> int:
     kernels = [("cooperative", g._w4a4_gemm_ws_kernel, (128, 256, 128), dict(STAGES=4, INSTR_N=128, WARPS=8), 8),
                ("cooperative", g._w4a4_gemm_ws_kernel, (128, 128, 128), dict(STAGES=5, INSTR_N=128, WARPS=8), 8),
                ("ping-pong", g._w4a4_gemm_pingpong_kernel, (128, 128, 128), dict(STAGES=4, INSTR_N=128, **g.pingpong_registers(40)), 4),
+               ("ping-pong, branch in the epilogue", g._w4a4_gemm_pingpong_kernel, (128, 128, 128),
+                dict(STAGES=4, INSTR_N=128, BRANCH_IN_TURN=False, **g.pingpong_registers(40)), 4),
                ("ping-pong, producer 24 registers", g._w4a4_gemm_pingpong_kernel, (128, 128, 128),
                 dict(STAGES=4, INSTR_N=128, **g.pingpong_registers(24)), 4),
                ("ping-pong", g._w4a4_gemm_pingpong_kernel, (64, 256, 128), dict(STAGES=4, INSTR_N=128, **g.pingpong_registers(40)), 4)]
     for (label, fn, (bm, bn, bk), extra, warps), gelu in [(k, gelu) for k in kernels for gelu in (False, True)]:
+        if "BRANCH_IN_TURN" in fn.arg_names and "BRANCH_IN_TURN" not in extra:  # as launched at rank 32
+            extra = dict(extra, BRANCH_IN_TURN=True)
         a = torch.empty(256, 256, dtype=torch.int8)
         descs = {"a_desc": TensorDescriptor(a, [256, 256], [256, 1], [bm, bk], gl.NVMMASharedLayout.get_default_for([bm, bk], gl.int8)),
                  "b_desc": TensorDescriptor(a, [256, 256], [256, 1], [bn, bk], gl.NVMMASharedLayout.get_default_for([bn, bk], gl.int8))}

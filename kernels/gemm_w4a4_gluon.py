@@ -110,6 +110,65 @@ def _gelu_tanh(y):
 
 
 @gluon.jit
+def _tile_scales(pid_m, pid_n, ascale_ptr, wscale_ptr, M, N, BM: gl.constexpr, BN: gl.constexpr,
+                 INSTR_N: gl.constexpr, WARPS: gl.constexpr):
+    """Per-token and per-channel scales of a tile, in the epilogue's row and column layouts."""
+    y_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+                                                       instr_shape=[16, INSTR_N, 16])
+    rm = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, y_layout))
+    rn = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, y_layout))
+    sa = gl.load(ascale_ptr + rm, mask=rm < M, other=0.0)
+    sw = gl.load(wscale_ptr + rn, mask=rn < N, other=0.0)
+    return sa, sw
+
+
+@gluon.jit
+def _branch_chunk(r0, pid_m, pid_n, up_smem, lora_ptr, up_ptr, M, N, R, stride_lm, stride_un, BM: gl.constexpr,
+                  BN: gl.constexpr, INSTR_N: gl.constexpr, R_CHUNK: gl.constexpr, WARPS: gl.constexpr):
+    """Ranks r0 … r0 + R_CHUNK of the branch: lora_act rows as the MMA's register operand (bf16), the proj_up chunk
+    staged in ``up_smem`` (stored, fenced and synced for wgmma). Returns the register operand."""
+    y_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+                                                       instr_shape=[16, INSTR_N, 16])
+    la_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=y_layout, k_width=2)
+    up_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // (R_CHUNK // 8), R_CHUNK // 8],
+                                               warps_per_cta=[WARPS, 1], order=[1, 0])
+    lm = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, la_layout))
+    un = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, up_layout))
+    lr = r0 + gl.arange(0, R_CHUNK, layout=gl.SliceLayout(0, la_layout))
+    la = gl.load(lora_ptr + lm[:, None] * stride_lm + lr[None, :],
+                 mask=(lm < M)[:, None] & (lr < R)[None, :], other=0.0).to(gl.bfloat16)
+    ur = r0 + gl.arange(0, R_CHUNK, layout=gl.SliceLayout(0, up_layout))
+    up = gl.load(up_ptr + un[:, None] * stride_un + ur[None, :],
+                 mask=(un < N)[:, None] & (ur < R)[None, :], other=0.0)
+    gl.thread_barrier()  # the previous chunk's (or tile's) MMA has finished reading up_smem
+    up_smem.store(up.to(gl.bfloat16))
+    fence_async_shared()
+    gl.thread_barrier()
+    return la
+
+
+@gluon.jit
+def _tile_finish(y, pid_m, pid_n, bias_ptr, c_ptr, M, N, stride_cm, BM: gl.constexpr, BN: gl.constexpr,
+                 INSTR_N: gl.constexpr, HAS_BIAS: gl.constexpr, GELU: gl.constexpr, ACCUMULATE: gl.constexpr,
+                 WARPS: gl.constexpr):
+    """Bias, GELU, optional accumulation into the output, one 16-bit store."""
+    y_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+                                                       instr_shape=[16, INSTR_N, 16])
+    rm = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, y_layout))
+    rn = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, y_layout))
+    nmask = rn < N
+    if HAS_BIAS:
+        y += gl.load(bias_ptr + rn, mask=nmask, other=0.0).to(gl.float32)[None, :]
+    if GELU:
+        y = _gelu_tanh(y)
+    c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :]
+    cmask = (rm < M)[:, None] & nmask[None, :]
+    if ACCUMULATE:
+        y += gl.load(c_ptrs, mask=cmask, other=0.0).to(gl.float32)
+    gl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=cmask)
+
+
+@gluon.jit
 def _tile_epilogue(acc, pid_m, pid_n, up_smem, ascale_ptr, wscale_ptr, lora_ptr, up_ptr, bias_ptr, c_ptr, M, N, R,
                    stride_lm, stride_un, stride_cm, BM: gl.constexpr, BN: gl.constexpr, INSTR_N: gl.constexpr,
                    HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr, GELU: gl.constexpr, ACCUMULATE: gl.constexpr,
@@ -118,41 +177,15 @@ def _tile_epilogue(acc, pid_m, pid_n, up_smem, ascale_ptr, wscale_ptr, lora_ptr,
     the Triton kernel's epilogue term for term, so outputs are bit-identical."""
     y_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                        instr_shape=[16, INSTR_N, 16])
-    la_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=y_layout, k_width=2)
-    up_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // (R_CHUNK // 8), R_CHUNK // 8],
-                                               warps_per_cta=[WARPS, 1], order=[1, 0])
-    rm = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, y_layout))
-    rn = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, y_layout))
-    mmask = rm < M
-    nmask = rn < N
-    sa = gl.load(ascale_ptr + rm, mask=mmask, other=0.0)
-    sw = gl.load(wscale_ptr + rn, mask=nmask, other=0.0)
+    sa, sw = _tile_scales(pid_m, pid_n, ascale_ptr, wscale_ptr, M, N, BM, BN, INSTR_N, WARPS)
     y = gl.convert_layout(acc.to(gl.float32), y_layout) * sa[:, None] * sw[None, :]
     if HAS_LORA:
-        lm = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, la_layout))
-        un = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, up_layout))
         for r0 in gl.static_range(0, BLOCK_R, R_CHUNK):
-            lr = r0 + gl.arange(0, R_CHUNK, layout=gl.SliceLayout(0, la_layout))
-            la = gl.load(lora_ptr + lm[:, None] * stride_lm + lr[None, :],
-                         mask=(lm < M)[:, None] & (lr < R)[None, :], other=0.0).to(gl.bfloat16)
-            ur = r0 + gl.arange(0, R_CHUNK, layout=gl.SliceLayout(0, up_layout))
-            up = gl.load(up_ptr + un[:, None] * stride_un + ur[None, :],
-                         mask=(un < N)[:, None] & (ur < R)[None, :], other=0.0)
-            gl.thread_barrier()  # the previous chunk's (or tile's) MMA has finished reading up_smem
-            up_smem.store(up.to(gl.bfloat16))
-            fence_async_shared()
-            gl.thread_barrier()
+            la = _branch_chunk(r0, pid_m, pid_n, up_smem, lora_ptr, up_ptr, M, N, R, stride_lm, stride_un, BM, BN,
+                               INSTR_N, R_CHUNK, WARPS)
             y = warpgroup_mma(la, up_smem.permute((1, 0)), y, is_async=True)
             y = warpgroup_mma_wait(num_outstanding=0, deps=(y,))
-    if HAS_BIAS:
-        y += gl.load(bias_ptr + rn, mask=nmask, other=0.0).to(gl.float32)[None, :]
-    if GELU:
-        y = _gelu_tanh(y)
-    c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :]
-    cmask = mmask[:, None] & nmask[None, :]
-    if ACCUMULATE:
-        y += gl.load(c_ptrs, mask=cmask, other=0.0).to(gl.float32)
-    gl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=cmask)
+    _tile_finish(y, pid_m, pid_n, bias_ptr, c_ptr, M, N, stride_cm, BM, BN, INSTR_N, HAS_BIAS, GELU, ACCUMULATE, WARPS)
 
 
 @gluon.jit
@@ -213,27 +246,46 @@ def _pingpong_consumer(a_bufs, b_bufs, up_smem, ready, empty, turn, ascale_ptr, 
                        BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
                        GROUP_M: gl.constexpr, INSTR_N: gl.constexpr, HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr,
                        GELU: gl.constexpr, ACCUMULATE: gl.constexpr, BLOCK_R: gl.constexpr, R_CHUNK: gl.constexpr,
-                       WG: gl.constexpr):
+                       BRANCH_IN_TURN: gl.constexpr, WG: gl.constexpr):
     """One warpgroup taking every other tile of its program (``WG`` = 0 or 1), its main loops alternating with the
     other warpgroup's: it waits on ``turn[WG]`` until the other has issued every MMA of the tile before, and passes
     the turn back once its own are issued. So one warpgroup's epilogue runs under the other's MMAs, and the two walk
     the stage ring in the producer's order (which also keeps mbarrier phases within one of each other)."""
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, INSTR_N, 32])
+    y_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, INSTR_N, 16])
     num_m, num_n, k_tiles = _schedule(M, N, KP, BM, BN, BK)
     j = WG  # this tile's place in the program's tile sequence (the producer's order)
     for tile in range(gl.program_id(0) + WG * gl.num_programs(0), num_m * num_n, 2 * gl.num_programs(0)):
         pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
+        if BRANCH_IN_TURN:  # the branch operands and scales are fetched before the turn, under the other's MMAs
+            la = _branch_chunk(0, pid_m, pid_n, up_smem.index(WG), lora_ptr, up_ptr, M, N, R, stride_lm, stride_un,
+                               BM, BN, INSTR_N, R_CHUNK, 4)
+            sa, sw = _tile_scales(pid_m, pid_n, ascale_ptr, wscale_ptr, M, N, BM, BN, INSTR_N, 4)
         mbarrier.wait(turn.index(WG), ((j - 1) // 2) & 1, pred=j > 0)
         it = j * k_tiles
         acc = gl.zeros([BM, BN], gl.int32, layout=acc_layout)
         acc, it = _mainloop(a_bufs, b_bufs, ready, empty, acc, it, k_tiles, STAGES)
-        mbarrier.arrive(turn.index(1 - WG))  # every MMA of this tile is issued: the other warpgroup's turn
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
-        _tile_epilogue(acc, pid_m, pid_n, up_smem.index(WG), ascale_ptr, wscale_ptr, lora_ptr, up_ptr, bias_ptr, c_ptr,
-                       M, N, R, stride_lm, stride_un, stride_cm, BM, BN, INSTR_N, HAS_LORA, HAS_BIAS, GELU, ACCUMULATE,
-                       BLOCK_R, R_CHUNK, 4)
+        if BRANCH_IN_TURN:
+            # The branch MMA right behind this tile's own int8 MMAs, before the turn passes: issued from the
+            # epilogue while the other warpgroup streams its main loop, it held that warpgroup's MMAs back
+            # (H100: +10-14% at K = 3072, bench/gluon_epilogue_probe.py).
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
+            y = gl.convert_layout(acc.to(gl.float32), y_layout) * sa[:, None] * sw[None, :]
+            y = warpgroup_mma(la, up_smem.index(WG).permute((1, 0)), y, is_async=True)
+            mbarrier.arrive(turn.index(1 - WG))
+            y = warpgroup_mma_wait(num_outstanding=0, deps=(y,))
+            _tile_finish(y, pid_m, pid_n, bias_ptr, c_ptr, M, N, stride_cm, BM, BN, INSTR_N, HAS_BIAS, GELU,
+                         ACCUMULATE, 4)
+        else:
+            mbarrier.arrive(turn.index(1 - WG))  # every MMA of this tile is issued: the other warpgroup's turn
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
+            _tile_epilogue(acc, pid_m, pid_n, up_smem.index(WG), ascale_ptr, wscale_ptr, lora_ptr, up_ptr, bias_ptr,
+                           c_ptr, M, N, R, stride_lm, stride_un, stride_cm, BM, BN, INSTR_N, HAS_LORA, HAS_BIAS, GELU,
+                           ACCUMULATE, BLOCK_R, R_CHUNK, 4)
         j += 2
 
 
@@ -243,7 +295,8 @@ def _w4a4_gemm_pingpong_kernel(a_desc, b_desc, ascale_ptr, wscale_ptr, lora_ptr,
                                HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr, GELU: gl.constexpr,
                                ACCUMULATE: gl.constexpr, BLOCK_R: gl.constexpr, R_CHUNK: gl.constexpr,
                                STAGES: gl.constexpr, GROUP_M: gl.constexpr, INSTR_N: gl.constexpr,
-                               CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, PDL: gl.constexpr = False):
+                               CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+                               BRANCH_IN_TURN: gl.constexpr = False, PDL: gl.constexpr = False):
     """Ping-pong schedule: a producer warp and two consumer warpgroups, each with whole tiles of its own (BM rows
     per warpgroup), whose main loops take turns (``_pingpong_consumer``). The cooperative kernel above runs its
     epilogue with the tensor cores idle; here the other warpgroup's MMAs fill that time."""
@@ -266,10 +319,10 @@ def _w4a4_gemm_pingpong_kernel(a_desc, b_desc, ascale_ptr, wscale_ptr, lora_ptr,
     gl.warp_specialize([
         (_pingpong_consumer, (a_bufs, b_bufs, up_smem, ready, empty, turn, ascale_ptr, wscale_ptr, lora_ptr, up_ptr,
                               bias_ptr, c_ptr, M, N, KP, R, stride_lm, stride_un, stride_cm, BM, BN, BK, STAGES, GROUP_M,
-                              INSTR_N, HAS_LORA, HAS_BIAS, GELU, ACCUMULATE, BLOCK_R, R_CHUNK, 0)),
+                              INSTR_N, HAS_LORA, HAS_BIAS, GELU, ACCUMULATE, BLOCK_R, R_CHUNK, BRANCH_IN_TURN, 0)),
         (_pingpong_consumer, (a_bufs, b_bufs, up_smem, ready, empty, turn, ascale_ptr, wscale_ptr, lora_ptr, up_ptr,
                               bias_ptr, c_ptr, M, N, KP, R, stride_lm, stride_un, stride_cm, BM, BN, BK, STAGES, GROUP_M,
-                              INSTR_N, HAS_LORA, HAS_BIAS, GELU, ACCUMULATE, BLOCK_R, R_CHUNK, 1)),
+                              INSTR_N, HAS_LORA, HAS_BIAS, GELU, ACCUMULATE, BLOCK_R, R_CHUNK, BRANCH_IN_TURN, 1)),
         (_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, KP, BM, BN, BK, STAGES, GROUP_M)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
     _pdl_end(PDL)
@@ -289,11 +342,20 @@ def launch_ws(cfg_kwargs: dict, num_warps: int, args: tuple, flags: dict, m: int
     if cfg_kwargs.get("PINGPONG"):  # BLOCK_M rows per warpgroup; the default partition is one warpgroup
         launch(_w4a4_gemm_pingpong_kernel, (programs,), (a_desc, b_desc) + args[2:12] + args[14:17],
                num_warps=4, **flags, STAGES=cfg_kwargs["STAGES"], GROUP_M=cfg_kwargs["GROUP_M"],
-               INSTR_N=min(bn, 128), **pingpong_registers(cfg_kwargs.get("PRODUCER_REGS", 40)), pdl=True)
+               INSTR_N=min(bn, 128), **pingpong_registers(cfg_kwargs.get("PRODUCER_REGS", 40)),
+               BRANCH_IN_TURN=branch_in_turn(cfg_kwargs, flags), pdl=True)
         return
     launch(_w4a4_gemm_ws_kernel, (programs,), (a_desc, b_desc) + args[2:12] + args[14:17],
            num_warps=num_warps, **flags, STAGES=cfg_kwargs["STAGES"], GROUP_M=cfg_kwargs["GROUP_M"],
            INSTR_N=min(bn, 128), WARPS=num_warps, pdl=True)
+
+
+def branch_in_turn(cfg_kwargs: dict, flags: dict) -> bool:
+    """Whether the ping-pong kernel issues the branch MMA in its warpgroup's turn (right after the tile's int8 MMAs)
+    rather than in the epilogue: for a branch of one chunk (``R_CHUNK`` = ``BLOCK_R``: rank ≤ 64) unless the
+    config says ``BRANCH_IN_TURN: False``; wider branches keep the chunked epilogue."""
+    one_chunk = flags.get("HAS_LORA") and flags.get("BLOCK_R") == flags.get("R_CHUNK")
+    return bool(one_chunk and cfg_kwargs.get("BRANCH_IN_TURN", True))
 
 
 def pingpong_registers(producer: int) -> dict:
