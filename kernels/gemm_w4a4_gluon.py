@@ -17,6 +17,8 @@ bias, GELU, optional accumulate into the output, one 16-bit store.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 from triton.experimental import gluon
@@ -351,11 +353,16 @@ def launch_ws(cfg_kwargs: dict, num_warps: int, args: tuple, flags: dict, m: int
 
 
 def branch_in_turn(cfg_kwargs: dict, flags: dict) -> bool:
-    """Whether the ping-pong kernel issues the branch MMA in its warpgroup's turn (right after the tile's int8 MMAs)
-    rather than in the epilogue: for a branch of one chunk (``R_CHUNK`` = ``BLOCK_R``: rank ≤ 64) unless the
-    config says ``BRANCH_IN_TURN: False``; wider branches keep the chunked epilogue."""
+    """Whether the ping-pong kernel issues the branch MMA in its warpgroup's turn, right after the tile's int8 MMAs
+    (``turn``, the default), or in the epilogue (``epilogue``): config key ``BRANCH``, else ``SVDQ_BRANCH``. Only
+    a branch of one chunk (``R_CHUNK`` = ``BLOCK_R``: rank ≤ 64) goes in the turn; wider ones keep the epilogue's
+    chunks. A third way measured and dropped: the branch as rank-one updates on the CUDA cores in the epilogue,
+    2.7× slower (BENCHMARKS.md, session 12)."""
+    choice = cfg_kwargs.get("BRANCH") or os.environ.get("SVDQ_BRANCH", "turn").lower()
+    if choice not in ("turn", "epilogue"):
+        raise ValueError(f"SVDQ_BRANCH must be 'turn' or 'epilogue', not {choice!r}")
     one_chunk = flags.get("HAS_LORA") and flags.get("BLOCK_R") == flags.get("R_CHUNK")
-    return bool(one_chunk and cfg_kwargs.get("BRANCH_IN_TURN", True))
+    return bool(one_chunk and choice == "turn")
 
 
 def pingpong_registers(producer: int) -> dict:

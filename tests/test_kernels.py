@@ -652,6 +652,48 @@ def test_pingpong_schedule_bit_identical_to_tma(m, rank, acc, gelu, tile, triton
         assert torch.equal(got, want)
 
 
+@pytest.mark.skipif(not SM90, reason="Gluon wgmma kernel: sm_90")
+@pytest.mark.parametrize("branch", ["turn", "epilogue"])
+def test_pingpong_branch_placement_same_bits(branch, triton_kernels):
+    """The branch MMA issued in the warpgroup's turn (default) or in the epilogue: the same bits as the TMA kernel."""
+    from svdq.kernels.act_quant import quantize_activation
+    from svdq.kernels.gemm_w4a4 import expand_weight, w4a4_gemm
+
+    layer = random_layer(3072, 3072, 32, True, device=DEV, seed=7)
+    x = torch.randn(2000, 3072, device=DEV, dtype=torch.bfloat16)
+    a8, sa, lora = quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down)
+    w8 = expand_weight(layer.qweight, layer.wmult)
+    cfg = {"kwargs": {"SCHEDULE": "gluon", "PINGPONG": True, "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128,
+                      "STAGES": 4, "GROUP_M": 8, "BRANCH": branch}, "num_warps": 4, "num_stages": 1}
+    want = w4a4_gemm(a8, sa, w8, layer.wscale, lora, layer.proj_up, layer.bias, torch.bfloat16, schedule="tma")
+    got = w4a4_gemm(a8, sa, w8, layer.wscale, lora, layer.proj_up, layer.bias, torch.bfloat16, config=cfg)
+    torch.cuda.synchronize()
+    assert torch.equal(got, want)
+
+
+def test_branch_placement_choice(monkeypatch):
+    """Which branches the ping-pong kernel issues in the turn: one chunk only, ``SVDQ_BRANCH`` / ``BRANCH`` can
+    move it to the epilogue, anything else is refused by name."""
+    gluon = pytest.importorskip("svdq.kernels.gemm_w4a4_gluon")
+    from svdq.kernels.gemm_w4a4 import branch_chunks
+
+    def flags(rank):
+        block_r, chunk = branch_chunks(rank)
+        return {"HAS_LORA": rank > 0, "BLOCK_R": block_r, "R_CHUNK": chunk}
+
+    monkeypatch.delenv("SVDQ_BRANCH", raising=False)
+    assert gluon.branch_in_turn({}, flags(32)) and gluon.branch_in_turn({}, flags(64))
+    assert not gluon.branch_in_turn({}, flags(96))  # three chunks of 32: the epilogue's loop
+    assert not gluon.branch_in_turn({}, flags(0))
+    assert not gluon.branch_in_turn({"BRANCH": "epilogue"}, flags(32))
+    monkeypatch.setenv("SVDQ_BRANCH", "epilogue")
+    assert not gluon.branch_in_turn({}, flags(32))
+    assert gluon.branch_in_turn({"BRANCH": "turn"}, flags(32))
+    monkeypatch.setenv("SVDQ_BRANCH", "sideways")
+    with pytest.raises(ValueError, match="SVDQ_BRANCH"):
+        gluon.branch_in_turn({}, flags(32))
+
+
 def test_tuner_offers_gluon_configs_only_where_they_run(monkeypatch):
     """The warp-specialized schedule is a candidate only for sm_90 calls with a 16-bit (or no) branch; fp32 data
     (fp32 dots in the epilogue) and other GPUs tune over the Triton kernels alone."""
