@@ -6,7 +6,11 @@ warpgroup's epilogue should hide under the other's main loop. This builds edited
 the shipped kernel in one run (CUDA-graph µs). Some edits are deliberately unsafe (no fence, no barriers): they are
 timing probes, their outputs are only compared, never used.
 
-    python3 bench/gluon_epilogue_probe.py
+    python3 bench/gluon_epilogue_probe.py --source <(git show 24c0d47:kernels/gemm_w4a4_gluon.py)
+
+The edits match the epilogue as it was before the branch moved into the warpgroup's turn (commit 6b8e478), so
+``--source`` names that version (the run in BENCHMARKS.md, session 12, used it); against a later source the probe
+says which edit no longer matches.
 """
 
 from __future__ import annotations
@@ -41,8 +45,8 @@ EDITS = {
 }
 
 
-def edited_module(name: str, edits: list):
-    text = SRC.read_text()
+def edited_module(name: str, edits: list, source: Path = SRC):
+    text = source.read_text()
     for old, new in edits:
         if old not in text:
             raise RuntimeError(f"probe edit for {name!r} no longer matches the kernel source")
@@ -59,7 +63,13 @@ def edited_module(name: str, edits: list):
 
 
 def main() -> None:
+    import argparse
+
     import triton
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--source", type=Path, default=SRC, help="the Gluon kernel source to edit")
+    source = ap.parse_args().source
 
     from svdq.kernels.act_quant import quantize_activation
     from svdq.kernels.gemm_w4a4 import branch_chunks, expand_weight
@@ -68,7 +78,7 @@ def main() -> None:
     mods = {}
     for name, edits in EDITS.items():
         try:
-            mods[name] = edited_module(name, edits)
+            mods[name] = edited_module(name, edits, source)
         except Exception as exc:
             print(f"{name}: {exc}", flush=True)
     cfg = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "STAGES": 4, "GROUP_M": 8, "PINGPONG": True}
