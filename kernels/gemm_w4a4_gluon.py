@@ -12,7 +12,10 @@ runs the epilogue. H100: 12-13% faster than the Triton kernel at K = 12288 / 153
 
 Epilogue as in the Triton kernel: per-token × per-channel scales, the low-rank branch ``lora_act · proj_upᵀ``
 taken R_CHUNK ranks at a time on bf16 wgmma (proj_up chunk staged in shared memory, lora_act from registers),
-bias, GELU, optional accumulate into the output, one 16-bit store.
+bias, GELU, optional accumulate into the output, one 16-bit store. In the ping-pong kernel a branch of one chunk
+(rank ≤ 64) is issued in the warpgroup's own turn instead, right after its tile's int8 MMAs: a bf16 wgmma issued
+from the epilogue while the other warpgroup streams its int8 MMAs held that stream back (H100: the branch cost
+10-14% of the GEMM at K = 3072 that way, 4-6% now; ``bench/gemm_epilogue_ab.py``).
 """
 
 from __future__ import annotations
@@ -252,7 +255,9 @@ def _pingpong_consumer(a_bufs, b_bufs, up_smem, ready, empty, turn, ascale_ptr, 
     """One warpgroup taking every other tile of its program (``WG`` = 0 or 1), its main loops alternating with the
     other warpgroup's: it waits on ``turn[WG]`` until the other has issued every MMA of the tile before, and passes
     the turn back once its own are issued. So one warpgroup's epilogue runs under the other's MMAs, and the two walk
-    the stage ring in the producer's order (which also keeps mbarrier phases within one of each other)."""
+    the stage ring in the producer's order (which also keeps mbarrier phases within one of each other).
+    ``BRANCH_IN_TURN``: the branch MMA goes in the turn, after this tile's int8 MMAs have completed and before the
+    turn passes (its operands and the scales are loaded before the turn, under the other warpgroup's MMAs)."""
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, INSTR_N, 32])
     y_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
