@@ -59,22 +59,10 @@ def gelu_only(y):
 
 
 def timed(fn, args, reps: int = 50) -> float:
-    for _ in range(3):
-        fn(*args)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn(*args)
-    times = []
-    for _ in range(5):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        g.replay()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e) * 1000 / reps)
-    return sorted(times)[len(times) // 2]
+    """µs per call under a CUDA graph of ``reps`` calls (``pdl_ab.graph_us``)."""
+    from pdl_ab import graph_us
+
+    return graph_us(lambda: fn(*args), calls=reps, replays=5)
 
 
 def kernels(fn, args) -> list[str]:
