@@ -116,10 +116,8 @@ def _gelu_tanh(y):
 
 @gluon.jit
 def _tile_scales(pid_m, pid_n, ascale_ptr, wscale_ptr, M, N, BM: gl.constexpr, BN: gl.constexpr,
-                 INSTR_N: gl.constexpr, WARPS: gl.constexpr):
+                 y_layout: gl.constexpr):
     """Per-token and per-channel scales of a tile, in the epilogue's row and column layouts."""
-    y_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
-                                                       instr_shape=[16, INSTR_N, 16])
     rm = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, y_layout))
     rn = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, y_layout))
     sa = gl.load(ascale_ptr + rm, mask=rm < M, other=0.0)
@@ -129,11 +127,9 @@ def _tile_scales(pid_m, pid_n, ascale_ptr, wscale_ptr, M, N, BM: gl.constexpr, B
 
 @gluon.jit
 def _branch_chunk(r0, pid_m, pid_n, up_smem, lora_ptr, up_ptr, M, N, R, stride_lm, stride_un, BM: gl.constexpr,
-                  BN: gl.constexpr, INSTR_N: gl.constexpr, R_CHUNK: gl.constexpr, WARPS: gl.constexpr):
+                  BN: gl.constexpr, R_CHUNK: gl.constexpr, y_layout: gl.constexpr, WARPS: gl.constexpr):
     """Ranks r0 … r0 + R_CHUNK of the branch: lora_act rows as the MMA's register operand (bf16), the proj_up chunk
     staged in ``up_smem`` (stored, fenced and synced for wgmma). Returns the register operand."""
-    y_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
-                                                       instr_shape=[16, INSTR_N, 16])
     la_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=y_layout, k_width=2)
     up_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // (R_CHUNK // 8), R_CHUNK // 8],
                                                warps_per_cta=[WARPS, 1], order=[1, 0])
@@ -154,11 +150,8 @@ def _branch_chunk(r0, pid_m, pid_n, up_smem, lora_ptr, up_ptr, M, N, R, stride_l
 
 @gluon.jit
 def _tile_finish(y, pid_m, pid_n, bias_ptr, c_ptr, M, N, stride_cm, BM: gl.constexpr, BN: gl.constexpr,
-                 INSTR_N: gl.constexpr, HAS_BIAS: gl.constexpr, GELU: gl.constexpr, ACCUMULATE: gl.constexpr,
-                 WARPS: gl.constexpr):
+                 HAS_BIAS: gl.constexpr, GELU: gl.constexpr, ACCUMULATE: gl.constexpr, y_layout: gl.constexpr):
     """Bias, GELU, optional accumulation into the output, one 16-bit store."""
-    y_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
-                                                       instr_shape=[16, INSTR_N, 16])
     rm = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, y_layout))
     rn = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, y_layout))
     nmask = rn < N
@@ -182,15 +175,15 @@ def _tile_epilogue(acc, pid_m, pid_n, up_smem, ascale_ptr, wscale_ptr, lora_ptr,
     the Triton kernel's epilogue term for term, so outputs are bit-identical."""
     y_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                        instr_shape=[16, INSTR_N, 16])
-    sa, sw = _tile_scales(pid_m, pid_n, ascale_ptr, wscale_ptr, M, N, BM, BN, INSTR_N, WARPS)
+    sa, sw = _tile_scales(pid_m, pid_n, ascale_ptr, wscale_ptr, M, N, BM, BN, y_layout)
     y = gl.convert_layout(acc.to(gl.float32), y_layout) * sa[:, None] * sw[None, :]
     if HAS_LORA:
         for r0 in gl.static_range(0, BLOCK_R, R_CHUNK):
             la = _branch_chunk(r0, pid_m, pid_n, up_smem, lora_ptr, up_ptr, M, N, R, stride_lm, stride_un, BM, BN,
-                               INSTR_N, R_CHUNK, WARPS)
+                               R_CHUNK, y_layout, WARPS)
             y = warpgroup_mma(la, up_smem.permute((1, 0)), y, is_async=True)
             y = warpgroup_mma_wait(num_outstanding=0, deps=(y,))
-    _tile_finish(y, pid_m, pid_n, bias_ptr, c_ptr, M, N, stride_cm, BM, BN, INSTR_N, HAS_BIAS, GELU, ACCUMULATE, WARPS)
+    _tile_finish(y, pid_m, pid_n, bias_ptr, c_ptr, M, N, stride_cm, BM, BN, HAS_BIAS, GELU, ACCUMULATE, y_layout)
 
 
 @gluon.jit
@@ -268,28 +261,27 @@ def _pingpong_consumer(a_bufs, b_bufs, up_smem, ready, empty, turn, ascale_ptr, 
         pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
         if BRANCH_IN_TURN:  # the branch operands and scales are fetched before the turn, under the other's MMAs
             la = _branch_chunk(0, pid_m, pid_n, up_smem.index(WG), lora_ptr, up_ptr, M, N, R, stride_lm, stride_un,
-                               BM, BN, INSTR_N, R_CHUNK, 4)
-            sa, sw = _tile_scales(pid_m, pid_n, ascale_ptr, wscale_ptr, M, N, BM, BN, INSTR_N, 4)
+                               BM, BN, R_CHUNK, y_layout, 4)
+            sa, sw = _tile_scales(pid_m, pid_n, ascale_ptr, wscale_ptr, M, N, BM, BN, y_layout)
         mbarrier.wait(turn.index(WG), ((j - 1) // 2) & 1, pred=j > 0)
         it = j * k_tiles
         acc = gl.zeros([BM, BN], gl.int32, layout=acc_layout)
         acc, it = _mainloop(a_bufs, b_bufs, ready, empty, acc, it, k_tiles, STAGES)
+        if not BRANCH_IN_TURN:
+            mbarrier.arrive(turn.index(1 - WG))  # every MMA of this tile is issued: the other warpgroup's turn
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
         if BRANCH_IN_TURN:
             # The branch MMA right behind this tile's own int8 MMAs, before the turn passes: issued from the
             # epilogue while the other warpgroup streams its main loop, it held that warpgroup's MMAs back
             # (H100: +10-14% at K = 3072, bench/gluon_epilogue_probe.py).
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-            mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
             y = gl.convert_layout(acc.to(gl.float32), y_layout) * sa[:, None] * sw[None, :]
             y = warpgroup_mma(la, up_smem.index(WG).permute((1, 0)), y, is_async=True)
             mbarrier.arrive(turn.index(1 - WG))
             y = warpgroup_mma_wait(num_outstanding=0, deps=(y,))
-            _tile_finish(y, pid_m, pid_n, bias_ptr, c_ptr, M, N, stride_cm, BM, BN, INSTR_N, HAS_BIAS, GELU,
-                         ACCUMULATE, 4)
+            _tile_finish(y, pid_m, pid_n, bias_ptr, c_ptr, M, N, stride_cm, BM, BN, HAS_BIAS, GELU, ACCUMULATE,
+                         y_layout)
         else:
-            mbarrier.arrive(turn.index(1 - WG))  # every MMA of this tile is issued: the other warpgroup's turn
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-            mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
             _tile_epilogue(acc, pid_m, pid_n, up_smem.index(WG), ascale_ptr, wscale_ptr, lora_ptr, up_ptr, bias_ptr,
                            c_ptr, M, N, R, stride_lm, stride_un, stride_cm, BM, BN, INSTR_N, HAS_LORA, HAS_BIAS, GELU,
                            ACCUMULATE, BLOCK_R, R_CHUNK, 4)
