@@ -32,6 +32,66 @@ DOUBLE = [("img qkv", 4096, 3072, 9216, False), ("txt qkv", 512, 3072, 9216, Fal
 SINGLE = [("linear1", 4608, 3072, 21504, False), ("linear2", 4608, 15360, 3072, False)]
 
 
+def profiled_pass(one_pass, flag: str, passes: int = 3) -> tuple[float, dict]:
+    """GPU ms per pass (kernel time, host excluded) and its split by kernel, from the torch profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    os.environ["SVDQ_PREFETCH"] = flag
+    one_pass()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(passes):
+            one_pass()
+        torch.cuda.synchronize()
+    kinds: dict = {}
+    for e in prof.key_averages():
+        if e.device_type.name == "CUDA" or getattr(e, "device_time_total", 0):
+            t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+            if t:
+                kinds[e.key[:40]] = kinds.get(e.key[:40], 0.0) + t / 1e3 / passes
+    return sum(kinds.values()), kinds
+
+
+def kernel_costs(seq, batches: str) -> list:
+    """Each distinct GEMM alone, with its expander expanding the next layer's weight, and with the separate
+    expansion pass instead (CUDA-graph µs, direct kernel calls: no chain involved)."""
+    from linear import bench_graph
+    from svdq.kernels.act_quant import quantize_activation
+    from svdq.kernels.dispatch import PINGPONG_CONFIG
+    from svdq.kernels.gemm_w4a4 import expand_weight, w4a4_gemm
+
+    rows_out, seen = [], set()
+    for batch in (int(v) for v in batches.split(",")):
+        for i, (w, rows, k, gelu) in enumerate(seq):
+            nxt = seq[(i + 1) % len(seq)][0]
+            key = (batch, rows, k, w.out_features, nxt.out_features, nxt.in_features)
+            if key in seen:
+                continue
+            seen.add(key)
+            x = torch.randn(rows * batch, k, device="cuda", dtype=torch.bfloat16)
+            a8, sa, lora = quantize_activation(x, w.k_padded, w.smooth, w.proj_down)
+            w8 = expand_weight(w.qweight, w.wmult)
+            out = torch.empty(nxt.out_features, nxt.k_padded, dtype=torch.int8, device="cuda")
+            cfg = PINGPONG_CONFIG if rows * batch <= 1024 else None
+
+            def gemm(pf=None):
+                return w4a4_gemm(a8, sa, w8, w.wscale, lora, w.proj_up, w.bias, torch.bfloat16, gelu=gelu, config=cfg,
+                                 prefetch=pf)
+
+            r = {"batch": batch, "M": rows * batch, "K": k, "N": w.out_features,
+                 "next": f"{nxt.in_features}->{nxt.out_features}",
+                 "gemm": bench_graph(gemm),
+                 "gemm_expanding_next": bench_graph(lambda: gemm((nxt.qweight, nxt.wmult, out))),
+                 "expand_next_alone": bench_graph(lambda: expand_weight(nxt.qweight, nxt.wmult, out=out))}
+            ok = torch.equal(out, expand_weight(nxt.qweight, nxt.wmult))
+            print(f"M={r['M']:>5} {k:>5}->{w.out_features:<5} GEMM {r['gemm']:7.1f} µs, expanding {r['next']} beside it "
+                  f"{r['gemm_expanding_next']:7.1f} (+{r['gemm_expanding_next'] - r['gemm']:.1f}); that expansion alone "
+                  f"{r['expand_next_alone']:.1f}; expander output identical: {ok}", flush=True)
+            r["identical"] = ok
+            rows_out.append(r)
+    return rows_out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--double", type=int, default=3)
@@ -81,6 +141,10 @@ def main() -> int:
                 torch.cuda.synchronize()
                 times[flag].append(e0.elapsed_time(e1) / args.passes)
                 last[flag] = ys
+        gpu = {flag: profiled_pass(one_pass, flag) for flag in ("1", "0")}
+        for flag, (total, kinds) in gpu.items():
+            print(f"batch {batch}, SVDQ_PREFETCH={flag}: GPU {total:.3f} ms per pass: "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])), flush=True)
         same = all(torch.equal(a, b) for a, b in zip(last["1"], last["0"]))
         on, off = statistics.median(times["1"]), statistics.median(times["0"])
         per_step = (off - on) * (19 * 8 + 38 * 2) / len(seq)
@@ -88,8 +152,11 @@ def main() -> int:
               f"separate expansion {off:.3f} ({', '.join(f'{t:.3f}' for t in times['0'])}): {off / on:.4f}x, "
               f"{off - on:.3f} ms saved per pass, ~{per_step:.2f} ms per FLUX.1-dev step; outputs identical: {same}",
               flush=True)
-        out["batches"][batch] = {"on_ms": times["1"], "off_ms": times["0"], "identical": same, "per_step_ms": per_step}
+        out["batches"][batch] = {"on_ms": times["1"], "off_ms": times["0"], "identical": same, "per_step_ms": per_step,
+                                 "gpu_ms": {f: g[0] for f, g in gpu.items()}, "gpu_kinds": {f: g[1] for f, g in gpu.items()}}
     os.environ.pop("SVDQ_PREFETCH", None)
+    out["kernels"] = kernel_costs(seq[:len(DOUBLE)] + seq[len(DOUBLE) * args.double:][:len(SINGLE)], args.batch)  # captures
+    # CUDA graphs: after this the chain is off on this device, so it runs last
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -110,7 +110,7 @@ def test_prefetched_calls_give_the_same_bits(monkeypatch, triton_kernels):
         return outs
 
     off = run("0")
-    ch = dispatch.expansion_chain(torch.device(dev))
+    ch = dispatch.expansion_chain(xs[0].device)  # the arena's key: the device with its index
     hits = []
     orig = ch.commit
     monkeypatch.setattr(ch, "commit", lambda d: (hits.append(d.hit), orig(d))[1])
