@@ -60,6 +60,18 @@ def _pdl_end(PDL: gl.constexpr):
         gl.inline_asm_elementwise(_GDC_LAUNCH, "=r", [], dtype=gl.int32, is_pure=False, pack=1)
 
 
+_EXPAND_PTX = gl.constexpr("""{
+.reg .b32 x, y, e, o, k;
+xor.b32 x, $1, 0x8888;
+prmt.b32 y, x, 0, 0x4140;
+and.b32 e, y, 0x000F000F;
+shr.u32 o, y, 4;
+and.b32 o, o, 0x000F000F;
+mad.lo.u32 k, $2, 0xFFF7FFF8, 0x01000100;
+mad.lo.u32 e, e, $2, k;
+mad.lo.u32 o, o, $2, k;
+prmt.b32 $0, e, o, 0x6240;
+}""")  # a 16-bit word of four codes ($1) x its group's multiplier ($2) -> four int8 operands (see gemm_w4a4_packed)
 EXPANDER_WARPS = gl.constexpr(2)  # with the producer warp (and a padding warp) they fill the third warpgroup at its 40 registers
 
 
@@ -91,16 +103,17 @@ def _expander(xp_ptr, xm_ptr, xo_ptr, XN, XW16, stride_xp, stride_xm, stride_xo,
         g3 = gl.expand_dims(gl.expand_dims(g, 0), 2)
         w3 = g3 * 16 + gl.expand_dims(gl.expand_dims(words0, 0), 1)
         m3 = (n3 < XN) & (w3 < XW16)
-        p = gl.load(xp_ptr + n3 * stride_xp + w3, mask=m3, other=0).to(gl.int32)
+        # evict-first: the streamed weight must not push the GEMM's own operands out of L2
+        p = gl.load(xp_ptr + n3 * stride_xp + w3, mask=m3, other=0, eviction_policy="evict_first").to(gl.int32)
         n2 = gl.expand_dims(n, 1)
         g2 = gl.expand_dims(g, 0)
-        u = gl.load(xm_ptr + n2 * stride_xm + g2, mask=(n2 < XN) & (g2 * 16 < XW16), other=0).to(gl.int32)
-        u = gl.expand_dims(u, 2)
-        b0 = (((p << 28) >> 28) * u) & 0xFF
-        b1 = ((((p << 24) >> 28) * u) & 0xFF) << 8
-        b2 = ((((p << 20) >> 28) * u) & 0xFF) << 16
-        b3 = (((p << 16) >> 28) * u) << 24
-        gl.store(xo_ptr + n3 * stride_xo + w3, b0 | b1 | b2 | b3, mask=m3)
+        u = gl.load(xm_ptr + n2 * stride_xm + g2, mask=(n2 < XN) & (g2 * 16 < XW16), other=0,
+                    eviction_policy="evict_first").to(gl.int32)
+        u = gl.broadcast(gl.expand_dims(u, 2), p)[0]
+        # nine instructions a word (``gemm_w4a4_packed``'s unpacking, the four bytes gathered into one word): the
+        # expander shares its SM's issue slots with the GEMM, so its arithmetic is what it costs
+        q = gl.inline_asm_elementwise(_EXPAND_PTX, "=r,r,r", [p, u], dtype=gl.int32, is_pure=True, pack=1)
+        gl.store(xo_ptr + n3 * stride_xo + w3, q, mask=m3, eviction_policy="evict_first")
 
 
 @gluon.jit
