@@ -76,7 +76,7 @@ EXPANDER_WARPS = gl.constexpr(2)  # with the producer warp (and a padding warp) 
 
 
 @gluon.jit
-def _expander(xp_ptr, xm_ptr, xo_ptr, XN, XW16, stride_xp, stride_xm, stride_xo, WARPS: gl.constexpr):
+def _expander(xp_ptr, xm_ptr, xo_ptr, XN, XW16, stride_xp, stride_xm, stride_xo, XSLEEP, WARPS: gl.constexpr):
     """Expand *another* layer's packed weight (the layer the dispatcher expects next) into the other int8
     workspace while this GEMM runs, so that layer's call skips its expansion pass: the same arithmetic as
     ``gemm_w4a4._expand_words_kernel`` (16-bit words of four codes x the group's multiplier -> a 32-bit word of four
@@ -114,6 +114,9 @@ def _expander(xp_ptr, xm_ptr, xo_ptr, XN, XW16, stride_xp, stride_xm, stride_xo,
         # expander shares its SM's issue slots with the GEMM, so its arithmetic is what it costs
         q = gl.inline_asm_elementwise(_EXPAND_PTX, "=r,r,r", [p, u], dtype=gl.int32, is_pure=True, pack=1)
         gl.store(xo_ptr + n3 * stride_xo + w3, q, mask=m3, eviction_policy="evict_first")
+        if XSLEEP > 0:  # spread the traffic over the GEMM instead of a burst at its start
+            gl.inline_asm_elementwise("nanosleep.u32 $1; // $0", "=r,r", [XSLEEP], dtype=gl.int32, is_pure=False,
+                                      pack=1)
 
 
 @gluon.jit
@@ -269,7 +272,7 @@ def _consumer(a_bufs, b_bufs, up_smem, ready, empty, ascale_ptr, wscale_ptr, lor
 @gluon.jit
 def _w4a4_gemm_ws_kernel(a_desc, b_desc, ascale_ptr, wscale_ptr, lora_ptr, up_ptr, bias_ptr, c_ptr,
                          M, N, KP, R, stride_lm, stride_un, stride_cm,
-                         xp_ptr, xm_ptr, xo_ptr, XN, XW16, stride_xp, stride_xm, stride_xo,
+                         xp_ptr, xm_ptr, xo_ptr, XN, XW16, stride_xp, stride_xm, stride_xo, XSLEEP,
                          HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr, GELU: gl.constexpr, ACCUMULATE: gl.constexpr,
                          BLOCK_R: gl.constexpr, R_CHUNK: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
                          INSTR_N: gl.constexpr, WARPS: gl.constexpr, EXPAND: gl.constexpr = False,
@@ -295,7 +298,7 @@ def _w4a4_gemm_ws_kernel(a_desc, b_desc, ascale_ptr, wscale_ptr, lora_ptr, up_pt
                          c_ptr, M, N, KP, R, stride_lm, stride_un, stride_cm, BM, BN, BK, STAGES, GROUP_M, INSTR_N,
                          HAS_LORA, HAS_BIAS, GELU, ACCUMULATE, BLOCK_R, R_CHUNK, WARPS)),
             (_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, KP, BM, BN, BK, STAGES, GROUP_M)),
-            (_expander, (xp_ptr, xm_ptr, xo_ptr, XN, XW16, stride_xp, stride_xm, stride_xo, EXPANDER_WARPS)),
+            (_expander, (xp_ptr, xm_ptr, xo_ptr, XN, XW16, stride_xp, stride_xm, stride_xo, XSLEEP, EXPANDER_WARPS)),
         ], [1, EXPANDER_WARPS], [40, 40])
     else:
         gl.warp_specialize([
@@ -360,7 +363,7 @@ def _pingpong_consumer(a_bufs, b_bufs, up_smem, ready, empty, turn, ascale_ptr, 
 @gluon.jit
 def _w4a4_gemm_pingpong_kernel(a_desc, b_desc, ascale_ptr, wscale_ptr, lora_ptr, up_ptr, bias_ptr, c_ptr,
                                M, N, KP, R, stride_lm, stride_un, stride_cm,
-                               xp_ptr, xm_ptr, xo_ptr, XN, XW16, stride_xp, stride_xm, stride_xo,
+                               xp_ptr, xm_ptr, xo_ptr, XN, XW16, stride_xp, stride_xm, stride_xo, XSLEEP,
                                HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr, GELU: gl.constexpr,
                                ACCUMULATE: gl.constexpr, BLOCK_R: gl.constexpr, R_CHUNK: gl.constexpr,
                                STAGES: gl.constexpr, GROUP_M: gl.constexpr, INSTR_N: gl.constexpr,
@@ -397,7 +400,7 @@ def _w4a4_gemm_pingpong_kernel(a_desc, b_desc, ascale_ptr, wscale_ptr, lora_ptr,
                                   STAGES, GROUP_M, INSTR_N, HAS_LORA, HAS_BIAS, GELU, ACCUMULATE, BLOCK_R, R_CHUNK,
                                   BRANCH_IN_TURN, 1)),
             (_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, KP, BM, BN, BK, STAGES, GROUP_M)),
-            (_expander, (xp_ptr, xm_ptr, xo_ptr, XN, XW16, stride_xp, stride_xm, stride_xo, EXPANDER_WARPS)),
+            (_expander, (xp_ptr, xm_ptr, xo_ptr, XN, XW16, stride_xp, stride_xm, stride_xo, XSLEEP, EXPANDER_WARPS)),
         ], [4, 1, EXPANDER_WARPS], [CONSUMER_REGS, PRODUCER_REGS, PRODUCER_REGS])
     else:
         gl.warp_specialize([
@@ -428,7 +431,7 @@ def launch_ws(cfg_kwargs: dict, num_warps: int, args: tuple, flags: dict, m: int
                              gl.NVMMASharedLayout.get_default_for([bn, bk], gl.int8))
     programs = min(triton.cdiv(m, bm) * triton.cdiv(n, bn), sm_count(a8.device))
     flags = {k: v for k, v in flags.items() if k != "DOT_FP32"}  # bf16 branch only (the tuner offers this for 16-bit)
-    xargs = expander_args(prefetch, args[2])
+    xargs = expander_args(prefetch, args[2], m, n, kp, sm_count(a8.device))
     if prefetch is not None:
         programs = sm_count(a8.device)  # every SM takes its share of the expansion, even past the last tile
     kernel_args = (a_desc, b_desc) + args[2:12] + args[14:17] + xargs
@@ -444,14 +447,23 @@ def launch_ws(cfg_kwargs: dict, num_warps: int, args: tuple, flags: dict, m: int
     return prefetch is not None
 
 
-def expander_args(prefetch: tuple | None, dummy: torch.Tensor) -> tuple:
+def expander_args(prefetch: tuple | None, dummy: torch.Tensor, m: int = 0, n: int = 0, kp: int = 0,
+                  programs: int = 1) -> tuple:
     """The kernels' expander arguments: the packed weight as 16-bit words, its multipliers and the int8 output as
-    32-bit words, with their sizes and row strides; placeholders when there is nothing to expand."""
+    32-bit words, with their sizes and row strides, and the pause between chunks (ns: the program's chunks spread
+    over ~60% of the GEMM's time at ~1100 int8 TOPS, ``SVDQ_EXPAND_PACE`` scales it); placeholders when there is
+    nothing to expand."""
     if prefetch is None:
-        return (dummy, dummy, dummy, 0, 0, 0, 0, 0)
+        return (dummy, dummy, dummy, 0, 0, 0, 0, 0, 0)
     qweight, wmult, out = prefetch
     p16, o32 = qweight.view(torch.int16), out.view(torch.int32)
-    return (p16, wmult, o32, p16.shape[0], p16.shape[1], p16.stride(0), wmult.stride(0), o32.stride(0))
+    rows = 4 * EXPANDER_WARPS.value
+    chunks = -(-p16.shape[0] // rows) * -(-p16.shape[1] // 256)
+    per_program = max(1, -(-chunks // programs))
+    gemm_ns = 2.0 * m * n * kp / 1.1e15 * 1e9
+    pause = int(float(os.environ.get("SVDQ_EXPAND_PACE", "0.6")) * gemm_ns / per_program)
+    return (p16, wmult, o32, p16.shape[0], p16.shape[1], p16.stride(0), wmult.stride(0), o32.stride(0),
+            max(0, min(pause, 1_000_000)))
 
 
 def branch_in_turn(cfg_kwargs: dict, flags: dict) -> bool:
