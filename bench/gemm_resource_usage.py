@@ -225,12 +225,6 @@ def gluon_usage(bindir: str, plain: bool) -> int:
                ("ping-pong, producer 24 registers", g._w4a4_gemm_pingpong_kernel, (128, 128, 128),
                 dict(STAGES=4, INSTR_N=128, **g.pingpong_registers(24)), 4),
                ("ping-pong", g._w4a4_gemm_pingpong_kernel, (64, 256, 128), dict(STAGES=4, INSTR_N=128, **g.pingpong_registers(40)), 4)]
-    if "EXPAND" in g._w4a4_gemm_pingpong_kernel.arg_names:  # with the expander warps (the next layer's weight)
-        kernels += [("ping-pong + expander", g._w4a4_gemm_pingpong_kernel, (128, 128, 128),
-                     dict(STAGES=4, INSTR_N=128, EXPAND=True, **g.pingpong_registers(40)), 4),
-                    ("cooperative + expander", g._w4a4_gemm_ws_kernel, (128, 256, 128),
-                     dict(STAGES=4, INSTR_N=128, WARPS=8, EXPAND=True), 8)]
-    types = {"up_ptr": "*bf16", "bias_ptr": "*bf16", "c_ptr": "*bf16", "xp_ptr": "*i16", "xm_ptr": "*u8", "xo_ptr": "*i32"}
     for (label, fn, (bm, bn, bk), extra, warps), gelu in [(k, gelu) for k in kernels for gelu in (False, True)]:
         if "BRANCH_IN_TURN" in fn.arg_names and "BRANCH_IN_TURN" not in extra:  # as launched at rank 32
             extra = dict(extra, BRANCH_IN_TURN=True)
@@ -239,7 +233,7 @@ def gluon_usage(bindir: str, plain: bool) -> int:
                  "b_desc": TensorDescriptor(a, [256, 256], [256, 1], [bn, bk], gl.NVMMASharedLayout.get_default_for([bn, bk], gl.int8))}
         const = dict(base, GELU=gelu, **extra, **extra_for(fn))
         sig = {n: mangle_type(descs[n]) if n in descs else
-               types.get(n, "*fp32") if n.endswith("_ptr") else
+               ("*bf16" if n in ("up_ptr", "bias_ptr", "c_ptr") else "*fp32") if n.endswith("_ptr") else
                "constexpr" if n in const else "i32" for n in fn.arg_names}
         src = GluonASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()},
                              attrs=launcher_attrs(fn.arg_names, sig, plain))

@@ -133,32 +133,31 @@ class TunedKernel:
     def _cfg_dict(cfg) -> dict:
         return {"kwargs": dict(cfg.kwargs), "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
 
-    def _launch(self, cfg: dict, args: tuple, flags: dict, m: int, n: int, **launch_kw) -> None:
+    def _launch(self, cfg: dict, args: tuple, flags: dict, m: int, n: int) -> None:
         raise NotImplementedError
 
-    def __call__(self, args: tuple, flags: dict, config: dict | None = None, **launch_kw):
-        """``launch_kw``: passed to the chosen config's launch only (tuning runs go without)."""
+    def __call__(self, args: tuple, flags: dict, config: dict | None = None):
         m_, n_, kp_ = args[8], args[9], args[10]
         if config is not None:
-            return self._launch(config, args, flags, m_, n_, **launch_kw)
+            return self._launch(config, args, flags, m_, n_)
         if interpreting() or not torch.cuda.is_available():
-            return self._launch(self._cfg_dict(self.configs[-1]), args, flags, m_, n_, **launch_kw)
+            return self._launch(self._cfg_dict(self.configs[-1]), args, flags, m_, n_)
         fast_key = (args[0].device.index, m_bucket(m_), n_, kp_, tuple(flags.items()))
         cfg = self._fast.get(fast_key)  # hot path: no string building, no file access
         if cfg is None:
             cfg = self._lookup_or_tune(args, flags, m_, n_, kp_)
             if cfg is None:  # capturing a graph or tuning disabled: the first default that fits, not remembered
-                return self._launch_default(args, flags, m_, n_, **launch_kw)
+                return self._launch_default(args, flags, m_, n_)
             self._fast[fast_key] = cfg
-        return self._launch(cfg, args, flags, m_, n_, **launch_kw)
+        return self._launch(cfg, args, flags, m_, n_)
 
-    def _launch_default(self, args, flags, m, n, **launch_kw):
+    def _launch_default(self, args, flags, m, n):
         """The first config in ``_default_order``, or the next where a larger one does not fit this GPU's shared
         memory (a wide low-rank branch makes the epilogue bigger)."""
         configs = self._default_order(self._candidates(args, flags) or self.configs, args)
         for i, c in enumerate(configs):
             try:
-                return self._launch(self._cfg_dict(c), args, flags, m, n, **launch_kw)
+                return self._launch(self._cfg_dict(c), args, flags, m, n)
             except Exception as exc:
                 if "out of resource" not in str(exc).lower() or i == len(configs) - 1:
                     raise

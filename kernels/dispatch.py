@@ -29,7 +29,6 @@ try:  # Triton is optional: CPU-only installs run the reference
     from .autotune_cache import capability_major, interpreting
     from .gemv_w4a16 import w4a16_linear
     from .launch import is_descriptor, recording
-    from . import prefetch
 
     HAS_TRITON = True
 except Exception as _exc:  # pragma: no cover - depends on the install
@@ -39,7 +38,7 @@ except Exception as _exc:  # pragma: no cover - depends on the install
 _warned: set[str] = set()
 W4A16_MAX_M = 64  # above this the dequantize + cuBLAS path wins
 _ENV = ("SVDQ_GEMM", "SVDQ_W4A16", "SVDQ_FAST_LAUNCH", "SVDQ_TUNED_CONFIGS", "SVDQ_PACKED_MAX_M", "SVDQ_PDL",
-        "SVDQ_BRANCH", "SVDQ_PREFETCH")  # what a plan depends on
+        "SVDQ_BRANCH")  # what a plan depends on
 INT_POINTERS = True  # call plans pass fixed tensors to the launcher as addresses (bench/host_profile.py A/B)
 
 
@@ -240,17 +239,16 @@ def _compute(x, w, extra_down, extra_up, gelu, out, accumulate):
         if y is not None:
             return out if y is out2 else y.reshape(*lead, w.out_features)
     down, up = (w.proj_down, w.proj_up) if extra_down is None else extended_branch(w, extra_down, extra_up)
-    y = _run(x2, w, down, up, gelu, out2, acc, _decide(x2, w))
+    y = _run(x2, w, down, up, gelu, out2, acc)
     if y is None:
         _warn_once(f"activation precision {w.act_precision}")
         return svdq_linear_reference(x, w, extra_down, extra_up, gelu)
     return out if y is out2 else y.reshape(*lead, w.out_features)
 
 
-def _run(x2, w, down, up, gelu, out2=None, accumulate=False, decision=None):
+def _run(x2, w, down, up, gelu, out2=None, accumulate=False):
     """One call on 2-D input. The W4A4 kernels write into ``out2`` when given (adding with ``accumulate``) and
-    return it; the other paths return a new tensor for the caller to place. ``decision``: the expansion chain's
-    (``_decide``; None: expand into the single workspace as before)."""
+    return it; the other paths return a new tensor for the caller to place."""
     if w.precision == "int4g":
         return _int4g(x2, w, down, up, gelu)
     if w.kind == "w4a16" or w.act_precision == "none":
@@ -260,57 +258,12 @@ def _run(x2, w, down, up, gelu, out2=None, accumulate=False, decision=None):
             x2, w.k_padded, w.smooth, down, w.act_shift, w.act_unsigned and w.act_precision == "int4", w.act_precision,
             scratch=arena(x2.device).get, inv_smooth=_inv_smooth(w),
         )
-        packed = packed_gemm(x2, w.qweight)
-        if decision is None or (packed and not decision.hit):
-            if decision is not None:
-                expansion_chain(x2.device).note_unexpanded(w.qweight)
-            if packed:
-                return gemm_w4a4_packed.w4a4_gemm_packed(a8, ascale, w.qweight, _mult_t(w), w.wscale, lora, up, w.bias,
-                                                         x2.dtype, gelu, out=out2, accumulate=accumulate)
-            w8 = int8_weights(w)
-            return w4a4_gemm(a8, ascale, w8, w.wscale, lora, up, w.bias, x2.dtype, gelu, out=out2,
-                             accumulate=accumulate)
-        ch = expansion_chain(x2.device)
-        w8 = ch.workspace(decision.slot, w.out_features, w.k_padded)
-        if not decision.hit:
-            expand_weight(w.qweight, w.wmult, out=w8)
-        # a layer few enough rows for the packed kernel runs the ping-pong GEMM on its prefetched weight instead
-        # (H100, 512-1024 rows: faster than the packed kernel at every FLUX shape, bench/step_linears.py --alts)
-        y = w4a4_gemm(a8, ascale, w8, w.wscale, lora, up, w.bias, x2.dtype, gelu, out=out2, accumulate=accumulate,
-                      config=PINGPONG_CONFIG if packed else None, prefetch=ch.target_workspace(decision),
-                      prefetched=decision)
-        ch.commit(decision)
-        return y
+        if packed_gemm(x2, w.qweight):
+            return gemm_w4a4_packed.w4a4_gemm_packed(a8, ascale, w.qweight, _mult_t(w), w.wscale, lora, up, w.bias,
+                                                     x2.dtype, gelu, out=out2, accumulate=accumulate)
+        w8 = int8_weights(w)
+        return w4a4_gemm(a8, ascale, w8, w.wscale, lora, up, w.bias, x2.dtype, gelu, out=out2, accumulate=accumulate)
     return None
-
-
-PINGPONG_CONFIG = {"kwargs": {"SCHEDULE": "gluon", "PINGPONG": True, "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128,
-                              "STAGES": 4, "GROUP_M": 8}, "num_warps": 4, "num_stages": 1}
-
-
-def expansion_chain(device: torch.device) -> "prefetch.ExpansionChain":
-    return prefetch.chain(arena(device))
-
-
-def _decide(x2: torch.Tensor, w: QuantizedLinearWeights) -> "prefetch.Decision | None":
-    """The expansion chain's decision for a W4A4 call (``kernels.prefetch``), or None where it does not apply:
-    switched off, under or after CUDA-graph capture, or a GPU without the Gluon kernels (only they expand the
-    next layer's weight)."""
-    if (w.precision == "int4g" or w.kind == "w4a16" or w.act_precision not in ("int4", "int8") or not x2.is_cuda
-            or not prefetch_capable(x2) or w.qweight.data_ptr() % 16):
-        return None
-    ch = expansion_chain(x2.device)
-    if not ch.usable():
-        return None
-    prefetch.remember_multipliers(w.qweight, w.wmult)
-    return ch.decide(w.qweight)
-
-
-def prefetch_capable(x2: torch.Tensor) -> bool:
-    from .gemm_w4a4 import HAS_GLUON, gemm_schedule
-
-    return (HAS_GLUON and not interpreting() and capability_major(x2.device) == 9 and torch.version.hip is None
-            and gemm_schedule(x2.device) in ("auto", "gluon"))
 
 
 PACKED_MAX_M = 1024  # H100: faster than expansion + int8 GEMM at M = 256-1024, slower at 4608 (BENCHMARKS.md)
@@ -356,16 +309,13 @@ class _Plan:
     tensors or the device arena, so a replay costs one allocation and the launches (a 12B DiT step at batch 1
     was host-bound on re-deriving all of this per call)."""
 
-    __slots__ = ("launches", "shape", "dtype", "generation", "anchors", "addresses", "prefetched")
+    __slots__ = ("launches", "shape", "dtype", "generation", "anchors", "addresses")
 
     @classmethod
-    def build(cls, rec: list, x2: torch.Tensor, y: torch.Tensor, w: QuantizedLinearWeights, ar: _Arena,
-              others: tuple = ()):
-        """``others``: another layer's tensors the launches read (the next layer's weight, expanded by this GEMM)."""
+    def build(cls, rec: list, x2: torch.Tensor, y: torch.Tensor, w: QuantizedLinearWeights, ar: _Arena):
         if not rec or any(r is None for r in rec) or y is x2:
             return None
         own = list(w.tensors().values()) + list(w.__dict__.get("_svdq_derived", {}).values())  # the layer's tensors
-        own += list(others)
         allowed = {b.untyped_storage().data_ptr() for b in ar.buffers.values()}
         allowed |= {t.untyped_storage().data_ptr() for t in own}
         launches, addresses = [], False
@@ -422,9 +372,7 @@ def _planned(x2: torch.Tensor, w: QuantizedLinearWeights, gelu: bool, out2: torc
     if os.environ.get("SVDQ_PLANS") == "0" or not x2.is_cuda:
         return None
     into = None if out2 is None else (out2.stride(0), out2.data_ptr() % 16 == 0, accumulate)
-    decision = _decide(x2, w)
-    key = (x2.shape[0], x2.dtype, x2.data_ptr() % 16 == 0, x2.stride(0), gelu, into, settings,
-           None if decision is None else decision.key)
+    key = (x2.shape[0], x2.dtype, x2.data_ptr() % 16 == 0, x2.stride(0), gelu, into, settings)
     plans = w.__dict__.setdefault("_svdq_plans", {})
     plan = plans.get(key)
     ar = arena(x2.device)
@@ -434,19 +382,14 @@ def _planned(x2: torch.Tensor, w: QuantizedLinearWeights, gelu: bool, out2: torc
     if plan is not None and plan.generation == ar.generation:
         y = plan.run(x2, out2)
         if y is not None:
-            if decision is not None:  # what the recorded launches leave in the workspaces
-                decision.done = plan.prefetched
-                expansion_chain(x2.device).commit(decision)
             return y
     if capturing:
         return None
     with recording() as rec:
-        y = _run(x2, w, w.proj_down, w.proj_up, gelu, out2, accumulate, decision)
+        y = _run(x2, w, w.proj_down, w.proj_up, gelu, out2, accumulate)
     if y is None:
         return None
-    plan = _Plan.build(rec, x2, y, w, ar, () if decision is None or decision.target is None else decision.target)
-    if plan is not None:
-        plan.prefetched = decision is not None and decision.done
+    plan = _Plan.build(rec, x2, y, w, ar)
     if plan is not None and out2 is not None and y is not out2:  # this path ignores ``out2``: replay allocates
         plan = False
     plans[key] = plan if plan is not None else False

@@ -296,17 +296,13 @@ class _GemmTuned(TunedKernel):
         scratch = torch.empty(m, n, dtype=args[7].dtype, device=args[7].device)
         return args[:7] + (scratch,) + args[8:16] + (scratch.stride(0),), {**flags, "ACCUMULATE": False}
 
-    def _launch(self, cfg: dict, args: tuple, flags: dict, m: int, n: int, prefetch: tuple | None = None,
-                prefetched=None) -> None:
-        """``prefetch``: another layer's (packed weight, multipliers, int8 output) for the Gluon kernels' expander
-        warps; ``prefetched.done`` says whether this launch took it (the other schedules have no expander)."""
+    def _launch(self, cfg: dict, args: tuple, flags: dict, m: int, n: int) -> None:
         kw = dict(cfg["kwargs"])
         bm, bn = kw["BLOCK_M"], kw["BLOCK_N"]
         tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
         schedule = kw.pop("SCHEDULE")
-        done = False
         if schedule == "gluon":
-            done = gemm_w4a4_gluon.launch_ws(kw, cfg["num_warps"], args, flags, m, n, prefetch)
+            gemm_w4a4_gluon.launch_ws(kw, cfg["num_warps"], args, flags, m, n)
         elif schedule == "tma":
             a8, w8, kp = args[0], args[1], args[10]
             a_desc = TensorDescriptor(a8, [m, kp], [a8.stride(0), 1], [bm, kw["BLOCK_K"]])
@@ -318,8 +314,6 @@ class _GemmTuned(TunedKernel):
             kw["EVEN_K"] = args[10] % kw["BLOCK_K"] == 0
             launch(_w4a4_gemm_kernel, (tiles,), args, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
                    pdl=True, **flags, **kw)
-        if prefetched is not None:
-            prefetched.done = done
 
 
 _TUNERS = {
@@ -374,15 +368,11 @@ def w4a4_gemm(
     schedule: str | None = None,
     out: torch.Tensor | None = None,
     accumulate: bool = False,
-    prefetch: tuple | None = None,
-    prefetched=None,
 ) -> torch.Tensor:
     """y [M, N] = (a8 · w8ᵀ) · ascale · wscale + lora_act · proj_upᵀ + bias (then GELU).
 
     ``out``: an [M, N] tensor (any row stride, unit column stride) to write into, e.g. a column slice of a wider
-    output; with ``accumulate`` y is added to what it holds. ``prefetch``: (packed weight, multipliers, int8
-    output) of another layer, expanded beside the GEMM where the chosen kernel can (``kernels.prefetch``);
-    ``prefetched.done`` is then set to whether it was."""
+    output; with ``accumulate`` y is added to what it holds."""
     m, kp = a8.shape
     n = w8.shape[0]
     r = 0 if proj_up is None else proj_up.shape[1]
@@ -395,7 +385,5 @@ def w4a4_gemm(
     )
     flags = dict(HAS_LORA=r > 0, HAS_BIAS=bias is not None, GELU=gelu, BLOCK_R=block_r, R_CHUNK=r_chunk,
                  DOT_FP32=fp32_dots(a8, proj_up), ACCUMULATE=bool(accumulate))
-    if prefetch is not None and prefetch[2].data_ptr() == w8.data_ptr():
-        raise ValueError("the prefetched expansion must not overwrite this GEMM's own weight operand")
-    _TUNERS[schedule or gemm_schedule(a8.device)](args, flags, config=config, prefetch=prefetch, prefetched=prefetched)
+    _TUNERS[schedule or gemm_schedule(a8.device)](args, flags, config=config)
     return out

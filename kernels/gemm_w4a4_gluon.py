@@ -60,65 +60,6 @@ def _pdl_end(PDL: gl.constexpr):
         gl.inline_asm_elementwise(_GDC_LAUNCH, "=r", [], dtype=gl.int32, is_pure=False, pack=1)
 
 
-_EXPAND_PTX = gl.constexpr("""{
-.reg .b32 x, y, e, o, k;
-xor.b32 x, $1, 0x8888;
-prmt.b32 y, x, 0, 0x4140;
-and.b32 e, y, 0x000F000F;
-shr.u32 o, y, 4;
-and.b32 o, o, 0x000F000F;
-mad.lo.u32 k, $2, 0xFFF7FFF8, 0x01000100;
-mad.lo.u32 e, e, $2, k;
-mad.lo.u32 o, o, $2, k;
-prmt.b32 $0, e, o, 0x6240;
-}""")  # a 16-bit word of four codes ($1) x its group's multiplier ($2) -> four int8 operands (see gemm_w4a4_packed)
-EXPANDER_WARPS = gl.constexpr(2)  # with the producer warp (and a padding warp) they fill the third warpgroup at its 40 registers
-
-
-@gluon.jit
-def _expander(xp_ptr, xm_ptr, xo_ptr, XN, XW16, stride_xp, stride_xm, stride_xo, XSLEEP, WARPS: gl.constexpr):
-    """Expand *another* layer's packed weight (the layer the dispatcher expects next) into the other int8
-    workspace while this GEMM runs, so that layer's call skips its expansion pass: the same arithmetic as
-    ``gemm_w4a4._expand_words_kernel`` (16-bit words of four codes x the group's multiplier -> a 32-bit word of four
-    int8 operands). The GEMM is bound by its tensor cores, so two warps of memory work fit beside it; they share
-    the producer warp's warpgroup and its register budget, so the consumers keep theirs.
-
-    A chunk is [ROWS, 16 groups, 16 words]: each thread holds 8 consecutive words of one 64-group (one 16-byte
-    load, one multiplier), each warp 4 rows, so 4 loads per thread are in flight."""
-    ROWS: gl.constexpr = 4 * WARPS
-    layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 1, 8], threads_per_warp=[1, 16, 2],
-                                            warps_per_cta=[WARPS, 1, 1], order=[2, 1, 0])
-    row_l: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, layout))
-    grp_l: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, layout))
-    word_l: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, layout))
-    rows0 = gl.arange(0, ROWS, layout=row_l)
-    grps0 = gl.arange(0, 16, layout=grp_l)
-    words0 = gl.arange(0, 16, layout=word_l)
-    per_row = gl.cdiv(XW16, 256)
-    chunks = gl.cdiv(XN, ROWS) * per_row
-    for c in range(gl.program_id(0), chunks, gl.num_programs(0)):
-        n = (c // per_row) * ROWS + rows0
-        g = (c % per_row) * 16 + grps0
-        n3 = gl.expand_dims(gl.expand_dims(n, 1), 2)
-        g3 = gl.expand_dims(gl.expand_dims(g, 0), 2)
-        w3 = g3 * 16 + gl.expand_dims(gl.expand_dims(words0, 0), 1)
-        m3 = (n3 < XN) & (w3 < XW16)
-        # evict-first: the streamed weight must not push the GEMM's own operands out of L2
-        p = gl.load(xp_ptr + n3 * stride_xp + w3, mask=m3, other=0, eviction_policy="evict_first").to(gl.int32)
-        n2 = gl.expand_dims(n, 1)
-        g2 = gl.expand_dims(g, 0)
-        u = gl.load(xm_ptr + n2 * stride_xm + g2, mask=(n2 < XN) & (g2 * 16 < XW16), other=0,
-                    eviction_policy="evict_first").to(gl.int32)
-        u = gl.broadcast(gl.expand_dims(u, 2), p)[0]
-        # nine instructions a word (``gemm_w4a4_packed``'s unpacking, the four bytes gathered into one word): the
-        # expander shares its SM's issue slots with the GEMM, so its arithmetic is what it costs
-        q = gl.inline_asm_elementwise(_EXPAND_PTX, "=r,r,r", [p, u], dtype=gl.int32, is_pure=True, pack=1)
-        gl.store(xo_ptr + n3 * stride_xo + w3, q, mask=m3, eviction_policy="evict_first")
-        if XSLEEP > 0:  # spread the traffic over the GEMM instead of a burst at its start
-            gl.inline_asm_elementwise("nanosleep.u32 $1; // $0", "=r,r", [XSLEEP], dtype=gl.int32, is_pure=False,
-                                      pack=1)
-
-
 @gluon.jit
 def _tile_coords(tile, num_m, num_n, GROUP_M: gl.constexpr):
     """Grouped order (GROUP_M row blocks share weight tiles in L2), as the Triton kernels."""
@@ -272,13 +213,9 @@ def _consumer(a_bufs, b_bufs, up_smem, ready, empty, ascale_ptr, wscale_ptr, lor
 @gluon.jit
 def _w4a4_gemm_ws_kernel(a_desc, b_desc, ascale_ptr, wscale_ptr, lora_ptr, up_ptr, bias_ptr, c_ptr,
                          M, N, KP, R, stride_lm, stride_un, stride_cm,
-                         xp_ptr, xm_ptr, xo_ptr, XN, XW16, stride_xp, stride_xm, stride_xo, XSLEEP,
                          HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr, GELU: gl.constexpr, ACCUMULATE: gl.constexpr,
                          BLOCK_R: gl.constexpr, R_CHUNK: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
-                         INSTR_N: gl.constexpr, WARPS: gl.constexpr, EXPAND: gl.constexpr = False,
-                         PDL: gl.constexpr = False):
-    """Cooperative schedule: a producer warp and the default partition's two warpgroups on one tile at a time
-    (``_consumer``); with ``EXPAND`` also the expander warps (``_expander``)."""
+                         INSTR_N: gl.constexpr, WARPS: gl.constexpr, PDL: gl.constexpr = False):
     _pdl_start(PDL)
     BM: gl.constexpr = a_desc.block_type.shape[0]
     BK: gl.constexpr = a_desc.block_type.shape[1]
@@ -292,21 +229,12 @@ def _w4a4_gemm_ws_kernel(a_desc, b_desc, ascale_ptr, wscale_ptr, lora_ptr, up_pt
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=1)
-    if EXPAND:  # the expander warps share the producer's (padded) warpgroup and its register count
-        gl.warp_specialize([
-            (_consumer, (a_bufs, b_bufs, up_smem, ready, empty, ascale_ptr, wscale_ptr, lora_ptr, up_ptr, bias_ptr,
-                         c_ptr, M, N, KP, R, stride_lm, stride_un, stride_cm, BM, BN, BK, STAGES, GROUP_M, INSTR_N,
-                         HAS_LORA, HAS_BIAS, GELU, ACCUMULATE, BLOCK_R, R_CHUNK, WARPS)),
-            (_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, KP, BM, BN, BK, STAGES, GROUP_M)),
-            (_expander, (xp_ptr, xm_ptr, xo_ptr, XN, XW16, stride_xp, stride_xm, stride_xo, XSLEEP, EXPANDER_WARPS)),
-        ], [1, EXPANDER_WARPS], [40, 40])
-    else:
-        gl.warp_specialize([
-            (_consumer, (a_bufs, b_bufs, up_smem, ready, empty, ascale_ptr, wscale_ptr, lora_ptr, up_ptr, bias_ptr,
-                         c_ptr, M, N, KP, R, stride_lm, stride_un, stride_cm, BM, BN, BK, STAGES, GROUP_M, INSTR_N,
-                         HAS_LORA, HAS_BIAS, GELU, ACCUMULATE, BLOCK_R, R_CHUNK, WARPS)),
-            (_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, KP, BM, BN, BK, STAGES, GROUP_M)),
-        ], [1], [40])
+    gl.warp_specialize([
+        (_consumer, (a_bufs, b_bufs, up_smem, ready, empty, ascale_ptr, wscale_ptr, lora_ptr, up_ptr, bias_ptr, c_ptr,
+                     M, N, KP, R, stride_lm, stride_un, stride_cm, BM, BN, BK, STAGES, GROUP_M, INSTR_N, HAS_LORA,
+                     HAS_BIAS, GELU, ACCUMULATE, BLOCK_R, R_CHUNK, WARPS)),
+        (_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, KP, BM, BN, BK, STAGES, GROUP_M)),
+    ], [1], [40])
     _pdl_end(PDL)
 
 
@@ -363,13 +291,11 @@ def _pingpong_consumer(a_bufs, b_bufs, up_smem, ready, empty, turn, ascale_ptr, 
 @gluon.jit
 def _w4a4_gemm_pingpong_kernel(a_desc, b_desc, ascale_ptr, wscale_ptr, lora_ptr, up_ptr, bias_ptr, c_ptr,
                                M, N, KP, R, stride_lm, stride_un, stride_cm,
-                               xp_ptr, xm_ptr, xo_ptr, XN, XW16, stride_xp, stride_xm, stride_xo, XSLEEP,
                                HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr, GELU: gl.constexpr,
                                ACCUMULATE: gl.constexpr, BLOCK_R: gl.constexpr, R_CHUNK: gl.constexpr,
                                STAGES: gl.constexpr, GROUP_M: gl.constexpr, INSTR_N: gl.constexpr,
                                CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-                               BRANCH_IN_TURN: gl.constexpr = False, EXPAND: gl.constexpr = False,
-                               PDL: gl.constexpr = False):
+                               BRANCH_IN_TURN: gl.constexpr = False, PDL: gl.constexpr = False):
     """Ping-pong schedule: a producer warp and two consumer warpgroups, each with whole tiles of its own (BM rows
     per warpgroup), whose main loops take turns (``_pingpong_consumer``). The cooperative kernel above runs its
     epilogue with the tensor cores idle; here the other warpgroup's MMAs fill that time."""
@@ -389,40 +315,21 @@ def _w4a4_gemm_pingpong_kernel(a_desc, b_desc, ascale_ptr, wscale_ptr, lora_ptr,
         mbarrier.init(empty.index(i), count=1)
     for i in gl.static_range(2):
         mbarrier.init(turn.index(i), count=1)
-    if EXPAND:  # the expander warps share the producer's (padded) warpgroup and its register count
-        gl.warp_specialize([
-            (_pingpong_consumer, (a_bufs, b_bufs, up_smem, ready, empty, turn, ascale_ptr, wscale_ptr, lora_ptr,
-                                  up_ptr, bias_ptr, c_ptr, M, N, KP, R, stride_lm, stride_un, stride_cm, BM, BN, BK,
-                                  STAGES, GROUP_M, INSTR_N, HAS_LORA, HAS_BIAS, GELU, ACCUMULATE, BLOCK_R, R_CHUNK,
-                                  BRANCH_IN_TURN, 0)),
-            (_pingpong_consumer, (a_bufs, b_bufs, up_smem, ready, empty, turn, ascale_ptr, wscale_ptr, lora_ptr,
-                                  up_ptr, bias_ptr, c_ptr, M, N, KP, R, stride_lm, stride_un, stride_cm, BM, BN, BK,
-                                  STAGES, GROUP_M, INSTR_N, HAS_LORA, HAS_BIAS, GELU, ACCUMULATE, BLOCK_R, R_CHUNK,
-                                  BRANCH_IN_TURN, 1)),
-            (_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, KP, BM, BN, BK, STAGES, GROUP_M)),
-            (_expander, (xp_ptr, xm_ptr, xo_ptr, XN, XW16, stride_xp, stride_xm, stride_xo, XSLEEP, EXPANDER_WARPS)),
-        ], [4, 1, EXPANDER_WARPS], [CONSUMER_REGS, PRODUCER_REGS, PRODUCER_REGS])
-    else:
-        gl.warp_specialize([
-            (_pingpong_consumer, (a_bufs, b_bufs, up_smem, ready, empty, turn, ascale_ptr, wscale_ptr, lora_ptr,
-                                  up_ptr, bias_ptr, c_ptr, M, N, KP, R, stride_lm, stride_un, stride_cm, BM, BN, BK,
-                                  STAGES, GROUP_M, INSTR_N, HAS_LORA, HAS_BIAS, GELU, ACCUMULATE, BLOCK_R, R_CHUNK,
-                                  BRANCH_IN_TURN, 0)),
-            (_pingpong_consumer, (a_bufs, b_bufs, up_smem, ready, empty, turn, ascale_ptr, wscale_ptr, lora_ptr,
-                                  up_ptr, bias_ptr, c_ptr, M, N, KP, R, stride_lm, stride_un, stride_cm, BM, BN, BK,
-                                  STAGES, GROUP_M, INSTR_N, HAS_LORA, HAS_BIAS, GELU, ACCUMULATE, BLOCK_R, R_CHUNK,
-                                  BRANCH_IN_TURN, 1)),
-            (_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, KP, BM, BN, BK, STAGES, GROUP_M)),
-        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    gl.warp_specialize([
+        (_pingpong_consumer, (a_bufs, b_bufs, up_smem, ready, empty, turn, ascale_ptr, wscale_ptr, lora_ptr, up_ptr,
+                              bias_ptr, c_ptr, M, N, KP, R, stride_lm, stride_un, stride_cm, BM, BN, BK, STAGES, GROUP_M,
+                              INSTR_N, HAS_LORA, HAS_BIAS, GELU, ACCUMULATE, BLOCK_R, R_CHUNK, BRANCH_IN_TURN, 0)),
+        (_pingpong_consumer, (a_bufs, b_bufs, up_smem, ready, empty, turn, ascale_ptr, wscale_ptr, lora_ptr, up_ptr,
+                              bias_ptr, c_ptr, M, N, KP, R, stride_lm, stride_un, stride_cm, BM, BN, BK, STAGES, GROUP_M,
+                              INSTR_N, HAS_LORA, HAS_BIAS, GELU, ACCUMULATE, BLOCK_R, R_CHUNK, BRANCH_IN_TURN, 1)),
+        (_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, KP, BM, BN, BK, STAGES, GROUP_M)),
+    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
     _pdl_end(PDL)
 
 
-def launch_ws(cfg_kwargs: dict, num_warps: int, args: tuple, flags: dict, m: int, n: int,
-              prefetch: tuple | None = None) -> bool:
+def launch_ws(cfg_kwargs: dict, num_warps: int, args: tuple, flags: dict, m: int, n: int) -> None:
     """Launch with the ``w4a4_gemm`` argument tuple (see ``gemm_w4a4._GemmTuned``): descriptors for this tile
-    shape, one program per SM (at most one per tile); ``PINGPONG`` picks the ping-pong kernel. ``prefetch``:
-    (packed weight, multipliers, int8 output) of another layer for the expander warps (``_expander``).
-    Returns whether that expansion was launched (always, here)."""
+    shape, one program per SM (at most one per tile); ``PINGPONG`` picks the ping-pong kernel."""
     bm, bn, bk = cfg_kwargs["BLOCK_M"], cfg_kwargs["BLOCK_N"], cfg_kwargs["BLOCK_K"]
     a8, w8, kp = args[0], args[1], args[10]
     a_desc = GluonDescriptor(a8, [m, kp], [a8.stride(0), 1], [bm, bk],
@@ -431,39 +338,15 @@ def launch_ws(cfg_kwargs: dict, num_warps: int, args: tuple, flags: dict, m: int
                              gl.NVMMASharedLayout.get_default_for([bn, bk], gl.int8))
     programs = min(triton.cdiv(m, bm) * triton.cdiv(n, bn), sm_count(a8.device))
     flags = {k: v for k, v in flags.items() if k != "DOT_FP32"}  # bf16 branch only (the tuner offers this for 16-bit)
-    xargs = expander_args(prefetch, args[2], m, n, kp, sm_count(a8.device))
-    if prefetch is not None:
-        programs = sm_count(a8.device)  # every SM takes its share of the expansion, even past the last tile
-    kernel_args = (a_desc, b_desc) + args[2:12] + args[14:17] + xargs
     if cfg_kwargs.get("PINGPONG"):  # BLOCK_M rows per warpgroup; the default partition is one warpgroup
-        launch(_w4a4_gemm_pingpong_kernel, (programs,), kernel_args,
+        launch(_w4a4_gemm_pingpong_kernel, (programs,), (a_desc, b_desc) + args[2:12] + args[14:17],
                num_warps=4, **flags, STAGES=cfg_kwargs["STAGES"], GROUP_M=cfg_kwargs["GROUP_M"],
                INSTR_N=min(bn, 128), **pingpong_registers(cfg_kwargs.get("PRODUCER_REGS", 40)),
-               BRANCH_IN_TURN=branch_in_turn(cfg_kwargs, flags), EXPAND=prefetch is not None, pdl=True)
-    else:
-        launch(_w4a4_gemm_ws_kernel, (programs,), kernel_args,
-               num_warps=num_warps, **flags, STAGES=cfg_kwargs["STAGES"], GROUP_M=cfg_kwargs["GROUP_M"],
-               INSTR_N=min(bn, 128), WARPS=num_warps, EXPAND=prefetch is not None, pdl=True)
-    return prefetch is not None
-
-
-def expander_args(prefetch: tuple | None, dummy: torch.Tensor, m: int = 0, n: int = 0, kp: int = 0,
-                  programs: int = 1) -> tuple:
-    """The kernels' expander arguments: the packed weight as 16-bit words, its multipliers and the int8 output as
-    32-bit words, with their sizes and row strides, and the pause between chunks (ns: the program's chunks spread
-    over ~60% of the GEMM's time at ~1100 int8 TOPS, ``SVDQ_EXPAND_PACE`` scales it); placeholders when there is
-    nothing to expand."""
-    if prefetch is None:
-        return (dummy, dummy, dummy, 0, 0, 0, 0, 0, 0)
-    qweight, wmult, out = prefetch
-    p16, o32 = qweight.view(torch.int16), out.view(torch.int32)
-    rows = 4 * EXPANDER_WARPS.value
-    chunks = -(-p16.shape[0] // rows) * -(-p16.shape[1] // 256)
-    per_program = max(1, -(-chunks // programs))
-    gemm_ns = 2.0 * m * n * kp / 1.1e15 * 1e9
-    pause = int(float(os.environ.get("SVDQ_EXPAND_PACE", "0.6")) * gemm_ns / per_program)
-    return (p16, wmult, o32, p16.shape[0], p16.shape[1], p16.stride(0), wmult.stride(0), o32.stride(0),
-            max(0, min(pause, 1_000_000)))
+               BRANCH_IN_TURN=branch_in_turn(cfg_kwargs, flags), pdl=True)
+        return
+    launch(_w4a4_gemm_ws_kernel, (programs,), (a_desc, b_desc) + args[2:12] + args[14:17],
+           num_warps=num_warps, **flags, STAGES=cfg_kwargs["STAGES"], GROUP_M=cfg_kwargs["GROUP_M"],
+           INSTR_N=min(bn, 128), WARPS=num_warps, pdl=True)
 
 
 def branch_in_turn(cfg_kwargs: dict, flags: dict) -> bool:
