@@ -225,12 +225,22 @@ def gluon_usage(bindir: str, plain: bool) -> int:
                ("ping-pong, producer 24 registers", g._w4a4_gemm_pingpong_kernel, (128, 128, 128),
                 dict(STAGES=4, INSTR_N=128, **g.pingpong_registers(24)), 4),
                ("ping-pong", g._w4a4_gemm_pingpong_kernel, (64, 256, 128), dict(STAGES=4, INSTR_N=128, **g.pingpong_registers(40)), 4)]
+    if "STORE_TMA" in g._w4a4_gemm_pingpong_kernel.arg_names:
+        kernels.append(("ping-pong, TMA store", g._w4a4_gemm_pingpong_kernel, (128, 128, 128),
+                        dict(STAGES=4, INSTR_N=128, STORE_TMA=True, **g.pingpong_registers(40)), 4))
     for (label, fn, (bm, bn, bk), extra, warps), gelu in [(k, gelu) for k in kernels for gelu in (False, True)]:
         if "BRANCH_IN_TURN" in fn.arg_names and "BRANCH_IN_TURN" not in extra:  # as launched at rank 32
             extra = dict(extra, BRANCH_IN_TURN=True)
+        if "STORE_TMA" in fn.arg_names and "STORE_TMA" not in extra:
+            extra = dict(extra, STORE_TMA=False)
         a = torch.empty(256, 256, dtype=torch.int8)
         descs = {"a_desc": TensorDescriptor(a, [256, 256], [256, 1], [bm, bk], gl.NVMMASharedLayout.get_default_for([bm, bk], gl.int8)),
                  "b_desc": TensorDescriptor(a, [256, 256], [256, 1], [bn, bk], gl.NVMMASharedLayout.get_default_for([bn, bk], gl.int8))}
+        if extra.get("STORE_TMA"):
+            cb = torch.empty(256, 256, dtype=torch.bfloat16)
+            descs["c_desc"] = TensorDescriptor(cb, [256, 256], [256, 1], [bm, bn], gl.NVMMASharedLayout.get_default_for([bm, bn], gl.bfloat16))
+        elif "c_desc" in fn.arg_names:
+            descs["c_desc"] = descs["b_desc"]
         const = dict(base, GELU=gelu, **extra, **extra_for(fn))
         sig = {n: mangle_type(descs[n]) if n in descs else
                ("*bf16" if n in ("up_ptr", "bias_ptr", "c_ptr") else "*fp32") if n.endswith("_ptr") else

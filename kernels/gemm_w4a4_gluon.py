@@ -167,6 +167,23 @@ def _tile_finish(y, pid_m, pid_n, bias_ptr, c_ptr, M, N, stride_cm, BM: gl.const
 
 
 @gluon.jit
+def _tile_store_tma(y, pid_m, pid_n, bias_ptr, c_desc, c_smem, N, BM: gl.constexpr, BN: gl.constexpr,
+                    HAS_BIAS: gl.constexpr, GELU: gl.constexpr, y_layout: gl.constexpr):
+    """Bias, GELU, then the tile through shared memory and one TMA bulk store (which clips rows and columns past
+    the output), instead of 64 scattered 4-byte stores a thread in the MMA layout."""
+    rn = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, y_layout))
+    if HAS_BIAS:
+        y += gl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(gl.float32)[None, :]
+    if GELU:
+        y = _gelu_tanh(y)
+    tma.store_wait(0)  # this warpgroup's previous tile has left c_smem
+    c_smem.store(y.to(c_desc.block_type.element_ty))
+    fence_async_shared()
+    gl.thread_barrier()
+    tma.async_copy_shared_to_global(c_desc, [pid_m * BM, pid_n * BN], c_smem)
+
+
+@gluon.jit
 def _tile_epilogue(acc, pid_m, pid_n, up_smem, ascale_ptr, wscale_ptr, lora_ptr, up_ptr, bias_ptr, c_ptr, M, N, R,
                    stride_lm, stride_un, stride_cm, BM: gl.constexpr, BN: gl.constexpr, INSTR_N: gl.constexpr,
                    HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr, GELU: gl.constexpr, ACCUMULATE: gl.constexpr,
@@ -244,7 +261,7 @@ def _pingpong_consumer(a_bufs, b_bufs, up_smem, ready, empty, turn, ascale_ptr, 
                        BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
                        GROUP_M: gl.constexpr, INSTR_N: gl.constexpr, HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr,
                        GELU: gl.constexpr, ACCUMULATE: gl.constexpr, BLOCK_R: gl.constexpr, R_CHUNK: gl.constexpr,
-                       BRANCH_IN_TURN: gl.constexpr, WG: gl.constexpr):
+                       BRANCH_IN_TURN: gl.constexpr, WG: gl.constexpr, c_desc, c_smem, STORE_TMA: gl.constexpr):
     """One warpgroup taking every other tile of its program (``WG`` = 0 or 1), its main loops alternating with the
     other warpgroup's: it waits on ``turn[WG]`` until the other has issued every MMA of the tile before, and passes
     the turn back once its own are issued. So one warpgroup's epilogue runs under the other's MMAs, and the two walk
@@ -279,23 +296,30 @@ def _pingpong_consumer(a_bufs, b_bufs, up_smem, ready, empty, turn, ascale_ptr, 
             y = warpgroup_mma(la, up_smem.index(WG).permute((1, 0)), y, is_async=True)
             mbarrier.arrive(turn.index(1 - WG))
             y = warpgroup_mma_wait(num_outstanding=0, deps=(y,))
-            _tile_finish(y, pid_m, pid_n, bias_ptr, c_ptr, M, N, stride_cm, BM, BN, HAS_BIAS, GELU, ACCUMULATE,
-                         y_layout)
+            if STORE_TMA:
+                _tile_store_tma(y, pid_m, pid_n, bias_ptr, c_desc, c_smem.index(WG), N, BM, BN, HAS_BIAS, GELU,
+                                y_layout)
+            else:
+                _tile_finish(y, pid_m, pid_n, bias_ptr, c_ptr, M, N, stride_cm, BM, BN, HAS_BIAS, GELU, ACCUMULATE,
+                             y_layout)
         else:
             _tile_epilogue(acc, pid_m, pid_n, up_smem.index(WG), ascale_ptr, wscale_ptr, lora_ptr, up_ptr, bias_ptr,
                            c_ptr, M, N, R, stride_lm, stride_un, stride_cm, BM, BN, INSTR_N, HAS_LORA, HAS_BIAS, GELU,
                            ACCUMULATE, BLOCK_R, R_CHUNK, 4)
         j += 2
+    if STORE_TMA:
+        tma.store_wait(0)
 
 
 @gluon.jit
 def _w4a4_gemm_pingpong_kernel(a_desc, b_desc, ascale_ptr, wscale_ptr, lora_ptr, up_ptr, bias_ptr, c_ptr,
-                               M, N, KP, R, stride_lm, stride_un, stride_cm,
+                               M, N, KP, R, stride_lm, stride_un, stride_cm, c_desc,
                                HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr, GELU: gl.constexpr,
                                ACCUMULATE: gl.constexpr, BLOCK_R: gl.constexpr, R_CHUNK: gl.constexpr,
                                STAGES: gl.constexpr, GROUP_M: gl.constexpr, INSTR_N: gl.constexpr,
                                CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-                               BRANCH_IN_TURN: gl.constexpr = False, PDL: gl.constexpr = False):
+                               BRANCH_IN_TURN: gl.constexpr = False, STORE_TMA: gl.constexpr = False,
+                               PDL: gl.constexpr = False):
     """Ping-pong schedule: a producer warp and two consumer warpgroups, each with whole tiles of its own (BM rows
     per warpgroup), whose main loops take turns (``_pingpong_consumer``). The cooperative kernel above runs its
     epilogue with the tensor cores idle; here the other warpgroup's MMAs fill that time."""
@@ -310,6 +334,10 @@ def _w4a4_gemm_pingpong_kernel(a_desc, b_desc, ascale_ptr, wscale_ptr, lora_ptr,
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    if STORE_TMA:  # one output tile per warpgroup
+        c_smem = gl.allocate_shared_memory(c_desc.block_type.element_ty, [2, BM, BN], c_desc.layout)
+    else:
+        c_smem = up_smem
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=1)
@@ -318,10 +346,12 @@ def _w4a4_gemm_pingpong_kernel(a_desc, b_desc, ascale_ptr, wscale_ptr, lora_ptr,
     gl.warp_specialize([
         (_pingpong_consumer, (a_bufs, b_bufs, up_smem, ready, empty, turn, ascale_ptr, wscale_ptr, lora_ptr, up_ptr,
                               bias_ptr, c_ptr, M, N, KP, R, stride_lm, stride_un, stride_cm, BM, BN, BK, STAGES, GROUP_M,
-                              INSTR_N, HAS_LORA, HAS_BIAS, GELU, ACCUMULATE, BLOCK_R, R_CHUNK, BRANCH_IN_TURN, 0)),
+                              INSTR_N, HAS_LORA, HAS_BIAS, GELU, ACCUMULATE, BLOCK_R, R_CHUNK, BRANCH_IN_TURN, 0,
+                              c_desc, c_smem, STORE_TMA)),
         (_pingpong_consumer, (a_bufs, b_bufs, up_smem, ready, empty, turn, ascale_ptr, wscale_ptr, lora_ptr, up_ptr,
                               bias_ptr, c_ptr, M, N, KP, R, stride_lm, stride_un, stride_cm, BM, BN, BK, STAGES, GROUP_M,
-                              INSTR_N, HAS_LORA, HAS_BIAS, GELU, ACCUMULATE, BLOCK_R, R_CHUNK, BRANCH_IN_TURN, 1)),
+                              INSTR_N, HAS_LORA, HAS_BIAS, GELU, ACCUMULATE, BLOCK_R, R_CHUNK, BRANCH_IN_TURN, 1,
+                              c_desc, c_smem, STORE_TMA)),
         (_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, KP, BM, BN, BK, STAGES, GROUP_M)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
     _pdl_end(PDL)
@@ -339,10 +369,15 @@ def launch_ws(cfg_kwargs: dict, num_warps: int, args: tuple, flags: dict, m: int
     programs = min(triton.cdiv(m, bm) * triton.cdiv(n, bn), sm_count(a8.device))
     flags = {k: v for k, v in flags.items() if k != "DOT_FP32"}  # bf16 branch only (the tuner offers this for 16-bit)
     if cfg_kwargs.get("PINGPONG"):  # BLOCK_M rows per warpgroup; the default partition is one warpgroup
-        launch(_w4a4_gemm_pingpong_kernel, (programs,), (a_desc, b_desc) + args[2:12] + args[14:17],
+        in_turn = branch_in_turn(cfg_kwargs, flags)
+        c = args[7]
+        tma_store = in_turn and store_by_tma(cfg_kwargs, flags, c)
+        c_desc = GluonDescriptor(c, [m, n], [c.stride(0), 1], [bm, bn], gl.NVMMASharedLayout.get_default_for(
+            [bm, bn], gl.bfloat16 if c.dtype == torch.bfloat16 else gl.float16)) if tma_store else b_desc
+        launch(_w4a4_gemm_pingpong_kernel, (programs,), (a_desc, b_desc) + args[2:12] + args[14:17] + (c_desc,),
                num_warps=4, **flags, STAGES=cfg_kwargs["STAGES"], GROUP_M=cfg_kwargs["GROUP_M"],
                INSTR_N=min(bn, 128), **pingpong_registers(cfg_kwargs.get("PRODUCER_REGS", 40)),
-               BRANCH_IN_TURN=branch_in_turn(cfg_kwargs, flags), pdl=True)
+               BRANCH_IN_TURN=in_turn, STORE_TMA=tma_store, pdl=True)
         return
     launch(_w4a4_gemm_ws_kernel, (programs,), (a_desc, b_desc) + args[2:12] + args[14:17],
            num_warps=num_warps, **flags, STAGES=cfg_kwargs["STAGES"], GROUP_M=cfg_kwargs["GROUP_M"],
@@ -360,6 +395,17 @@ def branch_in_turn(cfg_kwargs: dict, flags: dict) -> bool:
         raise ValueError(f"SVDQ_BRANCH must be 'turn' or 'epilogue', not {choice!r}")
     one_chunk = flags.get("HAS_LORA") and flags.get("BLOCK_R") == flags.get("R_CHUNK")
     return bool(one_chunk and choice == "turn")
+
+
+def store_by_tma(cfg_kwargs: dict, flags: dict, c: torch.Tensor) -> bool:
+    """Whether the ping-pong kernel writes its tiles through shared memory and TMA (config key ``STORE`` or
+    ``SVDQ_STORE``: ``tma`` | ``pointer``, the default): a plain 16-bit output a TMA descriptor can address
+    (16-byte aligned base and row pitch), not added to."""
+    choice = cfg_kwargs.get("STORE") or os.environ.get("SVDQ_STORE", "pointer").lower()
+    if choice not in ("tma", "pointer"):
+        raise ValueError(f"SVDQ_STORE must be 'tma' or 'pointer', not {choice!r}")
+    return (choice == "tma" and not flags.get("ACCUMULATE") and c.dtype in (torch.bfloat16, torch.float16)
+            and c.data_ptr() % 16 == 0 and (c.stride(0) * c.element_size()) % 16 == 0)
 
 
 def pingpong_registers(producer: int) -> dict:
