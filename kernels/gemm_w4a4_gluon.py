@@ -176,7 +176,8 @@ def _tile_store_tma(y, pid_m, pid_n, bias_ptr, c_desc, c_smem, N, BM: gl.constex
         y += gl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(gl.float32)[None, :]
     if GELU:
         y = _gelu_tanh(y)
-    tma.store_wait(0)  # this warpgroup's previous tile has left c_smem
+    tma.store_wait(0)  # this warpgroup's previous tile has left c_smem (the thread that issued its copy waits,
+    gl.thread_barrier()  # the others wait for it)
     c_smem.store(y.to(c_desc.block_type.element_ty))
     fence_async_shared()
     gl.thread_barrier()
@@ -184,12 +185,11 @@ def _tile_store_tma(y, pid_m, pid_n, bias_ptr, c_desc, c_smem, N, BM: gl.constex
 
 
 @gluon.jit
-def _tile_epilogue(acc, pid_m, pid_n, up_smem, ascale_ptr, wscale_ptr, lora_ptr, up_ptr, bias_ptr, c_ptr, M, N, R,
-                   stride_lm, stride_un, stride_cm, BM: gl.constexpr, BN: gl.constexpr, INSTR_N: gl.constexpr,
-                   HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr, GELU: gl.constexpr, ACCUMULATE: gl.constexpr,
-                   BLOCK_R: gl.constexpr, R_CHUNK: gl.constexpr, WARPS: gl.constexpr):
-    """Scales, the low-rank branch on bf16 wgmma (proj_up chunks staged in ``up_smem``), bias, GELU, one store:
-    the Triton kernel's epilogue term for term, so outputs are bit-identical."""
+def _tile_result(acc, pid_m, pid_n, up_smem, ascale_ptr, wscale_ptr, lora_ptr, up_ptr, M, N, R, stride_lm, stride_un,
+                 BM: gl.constexpr, BN: gl.constexpr, INSTR_N: gl.constexpr, HAS_LORA: gl.constexpr,
+                 BLOCK_R: gl.constexpr, R_CHUNK: gl.constexpr, WARPS: gl.constexpr):
+    """Scales and the low-rank branch on bf16 wgmma (proj_up chunks staged in ``up_smem``): the Triton kernel's
+    epilogue term for term, so outputs are bit-identical."""
     y_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                        instr_shape=[16, INSTR_N, 16])
     sa, sw = _tile_scales(pid_m, pid_n, ascale_ptr, wscale_ptr, M, N, BM, BN, y_layout)
@@ -200,6 +200,19 @@ def _tile_epilogue(acc, pid_m, pid_n, up_smem, ascale_ptr, wscale_ptr, lora_ptr,
                                R_CHUNK, y_layout, WARPS)
             y = warpgroup_mma(la, up_smem.permute((1, 0)), y, is_async=True)
             y = warpgroup_mma_wait(num_outstanding=0, deps=(y,))
+    return y
+
+
+@gluon.jit
+def _tile_epilogue(acc, pid_m, pid_n, up_smem, ascale_ptr, wscale_ptr, lora_ptr, up_ptr, bias_ptr, c_ptr, M, N, R,
+                   stride_lm, stride_un, stride_cm, BM: gl.constexpr, BN: gl.constexpr, INSTR_N: gl.constexpr,
+                   HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr, GELU: gl.constexpr, ACCUMULATE: gl.constexpr,
+                   BLOCK_R: gl.constexpr, R_CHUNK: gl.constexpr, WARPS: gl.constexpr):
+    """Scales, the branch, bias, GELU, one store (``_tile_result`` then ``_tile_finish``)."""
+    y_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+                                                       instr_shape=[16, INSTR_N, 16])
+    y = _tile_result(acc, pid_m, pid_n, up_smem, ascale_ptr, wscale_ptr, lora_ptr, up_ptr, M, N, R, stride_lm,
+                     stride_un, BM, BN, INSTR_N, HAS_LORA, BLOCK_R, R_CHUNK, WARPS)
     _tile_finish(y, pid_m, pid_n, bias_ptr, c_ptr, M, N, stride_cm, BM, BN, HAS_BIAS, GELU, ACCUMULATE, y_layout)
 
 
@@ -296,16 +309,14 @@ def _pingpong_consumer(a_bufs, b_bufs, up_smem, ready, empty, turn, ascale_ptr, 
             y = warpgroup_mma(la, up_smem.index(WG).permute((1, 0)), y, is_async=True)
             mbarrier.arrive(turn.index(1 - WG))
             y = warpgroup_mma_wait(num_outstanding=0, deps=(y,))
-            if STORE_TMA:
-                _tile_store_tma(y, pid_m, pid_n, bias_ptr, c_desc, c_smem.index(WG), N, BM, BN, HAS_BIAS, GELU,
-                                y_layout)
-            else:
-                _tile_finish(y, pid_m, pid_n, bias_ptr, c_ptr, M, N, stride_cm, BM, BN, HAS_BIAS, GELU, ACCUMULATE,
-                             y_layout)
         else:
-            _tile_epilogue(acc, pid_m, pid_n, up_smem.index(WG), ascale_ptr, wscale_ptr, lora_ptr, up_ptr, bias_ptr,
-                           c_ptr, M, N, R, stride_lm, stride_un, stride_cm, BM, BN, INSTR_N, HAS_LORA, HAS_BIAS, GELU,
-                           ACCUMULATE, BLOCK_R, R_CHUNK, 4)
+            y = _tile_result(acc, pid_m, pid_n, up_smem.index(WG), ascale_ptr, wscale_ptr, lora_ptr, up_ptr, M, N, R,
+                             stride_lm, stride_un, BM, BN, INSTR_N, HAS_LORA, BLOCK_R, R_CHUNK, 4)
+        if STORE_TMA:
+            _tile_store_tma(y, pid_m, pid_n, bias_ptr, c_desc, c_smem.index(WG), N, BM, BN, HAS_BIAS, GELU, y_layout)
+        else:
+            _tile_finish(y, pid_m, pid_n, bias_ptr, c_ptr, M, N, stride_cm, BM, BN, HAS_BIAS, GELU, ACCUMULATE,
+                         y_layout)
         j += 2
     if STORE_TMA:
         tma.store_wait(0)
@@ -371,7 +382,7 @@ def launch_ws(cfg_kwargs: dict, num_warps: int, args: tuple, flags: dict, m: int
     if cfg_kwargs.get("PINGPONG"):  # BLOCK_M rows per warpgroup; the default partition is one warpgroup
         in_turn = branch_in_turn(cfg_kwargs, flags)
         c = args[7]
-        tma_store = in_turn and store_by_tma(cfg_kwargs, flags, c)
+        tma_store = store_by_tma(cfg_kwargs, flags, c)
         c_desc = GluonDescriptor(c, [m, n], [c.stride(0), 1], [bm, bn], gl.NVMMASharedLayout.get_default_for(
             [bm, bn], gl.bfloat16 if c.dtype == torch.bfloat16 else gl.float16)) if tma_store else b_desc
         launch(_w4a4_gemm_pingpong_kernel, (programs,), (a_desc, b_desc) + args[2:12] + args[14:17] + (c_desc,),
@@ -398,14 +409,18 @@ def branch_in_turn(cfg_kwargs: dict, flags: dict) -> bool:
 
 
 def store_by_tma(cfg_kwargs: dict, flags: dict, c: torch.Tensor) -> bool:
-    """Whether the ping-pong kernel writes its tiles through shared memory and TMA (config key ``STORE`` or
-    ``SVDQ_STORE``: ``tma`` | ``pointer``, the default): a plain 16-bit output a TMA descriptor can address
-    (16-byte aligned base and row pitch), not added to."""
-    choice = cfg_kwargs.get("STORE") or os.environ.get("SVDQ_STORE", "pointer").lower()
+    """Whether the ping-pong kernel writes its tiles through shared memory and one TMA bulk store (config key
+    ``STORE`` or ``SVDQ_STORE``: ``tma``, the default, | ``pointer``): where the output is 16-bit, a TMA descriptor
+    can address it (16-byte aligned base and row pitch) and it is not added to. H100, same run: 1.00-1.14x the
+    GEMM's speed with the scattered 4-byte stores of the MMA layout, most at K = 3072 and small M
+    (``bench/gemm_store_ab.py``); same bits. The cooperative kernel keeps pointer stores (its 128 x 256 tile leaves
+    no shared memory for a staged output)."""
+    choice = cfg_kwargs.get("STORE") or os.environ.get("SVDQ_STORE", "tma").lower()
     if choice not in ("tma", "pointer"):
         raise ValueError(f"SVDQ_STORE must be 'tma' or 'pointer', not {choice!r}")
     return (choice == "tma" and not flags.get("ACCUMULATE") and c.dtype in (torch.bfloat16, torch.float16)
-            and c.data_ptr() % 16 == 0 and (c.stride(0) * c.element_size()) % 16 == 0)
+            and c.data_ptr() % 16 == 0 and (c.stride(0) * c.element_size()) % 16 == 0
+            and cfg_kwargs["BLOCK_M"] * cfg_kwargs["BLOCK_N"] <= 128 * 128)  # two staged tiles must fit beside the ring
 
 
 def pingpong_registers(producer: int) -> dict:

@@ -671,6 +671,57 @@ def test_pingpong_branch_placement_same_bits(branch, triton_kernels):
     assert torch.equal(got, want)
 
 
+@pytest.mark.skipif(not SM90, reason="Gluon wgmma kernel: sm_90")
+@pytest.mark.parametrize("store", ["tma", "pointer"])
+@pytest.mark.parametrize("m,n,rank,gelu,column_slice", [(1999, 3000, 32, False, False), (2000, 3072, 96, True, False),
+                                                        (513, 1024, 0, False, False), (700, 1536, 32, True, True)])
+def test_pingpong_store_same_bits(store, m, n, rank, gelu, column_slice, triton_kernels):
+    """The ping-pong kernel's output through shared memory and a TMA bulk store (clipped at odd M and N, into a
+    column slice of a wider output) or by pointer stores: the same bits as the TMA Triton kernel, and nothing
+    written outside the output."""
+    from svdq.kernels.act_quant import quantize_activation
+    from svdq.kernels.gemm_w4a4 import expand_weight, w4a4_gemm
+
+    layer = random_layer(n, 3072, rank, True, device=DEV, seed=m)
+    x = torch.randn(m, 3072, device=DEV, dtype=torch.bfloat16)
+    a8, sa, lora = quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down)
+    w8 = expand_weight(layer.qweight, layer.wmult)
+    up = layer.proj_up if rank else None
+    cfg = {"kwargs": {"SCHEDULE": "gluon", "PINGPONG": True, "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128,
+                      "STAGES": 4, "GROUP_M": 8, "STORE": store}, "num_warps": 4, "num_stages": 1}
+    want = w4a4_gemm(a8, sa, w8, layer.wscale, lora, up, layer.bias, torch.bfloat16, gelu=gelu, schedule="tma")
+    wide = torch.full((m, n + 256), 7.0, device=DEV, dtype=torch.bfloat16)
+    out = wide[:, 128:128 + n] if column_slice else None
+    got = w4a4_gemm(a8, sa, w8, layer.wscale, lora, up, layer.bias, torch.bfloat16, gelu=gelu, config=cfg, out=out)
+    torch.cuda.synchronize()
+    assert torch.equal(got, want)
+    if column_slice:
+        assert got.data_ptr() == out.data_ptr()
+        assert bool((wide[:, :128] == 7).all()) and bool((wide[:, 128 + n:] == 7).all())
+
+
+def test_store_choice(monkeypatch):
+    """Which outputs the ping-pong kernel stores by TMA: 16-bit, 16-byte aligned base and row pitch, not
+    accumulated into, a tile pair that fits; ``SVDQ_STORE`` / ``STORE`` switch it off, other values are refused."""
+    gluon = pytest.importorskip("svdq.kernels.gemm_w4a4_gluon")
+    cfg = {"BLOCK_M": 128, "BLOCK_N": 128}
+    c = torch.empty(64, 256, dtype=torch.bfloat16)
+    monkeypatch.delenv("SVDQ_STORE", raising=False)
+    assert gluon.store_by_tma(cfg, {}, c)
+    assert not gluon.store_by_tma(cfg, {"ACCUMULATE": True}, c)
+    assert not gluon.store_by_tma(cfg, {}, c.float())
+    assert not gluon.store_by_tma(cfg, {}, torch.empty(64, 257, dtype=torch.bfloat16)[:, :256])  # 514-byte rows
+    assert not gluon.store_by_tma(cfg, {}, c.view(-1)[1:1 + 64 * 255].view(64, 255))  # base off 16 bytes
+    assert not gluon.store_by_tma({"BLOCK_M": 64, "BLOCK_N": 256 * 2}, {}, c)
+    assert not gluon.store_by_tma(dict(cfg, STORE="pointer"), {}, c)
+    monkeypatch.setenv("SVDQ_STORE", "pointer")
+    assert not gluon.store_by_tma(cfg, {}, c)
+    assert gluon.store_by_tma(dict(cfg, STORE="tma"), {}, c)
+    monkeypatch.setenv("SVDQ_STORE", "async")
+    with pytest.raises(ValueError, match="SVDQ_STORE"):
+        gluon.store_by_tma(cfg, {}, c)
+
+
 def test_branch_placement_choice(monkeypatch):
     """Which branches the ping-pong kernel issues in the turn: one chunk only, ``SVDQ_BRANCH`` / ``BRANCH`` can
     move it to the epilogue, anything else is refused by name."""
