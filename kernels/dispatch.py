@@ -325,6 +325,9 @@ class _Plan:
                 if a is x2 or a is y:  # slots filled per call; the recording call's tensors are not kept alive
                     (xpos if a is x2 else ypos).append(i)
                     kept[i] = None
+                elif is_descriptor(a) and a.base is y:  # the GEMM's TMA store: the descriptor is remade per call
+                    ypos.append(i)  # from its fields (keeping it would keep the recording call's output alive)
+                    kept[i] = (type(a), {f.name: getattr(a, f.name) for f in dataclasses.fields(a) if f.name != "base"})
                 elif isinstance(a, torch.Tensor):
                     if a.untyped_storage().data_ptr() not in allowed:
                         return None
@@ -357,7 +360,7 @@ class _Plan:
             for i in xpos:
                 a[i] = xa
             for i in ypos:
-                a[i] = ya
+                a[i] = ya if args[i] is None else args[i][0](base=y, **args[i][1])  # a TMA store's descriptor
             runner(*a)
         return y
 

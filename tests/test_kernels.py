@@ -910,3 +910,34 @@ def test_cuda_graph_replays_correctly_after_the_arena_grows(monkeypatch):
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(static_y, dispatch.svdq_linear(x, layer))
+
+
+def test_call_plan_remakes_the_output_descriptor():
+    """A recorded launch whose TMA store descriptor wraps the call's output is replayed with a descriptor on the
+    new output (same fields), and the plan does not keep the recording call's output alive."""
+    import gc
+    import weakref
+
+    pytest.importorskip("svdq.kernels.gemm_w4a4_gluon")
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from svdq.kernels.dispatch import _Arena, _Plan
+
+    w = random_layer(256, 128, 16, seed=3)
+    x2 = torch.randn(64, 128, dtype=torch.bfloat16)
+    y = torch.empty(64, 256, dtype=torch.bfloat16)
+    layout = gl.NVMMASharedLayout.get_default_for([64, 128], gl.bfloat16)
+    desc = TensorDescriptor(y, [64, 256], [256, 1], [64, 128], layout)
+    calls = []
+    plan = _Plan.build([(lambda *a: calls.append(a), (x2, w.qweight, desc))], x2, y, w, _Arena(torch.device("cpu")))
+    assert plan is not None
+    gone = weakref.ref(y)
+    del y, desc
+    gc.collect()
+    assert gone() is None  # the plan holds the descriptor's fields, not the recording call's output
+    x_new = torch.randn(64, 128, dtype=torch.bfloat16)
+    out = plan.run(x_new)
+    got = calls[-1]
+    assert got[0] is x_new and got[1] is w.qweight
+    assert isinstance(got[2], TensorDescriptor) and got[2].base is out
+    assert list(got[2].block_shape) == [64, 128] and got[2].layout == layout and list(got[2].shape) == [64, 256]
