@@ -472,13 +472,21 @@ def test_wrong_feature_count_is_a_clear_error(triton_kernels):
 
 
 @pytest.mark.skipif(not GPU, reason="call plans replay compiled CUDA kernels")
-@pytest.mark.parametrize("kind,dtype", [("w4a4", torch.bfloat16), ("w4a16", torch.bfloat16), ("w4a16", torch.float32)])
+@pytest.mark.parametrize("kind,dtype", [("w4a4", torch.bfloat16), ("w4a16", torch.bfloat16), ("w4a16", torch.float32),
+                                        pytest.param("w4a4-large", torch.bfloat16, marks=pytest.mark.skipif(
+                                            not SM90, reason="the ping-pong GEMM's TMA store: sm_90"))])
 def test_call_plans_replay_exactly(kind, dtype, triton_kernels, monkeypatch):
     """A layer call is recorded once per shape and replayed after: same numbers as the unplanned path, across
     changing inputs, shapes and an arena that grows in between (which retires the plans). In fp32 the W4A16
-    kernels' split-K output (zeroed, then added into) is the call's output itself: a replay must zero it again."""
-    layer = random_layer(256, 512, 0 if kind == "w4a16" else 32, True, kind=kind, device=DEV, seed=11)
-    ms = [1, 2] if kind == "w4a16" else [64, 7, 64]
+    kernels' split-K output (zeroed, then added into) is the call's output itself: a replay must zero it again.
+    ``w4a4-large``: rows and columns enough for the ping-pong GEMM, whose TMA store descriptor wraps the output
+    and is remade per replay."""
+    large = kind == "w4a4-large"
+    kind = "w4a4" if large else kind
+    monkeypatch.setenv("SVDQ_AUTOTUNE", "0")  # untuned: the ping-pong kernel leads the default order at this size
+    layer = random_layer(3200 if large else 256, 512, 0 if kind == "w4a16" else 32, True, kind=kind, device=DEV,
+                         seed=11)
+    ms = [1, 2] if kind == "w4a16" else [1500, 1100, 1500] if large else [64, 7, 64]
     monkeypatch.setenv("SVDQ_PLANS", "0")
     xs = [torch.randn(m, 512, device=DEV, dtype=dtype) for m in ms * 2]
     expect = [triton_kernels.svdq_linear(x, layer) for x in xs]
