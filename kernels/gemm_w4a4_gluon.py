@@ -152,18 +152,26 @@ def _branch_chunk(r0, pid_m, pid_n, up_smem, lora_ptr, up_ptr, M, N, R, stride_l
 
 
 @gluon.jit
+def _bias_gelu(y, pid_n, bias_ptr, N, BN: gl.constexpr, HAS_BIAS: gl.constexpr, GELU: gl.constexpr,
+               y_layout: gl.constexpr):
+    """The tile's bias and GELU (both stores take them from here: the same bits either way)."""
+    rn = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, y_layout))
+    if HAS_BIAS:
+        y += gl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(gl.float32)[None, :]
+    if GELU:
+        y = _gelu_tanh(y)
+    return y
+
+
+@gluon.jit
 def _tile_finish(y, pid_m, pid_n, bias_ptr, c_ptr, M, N, stride_cm, BM: gl.constexpr, BN: gl.constexpr,
                  HAS_BIAS: gl.constexpr, GELU: gl.constexpr, ACCUMULATE: gl.constexpr, y_layout: gl.constexpr):
     """Bias, GELU, optional accumulation into the output, one 16-bit store."""
+    y = _bias_gelu(y, pid_n, bias_ptr, N, BN, HAS_BIAS, GELU, y_layout)
     rm = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, y_layout))
     rn = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, y_layout))
-    nmask = rn < N
-    if HAS_BIAS:
-        y += gl.load(bias_ptr + rn, mask=nmask, other=0.0).to(gl.float32)[None, :]
-    if GELU:
-        y = _gelu_tanh(y)
     c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :]
-    cmask = (rm < M)[:, None] & nmask[None, :]
+    cmask = (rm < M)[:, None] & (rn < N)[None, :]
     if ACCUMULATE:
         y += gl.load(c_ptrs, mask=cmask, other=0.0).to(gl.float32)
     gl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=cmask)
@@ -174,11 +182,7 @@ def _tile_store_tma(y, pid_m, pid_n, bias_ptr, c_desc, c_smem, N, BM: gl.constex
                     HAS_BIAS: gl.constexpr, GELU: gl.constexpr, y_layout: gl.constexpr):
     """Bias, GELU, then the tile through shared memory and one TMA bulk store (which clips rows and columns past
     the output), instead of 64 scattered 4-byte stores a thread in the MMA layout."""
-    rn = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, y_layout))
-    if HAS_BIAS:
-        y += gl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(gl.float32)[None, :]
-    if GELU:
-        y = _gelu_tanh(y)
+    y = _bias_gelu(y, pid_n, bias_ptr, N, BN, HAS_BIAS, GELU, y_layout)
     tma.store_wait(0)  # this warpgroup's previous tile has left c_smem (the thread that issued its copy waits,
     gl.thread_barrier()  # the others wait for it)
     c_smem.store(y.to(c_desc.block_type.element_ty))
@@ -398,15 +402,22 @@ def launch_ws(cfg_kwargs: dict, num_warps: int, args: tuple, flags: dict, m: int
            INSTR_N=min(bn, 128), WARPS=num_warps, pdl=True)
 
 
+def _switch(cfg_kwargs: dict, key: str, variable: str, choices: tuple) -> str:
+    """A ping-pong kernel option: the config's ``key``, else the environment ``variable``, else the first choice;
+    anything else is refused by name."""
+    choice = cfg_kwargs.get(key) or os.environ.get(variable, choices[0]).lower()
+    if choice not in choices:
+        raise ValueError(f"{variable} must be " + " or ".join(repr(c) for c in choices) + f", not {choice!r}")
+    return choice
+
+
 def branch_in_turn(cfg_kwargs: dict, flags: dict) -> bool:
     """Whether the ping-pong kernel issues the branch MMA in its warpgroup's turn, right after the tile's int8 MMAs
     (``turn``, the default), or in the epilogue (``epilogue``): config key ``BRANCH``, else ``SVDQ_BRANCH``. Only
     a branch of one chunk (``R_CHUNK`` = ``BLOCK_R``: rank ≤ 64) goes in the turn; wider ones keep the epilogue's
     chunks. A third way measured and dropped: the branch as rank-one updates on the CUDA cores in the epilogue,
     2.7× slower (BENCHMARKS.md, session 12)."""
-    choice = cfg_kwargs.get("BRANCH") or os.environ.get("SVDQ_BRANCH", "turn").lower()
-    if choice not in ("turn", "epilogue"):
-        raise ValueError(f"SVDQ_BRANCH must be 'turn' or 'epilogue', not {choice!r}")
+    choice = _switch(cfg_kwargs, "BRANCH", "SVDQ_BRANCH", ("turn", "epilogue"))
     one_chunk = flags.get("HAS_LORA") and flags.get("BLOCK_R") == flags.get("R_CHUNK")
     return bool(one_chunk and choice == "turn")
 
@@ -418,9 +429,7 @@ def store_by_tma(cfg_kwargs: dict, flags: dict, c: torch.Tensor) -> bool:
     GEMM's speed with the scattered 4-byte stores of the MMA layout, most at K = 3072 and small M
     (``bench/gemm_store_ab.py``); same bits. The cooperative kernel keeps pointer stores (its 128 x 256 tile leaves
     no shared memory for a staged output)."""
-    choice = cfg_kwargs.get("STORE") or os.environ.get("SVDQ_STORE", "tma").lower()
-    if choice not in ("tma", "pointer"):
-        raise ValueError(f"SVDQ_STORE must be 'tma' or 'pointer', not {choice!r}")
+    choice = _switch(cfg_kwargs, "STORE", "SVDQ_STORE", ("tma", "pointer"))
     return (choice == "tma" and not flags.get("ACCUMULATE") and c.dtype in (torch.bfloat16, torch.float16)
             and c.data_ptr() % 16 == 0 and (c.stride(0) * c.element_size()) % 16 == 0
             and cfg_kwargs["BLOCK_M"] * cfg_kwargs["BLOCK_N"] <= 128 * 128)  # two staged tiles must fit beside the ring
