@@ -98,7 +98,8 @@ def main() -> None:
                 with torch.cuda.stream(side):
                     expand()
             main.wait_stream(side)
-            main.wait_stream(high)
+            if work_high:
+                main.wait_stream(high)
         return cap
 
     t_e = replay_us(expand)
