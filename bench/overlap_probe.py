@@ -98,8 +98,7 @@ def main() -> None:
                 with torch.cuda.stream(side):
                     expand()
             main.wait_stream(side)
-            if work_high:
-                main.wait_stream(high)
+            main.wait_stream(high)
         return cap
 
     t_e = replay_us(expand)

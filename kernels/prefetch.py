@@ -165,7 +165,6 @@ _calls: list = []  # (attention function, its non-tensor arguments), indexed by 
 _call_index: dict = {}
 
 
-@torch.compiler.assume_constant_result  # run at trace time: the op's fake implementation looks the call up
 def _intern(func, args: tuple, kwargs: dict) -> Optional[int]:
     try:
         key = (func, args, tuple(sorted(kwargs.items())))
