@@ -29,7 +29,6 @@ try:  # Triton is optional: CPU-only installs run the reference
     from .autotune_cache import capability_major, interpreting
     from .gemv_w4a16 import w4a16_linear
     from .launch import is_descriptor, recording
-    from . import prefetch
 
     HAS_TRITON = True
 except Exception as _exc:  # pragma: no cover - depends on the install
@@ -235,28 +234,21 @@ def _compute(x, w, extra_down, extra_up, gelu, out, accumulate):
         except RuntimeError:
             out2 = None
     acc = accumulate and out2 is not None
-    pf = prefetch.existing(x2.device) if x2.is_cuda else None  # weight expansion behind attention (prefetch.py)
-    if pf is not None:
-        pf.called(w, x2.shape[0])
     if extra_down is None:
-        y = _planned(x2, w, gelu, out2, acc, pf)
+        y = _planned(x2, w, gelu, out2, acc)
         if y is not None:
             return out if y is out2 else y.reshape(*lead, w.out_features)
     down, up = (w.proj_down, w.proj_up) if extra_down is None else extended_branch(w, extra_down, extra_up)
-    y = _run(x2, w, down, up, gelu, out2, acc, pf)
+    y = _run(x2, w, down, up, gelu, out2, acc)
     if y is None:
         _warn_once(f"activation precision {w.act_precision}")
         return svdq_linear_reference(x, w, extra_down, extra_up, gelu)
     return out if y is out2 else y.reshape(*lead, w.out_features)
 
 
-_expansions = [0]  # W4A4 calls on an expanded weight so far (a call plan notes whether its call was one)
-
-
-def _run(x2, w, down, up, gelu, out2=None, accumulate=False, pf=None):
+def _run(x2, w, down, up, gelu, out2=None, accumulate=False):
     """One call on 2-D input. The W4A4 kernels write into ``out2`` when given (adding with ``accumulate``) and
-    return it; the other paths return a new tensor for the caller to place. ``pf``: the device's prefetcher,
-    which may hold this layer's int8 weight already expanded behind the last attention."""
+    return it; the other paths return a new tensor for the caller to place."""
     if w.precision == "int4g":
         return _int4g(x2, w, down, up, gelu)
     if w.kind == "w4a16" or w.act_precision == "none":
@@ -269,12 +261,7 @@ def _run(x2, w, down, up, gelu, out2=None, accumulate=False, pf=None):
         if packed_gemm(x2, w.qweight):
             return gemm_w4a4_packed.w4a4_gemm_packed(a8, ascale, w.qweight, _mult_t(w), w.wscale, lora, up, w.bias,
                                                      x2.dtype, gelu, out=out2, accumulate=accumulate)
-        w8 = None if pf is None else pf.take(w)
-        if w8 is None:
-            w8 = int8_weights(w)
-        _expansions[0] += 1
-        if pf is not None:
-            pf.note(w)
+        w8 = int8_weights(w)
         return w4a4_gemm(a8, ascale, w8, w.wscale, lora, up, w.bias, x2.dtype, gelu, out=out2, accumulate=accumulate)
     return None
 
@@ -322,7 +309,7 @@ class _Plan:
     tensors or the device arena, so a replay costs one allocation and the launches (a 12B DiT step at batch 1
     was host-bound on re-deriving all of this per call)."""
 
-    __slots__ = ("launches", "shape", "dtype", "generation", "anchors", "addresses", "expands")
+    __slots__ = ("launches", "shape", "dtype", "generation", "anchors", "addresses")
 
     @classmethod
     def build(cls, rec: list, x2: torch.Tensor, y: torch.Tensor, w: QuantizedLinearWeights, ar: _Arena):
@@ -379,42 +366,33 @@ class _Plan:
 
 
 def _planned(x2: torch.Tensor, w: QuantizedLinearWeights, gelu: bool, out2: torch.Tensor | None = None,
-             accumulate: bool = False, pf=None) -> torch.Tensor | None:
+             accumulate: bool = False) -> torch.Tensor | None:
     """Replay this layer's recorded launches for this shape, or run the call once while recording them.
 
     The key holds everything a recorded launch bakes in besides the tensors it swaps: the row strides of the
-    input and of a given output, whether the output is given and added to, and the address of a weight the
-    prefetcher expanded for this call (a plan recorded with it has no expansion and reads that slice)."""
+    input and of a given output, and whether the output is given and added to."""
     settings = tuple(map(os.environ.get, _ENV))  # a switch changed mid-run must not reuse older plans
     if os.environ.get("SVDQ_PLANS") == "0" or not x2.is_cuda:
         return None
-    ar = arena(x2.device)
-    capturing = ar.note_capture()
-    pre = pf.peek(w) if pf is not None and not capturing else 0
     into = None if out2 is None else (out2.stride(0), out2.data_ptr() % 16 == 0, accumulate)
-    key = (x2.shape[0], x2.dtype, x2.data_ptr() % 16 == 0, x2.stride(0), gelu, into, settings, pre)
+    key = (x2.shape[0], x2.dtype, x2.data_ptr() % 16 == 0, x2.stride(0), gelu, into, settings)
     plans = w.__dict__.setdefault("_svdq_plans", {})
     plan = plans.get(key)
+    ar = arena(x2.device)
     if plan is False:
         return None
+    capturing = ar.note_capture()
     if plan is not None and plan.generation == ar.generation:
-        if pre:
-            pf.take(w)  # the stream waits for the expansion the plan's GEMM reads
         y = plan.run(x2, out2)
         if y is not None:
-            if pf is not None and plan.expands:
-                pf.note(w)
             return y
     if capturing:
         return None
-    before = _expansions[0]
     with recording() as rec:
-        y = _run(x2, w, w.proj_down, w.proj_up, gelu, out2, accumulate, pf)
+        y = _run(x2, w, w.proj_down, w.proj_up, gelu, out2, accumulate)
     if y is None:
         return None
     plan = _Plan.build(rec, x2, y, w, ar)
-    if plan is not None:
-        plan.expands = _expansions[0] != before
     if plan is not None and out2 is not None and y is not out2:  # this path ignores ``out2``: replay allocates
         plan = False
     plans[key] = plan if plan is not None else False

@@ -19,7 +19,6 @@ import comfy.utils
 
 from ..quant.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from .ops import fuse_mlp_gelu, make_svdq_ops
-from ..kernels import prefetch
 from .patcher import SVDQModelPatcher
 
 log = logging.getLogger("svdq")
@@ -80,9 +79,7 @@ def build_model_patcher(
     moved = fuse_mlp_gelu(model.diffusion_model)
     if moved:
         log.info("svdq: %d MLP GELUs run in their first layer's GEMM epilogue", moved)
-    patcher = SVDQModelPatcher(model, load_device=load_device, offload_device=offload_device)
-    prefetch.install(patcher.model_options)  # weight expansion behind attention (kernels/prefetch.py)
-    return patcher
+    return SVDQModelPatcher(model, load_device=load_device, offload_device=offload_device)
 
 
 def load_svdq_model(path: str | os.PathLike, dtype: torch.dtype | None = None, nunchaku_scales: str = "exact"):
