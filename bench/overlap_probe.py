@@ -8,7 +8,8 @@ compute-bound work. Times, as CUDA-graph replays (one graph per case, both strea
 
 - attention alone (SDPA, FLUX's single-block shape), the single block's two expansions alone (linear2, next linear1);
 - both at once: expansions on a side stream queued before / after the attention, the side stream at normal or
-  high priority, or the attention on a high-priority stream (what ``kernels/prefetch.py`` does);
+  high priority, or the attention on a high-priority stream (what the prefetcher of commit 36cf822 did; it was
+  measured in the full model and dropped, BENCHMARKS.md);
 - the same with the linear1 GEMM (ping-pong, persistent) instead of attention: expansions behind a GEMM.
 
 Hidden share = (alone + alone − together) / expansions alone.

@@ -23,6 +23,7 @@ writes each output tile through shared memory with one TMA bulk store (``store_b
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -432,7 +433,32 @@ def store_by_tma(cfg_kwargs: dict, flags: dict, c: torch.Tensor) -> bool:
     choice = _switch(cfg_kwargs, "STORE", "SVDQ_STORE", ("tma", "pointer"))
     return (choice == "tma" and not flags.get("ACCUMULATE") and c.dtype in (torch.bfloat16, torch.float16)
             and c.data_ptr() % 16 == 0 and (c.stride(0) * c.element_size()) % 16 == 0
-            and cfg_kwargs["BLOCK_M"] * cfg_kwargs["BLOCK_N"] <= 128 * 128)  # two staged tiles must fit beside the ring
+            and pingpong_shared_bytes(cfg_kwargs, flags, True) <= shared_limit(c.device))
+
+
+def pingpong_shared_bytes(cfg_kwargs: dict, flags: dict, store_tma: bool) -> int:
+    """Shared memory the ping-pong kernel allocates: the stage ring, two warpgroups' branch up-projection chunks,
+    with the TMA store two staged output tiles, plus 1 KB for barriers and alignment. Why: a 64 x 256 tile with four
+    stages and the store needs 262 KB, past the H100's 227 KB; such a config keeps pointer stores."""
+    bm, bn, bk, stages = (cfg_kwargs[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "STAGES"))
+    ring = stages * (bm + bn) * bk
+    branch = 2 * bn * flags.get("R_CHUNK", 16) * 2
+    return ring + branch + (2 * bm * bn * 2 if store_tma else 0) + 1024
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_limit(index: int) -> int:
+    return torch.cuda.get_device_properties(index).shared_memory_per_block_optin
+
+
+H100_SHARED = 232448
+
+
+def shared_limit(device: torch.device) -> int:
+    """Shared memory one program may opt into on ``device`` (the H100's for a CPU tensor: the choice's unit tests)."""
+    if device.type != "cuda":
+        return H100_SHARED
+    return _shared_limit(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def pingpong_registers(producer: int) -> dict:

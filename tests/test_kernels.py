@@ -710,9 +710,9 @@ def test_pingpong_store_same_bits(store, m, n, rank, gelu, column_slice, triton_
 
 def test_store_choice(monkeypatch):
     """Which outputs the ping-pong kernel stores by TMA: 16-bit, 16-byte aligned base and row pitch, not
-    accumulated into, a tile pair that fits; ``SVDQ_STORE`` / ``STORE`` switch it off, other values are refused."""
+    accumulated into, a tile pair that fits in shared memory beside the ring; ``SVDQ_STORE`` / ``STORE`` switch it off, other values are refused."""
     gluon = pytest.importorskip("svdq.kernels.gemm_w4a4_gluon")
-    cfg = {"BLOCK_M": 128, "BLOCK_N": 128}
+    cfg = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "STAGES": 4}
     c = torch.empty(64, 256, dtype=torch.bfloat16)
     monkeypatch.delenv("SVDQ_STORE", raising=False)
     assert gluon.store_by_tma(cfg, {}, c)
@@ -720,7 +720,13 @@ def test_store_choice(monkeypatch):
     assert not gluon.store_by_tma(cfg, {}, c.float())
     assert not gluon.store_by_tma(cfg, {}, torch.empty(64, 257, dtype=torch.bfloat16)[:, :256])  # 514-byte rows
     assert not gluon.store_by_tma(cfg, {}, c.view(-1)[1:1 + 64 * 255].view(64, 255))  # base off 16 bytes
-    assert not gluon.store_by_tma({"BLOCK_M": 64, "BLOCK_N": 256 * 2}, {}, c)
+    assert not gluon.store_by_tma(dict(cfg, BLOCK_M=64, BLOCK_N=512), {}, c)
+    # shared memory: 64 x 256 x 128 with four stages and a rank-32 branch needs 262 KB with the staged tiles
+    wide = dict(cfg, BLOCK_M=64, BLOCK_N=256)
+    assert gluon.pingpong_shared_bytes(wide, {"R_CHUNK": 32}, True) > gluon.H100_SHARED
+    assert gluon.pingpong_shared_bytes(wide, {"R_CHUNK": 32}, False) <= gluon.H100_SHARED
+    assert not gluon.store_by_tma(wide, {"R_CHUNK": 32}, c)
+    assert gluon.store_by_tma(cfg, {"R_CHUNK": 32}, c)  # the shipped 128 x 128 tile: 209 KB
     assert not gluon.store_by_tma(dict(cfg, STORE="pointer"), {}, c)
     monkeypatch.setenv("SVDQ_STORE", "pointer")
     assert not gluon.store_by_tma(cfg, {}, c)
