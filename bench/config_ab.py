@@ -25,6 +25,8 @@ import sys
 
 import torch
 
+from _results import write_json
+
 import e2e  # the full-size model, its loader and the step timing of bench/e2e.py
 
 
@@ -103,8 +105,7 @@ def main() -> int:
     for k, d in result["median_ms"].items():
         e2e.log(f"{k}: a {d['a']:.1f} ms, b {d['b']:.1f} ms, b/a {d['b'] / d['a']:.3f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(args.json, result)
     return 0
 
 

@@ -44,6 +44,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _path  # noqa: E402,F401
+from _results import write_json  # noqa: E402
 
 from svdq.comfy_runtime import import_comfy  # noqa: E402
 
@@ -612,8 +613,7 @@ def main() -> int:
             results.setdefault("summary", {})[f"capped_{a}_vs_{b_}"] = c[b_][1]["ms"] / c[a][1]["ms"]
     log("summary: " + json.dumps(results.get("summary", {})))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1, default=str)
+        write_json(args.json, results, default=str)
     return 0
 
 

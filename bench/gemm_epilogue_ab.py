@@ -12,11 +12,11 @@ next to the time the int8 work would take at the datasheet peak (1979 TOPS dense
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
 import _path  # noqa: F401
+from _results import write_json  # noqa: E402
 
 from linear import make_layer  # noqa: E402
 
@@ -92,8 +92,7 @@ def main() -> None:
         rows.append(row)
         print("; ".join(line), flush=True)
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=1)
+        write_json(args.json, rows)
 
 
 if __name__ == "__main__":

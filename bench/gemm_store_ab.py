@@ -11,12 +11,12 @@ the two variants alternating over two rounds, and whether their outputs are bit-
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
 
 import _path  # noqa: F401
+from _results import write_json  # noqa: E402
 
 from linear import bench_graph, make_layer  # noqa: E402
 
@@ -65,8 +65,7 @@ def main() -> int:
         print(f"M={m:>5} {k:>5}->{n:<5}{' GELU' if gelu else '     '}: pointer store {p:7.1f} µs, TMA store {q:7.1f} µs "
               f"({p / q:.3f}x); identical: {same}", flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"rows": rows}, f, indent=1)
+        write_json(args.json, {"rows": rows})
     return 0
 
 

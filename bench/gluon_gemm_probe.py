@@ -10,11 +10,12 @@ given explicitly, and cuBLAS bf16; CUDA-graph µs, same run, with a bit-for-bit 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 import torch
+
+from _results import write_json
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -79,8 +80,7 @@ def main() -> int:
         print("probe", {a: (round(b, 1) if isinstance(b, float) else b) for a, b in row.items()}, flush=True)
         rows.append(row)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"env": env, "rows": rows}, f, indent=1)
+        write_json(args.json, {"env": env, "rows": rows})
     return 0
 
 

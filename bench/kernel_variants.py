@@ -34,7 +34,6 @@ expanded weights only partly in L2; bench/results-fused-expansion-*-h200.log).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -44,6 +43,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _path  # noqa: E402,F401
+from _results import write_json  # noqa: E402
 
 from linear import M4608, bench, make_layer  # noqa: E402
 
@@ -446,8 +446,7 @@ def main() -> int:
     if "w4a16cold" in only:
         out["w4a16cold"] = w4a16_cold_rows(triton)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        write_json(args.json, out)
     return 0
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import inspect
-import json
 import os
 import sys
 
@@ -23,6 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _path  # noqa: E402,F401
+from _results import write_json  # noqa: E402
 
 from linear import make_layer  # noqa: E402
 
@@ -130,8 +130,7 @@ def main() -> int:
     if args.expand:
         out["expand"] = expand_rows(args.expand)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        write_json(args.json, out)
     return 0
 
 

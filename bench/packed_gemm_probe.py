@@ -16,11 +16,12 @@ the last bits of the 16-bit output may differ).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 import torch
+
+from _results import write_json
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -111,8 +112,7 @@ def main() -> int:
         print("row", {a: (round(b, 4) if isinstance(b, float) else b) for a, b in row.items()}, flush=True)
         rows.append(row)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"env": env, "rows": rows}, f, indent=1)
+        write_json(args.json, {"env": env, "rows": rows})
     return 0
 
 
@@ -162,8 +162,7 @@ def w4a16_rows(args) -> int:
                   flush=True)
             rows.append(row)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"env": env, "rows": rows}, f, indent=1)
+        write_json(args.json, {"env": env, "rows": rows})
     return 0
 
 

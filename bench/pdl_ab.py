@@ -18,7 +18,6 @@ graph's length varies with what the process did before.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -27,6 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _path  # noqa: E402,F401
+from _results import write_json  # noqa: E402
 
 from linear import make_layer  # noqa: E402
 
@@ -137,8 +137,7 @@ def main() -> int:
         out["do_bench_cudagraph_" + mode] = t
         print(f"W4A16 M=1 3072→18432, do_bench_cudagraph: PDL {mode} {t:.1f} µs", flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        write_json(args.json, out)
     return 0
 
 

@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _path  # noqa: E402,F401
+from _results import write_json  # noqa: E402
 
 from svdq.comfy_runtime import import_comfy  # noqa: E402
 
@@ -104,8 +105,7 @@ def main() -> int:
     }
     print(json.dumps(out), flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        write_json(args.json, out)
     return 0
 
 

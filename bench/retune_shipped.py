@@ -12,12 +12,12 @@ of that key's shape (M: the FLUX size behind the bucket), and keeps the faster. 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import tempfile
 
 import torch
+
+from _results import write_json
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -86,13 +86,9 @@ def main() -> int:
         print(f"M={m} N={n} K={kp} {'+'.join(f'{k}={v}' for k, v in flags.items() if k in ('GELU', 'BLOCK_R'))}: "
               + ", ".join(f"{k} {v:.1f}" for k, v in times.items()) + f" -> {best}", flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__, "rows": rows}, f, indent=1)
+        write_json(args.json, {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__, "rows": rows})
     if args.out:
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(args.out)), suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(table, f, indent=0, sort_keys=True)
-        os.replace(tmp, args.out)
+        write_json(args.out, table, indent=0, sort_keys=True)
     return 0
 
 

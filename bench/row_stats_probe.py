@@ -14,13 +14,13 @@ kernels' time on the same input for comparison.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 
 import torch
 import torch.nn.functional as F
 
 import _path  # noqa: F401
+from _results import write_json  # noqa: E402
 
 
 def exact(x: torch.Tensor) -> torch.Tensor:
@@ -147,8 +147,7 @@ def main() -> None:
             print("   plain:", k_plain)
             print("   stats:", k_stats)
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=1)
+        write_json(args.json, rows)
 
 
 if __name__ == "__main__":

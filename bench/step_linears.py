@@ -17,13 +17,13 @@ row counts (the tuned configs are keyed by a power-of-two bucket of M).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 
 import torch
 
 import _path  # noqa: F401
+from _results import write_json  # noqa: E402
 
 from linear import bench_graph, make_layer  # noqa: E402
 
@@ -135,8 +135,7 @@ def main() -> int:
         print(f"b{batch} linear layers per step: bf16 {tb:.2f} ms, svdq {ts:.2f} ms ({tb / ts:.3f}x)", flush=True)
         out["batches"][batch] = {"rows": rows, "bf16_ms": tb, "svdq_ms": ts}
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        write_json(args.json, out)
     return 0
 
 
