@@ -411,6 +411,83 @@ ACT_PASS2_SHAPES = [(4608, 3072, 32), (4096, 12288, 32), (4608, 15360, 32), (921
                     (4608, 15360, 96)]
 
 
+STREAM_SHAPES = [(9216, 15360, 32), (8192, 12288, 32), (4608, 15360, 32), (4608, 12288, 32), (4608, 3072, 32),
+                 (9216, 3072, 32), (1024, 3072, 32), (512, 3072, 32), (4608, 15360, 96), (4608, 3072, 96)]
+_P1 = dict(pass1_stages=4, pass1_tma=True)  # session 15's first run: TMA, 4 stages, up to 16 tiles a program
+STREAM_VARIANTS = [  # pass 1 (and pass 2) as pipelined tl.range streams by TMA, against the unrolled kernels
+    ("p1", _P1), ("p1_s3", dict(_P1, pass1_stages=3)), ("p1_s6", dict(_P1, pass1_stages=6)),
+    ("p1_k16", dict(_P1, k_per_program=16)), ("p1_k32", dict(_P1, k_per_program=32)),
+    ("p1_g4", dict(_P1, groups=4)), ("p1_bm128", dict(_P1, block_m=128)),
+    ("p1p2_s3t4", dict(_P1, pass2_stages=3, pass2_tma=True, pass2_tiles=4)),
+    ("p1p2_s4t8", dict(_P1, pass2_stages=4, pass2_tma=True, pass2_tiles=8)),
+    ("p1p2_s3t4_bm32", dict(_P1, pass2_stages=3, pass2_tma=True, pass2_tiles=4, pass2_block_m=32)),
+    ("p1p2_s3t4_bm64w8", dict(_P1, pass2_stages=3, pass2_tma=True, pass2_tiles=4, pass2_block_m=64, pass2_warps=8)),
+    ("p1p2_s2t2", dict(_P1, pass2_stages=2, pass2_tma=True, pass2_tiles=2)),
+    ("p1p2_s3t4_g2", dict(_P1, pass2_stages=3, pass2_tma=True, pass2_tiles=4, pass2_groups=2)),
+    ("p1p2ptr_s3t4", dict(_P1, pass2_stages=3, pass2_tiles=4)),
+]
+
+
+def kernel_split(fn) -> dict:
+    """Device µs per kernel name over 20 calls (torch profiler), to tell pass 1 from pass 2."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+    out = {}
+    for ev in prof.key_averages():
+        if ev.device_type.name == "CUDA" and "act_" in ev.key:
+            out[ev.key] = ev.device_time_total / 20
+    return out
+
+
+def act_stream_rows(triton) -> list[dict]:
+    """Pass 1 pipelined (``pass1_stages``, ``pass1_tma``) against the default pair, CUDA-graph µs of both passes;
+    codes and scales must equal the default's, the low-rank result within 1e-5."""
+    from svdq.kernels.act_quant import quantize_activation
+
+    rate = copy_rate_bytes_per_us()
+    rows = []
+    for m, k, rank in STREAM_SHAPES:
+        layer = make_layer(64, k, rank)
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        inv = torch.reciprocal(layer.smooth.float())
+        row = {"M": m, "K": k, "rank": rank, "floor_us": (2 * x.numel() * 2 + m * layer.k_padded) / rate,
+               "one_read_floor_us": (x.numel() * 2 + m * layer.k_padded) / rate}
+        ref = [t.clone() if t is not None else None
+               for t in quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down, inv_smooth=inv)]
+        for name, kw in [("default", {})] + STREAM_VARIANTS:
+            def fn(kw=kw):
+                return quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down, inv_smooth=inv, **kw)
+
+            try:
+                a, s, lora = fn()
+                same = torch.equal(a, ref[0]) and torch.equal(s, ref[1])
+                lrel = float((lora - ref[2]).norm() / ref[2].norm())
+                row[name] = triton.testing.do_bench_cudagraph(fn, rep=50) * 1e3
+                row[name + "_ok"] = bool(same and lrel < 1e-5)
+                if not row[name + "_ok"]:
+                    print(f"actstream {name} WRONG: same codes {same}, lora rel {lrel:.2e}", flush=True)
+            except Exception as exc:
+                print(f"actstream {name} failed: {str(exc)[-800:]}", flush=True)
+                row[name] = float("nan")
+        timed = {n: v for n, v in row.items() if n in dict(STREAM_VARIANTS) or n == "default"}
+        best = min((v, n) for n, v in timed.items() if not math.isnan(v) and row.get(n + "_ok"))[1]
+        for name in ("default", best):
+            kw = dict(STREAM_VARIANTS).get(name, {})
+            row[name + "_split"] = split = kernel_split(
+                lambda kw=kw: quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down, inv_smooth=inv, **kw))
+            print(f"  {name}: " + ", ".join(f"{n} {v:.1f}" for n, v in split.items()), flush=True)
+        rows.append(row)
+        print(f"actstream M={m} K={k} r={rank}: floors {row['floor_us']:.1f} / {row['one_read_floor_us']:.1f} µs; "
+              + ", ".join(f"{n} {v:.1f}" for n, v in timed.items()), flush=True)
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
@@ -431,6 +508,8 @@ def main() -> int:
     out = {"env": env}
     if "act" in only:
         out["act"] = act_rows(triton)
+    if "actstream" in only:
+        out["actstream"] = act_stream_rows(triton)
     if "actpass2" in only:
         out["actpass2"] = act_rows(triton, around_defaults=True)
     if "gemm" in only:

@@ -14,12 +14,14 @@ round-half-even, so codes equal the reference's bit for bit.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from .launch import launch, pdl_end, pdl_start
+from .launch import HAS_HOST_DESCRIPTORS, TensorDescriptor, launch, pdl_end, pdl_start
 from .autotune_cache import fp32_dots, interpreting, sm_count
 
 MAGIC = tl.constexpr(12582912.0)
@@ -95,6 +97,61 @@ def _act_stats_kernel(
         rmax = tl.max(amax, axis=1)
     tl.store(gmax_ptr + rows * stride_gm + pid_p, rmax, mask=rmask)  # [M, n_parts]
     if HAS_LORA:  # partials [n_parts, M, R]: only the real rank travels through memory, not its power-of-two pad
+        base = lora_ptr + pid_p * M * R
+        tl.store(base + rows[:, None] * R + rcols[None, :], part, mask=rmask[:, None] & (rcols[None, :] < R))
+    pdl_end(PDL)
+
+
+@triton.jit
+def _act_stats_stream_kernel(
+    x_desc, inv_ptr, down_ptr, gmax_ptr, lora_ptr,
+    M, K, R, NSUB, TILES,
+    stride_dk, stride_gm,
+    shift,
+    UNSIGNED: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_LORA: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, STAGES: tl.constexpr,
+    PDL: tl.constexpr = False,
+):
+    """Pass 1 as a TMA stream: ``_act_stats_kernel``'s results (each program's row maxima and x·L1 partial over
+    TILES consecutive K tiles, in the same order), but the tiles come by TMA through a ``tl.range`` loop of STAGES
+    buffers, so the next tiles are in flight while this one is reduced. Why: the unrolled kernel waits on each
+    tile's load in turn, and ran at 61% of DRAM bandwidth at K = 15360 (this one: 2.5 TB/s, −9% for both passes at
+    9216 × 15360; BENCHMARKS.md, session 15). The same loop on pointer loads (cp.async) gave wrong branch partials
+    with 8 warps on Triton 3.6 (relative error 1e-3 to 1e-1), so there is no pointer version."""
+    BLOCK_K: tl.constexpr = GROUP * GROUPS
+    pdl_start(PDL)
+    pid_m = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    row0 = pid_m * BLOCK_M
+    rows = row0 + tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    rcols = tl.arange(0, BLOCK_R)
+    part = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    rmax = tl.zeros([BLOCK_M], dtype=tl.float32)
+    first = pid_p * TILES
+    last = tl.minimum(first + TILES, NSUB)
+    for sub in tl.range(first, last, num_stages=STAGES):
+        k = sub * BLOCK_K + tl.arange(0, BLOCK_K)
+        kmask = k < K
+        m2 = rmask[:, None] & kmask[None, :]
+        x = x_desc.load([row0, sub * BLOCK_K])  # rows and columns past the input come back as zeros
+        xf = x.to(tl.float32) + shift
+        if HAS_SMOOTH:
+            inv = tl.load(inv_ptr + k, mask=kmask, other=1.0)
+            xf = xf * inv[None, :]
+        xf = tl.where(m2, xf, 0.0)
+        if UNSIGNED:
+            xf = tl.maximum(xf, 0.0)
+        rmax = tl.maximum(rmax, tl.max(tl.abs(xf), axis=1))
+        if HAS_LORA:
+            d = tl.load(down_ptr + k[:, None] * stride_dk + rcols[None, :],
+                        mask=kmask[:, None] & (rcols[None, :] < R), other=0.0)
+            if DOT_FP32:
+                part = tl.dot(x.to(tl.float32), d.to(tl.float32), part, input_precision="ieee")
+            else:
+                part = tl.dot(x, d.to(x.dtype), part)
+    tl.store(gmax_ptr + rows * stride_gm + pid_p, rmax, mask=rmask)
+    if HAS_LORA:
         base = lora_ptr + pid_p * M * R
         tl.store(base + rows[:, None] * R + rcols[None, :], part, mask=rmask[:, None] & (rcols[None, :] < R))
     pdl_end(PDL)
@@ -188,6 +245,41 @@ def tiles_per_program(m_blocks: int, tiles: int, rank: int, device: torch.device
     return max(1, min(4, m_blocks * tiles // (per_sm * sm_count(device))))
 
 
+def stream_tiles_per_program(m_blocks: int, tiles: int, rank: int, device: torch.device) -> int:
+    """K tiles one TMA-stream pass-1 program covers: as many as keep ~4 programs per SM, at most 16; always 16 for
+    a branch wider than 32, whose partials cost more than the lost parallelism (H100, session 15: at K = 3072,
+    rank 96, 37.5 µs with 16 against 46.3 with 3)."""
+    if interpreting() or device.type != "cuda":
+        return 2
+    if rank > 32:
+        return 16
+    return max(1, min(16, m_blocks * tiles // (4 * sm_count(device))))
+
+
+def descriptor_addressable(x2: torch.Tensor) -> bool:
+    """A 16-bit input with a 16-byte aligned base and row pitch (what a TMA descriptor needs), and a Triton that
+    has host descriptors."""
+    return (HAS_HOST_DESCRIPTORS and x2.dtype in (torch.bfloat16, torch.float16) and x2.stride(1) == 1
+            and x2.data_ptr() % 16 == 0 and (x2.stride(0) * x2.element_size()) % 16 == 0)
+
+
+def stream_pass1(x2: torch.Tensor, m_blocks: int, tiles: int, rank: int) -> bool:
+    """Whether pass 1 takes the TMA stream: on sm_90+ (TMA) with host descriptors, a 16-bit input TMA can address
+    (16-byte aligned base and row pitch), and at least two K tiles a program to pipeline. ``SVDQ_ACT_STREAM=0``:
+    never; ``1``: wherever a descriptor can address the input (the interpreter included). Below two tiles a program
+    (512-1024 rows at K = 3072) the unrolled kernel measured faster (7.6 against 9.0 µs at 512 rows)."""
+    choice = os.environ.get("SVDQ_ACT_STREAM", "auto")
+    if choice not in ("0", "1", "auto"):
+        raise ValueError(f"SVDQ_ACT_STREAM takes 0, 1 or auto, not {choice!r}")
+    if choice == "0" or not descriptor_addressable(x2):
+        return False
+    if choice == "1":
+        return True
+    if interpreting() or x2.device.type != "cuda" or torch.cuda.get_device_capability(x2.device)[0] < 9:
+        return False
+    return stream_tiles_per_program(m_blocks, tiles, rank, x2.device) >= 2
+
+
 def quantize_activation(
     x2: torch.Tensor,
     k_padded: int,
@@ -207,6 +299,8 @@ def quantize_activation(
     pass2_warps: int | None = None,
     pass2_groups: int | None = None,
     ew_max: bool | None = None,
+    stream: bool | None = None,
+    stream_stages: int = 4,
 ):
     """Launch the activation kernels on x2 [M, K]. Returns (int8 [M, Kp], scale [M], lora [M, R] fp32 | None).
 
@@ -246,7 +340,15 @@ def quantize_activation(
     bm = block_m or (64 if wide else 32)
     nsub = ng // groups
     m_blocks = triton.cdiv(m, bm)
-    ksub = k_per_program or tiles_per_program(m_blocks, nsub, r, x2.device)
+    if stream is None:
+        stream = stream_pass1(x2, m_blocks, nsub, r)
+    elif stream and not descriptor_addressable(x2):
+        raise ValueError(f"the TMA stream cannot address this input ({x2.dtype}, row pitch {x2.stride(0)} elements, "
+                         f"base at {x2.data_ptr() % 16} past 16 bytes): pass stream=None to fall back")
+    if stream:
+        ksub = k_per_program or stream_tiles_per_program(m_blocks, nsub, r, x2.device)
+    else:
+        ksub = k_per_program or tiles_per_program(m_blocks, nsub, r, x2.device)
     nparts = triton.cdiv(nsub, ksub)
     # one allocation for the fp32 outputs and scratch (scale, group maxima, low-rank result and partials)
     nf = m + m * nparts + (m * r + nparts * m * r if r else 0)
@@ -266,15 +368,26 @@ def quantize_activation(
     bm2 = pass2_block_m or 16
     warps2 = pass2_warps or 4
     groups2 = _groups_per_tile(ng, k_padded, pass2_groups or (4 if ng % 4 == 0 else groups), "pass 2")
-    launch(_act_stats_kernel, (m_blocks, nparts), (
-        x2, inv if inv is not None else x2, proj_down if r else x2, gmax, parts if r else gmax,
-        m, k, r, nsub,
-        x2.stride(0), proj_down.stride(0) if r else 0, gmax.stride(0),
-        float(shift)),
-        UNSIGNED=bool(unsigned), HAS_SMOOTH=inv is not None, HAS_LORA=r > 0, DOT_FP32=fp32_dots(x2),
-        BLOCK_M=bm, BLOCK_R=block_r, GROUP=64, GROUPS=groups, KSUB=ksub, EW_MAX=bool(ew_max), num_warps=num_warps,
-        pdl=True,
-    )
+    if stream:
+        x_desc = TensorDescriptor(x2, [m, k], [x2.stride(0), 1], [bm, 64 * groups])
+        launch(_act_stats_stream_kernel, (m_blocks, nparts), (
+            x_desc, inv if inv is not None else x2, proj_down if r else x2, gmax, parts if r else gmax,
+            m, k, r, nsub, ksub,
+            proj_down.stride(0) if r else 0, gmax.stride(0),
+            float(shift)),
+            UNSIGNED=bool(unsigned), HAS_SMOOTH=inv is not None, HAS_LORA=r > 0, DOT_FP32=fp32_dots(x2),
+            BLOCK_M=bm, BLOCK_R=block_r, GROUP=64, GROUPS=groups, STAGES=stream_stages, num_warps=num_warps, pdl=True,
+        )
+    else:
+        launch(_act_stats_kernel, (m_blocks, nparts), (
+            x2, inv if inv is not None else x2, proj_down if r else x2, gmax, parts if r else gmax,
+            m, k, r, nsub,
+            x2.stride(0), proj_down.stride(0) if r else 0, gmax.stride(0),
+            float(shift)),
+            UNSIGNED=bool(unsigned), HAS_SMOOTH=inv is not None, HAS_LORA=r > 0, DOT_FP32=fp32_dots(x2),
+            BLOCK_M=bm, BLOCK_R=block_r, GROUP=64, GROUPS=groups, KSUB=ksub, EW_MAX=bool(ew_max),
+            num_warps=num_warps, pdl=True,
+        )
     launch(_act_quant_kernel, (triton.cdiv(m, bm2), ng // groups2), (
         x2, inv if inv is not None else x2, gmax, out, scale, parts if r else gmax, lora if r else gmax,
         m, k, k_padded, r, nparts,

@@ -38,7 +38,7 @@ except Exception as _exc:  # pragma: no cover - depends on the install
 _warned: set[str] = set()
 W4A16_MAX_M = 64  # above this the dequantize + cuBLAS path wins
 _ENV = ("SVDQ_GEMM", "SVDQ_W4A16", "SVDQ_FAST_LAUNCH", "SVDQ_TUNED_CONFIGS", "SVDQ_PACKED_MAX_M", "SVDQ_PDL",
-        "SVDQ_BRANCH", "SVDQ_STORE")  # what a plan depends on
+        "SVDQ_BRANCH", "SVDQ_STORE", "SVDQ_ACT_STREAM")  # what a plan depends on
 INT_POINTERS = True  # call plans pass fixed tensors to the launcher as addresses (bench/host_profile.py A/B)
 
 
@@ -325,8 +325,10 @@ class _Plan:
                 if a is x2 or a is y:  # slots filled per call; the recording call's tensors are not kept alive
                     (xpos if a is x2 else ypos).append(i)
                     kept[i] = None
-                elif is_descriptor(a) and a.base is y:  # the GEMM's TMA store: the descriptor is remade per call
-                    ypos.append(i)  # from its fields (keeping it would keep the recording call's output alive)
+                elif is_descriptor(a) and (a.base is y or a.base is x2):  # the GEMM's TMA store, the activation
+                    # stream's TMA loads: the descriptor is remade per call from its fields (keeping it would keep
+                    # the recording call's input or output alive)
+                    (xpos if a.base is x2 else ypos).append(i)
                     kept[i] = (type(a), {f.name: getattr(a, f.name) for f in dataclasses.fields(a) if f.name != "base"})
                 elif isinstance(a, torch.Tensor):
                     if a.untyped_storage().data_ptr() not in allowed:
@@ -358,7 +360,7 @@ class _Plan:
         for runner, args, xpos, ypos in self.launches:
             a = list(args)
             for i in xpos:
-                a[i] = xa
+                a[i] = xa if args[i] is None else args[i][0](base=x2, **args[i][1])  # a TMA load's descriptor
             for i in ypos:
                 a[i] = ya if args[i] is None else args[i][0](base=y, **args[i][1])  # a TMA store's descriptor
             runner(*a)

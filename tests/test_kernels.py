@@ -66,6 +66,65 @@ def test_activation_tiles_per_program(per_program, ew_max, triton_kernels):
     assert rel(lora, x.float() @ layer.proj_down.float()) < 1e-3
 
 
+STREAM_SHAPES = [  # (M, K, rank, unsigned, tiles per program)
+    (37, 1280, 32, False, 2), (5, 200, 16, False, 3), (64, 512, 0, False, 2), (33, 640, 96, True, 2),
+    (17, 256, 32, False, 1),
+] + ([(9216, 15360, 32, False, None), (4608, 3072, 32, False, None), (1000, 3072, 32, True, None),
+      (77, 12288, 32, False, None), (4608, 15360, 96, False, None), (4608, 3072, 96, False, None),
+      (300, 4096, 64, False, 5), (129, 1216, 16, False, None)] if SM90 else [])
+
+
+@pytest.mark.parametrize("m,k,rank,unsigned,per_program", STREAM_SHAPES)
+def test_activation_stream_pass1_same_results(m, k, rank, unsigned, per_program, triton_kernels, monkeypatch):
+    """Pass 1 by TMA stream gives the unrolled kernel's codes and scales bit for bit and its branch product within
+    1e-5, whatever the rows, K tail, rank, unsigned shift or tiles a program. Repeated on the GPU: a pipelining race
+    (as the pointer-load version of this loop had) shows up as a partial that differs between runs."""
+    from svdq.kernels.act_quant import quantize_activation
+
+    layer = random_layer(64, k, rank, True, unsigned, 0.171875 if unsigned else 0.0, device=DEV, seed=m + k)
+    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16) * 2
+    if unsigned:
+        x = torch.nn.functional.gelu(x.float(), approximate="tanh").to(torch.bfloat16)
+    args = (x, layer.k_padded, layer.smooth, layer.proj_down, layer.act_shift, unsigned)
+    a1, s1, l1 = (t.clone() if t is not None else None for t in quantize_activation(*args, stream=False))
+    a_ref, s_ref = activation_operand(x, layer)
+    assert torch.equal(a1, a_ref) and torch.equal(s1, s_ref)
+    for _ in range(5 if GPU else 1):
+        a, s, lora = quantize_activation(*args, stream=True, k_per_program=per_program)
+        assert torch.equal(s, s1)
+        assert torch.equal(a, a1), f"{(a != a1).sum().item()} codes differ"
+        if rank:
+            assert rel(lora, l1) < 1e-5
+            assert rel(lora, x.float() @ layer.proj_down.float()) < 1e-3
+
+
+def test_activation_stream_choice(monkeypatch):
+    """The TMA stream runs only where a descriptor can address the input; an explicit request it cannot honour is a
+    clear error, and SVDQ_ACT_STREAM takes 0, 1 or auto."""
+    from svdq.kernels import act_quant
+    from svdq.kernels.act_quant import quantize_activation, stream_pass1
+
+    if not act_quant.HAS_HOST_DESCRIPTORS:
+        pytest.skip("this Triton has no host-side descriptors")
+    x = torch.randn(8, 64 * 9, dtype=torch.bfloat16)
+    monkeypatch.setenv("SVDQ_ACT_STREAM", "1")
+    assert stream_pass1(x, 1, 9, 32)
+    assert not stream_pass1(x[:, 4:580 - 8], 1, 9, 32)  # base 8 bytes past alignment
+    assert not stream_pass1(torch.randn(8, 100, dtype=torch.bfloat16), 1, 2, 32)  # 200-byte row pitch
+    assert not stream_pass1(x.float(), 1, 9, 32)  # fp32 inputs take the unrolled kernel
+    monkeypatch.setenv("SVDQ_ACT_STREAM", "0")
+    assert not stream_pass1(x, 1000, 9, 32)
+    monkeypatch.setenv("SVDQ_ACT_STREAM", "auto")
+    assert stream_pass1(x, 1000, 9, 32) == (GPU and torch.cuda.get_device_capability()[0] >= 9 and x.is_cuda)
+    monkeypatch.setenv("SVDQ_ACT_STREAM", "yes")
+    with pytest.raises(ValueError, match="SVDQ_ACT_STREAM"):
+        stream_pass1(x, 1, 9, 32)
+    monkeypatch.delenv("SVDQ_ACT_STREAM")
+    odd = torch.randn(4, 100, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="cannot address"):
+        quantize_activation(odd, 128, None, None, stream=True)
+
+
 @pytest.mark.parametrize("block_m,pass2_block_m,pass2_warps,pass2_groups", [(32, 16, 4, None), (16, 64, 8, 1),
                                                                            (64, 32, 2, 4)])
 def test_activation_pass2_tile_apart(block_m, pass2_block_m, pass2_warps, pass2_groups, triton_kernels):
@@ -474,7 +533,9 @@ def test_wrong_feature_count_is_a_clear_error(triton_kernels):
 @pytest.mark.skipif(not GPU, reason="call plans replay compiled CUDA kernels")
 @pytest.mark.parametrize("kind,dtype", [("w4a4", torch.bfloat16), ("w4a16", torch.bfloat16), ("w4a16", torch.float32),
                                         pytest.param("w4a4-large", torch.bfloat16, marks=pytest.mark.skipif(
-                                            not SM90, reason="the ping-pong GEMM's TMA store: sm_90"))])
+                                            not SM90, reason="the ping-pong GEMM's TMA store: sm_90")),
+                                        pytest.param("w4a4-stream", torch.bfloat16, marks=pytest.mark.skipif(
+                                            not SM90, reason="the activation kernel's TMA stream: sm_90"))])
 def test_call_plans_replay_exactly(kind, dtype, triton_kernels, monkeypatch):
     """A layer call is recorded once per shape and replayed after: same numbers as the unplanned path, across
     changing inputs, shapes and an arena that grows in between (which retires the plans). In fp32 the W4A16
@@ -482,7 +543,9 @@ def test_call_plans_replay_exactly(kind, dtype, triton_kernels, monkeypatch):
     ``w4a4-large``: rows and columns enough for the ping-pong GEMM, whose TMA store descriptor wraps the output
     and is remade per replay."""
     large = kind == "w4a4-large"
-    kind = "w4a4" if large else kind
+    if kind == "w4a4-stream":  # pass 1 by TMA: its load descriptor wraps the input and is remade per replay
+        monkeypatch.setenv("SVDQ_ACT_STREAM", "1")
+    kind = "w4a4" if kind.startswith("w4a4") else kind
     monkeypatch.setenv("SVDQ_AUTOTUNE", "0")  # untuned: the ping-pong kernel leads the default order at this size
     layer = random_layer(3200 if large else 256, 512, 0 if kind == "w4a16" else 32, True, kind=kind, device=DEV,
                          seed=11)
@@ -955,3 +1018,33 @@ def test_call_plan_remakes_the_output_descriptor():
     assert got[0] is x_new and got[1] is w.qweight
     assert isinstance(got[2], TensorDescriptor) and got[2].base is out
     assert list(got[2].block_shape) == [64, 128] and got[2].layout == layout and list(got[2].shape) == [64, 256]
+
+
+def test_call_plan_remakes_the_input_descriptor():
+    """A recorded launch whose TMA load descriptor wraps the call's input (the activation stream) is replayed with a
+    descriptor on the new input, and the plan does not keep the recording call's input alive."""
+    import gc
+    import weakref
+
+    from svdq.kernels import launch
+    from svdq.kernels.dispatch import _Arena, _Plan
+
+    if not launch.HAS_HOST_DESCRIPTORS:
+        pytest.skip("this Triton has no host-side descriptors")
+    w = random_layer(256, 128, 16, seed=4)
+    x2 = torch.randn(64, 128, dtype=torch.bfloat16)
+    y = torch.empty(64, 256, dtype=torch.bfloat16)
+    desc = launch.TensorDescriptor(x2, [64, 128], [128, 1], [32, 128])
+    calls = []
+    plan = _Plan.build([(lambda *a: calls.append(a), (desc, w.qweight, y))], x2, y, w, _Arena(torch.device("cpu")))
+    assert plan is not None
+    gone = weakref.ref(x2)
+    del x2, desc
+    gc.collect()
+    assert gone() is None
+    x_new = torch.randn(64, 128, dtype=torch.bfloat16)
+    out = plan.run(x_new)
+    got = calls[-1]
+    assert isinstance(got[0], launch.TensorDescriptor) and got[0].base is x_new
+    assert list(got[0].block_shape) == [32, 128] and list(got[0].shape) == [64, 128]
+    assert got[1] is w.qweight and got[2] is out
