@@ -17,6 +17,8 @@ Same process, same data, same GPU for every pair; µs are medians of ``triton.te
   w4a16cold the pair kernel's tiles warm (graph replay) and with L2 flushed before each call (by a read, by a write)
   actpass2 the activation kernels around their session-9 defaults: pass 2's tile (rows, warps, 64-groups) and
            pass 1's (rows, warps, 64-groups), 1/λ precomputed as dispatch passes it
+  actstream pass 1 of the activation kernels by TMA stream (a pipelined loop of K tiles) against the unrolled
+           kernel, with each pass's device time, at the batch-1 and batch-2 FLUX shapes
   act      the activation kernel pair under CUDA-graph replay over its tile knobs (rows per program, 64-groups
            per K tile, warps, K tiles per pass-1 program, pass 2's visiting order), rank 32 and a LoRA-widened
            rank 96, against its memory floor (x read twice, the int8 operand written once, at the copy rate)
@@ -413,19 +415,13 @@ ACT_PASS2_SHAPES = [(4608, 3072, 32), (4096, 12288, 32), (4608, 15360, 32), (921
 
 STREAM_SHAPES = [(9216, 15360, 32), (8192, 12288, 32), (4608, 15360, 32), (4608, 12288, 32), (4608, 3072, 32),
                  (9216, 3072, 32), (1024, 3072, 32), (512, 3072, 32), (4608, 15360, 96), (4608, 3072, 96)]
-_P1 = dict(pass1_stages=4, pass1_tma=True)  # session 15's first run: TMA, 4 stages, up to 16 tiles a program
-STREAM_VARIANTS = [  # pass 1 (and pass 2) as pipelined tl.range streams by TMA, against the unrolled kernels
-    ("p1", _P1), ("p1_s3", dict(_P1, pass1_stages=3)), ("p1_s6", dict(_P1, pass1_stages=6)),
-    ("p1_k16", dict(_P1, k_per_program=16)), ("p1_k32", dict(_P1, k_per_program=32)),
-    ("p1_g4", dict(_P1, groups=4)), ("p1_bm128", dict(_P1, block_m=128)),
-    ("p1p2_s3t4", dict(_P1, pass2_stages=3, pass2_tma=True, pass2_tiles=4)),
-    ("p1p2_s4t8", dict(_P1, pass2_stages=4, pass2_tma=True, pass2_tiles=8)),
-    ("p1p2_s3t4_bm32", dict(_P1, pass2_stages=3, pass2_tma=True, pass2_tiles=4, pass2_block_m=32)),
-    ("p1p2_s3t4_bm64w8", dict(_P1, pass2_stages=3, pass2_tma=True, pass2_tiles=4, pass2_block_m=64, pass2_warps=8)),
-    ("p1p2_s2t2", dict(_P1, pass2_stages=2, pass2_tma=True, pass2_tiles=2)),
-    ("p1p2_s3t4_g2", dict(_P1, pass2_stages=3, pass2_tma=True, pass2_tiles=4, pass2_groups=2)),
-    ("p1p2ptr_s3t4", dict(_P1, pass2_stages=3, pass2_tiles=4)),
+STREAM_VARIANTS = [  # pass 1 by TMA stream against the unrolled kernel ("default" is the dispatch rule's choice)
+    ("unrolled", dict(stream=False)), ("stream", dict(stream=True)), ("stream_s3", dict(stream=True, stream_stages=3)),
+    ("stream_k8", dict(stream=True, k_per_program=8)), ("stream_k16", dict(stream=True, k_per_program=16)),
 ]
+# Measured and dropped in session 15 (bench/results-act-stream*-session15-h100.log): the same loop on pointer loads
+# (slower, and wrong branch partials with 8 warps), 6 stages or 256-column tiles (past shared memory), 128-row
+# tiles, and pass 2 as a stream of 2-8 tiles a program, by TMA or pointer loads (slower than one tile a program).
 
 
 def kernel_split(fn) -> dict:
@@ -446,8 +442,9 @@ def kernel_split(fn) -> dict:
 
 
 def act_stream_rows(triton) -> list[dict]:
-    """Pass 1 pipelined (``pass1_stages``, ``pass1_tma``) against the default pair, CUDA-graph µs of both passes;
-    codes and scales must equal the default's, the low-rank result within 1e-5."""
+    """Pass 1 by TMA stream (``stream``, ``stream_stages``, tiles a program) against the unrolled kernel, CUDA-graph
+    µs of both passes, and each pass's device time (profiler) for the default and the best; codes and scales must
+    equal the default's, the low-rank result within 1e-5."""
     from svdq.kernels.act_quant import quantize_activation
 
     rate = copy_rate_bytes_per_us()
