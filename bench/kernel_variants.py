@@ -418,10 +418,13 @@ STREAM_SHAPES = [(9216, 15360, 32), (8192, 12288, 32), (4608, 15360, 32), (4608,
 STREAM_VARIANTS = [  # pass 1 by TMA stream against the unrolled kernel ("default" is the dispatch rule's choice)
     ("unrolled", dict(stream=False)), ("stream", dict(stream=True)), ("stream_s3", dict(stream=True, stream_stages=3)),
     ("stream_k8", dict(stream=True, k_per_program=8)), ("stream_k16", dict(stream=True, k_per_program=16)),
+    ("stream_s2", dict(stream=True, stream_stages=2)), ("stream_w8", dict(stream=True, num_warps=8)),
+    ("stream_bm32", dict(stream=True, block_m=32)),
 ]
 # Measured and dropped in session 15 (bench/results-act-stream*-session15-h100.log): the same loop on pointer loads
 # (slower, and wrong branch partials with 8 warps), 6 stages or 256-column tiles (past shared memory), 128-row
-# tiles, and pass 2 as a stream of 2-8 tiles a program, by TMA or pointer loads (slower than one tile a program).
+# tiles, the branch weights by TMA too (no gain), and pass 2 as a stream of 2-8 tiles a program, by TMA or pointer
+# loads (slower than one tile a program).
 
 
 def kernel_split(fn) -> dict:
@@ -454,6 +457,7 @@ def act_stream_rows(triton) -> list[dict]:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         inv = torch.reciprocal(layer.smooth.float())
         row = {"M": m, "K": k, "rank": rank, "floor_us": (2 * x.numel() * 2 + m * layer.k_padded) / rate,
+               "read_amax_us": triton.testing.do_bench_cudagraph(lambda: x.abs().amax(dim=1), rep=50) * 1e3,
                "one_read_floor_us": (x.numel() * 2 + m * layer.k_padded) / rate}
         ref = [t.clone() if t is not None else None
                for t in quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down, inv_smooth=inv)]
@@ -480,7 +484,8 @@ def act_stream_rows(triton) -> list[dict]:
                 lambda kw=kw: quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down, inv_smooth=inv, **kw))
             print(f"  {name}: " + ", ".join(f"{n} {v:.1f}" for n, v in split.items()), flush=True)
         rows.append(row)
-        print(f"actstream M={m} K={k} r={rank}: floors {row['floor_us']:.1f} / {row['one_read_floor_us']:.1f} µs; "
+        print(f"actstream M={m} K={k} r={rank}: floors {row['floor_us']:.1f} / {row['one_read_floor_us']:.1f} µs, "
+              f"torch row amax (one read) {row['read_amax_us']:.1f}; "
               + ", ".join(f"{n} {v:.1f}" for n, v in timed.items()), flush=True)
     return rows
 

@@ -332,8 +332,6 @@ def quantize_activation(
     # pass 2 on 16 rows x 256 columns x 4 warps (54 registers a thread; 64 x 128 took 101; 16 x 128 within 1%, but
     # 4% slower at rank 96)
     wide = k_padded >= 8192 or r > 32
-    if num_warps is None:
-        num_warps = 8 if wide else 4
     if ew_max is None:
         ew_max = r > 32
     groups = _groups_per_tile(ng, k_padded, groups or (2 if ng % 2 == 0 else 1), "pass 1")
@@ -376,7 +374,8 @@ def quantize_activation(
             proj_down.stride(0) if r else 0, gmax.stride(0),
             float(shift)),
             UNSIGNED=bool(unsigned), HAS_SMOOTH=inv is not None, HAS_LORA=r > 0, DOT_FP32=fp32_dots(x2),
-            BLOCK_M=bm, BLOCK_R=block_r, GROUP=64, GROUPS=groups, STAGES=stream_stages, num_warps=num_warps, pdl=True,
+            BLOCK_M=bm, BLOCK_R=block_r, GROUP=64, GROUPS=groups, STAGES=stream_stages,
+            num_warps=num_warps or 4, pdl=True,
         )
     else:
         launch(_act_stats_kernel, (m_blocks, nparts), (
@@ -386,7 +385,7 @@ def quantize_activation(
             float(shift)),
             UNSIGNED=bool(unsigned), HAS_SMOOTH=inv is not None, HAS_LORA=r > 0, DOT_FP32=fp32_dots(x2),
             BLOCK_M=bm, BLOCK_R=block_r, GROUP=64, GROUPS=groups, KSUB=ksub, EW_MAX=bool(ew_max),
-            num_warps=num_warps, pdl=True,
+            num_warps=num_warps or (8 if wide else 4), pdl=True,
         )
     launch(_act_quant_kernel, (triton.cdiv(m, bm2), ng // groups2), (
         x2, inv if inv is not None else x2, gmax, out, scale, parts if r else gmax, lora if r else gmax,
