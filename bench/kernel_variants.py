@@ -423,8 +423,9 @@ STREAM_VARIANTS = [  # pass 1 by TMA stream against the unrolled kernel ("defaul
 ]
 # Measured and dropped in session 15 (bench/results-act-stream*-session15-h100.log): the same loop on pointer loads
 # (slower, and wrong branch partials with 8 warps), 6 stages or 256-column tiles (past shared memory), 128-row
-# tiles, the branch weights by TMA too (no gain), and pass 2 as a stream of 2-8 tiles a program, by TMA or pointer
-# loads (slower than one tile a program).
+# tiles, the branch weights by TMA too (no gain), pass 2 as a stream of 2-8 tiles a program, by TMA or pointer
+# loads (slower than one tile a program), and either pass's grid ordered so that a row block's programs run side by
+# side (whole rows streamed at once; no gain: bench/results-act-stream-order-session15-h100.log).
 
 
 def kernel_split(fn) -> dict:
