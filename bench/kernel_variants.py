@@ -356,6 +356,22 @@ def copy_rate_bytes_per_us() -> float:
     return 2 * a.numel() / t
 
 
+def time_act_variant(triton, row: dict, name: str, fn, ref, tol: float, tag: str) -> None:
+    """CUDA-graph µs of one activation-kernel variant into ``row[name]``, and whether it gave the reference's codes
+    and scales and its branch product within ``tol`` (``row[name + "_ok"]``); a variant that fails is NaN."""
+    try:
+        a, s, lora = fn()
+        same = torch.equal(a, ref[0]) and torch.equal(s, ref[1])
+        lrel = float((lora - ref[2]).norm() / ref[2].norm())
+        row[name] = triton.testing.do_bench_cudagraph(fn, rep=50) * 1e3
+        row[name + "_ok"] = bool(same and lrel < tol)
+        if not row[name + "_ok"]:
+            print(f"{tag} {name} WRONG: same codes {same}, lora rel {lrel:.2e}", flush=True)
+    except Exception as exc:
+        print(f"{tag} {name} failed: {str(exc)[-800:]}", flush=True)
+        row[name] = float("nan")
+
+
 def act_rows(triton, around_defaults: bool = False) -> list[dict]:
     """The tile sweep, or (``around_defaults``) session 9's tiles around the defaults, 1/λ precomputed as dispatch
     passes it, at FLUX's shapes."""
@@ -384,17 +400,7 @@ def act_rows(triton, around_defaults: bool = False) -> list[dict]:
             def fn(kw=kw):
                 return quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down, **kw)
 
-            try:
-                a, s, lora = fn()
-                same = torch.equal(a, ref[0]) and torch.equal(s, ref[1])
-                lrel = float((lora - ref[2]).norm() / ref[2].norm())
-                row[name] = triton.testing.do_bench_cudagraph(fn, rep=50) * 1e3
-                row[name + "_ok"] = bool(same and lrel < 1e-4)
-                if not row[name + "_ok"]:
-                    print(f"act {name} WRONG: same codes {same}, lora rel {lrel:.2e}", flush=True)
-            except Exception as exc:
-                print(f"act {name} failed: {str(exc)[-800:]}", flush=True)
-                row[name] = float("nan")
+            time_act_variant(triton, row, name, fn, ref, 1e-4, "act")
         rows.append(row)
         timed = {n: v for n, v in row.items() if (n.startswith(("bm", "inv")) or n == "default")
                  and not n.endswith("_ok") and not math.isnan(v)}
@@ -466,17 +472,7 @@ def act_stream_rows(triton) -> list[dict]:
             def fn(kw=kw):
                 return quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down, inv_smooth=inv, **kw)
 
-            try:
-                a, s, lora = fn()
-                same = torch.equal(a, ref[0]) and torch.equal(s, ref[1])
-                lrel = float((lora - ref[2]).norm() / ref[2].norm())
-                row[name] = triton.testing.do_bench_cudagraph(fn, rep=50) * 1e3
-                row[name + "_ok"] = bool(same and lrel < 1e-5)
-                if not row[name + "_ok"]:
-                    print(f"actstream {name} WRONG: same codes {same}, lora rel {lrel:.2e}", flush=True)
-            except Exception as exc:
-                print(f"actstream {name} failed: {str(exc)[-800:]}", flush=True)
-                row[name] = float("nan")
+            time_act_variant(triton, row, name, fn, ref, 1e-5, "actstream")
         timed = {n: v for n, v in row.items() if n in dict(STREAM_VARIANTS) or n == "default"}
         best = min((v, n) for n, v in timed.items() if not math.isnan(v) and row.get(n + "_ok"))[1]
         for name in ("default", best):

@@ -40,19 +40,24 @@ def _round_half_even(q, USE_RINT: tl.constexpr):
 
 
 @triton.jit
-def _load_smoothed(x_ptr, inv_ptr, rows, rmask, k, K, stride_xm, shift, UNSIGNED: tl.constexpr, HAS_SMOOTH: tl.constexpr,
-                   BLOCK_K: tl.constexpr):
+def _smoothed(x, inv_ptr, rmask, k, K, shift, UNSIGNED: tl.constexpr, HAS_SMOOTH: tl.constexpr):
+    """x (shifted) times 1/λ in fp32, zero outside the input (and below zero for unsigned codes)."""
     kmask = k < K
-    m2 = rmask[:, None] & kmask[None, :]
-    x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :], mask=m2, other=0.0)
     xf = x.to(tl.float32) + shift
     if HAS_SMOOTH:  # 1/λ in fp32, made once per layer by torch.reciprocal as in the reference (no division here)
         inv = tl.load(inv_ptr + k, mask=kmask, other=1.0)
         xf = xf * inv[None, :]
-    xf = tl.where(m2, xf, 0.0)
+    xf = tl.where(rmask[:, None] & kmask[None, :], xf, 0.0)
     if UNSIGNED:
         xf = tl.maximum(xf, 0.0)
-    return x, xf
+    return xf
+
+
+@triton.jit
+def _load_smoothed(x_ptr, inv_ptr, rows, rmask, k, K, stride_xm, shift, UNSIGNED: tl.constexpr, HAS_SMOOTH: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :], mask=rmask[:, None] & (k < K)[None, :], other=0.0)
+    return x, _smoothed(x, inv_ptr, rmask, k, K, shift, UNSIGNED, HAS_SMOOTH)
 
 
 @triton.jit
@@ -134,20 +139,12 @@ def _act_stats_stream_kernel(
     last = tl.minimum(first + TILES, NSUB)
     for sub in tl.range(first, last, num_stages=STAGES):
         k = sub * BLOCK_K + tl.arange(0, BLOCK_K)
-        kmask = k < K
-        m2 = rmask[:, None] & kmask[None, :]
         x = x_desc.load([row0, sub * BLOCK_K])  # rows and columns past the input come back as zeros
-        xf = x.to(tl.float32) + shift
-        if HAS_SMOOTH:
-            inv = tl.load(inv_ptr + k, mask=kmask, other=1.0)
-            xf = xf * inv[None, :]
-        xf = tl.where(m2, xf, 0.0)
-        if UNSIGNED:
-            xf = tl.maximum(xf, 0.0)
+        xf = _smoothed(x, inv_ptr, rmask, k, K, shift, UNSIGNED, HAS_SMOOTH)
         rmax = tl.maximum(rmax, tl.max(tl.abs(xf), axis=1))
         if HAS_LORA:
             d = tl.load(down_ptr + k[:, None] * stride_dk + rcols[None, :],
-                        mask=kmask[:, None] & (rcols[None, :] < R), other=0.0)
+                        mask=(k < K)[:, None] & (rcols[None, :] < R), other=0.0)
             if DOT_FP32:
                 part = tl.dot(x.to(tl.float32), d.to(tl.float32), part, input_precision="ieee")
             else:
