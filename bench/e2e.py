@@ -22,6 +22,8 @@ times ``apply_model`` on 1024x1024 inputs (4096 image + 512 text tokens):
               "inductor", and with Inductor in mode reduce-overhead (its CUDA graphs)
   ROW+VAR=VALUE  any row with environment variables set for it alone (e.g. ``svdq_compile+SVDQ_PDL=0``: a
               same-run A/B of a runtime switch; the summary compares it with ROW)
+Each timed row also records the SM clock, board power and power-cap throttling over its timed steps (``nvidia-smi``
+samples; nothing without it): at the H100's power cap the clock, not only the code, sets a row's time.
 With ``--cap-gb`` the bf16 and svdq rows run again with ComfyUI believing the card has that much memory
 (``EXTRA_RESERVED_VRAM`` + a per-process memory fraction), so ComfyUI's own partial loading/offloading kicks in.
 The svdq weights are quantized round-to-nearest with a random rank-32 branch: step time depends only on the
@@ -45,6 +47,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _path  # noqa: E402,F401
 from _results import write_json  # noqa: E402
+from _gpu_clocks import GpuClocks  # noqa: E402
 
 from svdq.comfy_runtime import import_comfy  # noqa: E402
 
@@ -262,7 +265,7 @@ def step_options(patcher) -> dict:
     return opts
 
 
-def time_step(patcher, cfg, batch, reps=5, warmup=2, image_px=1024):
+def time_step(patcher, cfg, batch, reps=5, warmup=2, image_px=1024, clocks=None):
     mm.load_models_gpu([patcher])
     x, ctx, y = inputs(cfg, batch, image_px)
     t = torch.full((batch,), 0.7, device=x.device)
@@ -279,12 +282,16 @@ def time_step(patcher, cfg, batch, reps=5, warmup=2, image_px=1024):
         for _ in range(warmup):
             out = step()
         times = []
+        if clocks is not None:
+            clocks.begin()
         for _ in range(reps):
             sync()
             t0 = time.perf_counter()
             out = step()
             sync()
             times.append((time.perf_counter() - t0) * 1000)
+        if clocks is not None:
+            clocks.end()
     return statistics.median(times), (torch.cuda.max_memory_allocated() if CUDA else 0), out.float()
 
 
@@ -490,8 +497,9 @@ def main() -> int:
                 time_step(patcher, cfg, b, reps=1, warmup=0, image_px=args.image)
                 entry["compile_s"] = time.perf_counter() - t1
                 log(f"{label} batch {b}: first step (compiling) {entry['compile_s']:.0f} s")
-            ms, peak, out = time_step(patcher, cfg, b, reps=args.reps, image_px=args.image)
-            entry.update({"ms": ms, "peak_gib": peak / GIB, "model_gib": mb / GIB})
+            with GpuClocks(torch.cuda.current_device() if CUDA else 0) as clocks:
+                ms, peak, out = time_step(patcher, cfg, b, reps=args.reps, image_px=args.image, clocks=clocks)
+            entry.update({"ms": ms, "peak_gib": peak / GIB, "model_gib": mb / GIB}, **clocks.summary())
             if b == 1 and table is results["rows"]:
                 if label == "bf16":
                     ref_out = out
@@ -504,7 +512,10 @@ def main() -> int:
                 elif label == "svdq_nunchaku" and svdq_out[0] is not None:  # same weights, split into parts
                     entry["out_rel_diff_vs_svdq"] = float((out - svdq_out[0]).norm() / svdq_out[0].norm())
             table.setdefault(label, {})[b] = entry
-            log(f"{label:10s} batch {b}: {ms:8.1f} ms/step, peak {peak / GIB:6.2f} GiB, model {mb / GIB:6.2f} GiB")
+            clock = (f", SM {entry['sm_mhz_median']:.0f} MHz ({entry['sm_mhz_min']:.0f}-{entry['sm_mhz_max']:.0f}), "
+                     f"{entry['power_w_median']:.0f} W, power-capped {entry['power_capped_share']:.0%} of "
+                     f"{entry['clock_samples']} samples") if "sm_mhz_median" in entry else ""
+            log(f"{label:10s} batch {b}: {ms:8.1f} ms/step, peak {peak / GIB:6.2f} GiB, model {mb / GIB:6.2f} GiB{clock}")
 
     for row in rows:
         base, variant = split_variant(row)

@@ -62,3 +62,31 @@ def test_config_ab_tiny_switches_settings(tmp_path):
     res = json.loads(out.read_text())
     assert len(res["raw"]["eager_b1"]["a"]) == 2 and len(res["raw"]["eager_b1"]["b"]) == 2
     assert res["env"]["b"] == "SVDQ_PACKED_MAX_M=1024,SVDQ_GEMM=auto"
+
+
+def test_gpu_clock_samples_parse_and_summarize():
+    """nvidia-smi's CSV lines (``bench/_gpu_clocks.py``): only samples inside the timed window count, lines that do not
+    parse are skipped, and the summary gives the clock's median and range, the median power and the share of
+    samples throttled by the software power cap (bit 0x4)."""
+    import datetime
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from _gpu_clocks import parse_samples, summarize
+
+    def stamp(sec):
+        return datetime.datetime.fromtimestamp(1_800_000_000 + sec).strftime("%Y/%m/%d %H:%M:%S.%f")[:-3]
+
+    lines = [f"{stamp(0)}, 1980, 120.5, 0x0000000000000000",  # before the window
+             f"{stamp(1)}, 1590, 693.9, 0x0000000000000004",
+             "timestamp, clocks.current.sm [MHz], power.draw [W], clocks_event_reasons.active",
+             f"{stamp(1.5)}, [N/A], 700.1, 0x4",
+             f"{stamp(2)}, 1470, 701.2, 0x0000000000000004",
+             f"{stamp(2.5)}, 1935, 648.2, 0x0000000000000000",
+             f"{stamp(9)}, 1980, 121.0, 0x0000000000000000"]  # after it
+    samples = parse_samples(lines, 1_800_000_000 + 0.5, 1_800_000_000 + 3)
+    assert [s[1] for s in samples] == [1590, 1470, 1935]
+    got = summarize(samples)
+    assert got["clock_samples"] == 3 and got["sm_mhz_median"] == 1590 and got["sm_mhz_min"] == 1470
+    assert got["sm_mhz_max"] == 1935 and got["power_w_median"] == 693.9
+    assert abs(got["power_capped_share"] - 2 / 3) < 1e-9
+    assert summarize([]) == {}
