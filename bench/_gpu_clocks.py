@@ -9,6 +9,7 @@ slow round was slow code or a slow clock. Without ``nvidia-smi`` (CPU runs, othe
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import shutil
 import statistics
@@ -16,6 +17,7 @@ import subprocess
 import tempfile
 import time
 
+log = logging.getLogger("svdq.bench")
 QUERY = "timestamp,clocks.sm,power.draw,clocks_throttle_reasons.active"
 SW_POWER_CAP = 0x4  # nvmlClocksThrottleReasonSwPowerCap
 
@@ -66,8 +68,8 @@ class GpuClocks:
         if exe is not None:
             self.file = tempfile.NamedTemporaryFile("w+", suffix=".csv", delete=False)
             self.proc = subprocess.Popen([exe, f"--query-gpu={QUERY}", "--format=csv,noheader,nounits",
-                                          f"-lms={self.period_ms}", f"--id={self.index}"],
-                                         stdout=self.file, stderr=subprocess.DEVNULL)
+                                          "-lms", str(self.period_ms), "-i", str(self.index)],
+                                         stdout=self.file, stderr=subprocess.STDOUT)
         return self
 
     def begin(self) -> None:
@@ -81,6 +83,10 @@ class GpuClocks:
             return
         if not self.stop:
             self.stop = time.time()
+        if self.proc.poll() is not None:  # it stopped by itself: a refused query; say so rather than record nothing
+            with open(self.file.name) as f:
+                log.warning("nvidia-smi exited with %s while sampling clocks: %s", self.proc.returncode,
+                            f.read()[-300:].strip())
         self.proc.terminate()
         try:
             self.proc.wait(timeout=5)
