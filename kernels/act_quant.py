@@ -24,7 +24,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from .launch import HAS_HOST_DESCRIPTORS, TensorDescriptor, launch, pdl_end, pdl_start
-from .autotune_cache import fp32_dots, interpreting, sm_count
+from .autotune_cache import capability_major, fp32_dots, interpreting, sm_count
 
 MAGIC = tl.constexpr(12582912.0)
 
@@ -263,8 +263,8 @@ def descriptor_addressable(x2: torch.Tensor) -> bool:
 
 
 def stream_pass1(x2: torch.Tensor, m_blocks: int, tiles: int, rank: int) -> bool:
-    """Whether pass 1 takes the TMA stream: on sm_90+ (TMA) with host descriptors, a 16-bit input TMA can address
-    (16-byte aligned base and row pitch), and at least two K tiles a program to pipeline. ``SVDQ_ACT_STREAM=0``:
+    """Whether pass 1 takes the TMA stream: on NVIDIA sm_90+ (TMA) with host descriptors, a 16-bit input TMA can
+    address (16-byte aligned base and row pitch), and at least two K tiles a program to pipeline. ``SVDQ_ACT_STREAM=0``:
     never; ``1``: wherever a descriptor can address the input (the interpreter included). Below two tiles a program
     (512-1024 rows at K = 3072) the unrolled kernel measured faster (7.6 against 9.0 µs at 512 rows)."""
     choice = os.environ.get("SVDQ_ACT_STREAM", "auto")
@@ -274,7 +274,7 @@ def stream_pass1(x2: torch.Tensor, m_blocks: int, tiles: int, rank: int) -> bool
         return False
     if choice == "1":
         return True
-    if interpreting() or x2.device.type != "cuda" or torch.cuda.get_device_capability(x2.device)[0] < 9:
+    if interpreting() or torch.version.hip is not None or capability_major(x2.device) < 9:  # NVIDIA sm_90+ (cached)
         return False
     return stream_tiles_per_program(m_blocks, tiles, rank, x2.device) >= 2
 
