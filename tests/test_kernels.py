@@ -98,6 +98,29 @@ def test_activation_stream_pass1_same_results(m, k, rank, unsigned, per_program,
             assert rel(lora, x.float() @ layer.proj_down.float()) < 1e-3
 
 
+@pytest.mark.parametrize("dtype,m,k,rank", [(torch.float16, 45, 704, 32), (torch.bfloat16, 37, 1216, 16)]
+                         + ([(torch.float16, 4608, 3072, 32), (torch.bfloat16, 2000, 12288, 32)] if SM90 else []))
+def test_activation_stream_on_a_column_slice_and_fp16(dtype, m, k, rank, triton_kernels):
+    """The stream reads a column slice of a wider input (row pitch past K, base 128 bytes in, K not a multiple of
+    the tile) through its descriptor, and takes fp16 inputs: the same codes, scales and branch product as the
+    unrolled kernel on a contiguous copy, whatever the huge values on either side of the slice."""
+    from svdq.kernels.act_quant import descriptor_addressable, quantize_activation
+
+    layer = random_layer(64, k, rank, True, device=DEV, seed=k + 3)
+    layer.smooth = layer.smooth.to(dtype)
+    layer.proj_down = layer.proj_down.to(dtype)
+    wide = torch.randn(m, k + 192, device=DEV, dtype=dtype)
+    wide[:, :64] = 1e4  # columns left and right of the slice: huge, so reading any of them changes the scales
+    wide[:, 64 + k:] = -1e4
+    x = wide[:, 64:64 + k]
+    assert descriptor_addressable(x) and x.stride(0) == k + 192
+    a1, s1, l1 = quantize_activation(x.contiguous(), layer.k_padded, layer.smooth, layer.proj_down, stream=False)
+    a1, s1, l1 = a1.clone(), s1.clone(), l1.clone()
+    a, s, lora = quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down, stream=True)
+    assert torch.equal(s, s1) and torch.equal(a, a1)
+    assert rel(lora, l1) < 1e-5
+
+
 def test_activation_stream_choice(monkeypatch):
     """The TMA stream runs only where a descriptor can address the input; an explicit request it cannot honour is a
     clear error, and SVDQ_ACT_STREAM takes 0, 1 or auto."""
