@@ -424,12 +424,12 @@ STREAM_SHAPES = [(9216, 15360, 32), (8192, 12288, 32), (4608, 15360, 32), (4608,
 STREAM_VARIANTS = [  # pass 1 by TMA stream against the unrolled kernel ("default" is the dispatch rule's choice)
     ("unrolled", dict(stream=False)), ("stream", dict(stream=True)), ("stream_s3", dict(stream=True, stream_stages=3)),
     ("stream_k8", dict(stream=True, k_per_program=8)), ("stream_k16", dict(stream=True, k_per_program=16)),
-    ("stream_s2", dict(stream=True, stream_stages=2)), ("stream_w8", dict(stream=True, num_warps=8)),
-    ("stream_bm32", dict(stream=True, block_m=32)),
+    ("stream_s2", dict(stream=True, stream_stages=2)), ("stream_bm32", dict(stream=True, block_m=32)),
 ]
 # Measured and dropped in session 15 (bench/results-act-stream*-session15-h100.log): the same loop on pointer loads
 # (slower, and wrong branch partials with 8 warps), 6 stages or 256-column tiles (past shared memory), 128-row
-# tiles, the branch weights by TMA too (no gain), pass 2 as a stream of 2-8 tiles a program, by TMA or pointer
+# tiles, 8 warps (slower, and once wrong with 128-row tiles: the stream now refuses it), the branch weights by TMA
+# too (no gain), pass 2 as a stream of 2-8 tiles a program, by TMA or pointer
 # loads (slower than one tile a program), and either pass's grid ordered so that a row block's programs run side by
 # side (whole rows streamed at once; no gain: bench/results-act-stream-order-session15-h100.log).
 

@@ -123,8 +123,10 @@ def _act_stats_stream_kernel(
     TILES consecutive K tiles, in the same order), but the tiles come by TMA through a ``tl.range`` loop of STAGES
     buffers, so the next tiles are in flight while this one is reduced. Why: the unrolled kernel waits on each
     tile's load in turn, and ran at 61% of DRAM bandwidth at K = 15360 (this one: 2.5 TB/s, −9% for both passes at
-    9216 × 15360; BENCHMARKS.md, session 15). The same loop on pointer loads (cp.async) gave wrong branch partials
-    with 8 warps on Triton 3.6 (relative error 1e-3 to 1e-1), so there is no pointer version."""
+    9216 × 15360; BENCHMARKS.md, session 15). One warpgroup only: the same loop on pointer loads (cp.async) gave
+    wrong branch partials with 8 warps on Triton 3.6 (relative error 1e-3 to 1e-1), and this one did once with 8
+    warps and 128-row tiles, though the PTX puts a CTA barrier between each stage's wgmma wait and its refill (not
+    diagnosed); with 4 warps every H100 run matched. So there is no pointer version and no 8-warp launch."""
     BLOCK_K: tl.constexpr = GROUP * GROUPS
     pdl_start(PDL)
     pid_m = tl.program_id(0)
@@ -341,11 +343,14 @@ def quantize_activation(
     bm = block_m or (64 if wide else 32)
     nsub = ng // groups
     m_blocks = triton.cdiv(m, bm)
-    if stream is None:
-        stream = stream_pass1(x2, m_blocks, nsub, r)
+    if stream is None:  # a caller's warp count other than one warpgroup's picks the unrolled kernel
+        stream = num_warps in (None, 4) and stream_pass1(x2, m_blocks, nsub, r)
     elif stream and not descriptor_addressable(x2):
         raise ValueError(f"the TMA stream cannot address this input ({x2.dtype}, row pitch {x2.stride(0)} elements, "
                          f"base at {x2.data_ptr() % 16} past 16 bytes): pass stream=None to fall back")
+    if stream and num_warps not in (None, 4):
+        raise ValueError(f"the TMA stream runs one warpgroup (4 warps), not {num_warps}: with two, pipelined branch "
+                         "partials came out wrong on the H100 (Triton 3.6; BENCHMARKS.md, session 15)")
     if stream:
         ksub = k_per_program or stream_tiles_per_program(m_blocks, nsub, r, x2.device)
     else:
@@ -377,8 +382,7 @@ def quantize_activation(
             proj_down.stride(0) if r else 0, gmax.stride(0),
             float(shift)),
             UNSIGNED=bool(unsigned), HAS_SMOOTH=inv is not None, HAS_LORA=r > 0, DOT_FP32=fp32_dots(x2),
-            BLOCK_M=bm, BLOCK_R=block_r, GROUP=64, GROUPS=groups, STAGES=stream_stages,
-            num_warps=num_warps or 4, pdl=True,
+            BLOCK_M=bm, BLOCK_R=block_r, GROUP=64, GROUPS=groups, STAGES=stream_stages, num_warps=4, pdl=True,
         )
     else:
         launch(_act_stats_kernel, (m_blocks, nparts), (

@@ -146,6 +146,12 @@ def test_activation_stream_choice(monkeypatch):
     odd = torch.randn(4, 100, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="cannot address"):
         quantize_activation(odd, 128, None, None, stream=True)
+    with pytest.raises(ValueError, match="one warpgroup"):
+        quantize_activation(x, 64 * 9, None, None, stream=True, num_warps=8)
+    monkeypatch.setenv("SVDQ_ACT_STREAM", "1")  # the stream wherever it can run, but 8 warps asked: the unrolled one
+    a8, s8, _ = quantize_activation(x, 64 * 9, None, None, num_warps=8)
+    a4, s4, _ = quantize_activation(x, 64 * 9, None, None)
+    assert torch.equal(a8, a4) and torch.equal(s8, s4)
 
 
 @pytest.mark.parametrize("block_m,pass2_block_m,pass2_warps,pass2_groups", [(32, 16, 4, None), (16, 64, 8, 1),
