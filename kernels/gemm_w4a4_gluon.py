@@ -13,9 +13,11 @@ runs the epilogue. H100: 12-13% faster than the Triton kernel at K = 12288 / 153
 Epilogue as in the Triton kernel: per-token × per-channel scales, the low-rank branch ``lora_act · proj_upᵀ``
 taken R_CHUNK ranks at a time on bf16 wgmma (proj_up chunk staged in shared memory, lora_act from registers),
 bias, GELU, optional accumulate into the output, one 16-bit store. In the ping-pong kernel a branch of one chunk
-(rank ≤ 64) is issued in the warpgroup's own turn instead, right after its tile's int8 MMAs: a bf16 wgmma issued
-from the epilogue while the other warpgroup streams its int8 MMAs held that stream back (H100: the branch cost
-10-14% of the GEMM at K = 3072 that way, 4-6% now; ``bench/gemm_epilogue_ab.py``). The ping-pong kernel also
+(rank ≤ 64) may be issued in the warpgroup's own turn instead, right after its tile's int8 MMAs: a bf16 wgmma
+issued from the epilogue while the other warpgroup streams its int8 MMAs held that stream back (H100, session 12:
+the branch cost 10-14% of the GEMM at K = 3072 that way, 4-6% in the turn). Since tiles are stored by TMA the
+epilogue placement is 2-4% faster again at K = 3072 and the turn leads at K >= 12288, so the tuner offers both per
+shape (``branch_in_turn``; ``bench/gemm_epilogue_ab.py``, ``bench/retune_shipped.py``). The ping-pong kernel also
 writes each output tile through shared memory with one TMA bulk store (``store_by_tma``) instead of scattered
 4-byte stores from the MMA layout (H100: up to 1.14x the GEMM's speed at K = 3072 and small M,
 ``bench/gemm_store_ab.py``).
@@ -404,9 +406,10 @@ def launch_ws(cfg_kwargs: dict, num_warps: int, args: tuple, flags: dict, m: int
 
 
 def _switch(cfg_kwargs: dict, key: str, variable: str, choices: tuple) -> str:
-    """A ping-pong kernel option: the config's ``key``, else the environment ``variable``, else the first choice;
-    anything else is refused by name."""
-    choice = cfg_kwargs.get(key) or os.environ.get(variable, choices[0]).lower()
+    """A ping-pong kernel option: the environment ``variable`` where set (so an A/B run can force one way over the
+    tuned choice), else the config's ``key`` (the tuner's per-shape pick), else the first choice; anything else is
+    refused by name."""
+    choice = (os.environ.get(variable) or cfg_kwargs.get(key) or choices[0]).lower()
     if choice not in choices:
         raise ValueError(f"{variable} must be " + " or ".join(repr(c) for c in choices) + f", not {choice!r}")
     return choice
@@ -414,7 +417,9 @@ def _switch(cfg_kwargs: dict, key: str, variable: str, choices: tuple) -> str:
 
 def branch_in_turn(cfg_kwargs: dict, flags: dict) -> bool:
     """Whether the ping-pong kernel issues the branch MMA in its warpgroup's turn, right after the tile's int8 MMAs
-    (``turn``, the default), or in the epilogue (``epilogue``): config key ``BRANCH``, else ``SVDQ_BRANCH``. Only
+    (``turn``, the default), or in the epilogue (``epilogue``): ``SVDQ_BRANCH``, else config key ``BRANCH``. The
+    tuner offers both (H100, session 16: the epilogue was 2-4% faster at K = 3072 once tiles were stored by TMA, the
+    turn ahead or even at K >= 12288; ``bench/gemm_epilogue_ab.py``). Only
     a branch of one chunk (``R_CHUNK`` = ``BLOCK_R``: rank ≤ 64) goes in the turn; wider ones keep the epilogue's
     chunks. A third way measured and dropped: the branch as rank-one updates on the CUDA cores in the epilogue,
     2.7× slower (BENCHMARKS.md, session 12)."""
@@ -425,7 +430,7 @@ def branch_in_turn(cfg_kwargs: dict, flags: dict) -> bool:
 
 def store_by_tma(cfg_kwargs: dict, flags: dict, c: torch.Tensor) -> bool:
     """Whether the ping-pong kernel writes its tiles through shared memory and one TMA bulk store (config key
-    ``STORE`` or ``SVDQ_STORE``: ``tma``, the default, | ``pointer``): where the output is 16-bit, a TMA descriptor
+    ``STORE``, ``SVDQ_STORE`` over it: ``tma``, the default, | ``pointer``): where the output is 16-bit, a TMA descriptor
     can address it (16-byte aligned base and row pitch) and it is not added to. H100, same run: 1.00-1.14x the
     GEMM's speed with the scattered 4-byte stores of the MMA layout, most at K = 3072 and small M
     (``bench/gemm_store_ab.py``); same bits. The cooperative kernel keeps pointer stores (its 128 x 256 tile leaves
@@ -473,11 +478,13 @@ def ws_configs() -> list[tuple[dict, int]]:
     """(config kwargs, warps) candidates (each adds tuning time on the first call of a shape); the tuner drops any
     that do not fit (a wide branch needs more shared memory). The H100 probes' winners: cooperative 128 x 256 and
     128 x 128 (session 5; 128 x 256 x 64 and three stages never won), ping-pong 128 x 128 x 128 with four stages
-    (session 7: 64 x 256 tiles and five or six stages were slower, ``bench/gluon_gemm_probe.py``)."""
+    (session 7: 64 x 256 tiles and five or six stages were slower, ``bench/gluon_gemm_probe.py``), the latter with
+    its branch in the turn or in the epilogue (``branch_in_turn``: which is faster depends on the shape)."""
     coop = [({"SCHEDULE": "gluon", "BLOCK_M": 128, "BLOCK_N": bn, "BLOCK_K": bk, "STAGES": st, "GROUP_M": 8}, 8)
             for bn, bk, st in [(256, 128, 4), (128, 128, 5)]]
-    return coop + [({"SCHEDULE": "gluon", "PINGPONG": True, "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128,
-                     "STAGES": 4, "GROUP_M": 8}, 4)]
+    pingpong = {"SCHEDULE": "gluon", "PINGPONG": True, "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "STAGES": 4,
+                "GROUP_M": 8}
+    return coop + [(pingpong, 4), (dict(pingpong, BRANCH="epilogue"), 4)]
 
 
 def usable(a8: torch.Tensor, proj_up: torch.Tensor | None) -> bool:

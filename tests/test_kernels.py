@@ -143,7 +143,8 @@ def test_activation_stream_choice(monkeypatch):
     with pytest.raises(ValueError, match="SVDQ_ACT_STREAM"):
         stream_pass1(x, 1, 9, 32)
     monkeypatch.delenv("SVDQ_ACT_STREAM")
-    odd = torch.randn(4, 100, dtype=torch.bfloat16)
+    x = x.to(DEV)  # the kernels run below: on the GPU where there is one (a CPU tensor cannot be launched on there)
+    odd = torch.randn(4, 100, dtype=torch.bfloat16, device=DEV)
     with pytest.raises(ValueError, match="cannot address"):
         quantize_activation(odd, 128, None, None, stream=True)
     with pytest.raises(ValueError, match="one warpgroup"):
@@ -822,7 +823,10 @@ def test_store_choice(monkeypatch):
     assert not gluon.store_by_tma(dict(cfg, STORE="pointer"), {}, c)
     monkeypatch.setenv("SVDQ_STORE", "pointer")
     assert not gluon.store_by_tma(cfg, {}, c)
-    assert gluon.store_by_tma(dict(cfg, STORE="tma"), {}, c)
+    assert not gluon.store_by_tma(dict(cfg, STORE="tma"), {}, c)  # the variable forces one way over the config
+    monkeypatch.setenv("SVDQ_STORE", "tma")
+    assert not gluon.store_by_tma(dict(cfg, STORE="pointer"), {}, c.float())  # still only where TMA can store
+    assert gluon.store_by_tma(dict(cfg, STORE="pointer"), {}, c)
     monkeypatch.setenv("SVDQ_STORE", "async")
     with pytest.raises(ValueError, match="SVDQ_STORE"):
         gluon.store_by_tma(cfg, {}, c)
@@ -845,7 +849,9 @@ def test_branch_placement_choice(monkeypatch):
     assert not gluon.branch_in_turn({"BRANCH": "epilogue"}, flags(32))
     monkeypatch.setenv("SVDQ_BRANCH", "epilogue")
     assert not gluon.branch_in_turn({}, flags(32))
-    assert gluon.branch_in_turn({"BRANCH": "turn"}, flags(32))
+    assert not gluon.branch_in_turn({"BRANCH": "turn"}, flags(32))  # the variable forces one way over the config
+    monkeypatch.setenv("SVDQ_BRANCH", "turn")
+    assert gluon.branch_in_turn({"BRANCH": "epilogue"}, flags(32))
     monkeypatch.setenv("SVDQ_BRANCH", "sideways")
     with pytest.raises(ValueError, match="SVDQ_BRANCH"):
         gluon.branch_in_turn({}, flags(32))
@@ -946,6 +952,27 @@ def test_shipped_tuned_configs_are_used_before_tuning_when_they_can_run(monkeypa
         gluon = next(c for c in tuner.configs if c.kwargs["SCHEDULE"] == "gluon")
         monkeypatch.setattr(autotune_cache, "_shipped_cache", {key: tuner._cfg_dict(gluon)})
         assert tuner._lookup_or_tune(args, flags, 4608, 3072, 3072) == {"tuned": True} and tuned == [(4608, 3072)]
+
+
+def test_every_shipped_config_is_a_tuner_candidate():
+    """The shipped file only helps where its winner is one of the tuner's own configs (``_lookup_or_tune`` ignores
+    any other and tunes the shape): a retune that writes a config the candidate list lacks (a key renamed, a
+    candidate dropped) would silently bring first-call tuning back on the H100."""
+    import json
+    from pathlib import Path
+
+    from svdq.kernels import gemm_w4a4
+
+    if not gemm_w4a4.HAS_GLUON:
+        pytest.skip("the shipped H100 winners include Gluon configs; this Triton has no Gluon")
+    tuner = gemm_w4a4._TUNERS["auto"]
+    table = json.loads((Path(gemm_w4a4.__file__).with_name("tuned_configs.json")).read_text())
+    candidates = [tuner._cfg_dict(c) for c in tuner.configs]
+    ours = {k: v for k, v in table.items() if k.split("|")[1] == tuner.name}
+    assert len(ours) >= 40
+    missing = [k for k, v in ours.items() if v not in candidates]
+    assert not missing, missing[:3]
+    assert any(v["kwargs"].get("BRANCH") == "epilogue" for v in ours.values())
 
 
 def test_tuned_configs_override_and_reload(monkeypatch, tmp_path, caplog):
