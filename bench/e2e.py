@@ -23,7 +23,10 @@ times ``apply_model`` on 1024x1024 inputs (4096 image + 512 text tokens):
   ROW+VAR=VALUE  any row with environment variables set for it alone (e.g. ``svdq_compile+SVDQ_PDL=0``: a
               same-run A/B of a runtime switch; the summary compares it with ROW)
 Each timed row also records the SM clock, board power and power-cap throttling over its timed steps (``nvidia-smi``
-samples; nothing without it): at the H100's power cap the clock, not only the code, sets a row's time.
+samples; nothing without it): at the H100's power cap the clock, not only the code, sets a row's time. It also records
+every timed step (``step_ms``), the host's part of each (``host_ms``: until ``apply_model`` returns, every launch
+queued) and the full garbage collections that ran while timed; ``+E2E_GC=freeze`` freezes the heap first
+(``gc.freeze``), a diagnostic for host stalls.
 With ``--cap-gb`` the bf16 and svdq rows run again with ComfyUI believing the card has that much memory
 (``EXTRA_RESERVED_VRAM`` + a per-process memory fraction), so ComfyUI's own partial loading/offloading kicks in.
 The svdq weights are quantized round-to-nearest with a random rank-32 branch: step time depends only on the
@@ -281,17 +284,26 @@ def time_step(patcher, cfg, batch, reps=5, warmup=2, image_px=1024, clocks=None)
     with torch.no_grad():
         for _ in range(warmup):
             out = step()
-        times = []
+        times, hosts = [], []
+        if os.environ.get("E2E_GC") == "freeze":  # a row '+E2E_GC=freeze': no collection scans the model's objects
+            gc.collect()
+            gc.freeze()
+        full_before = gc.get_stats()[2]["collections"]
         if clocks is not None:
             clocks.begin()
         for _ in range(reps):
             sync()
             t0 = time.perf_counter()
             out = step()
+            hosts.append((time.perf_counter() - t0) * 1000)  # the host's part: until every launch is queued
             sync()
             times.append((time.perf_counter() - t0) * 1000)
         if clocks is not None:
             clocks.end()
+    full = gc.get_stats()[2]["collections"] - full_before  # full (generation 2) collections while timed
+    if os.environ.get("E2E_GC") == "freeze":
+        gc.unfreeze()
+    time_step.last = {"step_ms": times, "host_ms": hosts, "gc_full_collections": full}
     return statistics.median(times), (torch.cuda.max_memory_allocated() if CUDA else 0), out.float()
 
 
@@ -499,7 +511,8 @@ def main() -> int:
                 log(f"{label} batch {b}: first step (compiling) {entry['compile_s']:.0f} s")
             with GpuClocks(torch.cuda.current_device() if CUDA else 0) as clocks:
                 ms, peak, out = time_step(patcher, cfg, b, reps=args.reps, image_px=args.image, clocks=clocks)
-            entry.update({"ms": ms, "peak_gib": peak / GIB, "model_gib": mb / GIB}, **clocks.summary())
+            entry.update({"ms": ms, "peak_gib": peak / GIB, "model_gib": mb / GIB, **time_step.last},
+                         **clocks.summary())
             if b == 1 and table is results["rows"]:
                 if label == "bf16":
                     ref_out = out
@@ -515,7 +528,10 @@ def main() -> int:
             clock = (f", SM {entry['sm_mhz_median']:.0f} MHz ({entry['sm_mhz_min']:.0f}-{entry['sm_mhz_max']:.0f}), "
                      f"{entry['power_w_median']:.0f} W, power-capped {entry['power_capped_share']:.0%} of "
                      f"{entry['clock_samples']} samples") if "sm_mhz_median" in entry else ""
-            log(f"{label:10s} batch {b}: {ms:8.1f} ms/step, peak {peak / GIB:6.2f} GiB, model {mb / GIB:6.2f} GiB{clock}")
+            spread = (f", steps {min(entry['step_ms']):.1f}-{max(entry['step_ms']):.1f}, host queues a step in "
+                      f"{statistics.median(entry['host_ms']):.1f} ms, {entry['gc_full_collections']} full GC")
+            log(f"{label:10s} batch {b}: {ms:8.1f} ms/step, peak {peak / GIB:6.2f} GiB, model {mb / GIB:6.2f} GiB"
+                f"{spread}{clock}")
 
     for row in rows:
         base, variant = split_variant(row)

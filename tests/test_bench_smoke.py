@@ -24,6 +24,8 @@ def test_e2e_bench_tiny_config_runs_every_core_row(tmp_path):
     assert set(rows) == {"bf16", "svdq"}
     for row in rows.values():
         assert row["1"]["ms"] > 0 and row["1"]["model_gib"] > 0
+        assert len(row["1"]["step_ms"]) == len(row["1"]["host_ms"]) == 1  # --reps 1
+        assert 0 < row["1"]["host_ms"][0] <= row["1"]["step_ms"][0]  # queued before it finished
     assert res["summary"]["svdq_model_bytes_vs_bf16"] < 0.3  # 4-bit weights, scales and branch against bf16
     assert res["env"]["config"] == "tiny"
 
