@@ -1,7 +1,7 @@
 """One denoising step of a full-size FLUX.1-dev model through ComfyUI's own model, for every weight format, in one run.
 
     python bench/e2e.py [--config flux-dev|tiny] [--rows bf16,fp8,nf4,svdq,svdq_lora,svdq_fbc] [--cap-gb 16]
-                        [--batch 1,2] [--profile] [--json OUT]
+                        [--batch 1,2] [--reps 5] [--rounds 1] [--profile] [--json OUT]
 
 The model is ComfyUI's Flux class at the FLUX.1-dev configuration (19 double + 38 single blocks, hidden 3072) with
 generated weights (heavy tails, outlier modulation channels: ``svdq.synthetic``), built on the GPU; no download.
@@ -22,6 +22,10 @@ times ``apply_model`` on 1024x1024 inputs (4096 image + 512 text tokens):
               "inductor", and with Inductor in mode reduce-overhead (its CUDA graphs)
   ROW+VAR=VALUE  any row with environment variables set for it alone (e.g. ``svdq_compile+SVDQ_PDL=0``: a
               same-run A/B of a runtime switch; the summary compares it with ROW)
+``--rounds N`` runs the rows N times, every other round in reverse order, and pools each row's rounds: svdq against
+bf16 (and fp8, and a LoRA against svdq, and a switched row against its plain one) as the ratio of medians over every
+step, with a 95% bootstrap interval that resamples whole rounds (``bench/_stats.py``): one row's step moves by ±5%
+from round to round at the H100's power cap, so a single pair of medians cannot settle a target like 1.3×.
 Each timed row also records the SM clock, board power and power-cap throttling over its timed steps (``nvidia-smi``
 samples; nothing without it): at the H100's power cap the clock, not only the code, sets a row's time. It also records
 every timed step (``step_ms``), the host's part of each (``host_ms``: until ``apply_model`` returns, every launch
@@ -51,6 +55,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _path  # noqa: E402,F401
 from _results import write_json  # noqa: E402
 from _gpu_clocks import GpuClocks  # noqa: E402
+from _stats import base_row, speedup, with_rounds  # noqa: E402
 
 from svdq.comfy_runtime import import_comfy  # noqa: E402
 
@@ -454,6 +459,31 @@ def first_block_cache_runs(patcher, cfg, thresholds, steps=20):
     return out
 
 
+POOLED_PAIRS = (("svdq_compile", "bf16_compile"), ("svdq", "bf16"), ("svdq_compile", "fp8_compile"),
+                ("svdq", "fp8"), ("svdq_lora_compile", "svdq_compile"), ("svdq_lora", "svdq"))
+
+
+def pooled_summary(table: dict, batches: list[int]) -> dict:
+    """Every row's rounds pooled (``_stats.base_row``), as same-run ratios with bootstrap intervals: the fixed
+    comparisons (svdq against bf16, fp8, LoRA against svdq) and each row run with a switch against the row without
+    it. Only where both sides have timed steps."""
+    steps: dict = {}
+    for label, by_batch in table.items():
+        if "error" in by_batch:
+            continue
+        for b, entry in by_batch.items():
+            if entry.get("step_ms"):
+                steps.setdefault(base_row(label), {}).setdefault(b, []).append(entry["step_ms"])
+    pairs = [p for p in POOLED_PAIRS if p[0] in steps and p[1] in steps]
+    pairs += [(row, row.split("+", 1)[0]) for row in steps if "+" in row and row.split("+", 1)[0] in steps]
+    out: dict = {}
+    for fast, slow in pairs:
+        for b in batches:
+            if b in steps[fast] and b in steps[slow]:
+                out.setdefault(f"{fast}_vs_{slow}", {})[b] = speedup(steps[slow][b], steps[fast][b])
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------- main
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -465,6 +495,9 @@ def main() -> int:
     ap.add_argument("--cap-rows", default="bf16,svdq", help="rows run again under the cap (also bf16_compile, svdq_compile)")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the rows this many times (every other round in reverse order); the summary pools "
+                         "each row's rounds into one ratio with a bootstrap interval")
     ap.add_argument("--image", type=int, default=1024, help="image side in pixels (1024: 4096 image tokens)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--compile-backend", default="inductor",
@@ -478,7 +511,7 @@ def main() -> int:
     COMPILE_BACKEND, COMPILE_MODE = args.compile_backend, args.compile_mode
     cfg = FLUX_DEV if args.config == "flux-dev" else dict(TINY_FLUX, context_in_dim=4096, vec_in_dim=768)
     UNET_CONFIG = None if args.config == "flux-dev" else cfg
-    rows = args.rows.split(",")
+    rows = with_rounds(args.rows.split(","), args.rounds)
     batches = [int(b) for b in args.batch.split(",")]
     import triton
 
@@ -638,6 +671,13 @@ def main() -> int:
     for a, b_ in (("svdq_compile", "bf16_compile"), ("svdq_compile", "bf16")):
         if a in c and b_ in c and "error" not in c[a] and "error" not in c[b_]:
             results.setdefault("summary", {})[f"capped_{a}_vs_{b_}"] = c[b_][1]["ms"] / c[a][1]["ms"]
+    pooled = pooled_summary(results["rows"], batches)
+    if pooled:
+        results["pooled"] = pooled
+        for name, by_batch in pooled.items():
+            for b, st in by_batch.items():
+                log(f"pooled {name} batch {b}: {st['ratio']:.3f}x ({st['level']:.0%} interval {st['low']:.3f}-"
+                    f"{st['high']:.3f}; rounds {st['rounds'][0]} / {st['rounds'][1]})")
     log("summary: " + json.dumps(results.get("summary", {})))
     if args.json:
         write_json(args.json, results, default=str)

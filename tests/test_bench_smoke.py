@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -15,17 +17,22 @@ def test_e2e_bench_tiny_config_runs_every_core_row(tmp_path):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "e2e.py"), "--config", "tiny", "--rows", "bf16,svdq", "--batch", "1",
-         "--cap-gb", "0", "--reps", "1", "--json", str(out)],
+         "--cap-gb", "0", "--reps", "2", "--rounds", "2", "--json", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
     rows = res["rows"]
-    assert set(rows) == {"bf16", "svdq"}
+    assert set(rows) == {"bf16", "svdq", "bf16+ROUND=2", "svdq+ROUND=2"}  # --rounds 2
     for row in rows.values():
         assert row["1"]["ms"] > 0 and row["1"]["model_gib"] > 0
-        assert len(row["1"]["step_ms"]) == len(row["1"]["host_ms"]) == 1  # --reps 1
-        assert 0 < row["1"]["host_ms"][0] <= row["1"]["step_ms"][0]  # queued before it finished
+        assert len(row["1"]["step_ms"]) == len(row["1"]["host_ms"]) == 2  # --reps 2
+        assert all(0 < h <= t for h, t in zip(row["1"]["host_ms"], row["1"]["step_ms"]))  # queued before it finished
+    pooled = res["pooled"]["svdq_vs_bf16"]["1"]
+    assert pooled["rounds"] == [2, 2] and pooled["low"] <= pooled["high"]
+    steps = sorted(t for row in ("bf16", "bf16+ROUND=2") for t in rows[row]["1"]["step_ms"])
+    svdq = sorted(t for row in ("svdq", "svdq+ROUND=2") for t in rows[row]["1"]["step_ms"])
+    assert abs(pooled["ratio"] - (steps[1] + steps[2]) / (svdq[1] + svdq[2])) < 1e-9  # medians of the 4 steps
     assert res["summary"]["svdq_model_bytes_vs_bf16"] < 0.3  # 4-bit weights, scales and branch against bf16
     assert res["env"]["config"] == "tiny"
 
@@ -92,3 +99,34 @@ def test_gpu_clock_samples_parse_and_summarize():
     assert got["sm_mhz_max"] == 1935 and got["power_w_median"] == 693.9
     assert abs(got["power_capped_share"] - 2 / 3) < 1e-9
     assert summarize([]) == {}
+
+
+def test_pooled_speedup_interval_and_rounds():
+    """``bench/_stats.py``: the pooled ratio is the ratio of medians over every step of every round; its bootstrap
+    interval resamples whole rounds (so a round-to-round spread widens it) and holds the true ratio of clearly
+    separated rows; a single round resamples its steps; rows pool by name without their ROUND setting, and extra
+    rounds alternate their order."""
+    import random
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from _stats import base_row, speedup, with_rounds
+
+    rng = random.Random(1)
+    bf16 = [[270 + rng.gauss(0, 2) for _ in range(7)] for _ in range(4)]
+    svdq = [[207 + rng.gauss(0, 2) for _ in range(7)] for _ in range(4)]
+    got = speedup(bf16, svdq)
+    assert got["rounds"] == [4, 4] and got["low"] < got["ratio"] < got["high"]
+    assert 1.28 < got["low"] and got["high"] < 1.33
+    drift = [[t + 12 * k for t in r] for k, r in enumerate(svdq)]  # rounds drifting apart: a wider interval
+    wide = speedup(bf16, drift)
+    assert wide["high"] - wide["low"] > 3 * (got["high"] - got["low"])
+    same = speedup(bf16, bf16)
+    assert same["ratio"] == 1.0 and same["low"] <= 1.0 <= same["high"]
+    one = speedup([[270.0, 272.0, 268.0]], [[207.0, 209.0, 205.0]])
+    assert one["rounds"] == [1, 1] and one["ratio"] == 270.0 / 207.0 and one["low"] <= one["high"]
+    with pytest.raises(ValueError, match="at least one"):
+        speedup([], svdq)
+    assert base_row("svdq_compile+SVDQ_BRANCH=turn+ROUND=3") == "svdq_compile+SVDQ_BRANCH=turn"
+    assert base_row("bf16_compile+ROUND=2") == "bf16_compile" and base_row("svdq") == "svdq"
+    assert with_rounds(["a", "b"], 3) == ["a", "b", "b+ROUND=2", "a+ROUND=2", "a+ROUND=3", "b+ROUND=3"]
+    assert with_rounds(["a"], 1) == ["a"]
