@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 import triton
 
+from .settings import getenv
+
 log = logging.getLogger("svdq")
 _lock = threading.Lock()
 _cache: dict | None = None
@@ -89,7 +91,7 @@ def m_bucket(m: int) -> int:
 
 
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return getenv("TRITON_INTERPRET", "0") == "1"
 
 
 

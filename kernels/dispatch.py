@@ -17,6 +17,7 @@ import threading
 import torch
 
 from .reference import QuantizedLinearWeights, dequantize_weight, svdq_linear_reference
+from .settings import getenv, snapshot
 
 log = logging.getLogger("svdq")
 
@@ -127,7 +128,7 @@ def _warn_once(reason: str) -> None:
 
 
 def mode() -> str:
-    return os.environ.get("SVDQ_KERNELS", "auto").lower()
+    return getenv("SVDQ_KERNELS", "auto").lower()
 
 
 def triton_usable(x: torch.Tensor) -> bool:
@@ -136,7 +137,7 @@ def triton_usable(x: torch.Tensor) -> bool:
         return False
     if x.is_cuda:
         return True
-    return m == "triton" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return m == "triton" and getenv("TRITON_INTERPRET", "0") == "1"
 
 
 def weight_workspace(n: int, kp: int, device: torch.device) -> torch.Tensor:
@@ -373,8 +374,8 @@ def _planned(x2: torch.Tensor, w: QuantizedLinearWeights, gelu: bool, out2: torc
 
     The key holds everything a recorded launch bakes in besides the tensors it swaps: the row strides of the
     input and of a given output, and whether the output is given and added to."""
-    settings = tuple(map(os.environ.get, _ENV))  # a switch changed mid-run must not reuse older plans
-    if os.environ.get("SVDQ_PLANS") == "0" or not x2.is_cuda:
+    settings = snapshot(_ENV)  # a switch changed mid-run must not reuse older plans
+    if getenv("SVDQ_PLANS") == "0" or not x2.is_cuda:
         return None
     into = None if out2 is None else (out2.stride(0), out2.data_ptr() % 16 == 0, accumulate)
     key = (x2.shape[0], x2.dtype, x2.data_ptr() % 16 == 0, x2.stride(0), gelu, into, settings)
