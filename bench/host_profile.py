@@ -7,6 +7,7 @@ import cProfile
 import os
 import pstats
 import sys
+import timeit
 
 import torch
 
@@ -57,6 +58,24 @@ for ints in (False, True):  # call plans passing fixed tensors to the launcher a
     for name in ("svdq_linear W4A4 r32", "svdq_linear W4A16 M=1"):
         print(f"host µs per call  {name + (' (addresses)' if ints else ' (tensors)'):<40} "
               f"{per_call_us(stages[name]):7.1f}", flush=True)
+# The compiled model's entry: svdq::linear (a plain torch.library op) against the same body registered with
+# torch.library.custom_op, which adds an autograd shim and an output-aliasing check to every call (loose tensors:
+# both build the layer object per call, so only the registration differs).
+from svdq.kernels import settings, torch_op  # noqa: E402
+
+twin = torch.library.custom_op("svdq_bench::linear", mutates_args=())(torch_op._linear_impl)
+twin.register_fake(torch_op._linear_shape)
+op_args = (x, [getattr(layer, f) for f in torch_op.FIELDS], None, None, layer.kind, layer.precision,
+           layer.act_precision, layer.act_unsigned, layer.act_shift, layer.in_features, layer.out_features, False)
+with torch.no_grad():
+    for name, op in (("svdq::linear (Library)", torch.ops.svdq.linear.default),
+                     ("same body as custom_op", torch.ops.svdq_bench.linear.default)):
+        print(f"host µs per call  {name:<34} {per_call_us(lambda op=op: op(*op_args)):7.1f}", flush=True)
+# The per-call environment reads (the call-plan key's nine switches), os.environ.get against kernels/settings.py
+env_old = timeit.timeit(lambda: tuple(map(os.environ.get, dispatch._ENV)), number=20000) / 20000 * 1e6
+env_new = timeit.timeit(lambda: settings.snapshot(dispatch._ENV), number=20000) / 20000 * 1e6
+print(f"host µs per call  plan-key switches: os.environ.get {env_old:.2f}, settings.snapshot {env_new:.2f}", flush=True)
+
 pr = cProfile.Profile()
 pr.enable()
 for _ in range(300):
