@@ -1,6 +1,6 @@
 """Re-time the shipped GEMM winners (``kernels/tuned_configs.json``) against newer candidate configs on this GPU.
 
-    python bench/retune_shipped.py [--match PINGPONG] [--margin 0.01] [--rounds 2] [--out PATH] [--json RESULTS]
+    python bench/retune_shipped.py [--match PINGPONG] [--margin 0.02] [--rounds 3] [--eager] [--out PATH] [--json RESULTS]
 
 Why: the shipped file spares users first-call tuning, so a new kernel schedule only reaches them once the file
 names it where it wins. Re-tuning every key from scratch costs minutes of GPU time; this times, for each key of
