@@ -1,7 +1,7 @@
 """One denoising step of a full-size FLUX.1-dev model through ComfyUI's own model, for every weight format, in one run.
 
     python bench/e2e.py [--config flux-dev|tiny] [--rows bf16,fp8,nf4,svdq,svdq_lora,svdq_fbc] [--cap-gb 16]
-                        [--batch 1,2] [--reps 5] [--rounds 1] [--profile] [--json OUT]
+                        [--batch 1,2] [--reps 5] [--rounds 1] [--profile] [--host-profile] [--json OUT]
 
 The model is ComfyUI's Flux class at the FLUX.1-dev configuration (19 double + 38 single blocks, hidden 3072) with
 generated weights (heavy tails, outlier modulation channels: ``svdq.synthetic``), built on the GPU; no download.
@@ -30,7 +30,8 @@ Each timed row also records the SM clock, board power and power-cap throttling o
 samples; nothing without it): at the H100's power cap the clock, not only the code, sets a row's time. It also records
 every timed step (``step_ms``), the host's part of each (``host_ms``: until ``apply_model`` returns, every launch
 queued) and the full garbage collections that ran while timed; ``+E2E_GC=freeze`` freezes the heap first
-(``gc.freeze``), a diagnostic for host stalls.
+(``gc.freeze``), a diagnostic for host stalls. ``--host-profile`` adds a cProfile of one step's host part per row:
+own time by part of the stack (svdq, Triton, Dynamo/Inductor, ComfyUI, other torch, other) and the top functions.
 With ``--cap-gb`` the bf16 and svdq rows run again with ComfyUI believing the card has that much memory
 (``EXTRA_RESERVED_VRAM`` + a per-process memory fraction), so ComfyUI's own partial loading/offloading kicks in.
 The svdq weights are quantized round-to-nearest with a random rank-32 branch: step time depends only on the
@@ -273,7 +274,8 @@ def step_options(patcher) -> dict:
     return opts
 
 
-def time_step(patcher, cfg, batch, reps=5, warmup=2, image_px=1024, clocks=None):
+def step_fn(patcher, cfg, batch, image_px=1024):
+    """One denoising step of the loaded model on fixed inputs, as a function (what every timing calls)."""
     mm.load_models_gpu([patcher])
     x, ctx, y = inputs(cfg, batch, image_px)
     t = torch.full((batch,), 0.7, device=x.device)
@@ -283,6 +285,56 @@ def time_step(patcher, cfg, batch, reps=5, warmup=2, image_px=1024, clocks=None)
     def step():
         return patcher.model.apply_model(x, t, c_crossattn=ctx, y=y, guidance=guid, transformer_options=opts)
 
+    return step
+
+
+HOST_GROUPS = (("triton", ("/triton/",)),
+               ("torch._dynamo / _inductor / _functorch", ("torch/_dynamo", "torch/_inductor", "torch/_functorch")),
+               ("comfy", ("/comfy/", "/comfy_extras/", "/comfy_api/")), ("torch (other)", ("/torch/",)))
+
+
+def host_group(path: str, svdq_root: str) -> str:
+    """Which part of the stack a profiled function's source file belongs to (Inductor's generated code and C
+    functions: "other")."""
+    path = path.replace("\\", "/")
+    if path.startswith(svdq_root):  # the package's own modules (a checkout may hold ComfyUI in a cache folder)
+        rest = path[len(svdq_root):]
+        if "/" not in rest or rest.split("/", 1)[0] in ("kernels", "nodes", "quant"):
+            return "svdq"
+    return next((g for g, keys in HOST_GROUPS if any(k in path for k in keys)), "other")
+
+
+def host_profile_step(step, top: int = 15) -> dict:
+    """cProfile over the host's part of one step (until every launch is queued): own time by group of source files
+    and the functions with the most own time. Why: a compiled svdq step's host queues in 90-155 ms against bf16's
+    32-50 (session 16), several times what ~300 calls at ``bench/linear.py``'s host cost per call would take."""
+    import cProfile
+    import pstats
+
+    with torch.no_grad():
+        step()
+        sync()
+        prof = cProfile.Profile()
+        prof.enable()
+        step()
+        prof.disable()
+        sync()
+    import svdq
+
+    root = os.path.dirname(os.path.abspath(svdq.__file__)).replace("\\", "/") + "/"
+    stats = pstats.Stats(prof).stats  # (file, line, name) -> (primitive calls, calls, own s, cumulative s, callers)
+    groups: dict = {}
+    for (path, _, _), (_, _, own, _, _) in stats.items():
+        name = host_group(path, root)
+        groups[name] = groups.get(name, 0.0) + own * 1000
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    return {"own_ms_by_group": groups, "total_ms": sum(groups.values()),
+            "top": [{"function": f"{os.path.basename(path)}:{line} {fn}", "calls": calls, "own_ms": own * 1000,
+                     "cumulative_ms": cum * 1000} for (path, line, fn), (_, calls, own, cum, _) in rows]}
+
+
+def time_step(patcher, cfg, batch, reps=5, warmup=2, image_px=1024, clocks=None):
+    step = step_fn(patcher, cfg, batch, image_px)
     sync()
     if CUDA:
         torch.cuda.reset_peak_memory_stats()
@@ -494,6 +546,8 @@ def main() -> int:
     ap.add_argument("--cap-gb", type=float, default=16.0, help="0 disables the capped runs")
     ap.add_argument("--cap-rows", default="bf16,svdq", help="rows run again under the cap (also bf16_compile, svdq_compile)")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--host-profile", action="store_true",
+                    help="cProfile the host's part of one step per timed row: own time by group and the top functions")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=1,
                     help="run the rows this many times (every other round in reverse order); the summary pools "
@@ -546,6 +600,13 @@ def main() -> int:
                 ms, peak, out = time_step(patcher, cfg, b, reps=args.reps, image_px=args.image, clocks=clocks)
             entry.update({"ms": ms, "peak_gib": peak / GIB, "model_gib": mb / GIB, **time_step.last},
                          **clocks.summary())
+            if args.host_profile:
+                hp = entry["host_profile"] = host_profile_step(step_fn(patcher, cfg, b, args.image))
+                log(f"{label} batch {b}: host profile {hp['total_ms']:.1f} ms (cProfile's own overhead included): "
+                    + ", ".join(f"{g} {v:.1f}" for g, v in sorted(hp["own_ms_by_group"].items(), key=lambda kv: -kv[1])))
+                for r in hp["top"]:
+                    log(f"    {r['own_ms']:7.2f} ms own, {r['cumulative_ms']:7.2f} cumulative, {r['calls']:6d} calls  "
+                        f"{r['function']}")
             if b == 1 and table is results["rows"]:
                 if label == "bf16":
                     ref_out = out

@@ -17,7 +17,7 @@ def test_e2e_bench_tiny_config_runs_every_core_row(tmp_path):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "e2e.py"), "--config", "tiny", "--rows", "bf16,svdq", "--batch", "1",
-         "--cap-gb", "0", "--reps", "2", "--rounds", "2", "--json", str(out)],
+         "--cap-gb", "0", "--reps", "2", "--rounds", "2", "--host-profile", "--json", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -28,6 +28,10 @@ def test_e2e_bench_tiny_config_runs_every_core_row(tmp_path):
         assert row["1"]["ms"] > 0 and row["1"]["model_gib"] > 0
         assert len(row["1"]["step_ms"]) == len(row["1"]["host_ms"]) == 2  # --reps 2
         assert all(0 < h <= t for h, t in zip(row["1"]["host_ms"], row["1"]["step_ms"]))  # queued before it finished
+    for name, row in rows.items():  # --host-profile: the step's host time by part of the stack
+        hp = row["1"]["host_profile"]
+        assert abs(sum(hp["own_ms_by_group"].values()) - hp["total_ms"]) < 1e-6 and hp["top"]
+        assert ("svdq" in hp["own_ms_by_group"]) == name.startswith("svdq")  # ComfyUI's files are not ours
     pooled = res["pooled"]["svdq_vs_bf16"]["1"]
     assert pooled["rounds"] == [2, 2] and pooled["low"] <= pooled["high"]
     steps = sorted(t for row in ("bf16", "bf16+ROUND=2") for t in rows[row]["1"]["step_ms"])
