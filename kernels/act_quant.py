@@ -16,7 +16,6 @@ are IEEE (``div_rn``) and rounding is round-half-even, so codes equal the refere
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
@@ -25,6 +24,7 @@ from triton.language.extra import libdevice
 
 from .launch import HAS_HOST_DESCRIPTORS, TensorDescriptor, launch, pdl_end, pdl_start
 from .autotune_cache import capability_major, fp32_dots, interpreting, sm_count
+from .settings import getenv
 
 MAGIC = tl.constexpr(12582912.0)
 
@@ -273,7 +273,7 @@ def stream_pass1(x2: torch.Tensor, m_blocks: int, tiles: int, rank: int) -> bool
     address (16-byte aligned base and row pitch), and at least two K tiles a program to pipeline. ``SVDQ_ACT_STREAM=0``:
     never; ``1``: wherever a descriptor can address the input (the interpreter included). Below two tiles a program
     (512-1024 rows at K = 3072) the unrolled kernel measured faster (7.6 against 9.0 µs at 512 rows)."""
-    choice = os.environ.get("SVDQ_ACT_STREAM", "auto")
+    choice = getenv("SVDQ_ACT_STREAM", "auto")
     if choice not in ("0", "1", "auto"):
         raise ValueError(f"SVDQ_ACT_STREAM takes 0, 1 or auto, not {choice!r}")
     if choice == "0" or not descriptor_addressable(x2):

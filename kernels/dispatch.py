@@ -11,7 +11,6 @@ import concurrent.futures
 import dataclasses
 import itertools
 import logging
-import os
 import threading
 
 import torch
@@ -285,7 +284,7 @@ def _packed_choice(x2: torch.Tensor, qweight: torch.Tensor, variable: str, forci
     """``"forced"``, ``"auto"`` or None (not here) for a packed-weight kernel switched by ``variable``: it needs
     TMA here and a weight starting on a 16-byte boundary (one sliced out of a larger tensor may not: the older
     kernels take it); ``auto`` applies on sm_90 only, where the kernels were measured."""
-    choice = os.environ.get(variable, "auto").lower()
+    choice = getenv(variable, "auto").lower()
     if choice not in ("auto", forcing) or not gemm_w4a4_packed.usable(x2) or qweight.data_ptr() % 16:
         return None
     if choice == forcing:
@@ -300,7 +299,7 @@ def packed_gemm(x2: torch.Tensor, qweight: torch.Tensor) -> bool:
     the expansion pass; at larger M the expansion is a small share and the warp-specialized int8 GEMMs are faster."""
     choice = _packed_choice(x2, qweight, "SVDQ_GEMM", "packed")
     if choice == "auto":
-        return 0 < x2.shape[0] <= int(os.environ.get("SVDQ_PACKED_MAX_M", PACKED_MAX_M))
+        return 0 < x2.shape[0] <= int(getenv("SVDQ_PACKED_MAX_M", PACKED_MAX_M))
     return choice == "forced"
 
 

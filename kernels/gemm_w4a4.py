@@ -20,13 +20,13 @@ kernel of ``gemm_w4a4_gluon`` (another 12–13% at K = 12288 / 15360).
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from .autotune_cache import TunedKernel, capability_major, fp32_dots, interpreting, sm_count
+from .settings import getenv
 from .launch import (HAS_HOST_DESCRIPTORS, TensorDescriptor, gdc_launch_dependents, gdc_wait, launch, pdl_end,
                      pdl_start)
 
@@ -327,7 +327,7 @@ _TUNERS = {
 def gemm_schedule(device: torch.device) -> str:
     """Which configs the tuner may pick from: ``auto`` (every kernel on sm_90+, where TMA exists), ``tma``,
     ``gluon`` (the warp-specialized Hopper kernel) or ``pointer``; ``SVDQ_GEMM`` overrides."""
-    choice = os.environ.get("SVDQ_GEMM", "auto").lower()
+    choice = getenv("SVDQ_GEMM", "auto").lower()
     if choice in ("tma", "pointer") or (choice == "gluon" and HAS_GLUON):
         return choice
     if HAS_HOST_DESCRIPTORS and not interpreting() and torch.version.hip is None and capability_major(device) >= 9:

@@ -26,7 +26,6 @@ writes each output tile through shared memory with one TMA bulk store (``store_b
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
@@ -42,6 +41,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
 
 from .autotune_cache import capability_major, sm_count
+from .settings import getenv
 from .launch import launch
 
 
@@ -409,7 +409,7 @@ def _switch(cfg_kwargs: dict, key: str, variable: str, choices: tuple) -> str:
     """A ping-pong kernel option: the environment ``variable`` where set (so an A/B run can force one way over the
     tuned choice), else the config's ``key`` (the tuner's per-shape pick), else the first choice; anything else is
     refused by name."""
-    choice = (os.environ.get(variable) or cfg_kwargs.get(key) or choices[0]).lower()
+    choice = (getenv(variable) or cfg_kwargs.get(key) or choices[0]).lower()
     if choice not in choices:
         raise ValueError(f"{variable} must be " + " or ".join(repr(c) for c in choices) + f", not {choice!r}")
     return choice

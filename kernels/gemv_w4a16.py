@@ -19,7 +19,6 @@ BENCHMARKS.md); these kernels serve other GPUs, weights not on a 16-byte boundar
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
@@ -27,6 +26,7 @@ import triton.language as tl
 
 from .launch import launch, zeros
 from .autotune_cache import fp32_dots, interpreting, sm_count
+from .settings import getenv
 
 
 @triton.jit
@@ -249,7 +249,7 @@ def w4a16_linear(x2: torch.Tensor, qweight: torch.Tensor, wmult: torch.Tensor, w
     kp = qweight.shape[1] * 2
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
-    impl = os.environ.get("SVDQ_W4A16", "auto").lower()
+    impl = getenv("SVDQ_W4A16", "auto").lower()
     if m <= SMALL_M and impl in ("gemv", "auto", "packed"):
         return _w4a16_gemv(x2, qweight, wmult, wscale, smooth, inv_smooth, bias, out_dtype)
     while block_k > 64 and kp % block_k:

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from .autotune_cache import interpreting
+from .settings import getenv
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -130,7 +130,7 @@ def not_recorded():
 
 
 def enabled() -> bool:
-    return os.environ.get("SVDQ_FAST_LAUNCH", "1") != "0" and not interpreting()
+    return getenv("SVDQ_FAST_LAUNCH", "1") != "0" and not interpreting()
 
 
 _PDL_DEVICES: dict = {}
@@ -142,7 +142,7 @@ def pdl_mode(device: torch.device | None) -> int:
     else ``SVDQ_PDL`` (``0``/``off``, ``start``, ``end``, ``wait``; ``1`` or unset: ``PDL_DEFAULT``)."""
     if device is None or device.type != "cuda" or not HAS_GDC or interpreting() or torch.version.hip is not None:
         return 0
-    value = os.environ.get("SVDQ_PDL", "1")
+    value = getenv("SVDQ_PDL", "1")
     mode = PDL_DEFAULT if value == "1" else PDL_MODES.get(value)
     if mode is None:
         raise ValueError(f"SVDQ_PDL takes 0, 1, off, start, end or wait, not {value!r}")
