@@ -88,7 +88,7 @@ def main() -> int:
             for r in range(args.rounds):
                 for v in (("a", "b") if r % 2 == 0 else ("b", "a")):
                     use(getattr(args, v))
-                    ms, _, _ = e2e.time_step(p, cfg, b, reps=reps, warmup=1)
+                    ms = e2e.time_step(p, cfg, b, reps=reps, warmup=1)[0]
                     times.setdefault(f"{mode}_b{b}", {}).setdefault(v, []).append(ms)
                     e2e.log(f"{mode} batch {b} round {r}: {v} {ms:7.1f} ms")
     profiles: dict = {}

@@ -334,7 +334,10 @@ def host_profile_step(step, top: int = 15) -> dict:
 
 
 def time_step(patcher, cfg, batch, reps=5, warmup=2, image_px=1024, clocks=None):
+    """(median ms a step, peak GPU bytes, the last output, detail): detail holds every timed step, the host's part
+    of each and the full garbage collections while timed."""
     step = step_fn(patcher, cfg, batch, image_px)
+    freeze = os.environ.get("E2E_GC") == "freeze"  # a row '+E2E_GC=freeze': no collection scans the model's objects
     sync()
     if CUDA:
         torch.cuda.reset_peak_memory_stats()
@@ -342,7 +345,7 @@ def time_step(patcher, cfg, batch, reps=5, warmup=2, image_px=1024, clocks=None)
         for _ in range(warmup):
             out = step()
         times, hosts = [], []
-        if os.environ.get("E2E_GC") == "freeze":  # a row '+E2E_GC=freeze': no collection scans the model's objects
+        if freeze:
             gc.collect()
             gc.freeze()
         full_before = gc.get_stats()[2]["collections"]
@@ -358,10 +361,10 @@ def time_step(patcher, cfg, batch, reps=5, warmup=2, image_px=1024, clocks=None)
         if clocks is not None:
             clocks.end()
     full = gc.get_stats()[2]["collections"] - full_before  # full (generation 2) collections while timed
-    if os.environ.get("E2E_GC") == "freeze":
+    if freeze:
         gc.unfreeze()
-    time_step.last = {"step_ms": times, "host_ms": hosts, "gc_full_collections": full}
-    return statistics.median(times), (torch.cuda.max_memory_allocated() if CUDA else 0), out.float()
+    detail = {"step_ms": times, "host_ms": hosts, "gc_full_collections": full}
+    return statistics.median(times), (torch.cuda.max_memory_allocated() if CUDA else 0), out.float(), detail
 
 
 def unload():
@@ -374,16 +377,12 @@ def profile_step(patcher, cfg, batch=1):
     """Share of GPU time by kernel class in one svdq step (where the next speedup is)."""
     from torch.profiler import ProfilerActivity, profile
 
-    mm.load_models_gpu([patcher])
-    x, ctx, y = inputs(cfg, batch)
-    t = torch.full((batch,), 0.7, device=x.device)
-    guid = torch.full((batch,), 3.5, device=x.device)
-    opts = step_options(patcher)
+    step = step_fn(patcher, cfg, batch)
     with torch.no_grad():
-        patcher.model.apply_model(x, t, c_crossattn=ctx, y=y, guidance=guid, transformer_options=opts)
+        step()
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            patcher.model.apply_model(x, t, c_crossattn=ctx, y=y, guidance=guid, transformer_options=opts)
+            step()
             torch.cuda.synchronize()
     classes = {"4-bit GEMM (w4a4)": 0.0, "activation quant + low-rank down": 0.0, "weight expansion": 0.0,
                "W4A16 GEMV": 0.0, "attention": 0.0, "other GEMM (cuBLAS)": 0.0, "rest": 0.0}
@@ -597,8 +596,8 @@ def main() -> int:
                 entry["compile_s"] = time.perf_counter() - t1
                 log(f"{label} batch {b}: first step (compiling) {entry['compile_s']:.0f} s")
             with GpuClocks(torch.cuda.current_device() if CUDA else 0) as clocks:
-                ms, peak, out = time_step(patcher, cfg, b, reps=args.reps, image_px=args.image, clocks=clocks)
-            entry.update({"ms": ms, "peak_gib": peak / GIB, "model_gib": mb / GIB, **time_step.last},
+                ms, peak, out, detail = time_step(patcher, cfg, b, reps=args.reps, image_px=args.image, clocks=clocks)
+            entry.update({"ms": ms, "peak_gib": peak / GIB, "model_gib": mb / GIB, **detail},
                          **clocks.summary())
             if args.host_profile:
                 hp = entry["host_profile"] = host_profile_step(step_fn(patcher, cfg, b, args.image))
