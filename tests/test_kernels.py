@@ -1045,32 +1045,44 @@ def test_cuda_graph_replays_correctly_after_the_arena_grows(monkeypatch):
         assert torch.equal(static_y, dispatch.svdq_linear(x, layer))
 
 
-def test_call_plan_remakes_the_output_descriptor():
-    """A recorded launch whose TMA store descriptor wraps the call's output is replayed with a descriptor on the
-    new output (same fields), and the plan does not keep the recording call's output alive."""
+def _replay_with_descriptor(w, make):
+    """A plan recorded from one launch: ``make()`` gives the recording call's input and output, the launch's
+    arguments (a TMA descriptor on one of the two among them) and that tensor; the plan must not keep it alive.
+    Replayed on a new input: (the replayed launch's arguments, the replay's output, the new input)."""
     import gc
     import weakref
 
+    from svdq.kernels.dispatch import _Arena, _Plan
+
+    x2, y, args, dropped = make()  # made here, so that no caller's frame keeps them alive
+    calls = []
+    plan = _Plan.build([(lambda *a: calls.append(a), args)], x2, y, w, _Arena(torch.device("cpu")))
+    assert plan is not None
+    gone = weakref.ref(dropped)
+    del x2, y, args, dropped
+    gc.collect()
+    assert gone() is None  # the plan holds the descriptor's fields, not the recording call's tensor
+    x_new = torch.randn(64, 128, dtype=torch.bfloat16)
+    out = plan.run(x_new)
+    return calls[-1], out, x_new
+
+
+def test_call_plan_remakes_the_output_descriptor():
+    """A recorded launch whose TMA store descriptor wraps the call's output is replayed with a descriptor on the
+    new output (same fields), and the plan does not keep the recording call's output alive."""
     pytest.importorskip("svdq.kernels.gemm_w4a4_gluon")
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-    from svdq.kernels.dispatch import _Arena, _Plan
 
     w = random_layer(256, 128, 16, seed=3)
-    x2 = torch.randn(64, 128, dtype=torch.bfloat16)
-    y = torch.empty(64, 256, dtype=torch.bfloat16)
     layout = gl.NVMMASharedLayout.get_default_for([64, 128], gl.bfloat16)
-    desc = TensorDescriptor(y, [64, 256], [256, 1], [64, 128], layout)
-    calls = []
-    plan = _Plan.build([(lambda *a: calls.append(a), (x2, w.qweight, desc))], x2, y, w, _Arena(torch.device("cpu")))
-    assert plan is not None
-    gone = weakref.ref(y)
-    del y, desc
-    gc.collect()
-    assert gone() is None  # the plan holds the descriptor's fields, not the recording call's output
-    x_new = torch.randn(64, 128, dtype=torch.bfloat16)
-    out = plan.run(x_new)
-    got = calls[-1]
+
+    def make():
+        x2 = torch.randn(64, 128, dtype=torch.bfloat16)
+        y = torch.empty(64, 256, dtype=torch.bfloat16)
+        return x2, y, (x2, w.qweight, TensorDescriptor(y, [64, 256], [256, 1], [64, 128], layout)), y
+
+    got, out, x_new = _replay_with_descriptor(w, make)
     assert got[0] is x_new and got[1] is w.qweight
     assert isinstance(got[2], TensorDescriptor) and got[2].base is out
     assert list(got[2].block_shape) == [64, 128] and got[2].layout == layout and list(got[2].shape) == [64, 256]
@@ -1079,28 +1091,18 @@ def test_call_plan_remakes_the_output_descriptor():
 def test_call_plan_remakes_the_input_descriptor():
     """A recorded launch whose TMA load descriptor wraps the call's input (the activation stream) is replayed with a
     descriptor on the new input, and the plan does not keep the recording call's input alive."""
-    import gc
-    import weakref
-
     from svdq.kernels import launch
-    from svdq.kernels.dispatch import _Arena, _Plan
 
     if not launch.HAS_HOST_DESCRIPTORS:
         pytest.skip("this Triton has no host-side descriptors")
     w = random_layer(256, 128, 16, seed=4)
-    x2 = torch.randn(64, 128, dtype=torch.bfloat16)
-    y = torch.empty(64, 256, dtype=torch.bfloat16)
-    desc = launch.TensorDescriptor(x2, [64, 128], [128, 1], [32, 128])
-    calls = []
-    plan = _Plan.build([(lambda *a: calls.append(a), (desc, w.qweight, y))], x2, y, w, _Arena(torch.device("cpu")))
-    assert plan is not None
-    gone = weakref.ref(x2)
-    del x2, desc
-    gc.collect()
-    assert gone() is None
-    x_new = torch.randn(64, 128, dtype=torch.bfloat16)
-    out = plan.run(x_new)
-    got = calls[-1]
+
+    def make():
+        x2 = torch.randn(64, 128, dtype=torch.bfloat16)
+        y = torch.empty(64, 256, dtype=torch.bfloat16)
+        return x2, y, (launch.TensorDescriptor(x2, [64, 128], [128, 1], [32, 128]), w.qweight, y), x2
+
+    got, out, x_new = _replay_with_descriptor(w, make)
     assert isinstance(got[0], launch.TensorDescriptor) and got[0].base is x_new
     assert list(got[0].block_shape) == [32, 128] and list(got[0].shape) == [64, 128]
     assert got[1] is w.qweight and got[2] is out
