@@ -52,3 +52,26 @@ def with_rounds(rows: list[str], rounds: int) -> list[str]:
     for k in range(2, rounds + 1):
         out += [f"{row}+ROUND={k}" for row in (rows[::-1] if k % 2 == 0 else rows)]
     return out
+
+
+def busy_and_gaps(intervals: list[tuple[float, float]], top: int = 5) -> dict:
+    """How much of a span the GPU was busy, from its kernels' (start, end) times (any unit): the union of the
+    intervals, the span from the first start to the last end, the idle time between and its largest gaps. Why: a
+    step longer than its kernels' sum waited on the host (a launch queue run dry), not on the GPU."""
+    if not intervals:
+        raise ValueError("no kernel intervals")
+    spans = sorted(intervals)
+    busy, gaps = 0.0, []
+    cur_start, cur_end = spans[0]
+    for start, end in spans[1:]:
+        if start > cur_end:
+            busy += cur_end - cur_start
+            gaps.append((start - cur_end, cur_end))
+            cur_start, cur_end = start, end
+        else:
+            cur_end = max(cur_end, end)
+    busy += cur_end - cur_start
+    span = cur_end - spans[0][0]
+    gaps.sort(key=lambda g: -g[0])
+    return {"busy": busy, "span": span, "idle": span - busy, "gaps": len(gaps),
+            "largest_gaps": [{"length": g, "at": at - spans[0][0]} for g, at in gaps[:top]]}

@@ -96,9 +96,11 @@ def main() -> int:
         b = int(args.batch.split(",")[-1])
         for v in ("a", "b", "b", "a"):
             use(getattr(args, v))
-            shares, top, gpu_ms = e2e.profile_step(patcher, cfg, b)
-            ms = {k: round(f * gpu_ms, 2) for k, f in shares.items()}
-            profiles.setdefault(v, []).append({"gpu_ms": gpu_ms, "class_ms": ms, "top": top})
+            prof = e2e.profile_step(patcher, cfg, b)
+            gpu_ms = prof["gpu_ms"]
+            ms = {k: round(f * gpu_ms, 2) for k, f in prof["shares"].items()}
+            profiles.setdefault(v, []).append({"gpu_ms": gpu_ms, "class_ms": ms, "top": prof["top_kernels"],
+                                               "timeline_ms": prof["timeline_ms"]})
             e2e.log(f"profile batch {b} {v}: GPU {gpu_ms:.1f} ms; " + ", ".join(f"{k} {x:.1f}" for k, x in ms.items()))
     result = {"env": env, "raw": times, "profiles": profiles,
               "median_ms": {k: {v: statistics.median(t) for v, t in d.items()} for k, d in times.items()}}

@@ -56,7 +56,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _path  # noqa: E402,F401
 from _results import write_json  # noqa: E402
 from _gpu_clocks import GpuClocks  # noqa: E402
-from _stats import base_row, speedup, with_rounds  # noqa: E402
+from _stats import base_row, busy_and_gaps, speedup, with_rounds  # noqa: E402
 
 from svdq.comfy_runtime import import_comfy  # noqa: E402
 
@@ -410,16 +410,30 @@ def profile_step(patcher, cfg, batch=1):
         kernels[ev.key] = kernels.get(ev.key, 0) + us
     total = sum(classes.values())
     top = sorted(kernels.items(), key=lambda kv: -kv[1])[:TOP_KERNELS]
-    return {k: v / total for k, v in classes.items()}, [(k[:90], v / total) for k, v in top], total / 1000
+    return {"shares": {k: v / total for k, v in classes.items()}, "top_kernels": [(k[:90], v / total) for k, v in top],
+            "gpu_ms": total / 1000, "timeline_ms": gpu_busy(prof)}
+
+
+def gpu_busy(prof) -> dict:
+    """The profiled step's kernels on the GPU's timeline (ms): busy, span, idle between kernels, largest gaps.
+    The profiler adds host time per launch, so idle here is an upper bound of an unprofiled step's."""
+    from torch.autograd import DeviceType
+
+    spans = [(ev.time_range.start / 1000, ev.time_range.end / 1000) for ev in prof.events()
+             if ev.device_type == DeviceType.CUDA and ev.time_range.end > ev.time_range.start]
+    return busy_and_gaps(spans)
 
 
 TOP_KERNELS = 20  # kernels listed per profile
 
 
-def log_profile(label: str, shares: dict, top: list, total_ms: float) -> None:
+def log_profile(label: str, prof: dict) -> None:
+    total_ms, line = prof["gpu_ms"], prof["timeline_ms"]
     log(f"profile ({label}, GPU {total_ms:.2f} ms): " + ", ".join(f"{k} {v:.1%} ({v * total_ms:.2f} ms)"
-                                                               for k, v in shares.items()))
-    for k, v in top:
+                                                               for k, v in prof["shares"].items()))
+    log(f"   timeline: span {line['span']:.2f} ms, busy {line['busy']:.2f}, idle {line['idle']:.2f} in {line['gaps']} "
+        "gaps, largest " + ", ".join(f"{g['length']:.2f} at {g['at']:.1f}" for g in line["largest_gaps"]))
+    for k, v in prof["top_kernels"]:
         log(f"   {v:6.1%} {v * total_ms:7.2f} ms  {k}")
 
 
@@ -626,6 +640,13 @@ def main() -> int:
             log(f"{label:10s} batch {b}: {ms:8.1f} ms/step, peak {peak / GIB:6.2f} GiB, model {mb / GIB:6.2f} GiB"
                 f"{spread}{clock}")
 
+    def profiled(row, patcher, key=None):
+        """One profiled step per batch size of the run: GPU time by kernel class and the step's timeline."""
+        for b in batches:
+            prof = profile_step(patcher, cfg, b)
+            results.setdefault(key or "profile_" + row, {})[b] = prof
+            log_profile(f"{row}, batch {b}", prof)
+
     for row in rows:
         base, variant = split_variant(row)
         try:
@@ -634,9 +655,7 @@ def main() -> int:
                     p = load_core(sd)
                     record(row, p, results["rows"])
                     if args.profile and variant == "compile":  # bf16's own split, to compare what is not a linear
-                        shares, top, total_ms = profile_step(compiled(p, cfg), cfg)
-                        results["profile_" + row] = {"shares": shares, "top_kernels": top, "gpu_ms": total_ms}
-                        log_profile(row, shares, top, total_ms)
+                        profiled(row, compiled(p, cfg))
                 elif base == "fp8":
                     record(row, load_core(sd, torch.float8_e4m3fn, fp8_fast=True), results["rows"])
                 elif row == "nf4":
@@ -652,15 +671,11 @@ def main() -> int:
                     elif row == "svdq":
                         record("svdq", p, results["rows"])
                         if args.profile:
-                            shares, top, total_ms = profile_step(p, cfg)
-                            results["profile"] = {"shares": shares, "top_kernels": top, "gpu_ms": total_ms}
-                            log_profile(row, shares, top, total_ms)
+                            profiled(row, p, "profile")
                     elif base == "svdq":  # a compiled svdq row
                         record(row, p, results["rows"])
                         if args.profile and variant == "compile":
-                            shares, top, total_ms = profile_step(compiled(p, cfg), cfg)
-                            results["profile_compile"] = {"shares": shares, "top_kernels": top, "gpu_ms": total_ms}
-                            log_profile(row, shares, top, total_ms)
+                            profiled(row, compiled(p, cfg), "profile_compile")
                     elif base == "svdq_lora":
                         from svdq.nodes.lora import apply_lora
 

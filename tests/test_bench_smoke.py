@@ -134,3 +134,18 @@ def test_pooled_speedup_interval_and_rounds():
     assert base_row("bf16_compile+ROUND=2") == "bf16_compile" and base_row("svdq") == "svdq"
     assert with_rounds(["a", "b"], 3) == ["a", "b", "b+ROUND=2", "a+ROUND=2", "a+ROUND=3", "b+ROUND=3"]
     assert with_rounds(["a"], 1) == ["a"]
+
+
+def test_gpu_busy_and_idle_gaps():
+    """``bench/_stats.busy_and_gaps``: overlapping and nested kernels count once, the idle time is the span less
+    the union, and the largest gaps come first with where they start."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from _stats import busy_and_gaps
+
+    got = busy_and_gaps([(10, 20), (15, 30), (16, 18), (40, 45), (100, 101), (30, 32)])
+    assert got["busy"] == 22 + 5 + 1 and got["span"] == 91 and got["idle"] == 91 - 28
+    assert got["gaps"] == 2
+    assert got["largest_gaps"] == [{"length": 55, "at": 35}, {"length": 8, "at": 22}]
+    assert busy_and_gaps([(0, 5)])["idle"] == 0
+    with pytest.raises(ValueError, match="no kernel"):
+        busy_and_gaps([])
