@@ -135,7 +135,8 @@ def act_usage(bindir: str, plain: bool) -> int:
 
     from svdq.kernels import act_quant
 
-    ints = {"M", "K", "KP", "R", "NSUB", "NPARTS", "stride_xm", "stride_dk", "stride_gm", "stride_om", "stride_lm"}
+    ints = {"M", "K", "KP", "R", "NSUB", "NPARTS", "SEG", "stride_xb", "stride_xm", "stride_dk", "stride_gm", "stride_om",
+            "stride_lm"}
     fixed = dict(QMAX=7, UMAX=15, QMIN=-7, UNSIGNED=False, HAS_SMOOTH=True, INT8_MODE=False, USE_RINT=True,
                  HAS_LORA=True, DOT_FP32=False, BLOCK_R=32, GROUP=64, NP_POW2=8, REVERSE=True, EW_MAX=False)
     cases = [("pass 1, K = 3072 (32 rows x 128, 3 tiles)", act_quant._act_stats_kernel, dict(BLOCK_M=32, GROUPS=2, KSUB=3), 4),

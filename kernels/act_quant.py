@@ -54,9 +54,19 @@ def _smoothed(x, inv_ptr, rmask, k, K, shift, UNSIGNED: tl.constexpr, HAS_SMOOTH
 
 
 @triton.jit
-def _load_smoothed(x_ptr, inv_ptr, rows, rmask, k, K, stride_xm, shift, UNSIGNED: tl.constexpr, HAS_SMOOTH: tl.constexpr,
+def _row_offsets(rows, SEG, stride_xb, stride_xm, SEGMENTED: tl.constexpr):
+    """Where each row starts in the input: ``rows * stride_xm``, or for batched rows (``SEGMENTED``: batches of SEG
+    rows, each batch ``stride_xb`` apart) ``(row // SEG) * stride_xb + (row % SEG) * stride_xm``."""
+    if SEGMENTED:
+        return (rows // SEG) * stride_xb + (rows % SEG) * stride_xm
+    return rows * stride_xm
+
+
+@triton.jit
+def _load_smoothed(x_ptr, inv_ptr, roff, rmask, k, K, shift, UNSIGNED: tl.constexpr, HAS_SMOOTH: tl.constexpr,
                    BLOCK_K: tl.constexpr):
-    x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :], mask=rmask[:, None] & (k < K)[None, :], other=0.0)
+    """A [rows, BLOCK_K] input tile (``roff``: each row's start, ``_row_offsets``) and its smoothed fp32 values."""
+    x = tl.load(x_ptr + roff[:, None] + k[None, :], mask=rmask[:, None] & (k < K)[None, :], other=0.0)
     return x, _smoothed(x, inv_ptr, rmask, k, K, shift, UNSIGNED, HAS_SMOOTH)
 
 
@@ -83,12 +93,12 @@ def _store_pass1(gmax_ptr, lora_ptr, rows, rmask, rcols, pid_p, rmax, part, M, R
 @triton.jit
 def _act_stats_kernel(
     x_ptr, inv_ptr, down_ptr, gmax_ptr, lora_ptr,
-    M, K, R, NSUB,
-    stride_xm, stride_dk, stride_gm,
+    M, K, R, NSUB, SEG,
+    stride_xb, stride_xm, stride_dk, stride_gm,
     shift,
     UNSIGNED: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_LORA: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, KSUB: tl.constexpr,
-    EW_MAX: tl.constexpr, PDL: tl.constexpr = False,
+    EW_MAX: tl.constexpr, SEGMENTED: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     """Pass 1, KSUB [BLOCK_M, GROUPS*64] tiles per program: each row's absmax over those tiles, and their x·L1
     partial product (one of each per program: KSUB times fewer partials to write and sum at large K)."""
@@ -98,6 +108,7 @@ def _act_stats_kernel(
     pid_p = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
+    roff = _row_offsets(rows, SEG, stride_xb, stride_xm, SEGMENTED)
     rcols = tl.arange(0, BLOCK_R)
     part = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
     if EW_MAX:
@@ -108,7 +119,7 @@ def _act_stats_kernel(
         sub = pid_p * KSUB + s
         if sub < NSUB:
             k = sub * BLOCK_K + tl.arange(0, BLOCK_K)
-            x, xf = _load_smoothed(x_ptr, inv_ptr, rows, rmask, k, K, stride_xm, shift, UNSIGNED, HAS_SMOOTH, BLOCK_K)
+            x, xf = _load_smoothed(x_ptr, inv_ptr, roff, rmask, k, K, shift, UNSIGNED, HAS_SMOOTH, BLOCK_K)
             if EW_MAX:
                 amax = tl.maximum(amax, tl.abs(xf))
             else:
@@ -124,12 +135,12 @@ def _act_stats_kernel(
 @triton.jit
 def _act_stats_stream_kernel(
     x_desc, inv_ptr, down_ptr, gmax_ptr, lora_ptr,
-    M, K, R, NSUB, TILES,
+    M, K, R, NSUB, TILES, SEG,
     stride_dk, stride_gm,
     shift,
     UNSIGNED: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_LORA: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, STAGES: tl.constexpr,
-    PDL: tl.constexpr = False,
+    SEGMENTED: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     """Pass 1 as a TMA stream: ``_act_stats_kernel``'s results (each program's row maxima and x·L1 partial over
     TILES consecutive K tiles, in the same order), but the tiles come by TMA through a ``tl.range`` loop of STAGES
@@ -138,7 +149,9 @@ def _act_stats_stream_kernel(
     9216 × 15360; BENCHMARKS.md, session 15). One warpgroup only: the same loop on pointer loads (cp.async) gave
     wrong branch partials with 8 warps on Triton 3.6 (relative error 1e-3 to 1e-1), and this one did once with 8
     warps and 128-row tiles, though the PTX puts a CTA barrier between each stage's wgmma wait and its refill (not
-    diagnosed); with 4 warps every H100 run matched. So there is no pointer version and no 8-warp launch."""
+    diagnosed); with 4 warps every H100 run matched. So there is no pointer version and no 8-warp launch.
+    ``SEGMENTED``: the descriptor is 3-D over batches of SEG rows (SEG a multiple of BLOCK_M, so a tile stays in one
+    batch)."""
     BLOCK_K: tl.constexpr = GROUP * GROUPS
     pdl_start(PDL)
     pid_m = tl.program_id(0)
@@ -153,7 +166,10 @@ def _act_stats_stream_kernel(
     last = tl.minimum(first + TILES, NSUB)
     for sub in tl.range(first, last, num_stages=STAGES):
         k = sub * BLOCK_K + tl.arange(0, BLOCK_K)
-        x = x_desc.load([row0, sub * BLOCK_K])  # rows and columns past the input come back as zeros
+        if SEGMENTED:
+            x = tl.reshape(x_desc.load([row0 // SEG, row0 % SEG, sub * BLOCK_K]), [BLOCK_M, BLOCK_K])
+        else:
+            x = x_desc.load([row0, sub * BLOCK_K])  # rows and columns past the input come back as zeros
         xf = _smoothed(x, inv_ptr, rmask, k, K, shift, UNSIGNED, HAS_SMOOTH)
         rmax = tl.maximum(rmax, tl.max(tl.abs(xf), axis=1))
         if HAS_LORA:
@@ -187,14 +203,14 @@ def _quantize_store(xf, scale, out_ptr, rows, rmask, k, KP, stride_om, QMAX: tl.
 @triton.jit
 def _act_quant_kernel(
     x_ptr, inv_ptr, gmax_ptr, out_ptr, scale_ptr, part_ptr, lora_ptr,
-    M, K, KP, R, NPARTS,
-    stride_xm, stride_om, stride_gm, stride_lm,
+    M, K, KP, R, NPARTS, SEG,
+    stride_xb, stride_xm, stride_om, stride_gm, stride_lm,
     shift,
     QMAX: tl.constexpr, UMAX: tl.constexpr, QMIN: tl.constexpr,
     UNSIGNED: tl.constexpr, HAS_SMOOTH: tl.constexpr, INT8_MODE: tl.constexpr, USE_RINT: tl.constexpr,
     HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, NP_POW2: tl.constexpr, REVERSE: tl.constexpr,
-    PDL: tl.constexpr = False,
+    SEGMENTED: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     """Pass 2: per-token scale from pass 1's row maxima (a handful per row), then this tile's codes (int8
     operand = code * mult).
@@ -226,7 +242,8 @@ def _act_quant_kernel(
                 tot += tl.load(part_ptr + t * M * R + rows[:, None] * R + rcols[None, :], mask=m2, other=0.0)
             tl.store(lora_ptr + rows[:, None] * stride_lm + rcols[None, :], tot, mask=m2)
     k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    _, xf = _load_smoothed(x_ptr, inv_ptr, rows, rmask, k, K, stride_xm, shift, UNSIGNED, HAS_SMOOTH, BLOCK_K)
+    roff = _row_offsets(rows, SEG, stride_xb, stride_xm, SEGMENTED)
+    _, xf = _load_smoothed(x_ptr, inv_ptr, roff, rmask, k, K, shift, UNSIGNED, HAS_SMOOTH, BLOCK_K)
     _quantize_store(xf, scale, out_ptr, rows, rmask, k, KP, stride_om, QMAX, UMAX, QMIN, INT8_MODE, USE_RINT,
                     BLOCK_M, GROUP, GROUPS)
     pdl_end(PDL)
@@ -262,10 +279,31 @@ def stream_tiles_per_program(m_blocks: int, tiles: int, rank: int, device: torch
 
 
 def descriptor_addressable(x2: torch.Tensor) -> bool:
-    """A 16-bit input with a 16-byte aligned base and row pitch (what a TMA descriptor needs), and a Triton that
-    has host descriptors."""
-    return (HAS_HOST_DESCRIPTORS and x2.dtype in (torch.bfloat16, torch.float16) and x2.stride(1) == 1
-            and x2.data_ptr() % 16 == 0 and (x2.stride(0) * x2.element_size()) % 16 == 0)
+    """A 16-bit input with a 16-byte aligned base, row pitch (and batch pitch, for batched rows), what a TMA
+    descriptor needs, and a Triton that has host descriptors."""
+    return (HAS_HOST_DESCRIPTORS and x2.dtype in (torch.bfloat16, torch.float16) and x2.stride(-1) == 1
+            and x2.data_ptr() % 16 == 0 and all((s * x2.element_size()) % 16 == 0 for s in x2.stride()[:-1]))
+
+
+def batched_rows(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """The activation kernels' view of their input: ``(x, rows per batch, batch count)``. A [M, K] input, or a
+    [B, L, K] one that a [M, K] view can describe, is one batch of M rows; a [B, L, K] input whose batches are not
+    one row pitch apart stays 3-D (B batches of L rows, each batch at its own stride) and is read in place.
+
+    Why: at batch 2 the double blocks' attention output is split into text and image tokens by slicing the token
+    axis, so each half is two row-contiguous blocks with a gap; flattening it copied 50 MB per image projection
+    (~1.5 ms of a 12B model's batch-2 step, BENCHMARKS.md session 17)."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if x.dim() == 2:
+        return x, x.shape[0], 1
+    if x.dim() != 3:
+        raise ValueError(f"the activation kernels take [M, K] or [B, L, K] input, not {x.dim()}-D")
+    nb, seg, k = x.shape
+    try:
+        return x.view(nb * seg, k), nb * seg, 1
+    except RuntimeError:  # batches not one row pitch apart
+        return x, seg, nb
 
 
 def stream_pass1(x2: torch.Tensor, m_blocks: int, tiles: int, rank: int) -> bool:
@@ -307,7 +345,8 @@ def quantize_activation(
     stream: bool | None = None,
     stream_stages: int = 4,
 ):
-    """Launch the activation kernels on x2 [M, K]. Returns (int8 [M, Kp], scale [M], lora [M, R] fp32 | None).
+    """Launch the activation kernels on x2 [M, K], or on [B, L, K] rows in batches (``batched_rows``: a token slice
+    at batch > 1, read in place, M = B·L). Returns (int8 [M, Kp], scale [M], lora [M, R] fp32 | None).
 
     ``scratch(name, numel, dtype)``, where given, supplies reused buffers instead of fresh allocations (the
     dispatcher's per-device arena: the results live until the next call). ``inv_smooth``: the fp32
@@ -321,9 +360,10 @@ def quantize_activation(
     stream (True; an input no descriptor can address is then a ValueError), the unrolled kernel (False), or
     ``stream_pass1``'s choice (None); ``stream_stages`` is its TMA buffer count, ``k_per_program`` its K tiles a
     program (default ``stream_tiles_per_program``)."""
-    m, k = x2.shape
-    if x2.stride(1) != 1:
-        x2 = x2.contiguous()
+    x2, seg, nb = batched_rows(x2)
+    m, k = seg * nb, x2.shape[-1]
+    segmented = nb > 1
+    stride_xb, stride_xm = (x2.stride(0), x2.stride(1)) if segmented else (0, x2.stride(0))
     r = 0 if proj_down is None else proj_down.shape[1]
     if mode == "int4":
         qmax, umax, qmin = (15, 8, 0) if unsigned else (7, 15, -7)
@@ -347,11 +387,13 @@ def quantize_activation(
     bm = block_m or (64 if wide else 32)
     nsub = ng // groups
     m_blocks = triton.cdiv(m, bm)
+    tiles_in_batch = not segmented or seg % bm == 0  # a stream tile must not straddle two batches
     if stream is None:  # a caller's warp count other than one warpgroup's picks the unrolled kernel
-        stream = num_warps in (None, 4) and stream_pass1(x2, m_blocks, nsub, r)
-    elif stream and not descriptor_addressable(x2):
-        raise ValueError(f"the TMA stream cannot address this input ({x2.dtype}, row pitch {x2.stride(0)} elements, "
-                         f"base at {x2.data_ptr() % 16} past 16 bytes): pass stream=None to fall back")
+        stream = num_warps in (None, 4) and tiles_in_batch and stream_pass1(x2, m_blocks, nsub, r)
+    elif stream and not (descriptor_addressable(x2) and tiles_in_batch):
+        raise ValueError(f"the TMA stream cannot address this input ({x2.dtype}, strides {tuple(x2.stride())} "
+                         f"elements, base at {x2.data_ptr() % 16} past 16 bytes, {seg} rows a batch for {bm}-row "
+                         "tiles): pass stream=None to fall back")
     if stream and num_warps not in (None, 4):
         raise ValueError(f"the TMA stream runs one warpgroup (4 warps), not {num_warps}: with two, pipelined branch "
                          "partials came out wrong on the H100 (Triton 3.6; BENCHMARKS.md, session 15)")
@@ -379,34 +421,38 @@ def quantize_activation(
     warps2 = pass2_warps or 4
     groups2 = _groups_per_tile(ng, k_padded, pass2_groups or (4 if ng % 4 == 0 else groups), "pass 2")
     if stream:
-        x_desc = TensorDescriptor(x2, [m, k], [x2.stride(0), 1], [bm, 64 * groups])
+        if segmented:
+            x_desc = TensorDescriptor(x2, [nb, seg, k], [stride_xb, stride_xm, 1], [1, bm, 64 * groups])
+        else:
+            x_desc = TensorDescriptor(x2, [m, k], [stride_xm, 1], [bm, 64 * groups])
         launch(_act_stats_stream_kernel, (m_blocks, nparts), (
             x_desc, inv if inv is not None else x2, proj_down if r else x2, gmax, parts if r else gmax,
-            m, k, r, nsub, ksub,
+            m, k, r, nsub, ksub, seg,
             proj_down.stride(0) if r else 0, gmax.stride(0),
             float(shift)),
             UNSIGNED=bool(unsigned), HAS_SMOOTH=inv is not None, HAS_LORA=r > 0, DOT_FP32=fp32_dots(x2),
-            BLOCK_M=bm, BLOCK_R=block_r, GROUP=64, GROUPS=groups, STAGES=stream_stages, num_warps=4, pdl=True,
+            BLOCK_M=bm, BLOCK_R=block_r, GROUP=64, GROUPS=groups, STAGES=stream_stages, SEGMENTED=segmented,
+            num_warps=4, pdl=True,
         )
     else:
         launch(_act_stats_kernel, (m_blocks, nparts), (
             x2, inv if inv is not None else x2, proj_down if r else x2, gmax, parts if r else gmax,
-            m, k, r, nsub,
-            x2.stride(0), proj_down.stride(0) if r else 0, gmax.stride(0),
+            m, k, r, nsub, seg,
+            stride_xb, stride_xm, proj_down.stride(0) if r else 0, gmax.stride(0),
             float(shift)),
             UNSIGNED=bool(unsigned), HAS_SMOOTH=inv is not None, HAS_LORA=r > 0, DOT_FP32=fp32_dots(x2),
-            BLOCK_M=bm, BLOCK_R=block_r, GROUP=64, GROUPS=groups, KSUB=ksub, EW_MAX=bool(ew_max),
+            BLOCK_M=bm, BLOCK_R=block_r, GROUP=64, GROUPS=groups, KSUB=ksub, EW_MAX=bool(ew_max), SEGMENTED=segmented,
             num_warps=num_warps or (8 if wide else 4), pdl=True,
         )
     launch(_act_quant_kernel, (triton.cdiv(m, bm2), ng // groups2), (
         x2, inv if inv is not None else x2, gmax, out, scale, parts if r else gmax, lora if r else gmax,
-        m, k, k_padded, r, nparts,
-        x2.stride(0), out.stride(0), gmax.stride(0), lora.stride(0) if r else 0,
+        m, k, k_padded, r, nparts, seg,
+        stride_xb, stride_xm, out.stride(0), gmax.stride(0), lora.stride(0) if r else 0,
         float(shift)),
         QMAX=qmax, UMAX=umax, QMIN=qmin,
         UNSIGNED=bool(unsigned), HAS_SMOOTH=inv is not None, INT8_MODE=mode == "int8", USE_RINT=not interpreting(),
         HAS_LORA=r > 0, BLOCK_R=block_r,
         BLOCK_M=bm2, GROUP=64, GROUPS=groups2, NP_POW2=max(2, triton.next_power_of_2(nparts)), REVERSE=reverse,
-        num_warps=warps2, pdl=True,
+        SEGMENTED=segmented, num_warps=warps2, pdl=True,
     )
     return out, scale, lora

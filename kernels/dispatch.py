@@ -224,9 +224,7 @@ def _compute(x, w, extra_down, extra_up, gelu, out, accumulate):
         _warn_once(reason)
         return svdq_linear_reference(x, w, extra_down, extra_up, gelu)
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, w.in_features)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = _kernel_rows(x, w)
     out2 = None
     if out is not None and out.dtype == x.dtype and out.stride(-1) == 1:
         try:
@@ -244,6 +242,26 @@ def _compute(x, w, extra_down, extra_up, gelu, out, accumulate):
         _warn_once(f"activation precision {w.act_precision}")
         return svdq_linear_reference(x, w, extra_down, extra_up, gelu)
     return out if y is out2 else y.reshape(*lead, w.out_features)
+
+
+def _kernel_rows(x: torch.Tensor, w: QuantizedLinearWeights) -> torch.Tensor:
+    """x as the kernels take it: [M, K], a view where one can describe it, else a copy; except a W4A4 layer's 3-D
+    input whose batches are not one row pitch apart (a token slice at batch > 1, as the double blocks' attention
+    output halves are), which stays [B, L, K]: the activation kernels read it in place (``batched_rows``) and
+    everything after them works on their [M, Kp] codes."""
+    if (x.dim() == 3 and x.stride(-1) == 1 and w.precision != "int4g" and w.kind != "w4a16"
+            and w.act_precision in ("int4", "int8")):
+        try:
+            return x.view(-1, w.in_features)
+        except RuntimeError:
+            return x
+    x2 = x.reshape(-1, w.in_features)
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def _rows(x2: torch.Tensor) -> int:
+    """Rows of a kernel input ([M, K], or [B, L, K] batches of rows: B·L)."""
+    return x2.shape[0] if x2.dim() == 2 else x2.shape[0] * x2.shape[1]
 
 
 def _run(x2, w, down, up, gelu, out2=None, accumulate=False):
@@ -299,7 +317,7 @@ def packed_gemm(x2: torch.Tensor, qweight: torch.Tensor) -> bool:
     the expansion pass; at larger M the expansion is a small share and the warp-specialized int8 GEMMs are faster."""
     choice = _packed_choice(x2, qweight, "SVDQ_GEMM", "packed")
     if choice == "auto":
-        return 0 < x2.shape[0] <= int(getenv("SVDQ_PACKED_MAX_M", PACKED_MAX_M))
+        return 0 < _rows(x2) <= int(getenv("SVDQ_PACKED_MAX_M", PACKED_MAX_M))
     return choice == "forced"
 
 
@@ -371,13 +389,13 @@ def _planned(x2: torch.Tensor, w: QuantizedLinearWeights, gelu: bool, out2: torc
              accumulate: bool = False) -> torch.Tensor | None:
     """Replay this layer's recorded launches for this shape, or run the call once while recording them.
 
-    The key holds everything a recorded launch bakes in besides the tensors it swaps: the row strides of the
-    input and of a given output, and whether the output is given and added to."""
+    The key holds everything a recorded launch bakes in besides the tensors it swaps: the input's shape and strides
+    (rows, or batches of rows) and a given output's row stride, and whether the output is given and added to."""
     settings = snapshot(_ENV)  # a switch changed mid-run must not reuse older plans
     if getenv("SVDQ_PLANS") == "0" or not x2.is_cuda:
         return None
     into = None if out2 is None else (out2.stride(0), out2.data_ptr() % 16 == 0, accumulate)
-    key = (x2.shape[0], x2.dtype, x2.data_ptr() % 16 == 0, x2.stride(0), gelu, into, settings)
+    key = (x2.shape[:-1], x2.dtype, x2.data_ptr() % 16 == 0, x2.stride()[:-1], gelu, into, settings)
     plans = w.__dict__.setdefault("_svdq_plans", {})
     plan = plans.get(key)
     ar = arena(x2.device)

@@ -98,6 +98,72 @@ def test_activation_stream_pass1_same_results(m, k, rank, unsigned, per_program,
             assert rel(lora, x.float() @ layer.proj_down.float()) < 1e-3
 
 
+BATCHED_SHAPES = [  # (batches, rows a batch, rows before the slice in each batch, K, rank, unsigned)
+    (2, 64, 16, 256, 32, False),  # 64-row batches: the TMA stream's 32-row tiles stay inside one
+    (3, 37, 5, 200, 16, True),  # odd batch, K tail, unsigned: the unrolled pass 1 (a stream tile would straddle)
+    (2, 32, 0, 1280, 96, False),  # the slice at the start of each batch, a LoRA-widened branch
+] + ([(2, 4096, 512, 3072, 32, False), (2, 512, 0, 3072, 32, False), (2, 4096, 512, 3072, 96, False)] if GPU else [])
+
+
+@pytest.mark.parametrize("nb,seg,skip,k,rank,unsigned", BATCHED_SHAPES)
+def test_activation_batched_rows_read_in_place(nb, seg, skip, k, rank, unsigned, triton_kernels, monkeypatch):
+    """A [B, L, K] token slice whose batches are not one row pitch apart (the double blocks' attention-output halves
+    at batch 2) is read in place, by the unrolled pass 1 and, where its batches hold whole tiles, by the TMA stream:
+    the same codes and scales bit for bit, and the same branch product, as on a contiguous copy. The rows around
+    the slice hold huge values, so reading any of them would change the scales."""
+    from svdq.kernels.act_quant import batched_rows, quantize_activation
+
+    layer = random_layer(64, k, rank, True, unsigned, 0.171875 if unsigned else 0.0, device=DEV, seed=seg + k)
+    full = torch.full((nb, skip + seg + 3, k), 3e4, device=DEV, dtype=torch.bfloat16)
+    x = full[:, skip:skip + seg]
+    x.copy_(torch.randn(nb, seg, k, device=DEV) * 2)
+    if unsigned:
+        x.copy_(torch.nn.functional.gelu(x.float(), approximate="tanh"))
+    assert batched_rows(x)[0] is x and batched_rows(x)[1:] == (seg, nb)
+    args = (layer.k_padded, layer.smooth, layer.proj_down, layer.act_shift, unsigned)
+    a1, s1, l1 = (t.clone() if t is not None else None for t in quantize_activation(x.reshape(-1, k), *args))
+    a_ref, s_ref = activation_operand(x.reshape(-1, k), layer)
+    assert torch.equal(a1, a_ref) and torch.equal(s1, s_ref)
+    streams = [False, None] + ([True] if seg % 32 == 0 and rank <= 32 or seg % 64 == 0 else [])
+    for stream in streams:
+        a, s, lora = quantize_activation(x, *args, stream=stream)
+        assert torch.equal(s, s1) and torch.equal(a, a1), f"stream={stream}: {(a != a1).sum().item()} codes differ"
+        if rank:
+            assert rel(lora, l1) < 1e-5
+    if seg % 32:
+        with pytest.raises(ValueError, match="rows a batch"):
+            quantize_activation(x, *args, stream=True)
+
+
+def test_linear_on_a_token_slice_is_not_copied(triton_kernels, monkeypatch):
+    """``svdq_linear`` hands a batched token slice to the activation kernels as it is (no 3-D copy made first) and
+    returns the same numbers as on a contiguous copy, planned (GPU) or not; a 2-D or viewable input still arrives
+    as [M, K]."""
+    from svdq.kernels import dispatch
+
+    seen = []
+    real = dispatch.quantize_activation
+
+    def spy(x2, *a, **kw):
+        seen.append((x2.dim(), x2.is_contiguous()))
+        return real(x2, *a, **kw)
+
+    monkeypatch.setattr(dispatch, "quantize_activation", spy)
+    layer = random_layer(96, 192, 32, True, device=DEV, seed=23)
+    full = torch.randn(2, 40, 192, device=DEV, dtype=torch.bfloat16)
+    x = full[:, 8:40]
+    plain = triton_kernels.svdq_linear(x.contiguous(), layer)
+    assert seen[-1] == (2, True)
+    for _ in range(3):  # the first call records a plan on the GPU, the others replay it
+        got = triton_kernels.svdq_linear(x, layer)
+        assert got.shape == (2, 32, 96) and torch.equal(got, plain)
+    assert (3, False) in seen
+    gelu = triton_kernels.svdq_linear(x, layer, gelu=True)
+    assert torch.equal(gelu, triton_kernels.svdq_linear(x.contiguous(), layer, gelu=True))
+    triton_kernels.svdq_linear(full[:1, 8:40], layer)  # one batch: a [M, K] view
+    assert seen[-1] == (2, True)
+
+
 @pytest.mark.parametrize("dtype,m,k,rank", [(torch.float16, 45, 704, 32), (torch.bfloat16, 37, 1216, 16)]
                          + ([(torch.float16, 4608, 3072, 32), (torch.bfloat16, 2000, 12288, 32)] if SM90 else []))
 def test_activation_stream_on_a_column_slice_and_fp16(dtype, m, k, rank, triton_kernels):
