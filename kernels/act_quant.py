@@ -135,7 +135,7 @@ def _act_stats_kernel(
 @triton.jit
 def _act_stats_stream_kernel(
     x_desc, inv_ptr, down_ptr, gmax_ptr, lora_ptr,
-    M, K, R, NSUB, TILES, SEG,
+    M, K, R, NSUB, TILES, SEG, SEG_PITCH,
     stride_dk, stride_gm,
     shift,
     UNSIGNED: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_LORA: tl.constexpr, DOT_FP32: tl.constexpr,
@@ -150,8 +150,10 @@ def _act_stats_stream_kernel(
     wrong branch partials with 8 warps on Triton 3.6 (relative error 1e-3 to 1e-1), and this one did once with 8
     warps and 128-row tiles, though the PTX puts a CTA barrier between each stage's wgmma wait and its refill (not
     diagnosed); with 4 warps every H100 run matched. So there is no pointer version and no 8-warp launch.
-    ``SEGMENTED``: the descriptor is 3-D over batches of SEG rows (SEG a multiple of BLOCK_M, so a tile stays in one
-    batch)."""
+    ``SEGMENTED``: batches of SEG rows whose starts are SEG_PITCH rows of the descriptor apart (a 2-D descriptor over
+    every row from the first batch's first to the last batch's last, those between the batches included); SEG is a
+    multiple of BLOCK_M, so a tile stays in one batch. Not a 3-D descriptor: its tiles, reshaped to 2-D for the
+    branch MMA, gave branch partials 4e-3 off at rank 96 on the H100 (Triton 3.6; session 17)."""
     BLOCK_K: tl.constexpr = GROUP * GROUPS
     pdl_start(PDL)
     pid_m = tl.program_id(0)
@@ -167,7 +169,7 @@ def _act_stats_stream_kernel(
     for sub in tl.range(first, last, num_stages=STAGES):
         k = sub * BLOCK_K + tl.arange(0, BLOCK_K)
         if SEGMENTED:
-            x = tl.reshape(x_desc.load([row0 // SEG, row0 % SEG, sub * BLOCK_K]), [BLOCK_M, BLOCK_K])
+            x = x_desc.load([(row0 // SEG) * SEG_PITCH + row0 % SEG, sub * BLOCK_K])
         else:
             x = x_desc.load([row0, sub * BLOCK_K])  # rows and columns past the input come back as zeros
         xf = _smoothed(x, inv_ptr, rmask, k, K, shift, UNSIGNED, HAS_SMOOTH)
@@ -387,7 +389,8 @@ def quantize_activation(
     bm = block_m or (64 if wide else 32)
     nsub = ng // groups
     m_blocks = triton.cdiv(m, bm)
-    tiles_in_batch = not segmented or seg % bm == 0  # a stream tile must not straddle two batches
+    # a stream tile must not straddle two batches, whose starts must be whole rows apart
+    tiles_in_batch = not segmented or (seg % bm == 0 and stride_xb % stride_xm == 0)
     if stream is None:  # a caller's warp count other than one warpgroup's picks the unrolled kernel
         stream = num_warps in (None, 4) and tiles_in_batch and stream_pass1(x2, m_blocks, nsub, r)
     elif stream and not (descriptor_addressable(x2) and tiles_in_batch):
@@ -421,13 +424,12 @@ def quantize_activation(
     warps2 = pass2_warps or 4
     groups2 = _groups_per_tile(ng, k_padded, pass2_groups or (4 if ng % 4 == 0 else groups), "pass 2")
     if stream:
-        if segmented:
-            x_desc = TensorDescriptor(x2, [nb, seg, k], [stride_xb, stride_xm, 1], [1, bm, 64 * groups])
-        else:
-            x_desc = TensorDescriptor(x2, [m, k], [stride_xm, 1], [bm, 64 * groups])
+        pitch = stride_xb // stride_xm if segmented else seg
+        rows_spanned = (nb - 1) * pitch + seg  # the batches and the rows between them
+        x_desc = TensorDescriptor(x2, [rows_spanned, k], [stride_xm, 1], [bm, 64 * groups])
         launch(_act_stats_stream_kernel, (m_blocks, nparts), (
             x_desc, inv if inv is not None else x2, proj_down if r else x2, gmax, parts if r else gmax,
-            m, k, r, nsub, ksub, seg,
+            m, k, r, nsub, ksub, seg, pitch,
             proj_down.stride(0) if r else 0, gmax.stride(0),
             float(shift)),
             UNSIGNED=bool(unsigned), HAS_SMOOTH=inv is not None, HAS_LORA=r > 0, DOT_FP32=fp32_dots(x2),

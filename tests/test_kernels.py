@@ -101,7 +101,7 @@ def test_activation_stream_pass1_same_results(m, k, rank, unsigned, per_program,
 BATCHED_SHAPES = [  # (batches, rows a batch, rows before the slice in each batch, K, rank, unsigned)
     (2, 64, 16, 256, 32, False),  # 64-row batches: the TMA stream's 32-row tiles stay inside one
     (3, 37, 5, 200, 16, True),  # odd batch, K tail, unsigned: the unrolled pass 1 (a stream tile would straddle)
-    (2, 32, 0, 1280, 96, False),  # the slice at the start of each batch, a LoRA-widened branch
+    (2, 64, 0, 1280, 96, False),  # the slice at the start of each batch, a LoRA-widened branch (64-row tiles)
 ] + ([(2, 4096, 512, 3072, 32, False), (2, 512, 0, 3072, 32, False), (2, 4096, 512, 3072, 96, False)] if GPU else [])
 
 
@@ -129,17 +129,20 @@ def test_activation_batched_rows_read_in_place(nb, seg, skip, k, rank, unsigned,
         a, s, lora = quantize_activation(x, *args, stream=stream)
         assert torch.equal(s, s1) and torch.equal(a, a1), f"stream={stream}: {(a != a1).sum().item()} codes differ"
         if rank:
-            assert rel(lora, l1) < 1e-5
+            assert rel(lora, l1) < 1e-5, f"stream={stream}"
     if seg % 32:
         with pytest.raises(ValueError, match="rows a batch"):
             quantize_activation(x, *args, stream=True)
 
 
-def test_linear_on_a_token_slice_is_not_copied(triton_kernels, monkeypatch):
+@pytest.mark.parametrize("stream", ["auto", "1"])
+def test_linear_on_a_token_slice_is_not_copied(stream, triton_kernels, monkeypatch):
     """``svdq_linear`` hands a batched token slice to the activation kernels as it is (no 3-D copy made first) and
-    returns the same numbers as on a contiguous copy, planned (GPU) or not; a 2-D or viewable input still arrives
-    as [M, K]."""
+    returns the same numbers as on a contiguous copy, planned (GPU: replays remake the stream's descriptor on the
+    new input) or not; a 2-D or viewable input still arrives as [M, K]."""
     from svdq.kernels import dispatch
+
+    monkeypatch.setenv("SVDQ_ACT_STREAM", stream)
 
     seen = []
     real = dispatch.quantize_activation
@@ -158,6 +161,9 @@ def test_linear_on_a_token_slice_is_not_copied(triton_kernels, monkeypatch):
         got = triton_kernels.svdq_linear(x, layer)
         assert got.shape == (2, 32, 96) and torch.equal(got, plain)
     assert (3, False) in seen
+    other = torch.randn(2, 40, 192, device=DEV, dtype=torch.bfloat16)  # a replay on another input of this layout
+    assert torch.equal(triton_kernels.svdq_linear(other[:, 8:40], layer),
+                       triton_kernels.svdq_linear(other[:, 8:40].contiguous(), layer))
     gelu = triton_kernels.svdq_linear(x, layer, gelu=True)
     assert torch.equal(gelu, triton_kernels.svdq_linear(x.contiguous(), layer, gelu=True))
     triton_kernels.svdq_linear(full[:1, 8:40], layer)  # one batch: a [M, K] view
