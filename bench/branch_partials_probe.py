@@ -1,0 +1,41 @@
+"""Which activation-kernel path computes the low-rank down-projection ``x · L1`` right: each pass-1 variant's branch
+product against the fp32 product, repeated (a race shows up as a result that changes between runs). Needs a GPU.
+
+Why: at 8192 × 3072, rank 96, the unrolled pass 1 and the TMA stream disagreed by 2e-3 on the H100 (session 17),
+where both should be within ~1e-6 of the fp32 product (bf16 inputs, fp32 accumulation).
+
+    python3 bench/branch_partials_probe.py
+"""
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _path  # noqa: E402,F401
+from linear import make_layer  # noqa: E402
+
+from svdq.kernels.act_quant import quantize_activation  # noqa: E402
+
+
+def rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}", flush=True)
+for m, k, r in ((4608, 3072, 96), (8192, 3072, 96), (9216, 3072, 96), (8192, 3072, 32), (8192, 12288, 96)):
+    layer = make_layer(64, k, r)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16) * 2
+    ref = x.float() @ layer.proj_down.float()  # the branch reads the unsmoothed input (the reference does)
+    variants = [(f"unrolled ksub {s}{' ew' if ew else ''}{' w' + str(w) if w else ''}",
+                 dict(stream=False, k_per_program=s, ew_max=ew, num_warps=w))
+                for s in (1, 2, 3, 4) for ew in (False, True) for w in (None, 4)]
+    variants += [(f"stream tiles {t}", dict(stream=True, k_per_program=t)) for t in (2, 4, 8, 12, 16)]
+    variants += [("auto", {})]
+    for name, kw in variants:
+        errs = []
+        for _ in range(3):
+            _, _, lora = quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down, **kw)
+            errs.append(rel(lora, ref))
+        flag = "  <-- WRONG" if max(errs) > 1e-4 else ""
+        print(f"M {m} K {k} r {r} {name:28s} rel {' '.join(f'{e:.1e}' for e in errs)}{flag}", flush=True)
