@@ -269,14 +269,17 @@ def tiles_per_program(m_blocks: int, tiles: int, rank: int, device: torch.device
     return max(1, min(4, m_blocks * tiles // (per_sm * sm_count(device))))
 
 
+STREAM_MAX_RANK = 32
+"""The widest branch the TMA stream takes. Wider (a LoRA-extended branch) its branch partials come out wrong on the
+H100 (Triton 3.6): 1e-3 to 1e-2 off the fp32 product, changing from run to run, with 4 or more K tiles a program,
+while the unrolled kernel stays within 1e-6 (``bench/branch_partials_probe.py``, BENCHMARKS.md session 17). Not
+diagnosed; session 15 had measured it 19-26% faster than the unrolled kernel there, on those wrong results."""
+
+
 def stream_tiles_per_program(m_blocks: int, tiles: int, rank: int, device: torch.device) -> int:
-    """K tiles one TMA-stream pass-1 program covers: as many as keep ~4 programs per SM, at most 16; always 16 for
-    a branch wider than 32, whose partials cost more than the lost parallelism (H100, session 15: at K = 3072,
-    rank 96, 37.5 µs with 16 against 46.3 with 3)."""
+    """K tiles one TMA-stream pass-1 program covers: as many as keep ~4 programs per SM, at most 16."""
     if interpreting() or device.type != "cuda":
         return 2
-    if rank > 32:
-        return 16
     return max(1, min(16, m_blocks * tiles // (4 * sm_count(device))))
 
 
@@ -310,13 +313,14 @@ def batched_rows(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
 
 def stream_pass1(x2: torch.Tensor, m_blocks: int, tiles: int, rank: int) -> bool:
     """Whether pass 1 takes the TMA stream: on NVIDIA sm_90+ (TMA) with host descriptors, a 16-bit input TMA can
-    address (16-byte aligned base and row pitch), and at least two K tiles a program to pipeline. ``SVDQ_ACT_STREAM=0``:
-    never; ``1``: wherever a descriptor can address the input (the interpreter included). Below two tiles a program
+    address (16-byte aligned base and row pitch), a branch of at most ``STREAM_MAX_RANK`` ranks, and at least two K
+    tiles a program to pipeline. ``SVDQ_ACT_STREAM=0``: never; ``1``: wherever a descriptor can address the input
+    and the branch allows (the interpreter included). Below two tiles a program
     (512-1024 rows at K = 3072) the unrolled kernel measured faster (7.6 against 9.0 µs at 512 rows)."""
     choice = getenv("SVDQ_ACT_STREAM", "auto")
     if choice not in ("0", "1", "auto"):
         raise ValueError(f"SVDQ_ACT_STREAM takes 0, 1 or auto, not {choice!r}")
-    if choice == "0" or not descriptor_addressable(x2):
+    if choice == "0" or rank > STREAM_MAX_RANK or not descriptor_addressable(x2):
         return False
     if choice == "1":
         return True
@@ -397,6 +401,9 @@ def quantize_activation(
         raise ValueError(f"the TMA stream cannot address this input ({x2.dtype}, strides {tuple(x2.stride())} "
                          f"elements, base at {x2.data_ptr() % 16} past 16 bytes, {seg} rows a batch for {bm}-row "
                          "tiles): pass stream=None to fall back")
+    if stream and r > STREAM_MAX_RANK:
+        raise ValueError(f"the TMA stream takes a branch of at most {STREAM_MAX_RANK} ranks, not {r}: wider, its branch "
+                         "partials came out wrong on the H100 (BENCHMARKS.md, session 17); pass stream=None")
     if stream and num_warps not in (None, 4):
         raise ValueError(f"the TMA stream runs one warpgroup (4 warps), not {num_warps}: with two, pipelined branch "
                          "partials came out wrong on the H100 (Triton 3.6; BENCHMARKS.md, session 15)")
