@@ -140,7 +140,7 @@ def _act_stats_stream_kernel(
     shift,
     UNSIGNED: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_LORA: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, STAGES: tl.constexpr,
-    SEGMENTED: tl.constexpr = False, PDL: tl.constexpr = False,
+    SEGMENTED: tl.constexpr = False, CHUNKS: tl.constexpr = 0, PDL: tl.constexpr = False,
 ):
     """Pass 1 as a TMA stream: ``_act_stats_kernel``'s results (each program's row maxima and x·L1 partial over
     TILES consecutive K tiles, in the same order), but the tiles come by TMA through a ``tl.range`` loop of STAGES
@@ -152,8 +152,9 @@ def _act_stats_stream_kernel(
     diagnosed); with 4 warps every H100 run matched. So there is no pointer version and no 8-warp launch.
     ``SEGMENTED``: batches of SEG rows whose starts are SEG_PITCH rows of the descriptor apart (a 2-D descriptor over
     every row from the first batch's first to the last batch's last, those between the batches included); SEG is a
-    multiple of BLOCK_M, so a tile stays in one batch. Not a 3-D descriptor: its tiles, reshaped to 2-D for the
-    branch MMA, gave branch partials 4e-3 off at rank 96 on the H100 (Triton 3.6; session 17)."""
+    multiple of BLOCK_M, so a tile stays in one batch (the same 2-D loads as one batch, nothing reshaped).
+    ``CHUNKS`` (experimental, ``SVDQ_ACT_STREAM_WIDE=1``): the branch as that many 32-wide MMAs with their own
+    accumulators instead of one BLOCK_R-wide one, for branches wider than ``STREAM_MAX_RANK``."""
     BLOCK_K: tl.constexpr = GROUP * GROUPS
     pdl_start(PDL)
     pid_m = tl.program_id(0)
@@ -163,6 +164,11 @@ def _act_stats_stream_kernel(
     rmask = rows < M
     rcols = tl.arange(0, BLOCK_R)
     part = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    c32 = tl.arange(0, 32)
+    p0 = tl.zeros([BLOCK_M, 32], dtype=tl.float32)
+    p1 = tl.zeros([BLOCK_M, 32], dtype=tl.float32)
+    p2 = tl.zeros([BLOCK_M, 32], dtype=tl.float32)
+    p3 = tl.zeros([BLOCK_M, 32], dtype=tl.float32)
     rmax = tl.zeros([BLOCK_M], dtype=tl.float32)
     first = pid_p * TILES
     last = tl.minimum(first + TILES, NSUB)
@@ -175,8 +181,30 @@ def _act_stats_stream_kernel(
         xf = _smoothed(x, inv_ptr, rmask, k, K, shift, UNSIGNED, HAS_SMOOTH)
         rmax = tl.maximum(rmax, tl.max(tl.abs(xf), axis=1))
         if HAS_LORA:
-            part = _branch_partial(x, part, down_ptr, k, (k < K)[:, None], R, rcols, stride_dk, DOT_FP32)
-    _store_pass1(gmax_ptr, lora_ptr, rows, rmask, rcols, pid_p, rmax, part, M, R, stride_gm, HAS_LORA)
+            if CHUNKS > 0:
+                kin = (k < K)[:, None]
+                p0 = _branch_partial(x, p0, down_ptr, k, kin, R, c32, stride_dk, DOT_FP32)
+                if CHUNKS > 1:
+                    p1 = _branch_partial(x, p1, down_ptr + 32, k, kin, R - 32, c32, stride_dk, DOT_FP32)
+                if CHUNKS > 2:
+                    p2 = _branch_partial(x, p2, down_ptr + 64, k, kin, R - 64, c32, stride_dk, DOT_FP32)
+                if CHUNKS > 3:
+                    p3 = _branch_partial(x, p3, down_ptr + 96, k, kin, R - 96, c32, stride_dk, DOT_FP32)
+            else:
+                part = _branch_partial(x, part, down_ptr, k, (k < K)[:, None], R, rcols, stride_dk, DOT_FP32)
+    if CHUNKS > 0:
+        _store_pass1(gmax_ptr, lora_ptr, rows, rmask, rcols, pid_p, rmax, part, M, R, stride_gm, False)
+        if HAS_LORA:
+            base = lora_ptr + pid_p * M * R + rows[:, None] * R
+            tl.store(base + c32[None, :], p0, mask=rmask[:, None] & (c32[None, :] < R))
+            if CHUNKS > 1:
+                tl.store(base + 32 + c32[None, :], p1, mask=rmask[:, None] & (c32[None, :] < R - 32))
+            if CHUNKS > 2:
+                tl.store(base + 64 + c32[None, :], p2, mask=rmask[:, None] & (c32[None, :] < R - 64))
+            if CHUNKS > 3:
+                tl.store(base + 96 + c32[None, :], p3, mask=rmask[:, None] & (c32[None, :] < R - 96))
+    else:
+        _store_pass1(gmax_ptr, lora_ptr, rows, rmask, rcols, pid_p, rmax, part, M, R, stride_gm, HAS_LORA)
     pdl_end(PDL)
 
 
@@ -276,6 +304,12 @@ while the unrolled kernel stays within 1e-6 (``bench/branch_partials_probe.py``,
 diagnosed; session 15 had measured it 19-26% faster than the unrolled kernel there, on those wrong results."""
 
 
+def wide_stream(rank: int) -> bool:
+    """Experimental (``SVDQ_ACT_STREAM_WIDE=1``): a branch wider than ``STREAM_MAX_RANK`` (at most 128) in the stream as
+    32-wide MMAs (``CHUNKS``), to measure whether that one is right where the single wide MMA was not."""
+    return rank <= 128 and getenv("SVDQ_ACT_STREAM_WIDE", "0") == "1"
+
+
 def stream_tiles_per_program(m_blocks: int, tiles: int, rank: int, device: torch.device) -> int:
     """K tiles one TMA-stream pass-1 program covers: as many as keep ~4 programs per SM, at most 16."""
     if interpreting() or device.type != "cuda":
@@ -320,7 +354,7 @@ def stream_pass1(x2: torch.Tensor, m_blocks: int, tiles: int, rank: int) -> bool
     choice = getenv("SVDQ_ACT_STREAM", "auto")
     if choice not in ("0", "1", "auto"):
         raise ValueError(f"SVDQ_ACT_STREAM takes 0, 1 or auto, not {choice!r}")
-    if choice == "0" or rank > STREAM_MAX_RANK or not descriptor_addressable(x2):
+    if choice == "0" or (rank > STREAM_MAX_RANK and not wide_stream(rank)) or not descriptor_addressable(x2):
         return False
     if choice == "1":
         return True
@@ -401,7 +435,7 @@ def quantize_activation(
         raise ValueError(f"the TMA stream cannot address this input ({x2.dtype}, strides {tuple(x2.stride())} "
                          f"elements, base at {x2.data_ptr() % 16} past 16 bytes, {seg} rows a batch for {bm}-row "
                          "tiles): pass stream=None to fall back")
-    if stream and r > STREAM_MAX_RANK:
+    if stream and r > STREAM_MAX_RANK and not wide_stream(r):
         raise ValueError(f"the TMA stream takes a branch of at most {STREAM_MAX_RANK} ranks, not {r}: wider, its branch "
                          "partials came out wrong on the H100 (BENCHMARKS.md, session 17); pass stream=None")
     if stream and num_warps not in (None, 4):
@@ -441,7 +475,7 @@ def quantize_activation(
             float(shift)),
             UNSIGNED=bool(unsigned), HAS_SMOOTH=inv is not None, HAS_LORA=r > 0, DOT_FP32=fp32_dots(x2),
             BLOCK_M=bm, BLOCK_R=block_r, GROUP=64, GROUPS=groups, STAGES=stream_stages, SEGMENTED=segmented,
-            num_warps=4, pdl=True,
+            CHUNKS=triton.cdiv(r, 32) if r > STREAM_MAX_RANK else 0, num_warps=4, pdl=True,
         )
     else:
         launch(_act_stats_kernel, (m_blocks, nparts), (
