@@ -153,8 +153,8 @@ def _act_stats_stream_kernel(
     ``SEGMENTED``: batches of SEG rows whose starts are SEG_PITCH rows of the descriptor apart (a 2-D descriptor over
     every row from the first batch's first to the last batch's last, those between the batches included); SEG is a
     multiple of BLOCK_M, so a tile stays in one batch (the same 2-D loads as one batch, nothing reshaped).
-    ``CHUNKS`` (experimental, ``SVDQ_ACT_STREAM_WIDE=1``): the branch as that many 32-wide MMAs with their own
-    accumulators instead of one BLOCK_R-wide one, for branches wider than ``STREAM_MAX_RANK``."""
+    ``CHUNKS``: a branch wider than 32 as that many 32-wide MMAs with their own accumulators (``STREAM_MAX_RANK``
+    says why not one wide MMA)."""
     BLOCK_K: tl.constexpr = GROUP * GROUPS
     pdl_start(PDL)
     pid_m = tl.program_id(0)
@@ -297,17 +297,13 @@ def tiles_per_program(m_blocks: int, tiles: int, rank: int, device: torch.device
     return max(1, min(4, m_blocks * tiles // (per_sm * sm_count(device))))
 
 
-STREAM_MAX_RANK = 32
-"""The widest branch the TMA stream takes. Wider (a LoRA-extended branch) its branch partials come out wrong on the
-H100 (Triton 3.6): 1e-3 to 1e-2 off the fp32 product, changing from run to run, with 4 or more K tiles a program,
-while the unrolled kernel stays within 1e-6 (``bench/branch_partials_probe.py``, BENCHMARKS.md session 17). Not
-diagnosed; session 15 had measured it 19-26% faster than the unrolled kernel there, on those wrong results."""
-
-
-def wide_stream(rank: int) -> bool:
-    """Experimental (``SVDQ_ACT_STREAM_WIDE=1``): a branch wider than ``STREAM_MAX_RANK`` (at most 128) in the stream as
-    32-wide MMAs (``CHUNKS``), to measure whether that one is right where the single wide MMA was not."""
-    return rank <= 128 and getenv("SVDQ_ACT_STREAM_WIDE", "0") == "1"
+STREAM_MAX_RANK = 128
+"""The widest branch the TMA stream takes, as up to four 32-wide MMAs with their own accumulators (``CHUNKS``). As
+one MMA as wide as the branch (a LoRA-extended branch: BLOCK_R 128), its partials came out wrong on the H100
+(Triton 3.6): 1e-3 to 1e-2 off the fp32 product, changing from run to run, with 4 or more K tiles a program. In
+32-wide chunks they are within 2e-6 run after run, as the unrolled kernel is, and both passes run 1.10-1.51× faster
+than with the unrolled pass 1 at rank 96 (``bench/branch_partials_probe.py``, BENCHMARKS.md session 17). Wider
+branches take the unrolled kernel."""
 
 
 def stream_tiles_per_program(m_blocks: int, tiles: int, rank: int, device: torch.device) -> int:
@@ -354,7 +350,7 @@ def stream_pass1(x2: torch.Tensor, m_blocks: int, tiles: int, rank: int) -> bool
     choice = getenv("SVDQ_ACT_STREAM", "auto")
     if choice not in ("0", "1", "auto"):
         raise ValueError(f"SVDQ_ACT_STREAM takes 0, 1 or auto, not {choice!r}")
-    if choice == "0" or (rank > STREAM_MAX_RANK and not wide_stream(rank)) or not descriptor_addressable(x2):
+    if choice == "0" or rank > STREAM_MAX_RANK or not descriptor_addressable(x2):
         return False
     if choice == "1":
         return True
@@ -435,7 +431,7 @@ def quantize_activation(
         raise ValueError(f"the TMA stream cannot address this input ({x2.dtype}, strides {tuple(x2.stride())} "
                          f"elements, base at {x2.data_ptr() % 16} past 16 bytes, {seg} rows a batch for {bm}-row "
                          "tiles): pass stream=None to fall back")
-    if stream and r > STREAM_MAX_RANK and not wide_stream(r):
+    if stream and r > STREAM_MAX_RANK:
         raise ValueError(f"the TMA stream takes a branch of at most {STREAM_MAX_RANK} ranks, not {r}: wider, its branch "
                          "partials came out wrong on the H100 (BENCHMARKS.md, session 17); pass stream=None")
     if stream and num_warps not in (None, 4):
@@ -475,7 +471,7 @@ def quantize_activation(
             float(shift)),
             UNSIGNED=bool(unsigned), HAS_SMOOTH=inv is not None, HAS_LORA=r > 0, DOT_FP32=fp32_dots(x2),
             BLOCK_M=bm, BLOCK_R=block_r, GROUP=64, GROUPS=groups, STAGES=stream_stages, SEGMENTED=segmented,
-            CHUNKS=triton.cdiv(r, 32) if r > STREAM_MAX_RANK else 0, num_warps=4, pdl=True,
+            CHUNKS=triton.cdiv(r, 32) if r > 32 else 0, num_warps=4, pdl=True,
         )
     else:
         launch(_act_stats_kernel, (m_blocks, nparts), (
