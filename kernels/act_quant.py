@@ -9,9 +9,11 @@ per-token scale from those few maxima (re-deriving the group maxima from its own
 tiles in reverse so that it starts on the input pass 1 left in L2. The two passes have their own tiles (they
 exchange only per-row results). On sm_90+ pass 1 is a TMA stream where it has two or more K tiles a program to
 pipeline (``_act_stats_stream_kernel``, ``stream_pass1``): the same results as the unrolled kernel, both passes up
-to 10% faster at the FLUX shapes with M ≥ 4096 (19-26% with a LoRA-widened branch). The kernels multiply by 1/λ in
-fp32, made once per layer by ``torch.reciprocal`` as in the reference (not divided per tile); per-group reciprocals
-are IEEE (``div_rn``) and rounding is round-half-even, so codes equal the reference's bit for bit.
+to 10% faster at the FLUX shapes with M ≥ 4096, 1.1-1.5× with a LoRA-widened branch (which it runs as 32-wide MMAs:
+``STREAM_MAX_RANK``). Input rows may come in batches at their own stride (``batched_rows``: a token slice at batch
+> 1 is read in place). The kernels multiply by 1/λ in fp32, made once per layer by ``torch.reciprocal`` as in the
+reference (not divided per tile); per-group reciprocals are IEEE (``div_rn``) and rounding is round-half-even, so
+codes equal the reference's bit for bit.
 """
 
 from __future__ import annotations
