@@ -265,8 +265,9 @@ def _rows(x2: torch.Tensor) -> int:
 
 
 def _run(x2, w, down, up, gelu, out2=None, accumulate=False):
-    """One call on 2-D input. The W4A4 kernels write into ``out2`` when given (adding with ``accumulate``) and
-    return it; the other paths return a new tensor for the caller to place."""
+    """One call on 2-D input ([B, L, K] batches of rows for the W4A4 kernels: ``_kernel_rows``). The W4A4 kernels
+    write into ``out2`` when given (adding with ``accumulate``) and return it; the other paths return a new tensor
+    for the caller to place."""
     if w.precision == "int4g":
         return _int4g(x2, w, down, up, gelu)
     if w.kind == "w4a16" or w.act_precision == "none":
