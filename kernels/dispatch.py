@@ -23,7 +23,7 @@ log = logging.getLogger("svdq")
 try:  # Triton is optional: CPU-only installs run the reference
     import triton  # noqa: F401
 
-    from .act_quant import quantize_activation
+    from .act_quant import batched_rows, quantize_activation
     from .gemm_w4a4 import expand_weight, w4a4_gemm
     from . import gemm_w4a4_packed, gemm_w4a16_packed
     from .autotune_cache import capability_major, interpreting
@@ -249,12 +249,8 @@ def _kernel_rows(x: torch.Tensor, w: QuantizedLinearWeights) -> torch.Tensor:
     input whose batches are not one row pitch apart (a token slice at batch > 1, as the double blocks' attention
     output halves are), which stays [B, L, K]: the activation kernels read it in place (``batched_rows``) and
     everything after them works on their [M, Kp] codes."""
-    if (x.dim() == 3 and x.stride(-1) == 1 and w.precision != "int4g" and w.kind != "w4a16"
-            and w.act_precision in ("int4", "int8")):
-        try:
-            return x.view(-1, w.in_features)
-        except RuntimeError:
-            return x
+    if x.dim() == 3 and w.precision != "int4g" and w.kind != "w4a16" and w.act_precision in ("int4", "int8"):
+        return batched_rows(x)[0]
     x2 = x.reshape(-1, w.in_features)
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
