@@ -31,7 +31,8 @@ for m, k, r in ((4608, 3072, 96), (8192, 3072, 96), (9216, 3072, 96), (8192, 307
     variants = [(f"unrolled ksub {s}{' ew' if ew else ''}{' w' + str(w) if w else ''}",
                  dict(stream=False, k_per_program=s, ew_max=ew, num_warps=w))
                 for s in (1, 2, 3, 4) for ew in (False, True) for w in (None, 4)]
-    variants += [(f"stream tiles {t}", dict(stream=True, k_per_program=t)) for t in (2, 4, 8, 12, 16)]
+    variants += [(f"stream tiles {t}{' L1 tma' if tma else ''}", dict(stream=True, k_per_program=t, down_tma=tma))
+                 for t in (2, 4, 8, 12, 16) for tma in (False, True)]
     variants += [("auto", {})]
     for name, kw in variants:
         errs = []
@@ -46,16 +47,28 @@ for m, k, r in ((4608, 3072, 96), (8192, 3072, 96), (9216, 3072, 96), (8192, 307
         print(f"M {m} K {k} r {r} {name:28s} rel {' '.join(f'{e:.1e}' for e in errs)}{flag}", flush=True)
 
 
-# speed of both passes under CUDA graphs at the FLUX shapes, rank 96 (rank 32 plus a LoRA of 64): the unrolled pass 1
-# against the stream (32-wide branch MMAs), and rank 32's stream for scale
+# speed of both passes under CUDA graphs at the FLUX shapes: rank 96 (rank 32 plus a LoRA of 64) by the unrolled
+# pass 1 and by the stream with its branch weights by pointer loads or by TMA (and the TMA stream with twice the
+# default K tiles a program: half the partials to write and sum), rank 32 both ways, rank 0
+import triton  # noqa: E402
 from linear import bench_graph  # noqa: E402
 
-for m, k in ((4608, 3072), (4608, 15360), (9216, 15360), (8192, 12288), (9216, 3072)):
+from svdq.kernels.act_quant import stream_tiles_per_program  # noqa: E402
+
+print("graph µs, both passes | r96: unrolled, stream L1 ptr, stream L1 tma, tma 2x tiles | r32: L1 ptr, L1 tma | r0",
+      flush=True)
+for m, k in ((4608, 3072), (4608, 12288), (4608, 15360), (9216, 3072), (9216, 15360), (1024, 3072)):
+    tiles = stream_tiles_per_program(triton.cdiv(m, 64), k // 128, 96, torch.device("cuda"))
     row = []
-    for r, stream in ((96, False), (96, True), (32, None)):
+    for r, kw in ((96, dict(stream=False)), (96, dict(down_tma=False)), (96, dict(down_tma=True)),
+                  (96, dict(down_tma=True, k_per_program=min(16, 2 * tiles))), (32, dict(down_tma=False)),
+                  (32, dict(down_tma=True)), (0, {})):
         layer = make_layer(64, k, r)
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        row.append(bench_graph(lambda: quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down,
-                                                           stream=stream)))
-    print(f"graph µs M {m} K {k}: rank 96 unrolled {row[0]:.1f}, rank 96 stream {row[1]:.1f} "
-          f"({row[0] / row[1]:.2f}x), rank 32 auto {row[2]:.1f}", flush=True)
+        try:
+            row.append(bench_graph(lambda: quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down,
+                                                               **kw)))
+        except ValueError:  # a small M takes the unrolled pass 1, whose knobs differ
+            row.append(float("nan"))
+    print(f"M {m} K {k}: r96 {row[0]:.1f} / {row[1]:.1f} / {row[2]:.1f} / {row[3]:.1f} | r32 {row[4]:.1f} / "
+          f"{row[5]:.1f} | r0 {row[6]:.1f}", flush=True)
