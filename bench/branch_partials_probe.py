@@ -5,7 +5,10 @@ Why: at 8192 × 3072, rank 96, the unrolled pass 1 and the TMA stream disagreed 
 where both should be within ~1e-6 of the fp32 product (bf16 inputs, fp32 accumulation). The stream's one wide
 branch MMA was wrong (1e-3 to 1e-2, changing from run to run); it now runs the branch as 32-wide MMAs.
 
-    python3 bench/branch_partials_probe.py
+    python3 bench/branch_partials_probe.py [--sweep]
+
+``--sweep``: only the TMA stream's knobs at rank 96 (stages, rows per tile, branch weights by pointer or TMA), each
+checked against the fp32 product and timed under CUDA graphs.
 """
 import os
 import sys
@@ -24,6 +27,37 @@ def rel(a, b):
 
 
 print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}", flush=True)
+if "--sweep" in sys.argv:
+    from linear import bench_graph
+
+    for m, k in ((4608, 3072), (4608, 15360), (9216, 3072), (4608, 12288)):
+        layer = make_layer(64, k, 96)
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        ref = x.float() @ layer.proj_down.float()
+        for bm in (64, 128):
+            for stages in (2, 3, 4):
+                for tma in (False, True):
+                    kw = dict(stream=True, block_m=bm, stream_stages=stages, down_tma=tma)
+                    try:
+                        errs = [rel(quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down, **kw)[2],
+                                    ref) for _ in range(3)]
+                        us = bench_graph(lambda: quantize_activation(x, layer.k_padded, layer.smooth,
+                                                                     layer.proj_down, **kw))
+                    except Exception as exc:  # a tile that does not fit shared memory, say
+                        print(f"M {m} K {k} bm {bm} stages {stages} tma {tma}: failed {str(exc)[:80]}", flush=True)
+                        continue
+                    flag = "  <-- WRONG" if max(errs) > 1e-4 else ""
+                    print(f"M {m} K {k} bm {bm} stages {stages} tma {tma:d}: {us:7.1f} µs, rel "
+                          f"{max(errs):.1e}{flag}", flush=True)
+    from svdq.kernels.act_quant import _act_stats_stream_kernel
+
+    try:  # shared memory and registers of every compiled variant: what limits programs per SM
+        for cache in _act_stats_stream_kernel.device_caches.values():
+            for key, kern in cache[0].items():
+                print(f"compiled: shared {kern.metadata.shared} B, {kern.n_regs} regs, {str(key)[-160:]}")
+    except Exception as exc:
+        print(f"no compiled-kernel metadata: {exc}")
+    sys.exit(0)
 for m, k, r in ((4608, 3072, 96), (8192, 3072, 96), (9216, 3072, 96), (8192, 3072, 32), (8192, 12288, 96)):
     layer = make_layer(64, k, r)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16) * 2
