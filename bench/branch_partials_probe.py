@@ -7,8 +7,9 @@ branch MMA was wrong (1e-3 to 1e-2, changing from run to run); it now runs the b
 
     python3 bench/branch_partials_probe.py [--sweep]
 
-``--sweep``: only the TMA stream's knobs at rank 96 (stages, rows per tile, branch weights by pointer or TMA), each
-checked against the fp32 product and timed under CUDA graphs.
+``--sweep``: only the TMA stream's knobs at rank 96 (stages, rows per tile), each checked against the fp32 product
+and timed under CUDA graphs, with each compiled variant's shared memory and registers. (Session 18 also swept the
+branch weights by TMA instead of pointer loads: 1-4% slower everywhere, removed.)
 """
 import os
 import sys
@@ -36,19 +37,18 @@ if "--sweep" in sys.argv:
         ref = x.float() @ layer.proj_down.float()
         for bm in (64, 128):
             for stages in (2, 3, 4):
-                for tma in (False, True):
-                    kw = dict(stream=True, block_m=bm, stream_stages=stages, down_tma=tma)
-                    try:
-                        errs = [rel(quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down, **kw)[2],
-                                    ref) for _ in range(3)]
-                        us = bench_graph(lambda: quantize_activation(x, layer.k_padded, layer.smooth,
-                                                                     layer.proj_down, **kw))
-                    except Exception as exc:  # a tile that does not fit shared memory, say
-                        print(f"M {m} K {k} bm {bm} stages {stages} tma {tma}: failed {str(exc)[:80]}", flush=True)
-                        continue
-                    flag = "  <-- WRONG" if max(errs) > 1e-4 else ""
-                    print(f"M {m} K {k} bm {bm} stages {stages} tma {tma:d}: {us:7.1f} µs, rel "
-                          f"{max(errs):.1e}{flag}", flush=True)
+                kw = dict(stream=True, block_m=bm, stream_stages=stages)
+                try:
+                    errs = [rel(quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down, **kw)[2],
+                                ref) for _ in range(3)]
+                    us = bench_graph(lambda: quantize_activation(x, layer.k_padded, layer.smooth,
+                                                                 layer.proj_down, **kw))
+                except Exception as exc:  # a tile that does not fit shared memory, say
+                    print(f"M {m} K {k} bm {bm} stages {stages}: failed {str(exc)[:80]}", flush=True)
+                    continue
+                flag = "  <-- WRONG" if max(errs) > 1e-4 else ""
+                print(f"M {m} K {k} bm {bm} stages {stages}: {us:7.1f} µs, rel "
+                      f"{max(errs):.1e}{flag}", flush=True)
     from svdq.kernels.act_quant import _act_stats_stream_kernel
 
     try:  # shared memory and registers of every compiled variant: what limits programs per SM
@@ -65,8 +65,7 @@ for m, k, r in ((4608, 3072, 96), (8192, 3072, 96), (9216, 3072, 96), (8192, 307
     variants = [(f"unrolled ksub {s}{' ew' if ew else ''}{' w' + str(w) if w else ''}",
                  dict(stream=False, k_per_program=s, ew_max=ew, num_warps=w))
                 for s in (1, 2, 3, 4) for ew in (False, True) for w in (None, 4)]
-    variants += [(f"stream tiles {t}{' L1 tma' if tma else ''}", dict(stream=True, k_per_program=t, down_tma=tma))
-                 for t in (2, 4, 8, 12, 16) for tma in (False, True)]
+    variants += [(f"stream tiles {t}", dict(stream=True, k_per_program=t)) for t in (2, 4, 8, 12, 16)]
     variants += [("auto", {})]
     for name, kw in variants:
         errs = []
@@ -82,27 +81,21 @@ for m, k, r in ((4608, 3072, 96), (8192, 3072, 96), (9216, 3072, 96), (8192, 307
 
 
 # speed of both passes under CUDA graphs at the FLUX shapes: rank 96 (rank 32 plus a LoRA of 64) by the unrolled
-# pass 1 and by the stream with its branch weights by pointer loads or by TMA (and the TMA stream with twice the
-# default K tiles a program: half the partials to write and sum), rank 32 both ways, rank 0
+# pass 1 and by the stream at its default stages and at 4 (the default up to session 17), with twice the default K
+# tiles a program (half the partials to write and sum); rank 32 and rank 0 for scale
 import triton  # noqa: E402
 from linear import bench_graph  # noqa: E402
 
 from svdq.kernels.act_quant import stream_tiles_per_program  # noqa: E402
 
-print("graph µs, both passes | r96: unrolled, stream L1 ptr, stream L1 tma, tma 2x tiles | r32: L1 ptr, L1 tma | r0",
-      flush=True)
-for m, k in ((4608, 3072), (4608, 12288), (4608, 15360), (9216, 3072), (9216, 15360), (1024, 3072)):
+print("graph µs, both passes | r96: unrolled, stream default stages, 4 stages, 2x tiles | r32 | r0", flush=True)
+for m, k in ((4608, 3072), (4608, 12288), (4608, 15360), (9216, 3072), (9216, 15360), (1024, 3072), (512, 3072)):
     tiles = stream_tiles_per_program(triton.cdiv(m, 64), k // 128, 96, torch.device("cuda"))
     row = []
-    for r, kw in ((96, dict(stream=False)), (96, dict(down_tma=False)), (96, dict(down_tma=True)),
-                  (96, dict(down_tma=True, k_per_program=min(16, 2 * tiles))), (32, dict(down_tma=False)),
-                  (32, dict(down_tma=True)), (0, {})):
+    for r, kw in ((96, dict(stream=False)), (96, {}), (96, dict(stream_stages=4)),
+                  (96, dict(k_per_program=min(16, 2 * tiles))), (32, {}), (0, {})):
         layer = make_layer(64, k, r)
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        try:
-            row.append(bench_graph(lambda: quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down,
-                                                               **kw)))
-        except ValueError:  # a small M takes the unrolled pass 1, whose knobs differ
-            row.append(float("nan"))
-    print(f"M {m} K {k}: r96 {row[0]:.1f} / {row[1]:.1f} / {row[2]:.1f} / {row[3]:.1f} | r32 {row[4]:.1f} / "
-          f"{row[5]:.1f} | r0 {row[6]:.1f}", flush=True)
+        row.append(bench_graph(lambda: quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down, **kw)))
+    print(f"M {m} K {k}: r96 {row[0]:.1f} / {row[1]:.1f} / {row[2]:.1f} / {row[3]:.1f} | r32 {row[4]:.1f} | "
+          f"r0 {row[5]:.1f}", flush=True)

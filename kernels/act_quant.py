@@ -73,18 +73,13 @@ def _load_smoothed(x_ptr, inv_ptr, roff, rmask, k, K, shift, UNSIGNED: tl.conste
 
 
 @triton.jit
-def _dot_acc(x, d, part, DOT_FP32: tl.constexpr):
-    """``part + x · d`` on tensor cores in x's dtype, or in fp32 where the data or the interpreter need it."""
+def _branch_partial(x, part, down_ptr, k, k_in, R, rcols, stride_dk, DOT_FP32: tl.constexpr):
+    """``part + x · L1[k]`` for one K tile (tensor cores; fp32 dots where the data or the interpreter need them);
+    ``k_in`` [BLOCK_K, 1]: which of the tile's K rows exist."""
+    d = tl.load(down_ptr + k[:, None] * stride_dk + rcols[None, :], mask=k_in & (rcols[None, :] < R), other=0.0)
     if DOT_FP32:
         return tl.dot(x.to(tl.float32), d.to(tl.float32), part, input_precision="ieee")
     return tl.dot(x, d.to(x.dtype), part)
-
-
-@triton.jit
-def _branch_partial(x, part, down_ptr, k, k_in, R, rcols, stride_dk, DOT_FP32: tl.constexpr):
-    """``part + x · L1[k]`` for one K tile; ``k_in`` [BLOCK_K, 1]: which of the tile's K rows exist."""
-    d = tl.load(down_ptr + k[:, None] * stride_dk + rcols[None, :], mask=k_in & (rcols[None, :] < R), other=0.0)
-    return _dot_acc(x, d, part, DOT_FP32)
 
 
 @triton.jit
@@ -141,14 +136,13 @@ def _act_stats_kernel(
 
 @triton.jit
 def _act_stats_stream_kernel(
-    x_desc, inv_ptr, down_ptr, down_desc, gmax_ptr, lora_ptr,
+    x_desc, inv_ptr, down_ptr, gmax_ptr, lora_ptr,
     M, K, R, NSUB, TILES, SEG, SEG_PITCH,
     stride_dk, stride_gm,
     shift,
     UNSIGNED: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_LORA: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, STAGES: tl.constexpr,
-    SEGMENTED: tl.constexpr = False, CHUNKS: tl.constexpr = 0, DOWN_TMA: tl.constexpr = False,
-    PDL: tl.constexpr = False,
+    SEGMENTED: tl.constexpr = False, CHUNKS: tl.constexpr = 0, PDL: tl.constexpr = False,
 ):
     """Pass 1 as a TMA stream: ``_act_stats_kernel``'s results (each program's row maxima and x·L1 partial over
     TILES consecutive K tiles, in the same order), but the tiles come by TMA through a ``tl.range`` loop of STAGES
@@ -162,9 +156,7 @@ def _act_stats_stream_kernel(
     every row from the first batch's first to the last batch's last, those between the batches included); SEG is a
     multiple of BLOCK_M, so a tile stays in one batch (the same 2-D loads as one batch, nothing reshaped).
     ``CHUNKS``: a branch wider than 32 as that many 32-wide MMAs with their own accumulators (``STREAM_MAX_RANK``
-    says why not one wide MMA). ``DOWN_TMA``: the branch weights L1 come by TMA too (``down_desc``, [BLOCK_K, 32]
-    blocks, or [BLOCK_K, BLOCK_R] without chunks), straight into shared memory as the MMA's operand, pipelined with
-    x's tiles; without it each tile's L1 rows are pointer loads, converted through registers (``down_ptr``)."""
+    says why not one wide MMA)."""
     BLOCK_K: tl.constexpr = GROUP * GROUPS
     pdl_start(PDL)
     pid_m = tl.program_id(0)
@@ -190,19 +182,7 @@ def _act_stats_stream_kernel(
             x = x_desc.load([row0, sub * BLOCK_K])  # rows and columns past the input come back as zeros
         xf = _smoothed(x, inv_ptr, rmask, k, K, shift, UNSIGNED, HAS_SMOOTH)
         rmax = tl.maximum(rmax, tl.max(tl.abs(xf), axis=1))
-        if HAS_LORA and DOWN_TMA:  # rows past K and ranks past R come back as zeros
-            kd = sub * BLOCK_K
-            if CHUNKS > 0:
-                p0 = _dot_acc(x, down_desc.load([kd, 0]), p0, DOT_FP32)
-                if CHUNKS > 1:
-                    p1 = _dot_acc(x, down_desc.load([kd, 32]), p1, DOT_FP32)
-                if CHUNKS > 2:
-                    p2 = _dot_acc(x, down_desc.load([kd, 64]), p2, DOT_FP32)
-                if CHUNKS > 3:
-                    p3 = _dot_acc(x, down_desc.load([kd, 96]), p3, DOT_FP32)
-            else:
-                part = _dot_acc(x, down_desc.load([kd, 0]), part, DOT_FP32)
-        elif HAS_LORA:
+        if HAS_LORA:
             if CHUNKS > 0:
                 kin = (k < K)[:, None]
                 p0 = _branch_partial(x, p0, down_ptr, k, kin, R, c32, stride_dk, DOT_FP32)
@@ -335,6 +315,17 @@ def stream_tiles_per_program(m_blocks: int, tiles: int, rank: int, device: torch
     return max(1, min(16, m_blocks * tiles // (4 * sm_count(device))))
 
 
+def stream_stages_for(rank: int, tiles: int) -> int:
+    """Buffers of the stream's pipeline: 4 up to rank 32; for a wider (LoRA-extended) branch 2, or 3 where a program
+    has more than 8 K tiles. Why: each stage holds x's tile and the tile's L1 rows, so at rank 96 four stages take
+    107 KB of shared memory and leave one program per SM; with 3 (82 KB) two fit, with 2 (66 KB) three. H100, both
+    passes, graph µs, rank 96 (``bench/branch_partials_probe.py --sweep``, BENCHMARKS.md session 18): 4608 × 3072
+    56.8 → 42.9 (2 stages), 4608 × 15360 198.8 → 160.4 (3 stages), 4608 × 12288 161.1 → 129.9 (3)."""
+    if rank <= 32:
+        return 4
+    return 2 if tiles <= 8 else 3
+
+
 def descriptor_addressable(x2: torch.Tensor) -> bool:
     """A 16-bit input with a 16-byte aligned base, row pitch (and batch pitch, for batched rows), what a TMA
     descriptor needs, and a Triton that has host descriptors."""
@@ -360,14 +351,6 @@ def batched_rows(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     if nb <= 1 or seg <= 1 or x.stride(0) == seg * x.stride(1):  # one row pitch throughout: a [M, K] view
         return x.view(nb * seg, k), nb * seg, 1
     return x, seg, nb
-
-
-def down_descriptor_usable(proj_down: torch.Tensor, x2: torch.Tensor) -> bool:
-    """Whether the stream's branch weights L1 [K, R] can come by TMA: the input's dtype (the MMA takes them as they
-    land), unit column stride, a 16-byte aligned base and row pitch."""
-    es = proj_down.element_size()
-    return (proj_down.dtype == x2.dtype and proj_down.stride(1) == 1
-            and proj_down.data_ptr() % 16 == 0 and (proj_down.stride(0) * es) % 16 == 0)
 
 
 def stream_pass1(x2: torch.Tensor, m_blocks: int, tiles: int, rank: int) -> bool:
@@ -408,8 +391,7 @@ def quantize_activation(
     pass2_groups: int | None = None,
     ew_max: bool | None = None,
     stream: bool | None = None,
-    stream_stages: int = 4,
-    down_tma: bool | None = None,
+    stream_stages: int | None = None,
 ):
     """Launch the activation kernels on x2 [M, K], or on [B, L, K] rows in batches (``batched_rows``: a token slice
     at batch > 1, read in place, M = B·L). Returns (int8 [M, Kp], scale [M], lora [M, R] fp32 | None).
@@ -424,9 +406,8 @@ def quantize_activation(
     ``pass2_block_m`` / ``pass2_warps`` / ``pass2_groups`` are pass 2's own tile (the passes exchange only per-row
     results, so the tiles may differ); ``reverse`` is pass 2's reverse visiting order. ``stream``: pass 1 by TMA
     stream (True; an input no descriptor can address is then a ValueError), the unrolled kernel (False), or
-    ``stream_pass1``'s choice (None); ``stream_stages`` is its TMA buffer count, ``k_per_program`` its K tiles a
-    program (default ``stream_tiles_per_program``), ``down_tma`` whether its branch weights come by TMA too
-    (default: wherever ``down_descriptor_usable`` allows)."""
+    ``stream_pass1``'s choice (None); ``stream_stages`` its buffer count (default ``stream_stages_for``), ``k_per_program`` its K tiles a
+    program (default ``stream_tiles_per_program``)."""
     x2, seg, nb = batched_rows(x2)
     m, k = seg * nb, x2.shape[-1]
     segmented = nb > 1
@@ -495,21 +476,15 @@ def quantize_activation(
         pitch = stride_xb // stride_xm if segmented else seg
         rows_spanned = (nb - 1) * pitch + seg  # the batches and the rows between them
         x_desc = TensorDescriptor(x2, [rows_spanned, k], [stride_xm, 1], [bm, 64 * groups])
-        usable = r > 0 and down_descriptor_usable(proj_down, x2)
-        if down_tma and not usable:
-            raise ValueError("the branch weights cannot come by TMA here (they need the input's 16-bit dtype, unit "
-                             "column stride and 16-byte aligned rows): pass down_tma=None")
-        down_tma = usable if down_tma is None else down_tma
-        down_desc = (TensorDescriptor(proj_down, list(proj_down.shape), [proj_down.stride(0), 1],
-                                      [64 * groups, 32 if r > 32 else block_r]) if down_tma else x_desc)
         launch(_act_stats_stream_kernel, (m_blocks, nparts), (
-            x_desc, inv if inv is not None else x2, proj_down if r else x2, down_desc, gmax, parts if r else gmax,
+            x_desc, inv if inv is not None else x2, proj_down if r else x2, gmax, parts if r else gmax,
             m, k, r, nsub, ksub, seg, pitch,
             proj_down.stride(0) if r else 0, gmax.stride(0),
             float(shift)),
             UNSIGNED=bool(unsigned), HAS_SMOOTH=inv is not None, HAS_LORA=r > 0, DOT_FP32=fp32_dots(x2),
-            BLOCK_M=bm, BLOCK_R=block_r, GROUP=64, GROUPS=groups, STAGES=stream_stages, SEGMENTED=segmented,
-            CHUNKS=triton.cdiv(r, 32) if r > 32 else 0, DOWN_TMA=bool(down_tma), num_warps=4, pdl=True,
+            BLOCK_M=bm, BLOCK_R=block_r, GROUP=64, GROUPS=groups, STAGES=stream_stages or stream_stages_for(r, ksub),
+            SEGMENTED=segmented,
+            CHUNKS=triton.cdiv(r, 32) if r > 32 else 0, num_warps=4, pdl=True,
         )
     else:
         launch(_act_stats_kernel, (m_blocks, nparts), (
