@@ -5,7 +5,7 @@ Why: at 8192 × 3072, rank 96, the unrolled pass 1 and the TMA stream disagreed 
 where both should be within ~1e-6 of the fp32 product (bf16 inputs, fp32 accumulation). The stream's one wide
 branch MMA was wrong (1e-3 to 1e-2, changing from run to run); it now runs the branch as 32-wide MMAs.
 
-    python3 bench/branch_partials_probe.py [--sweep]
+    python3 bench/branch_partials_probe.py [--sweep | --small-m]
 
 ``--sweep``: only the TMA stream's knobs at rank 96 (stages, rows per tile), each checked against the fp32 product
 and timed under CUDA graphs, with each compiled variant's shared memory and registers. (Session 18 also swept the
@@ -28,6 +28,19 @@ def rel(a, b):
 
 
 print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}", flush=True)
+if "--small-m" in sys.argv:  # the text tokens' row counts at rank 96: the default pass-1 tiles against 1 a program
+    from linear import bench_graph
+
+    for m in (512, 1024):
+        layer = make_layer(64, 3072, 96)
+        x = torch.randn(m, 3072, device="cuda", dtype=torch.bfloat16)
+        ref = x.float() @ layer.proj_down.float()
+        for name, kw in (("default", {}), ("1 tile a program", dict(k_per_program=1))):
+            errs = [rel(quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down, **kw)[2], ref)
+                    for _ in range(3)]
+            us = bench_graph(lambda: quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down, **kw))
+            print(f"M {m} K 3072 r 96 {name:18s} {us:6.1f} µs, rel {max(errs):.1e}", flush=True)
+    sys.exit(0)
 if "--sweep" in sys.argv:
     from linear import bench_graph
 

@@ -679,7 +679,10 @@ def main() -> int:
                     elif base == "svdq_lora":
                         from svdq.nodes.lora import apply_lora
 
-                        record(row, apply_lora(p, random_lora(ckpt), 1.0, "rank-64 LoRA"), results["rows"])
+                        p = apply_lora(p, random_lora(ckpt), 1.0, "rank-64 LoRA")
+                        record(row, p, results["rows"])
+                        if args.profile and variant == "compile":  # where the LoRA's time goes, by kernel class
+                            profiled(row, compiled(p, cfg), "profile_lora_compile")
                     else:
                         results["first_block_cache"] = first_block_cache_runs(p, cfg, thresholds)
                         for r_ in results["first_block_cache"]:

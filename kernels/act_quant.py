@@ -291,12 +291,14 @@ def _groups_per_tile(ng: int, k_padded: int, groups: int, which: str) -> int:
 
 def tiles_per_program(m_blocks: int, tiles: int, rank: int, device: torch.device) -> int:
     """K tiles one pass-1 program covers: 1 without a branch, else up to 4 while the grid keeps ~8 programs per
-    SM (rank ≤ 32) or ~2 (a wider, LoRA-extended branch, whose partials cost more than the lost parallelism).
-    Fewer partials to write and sum (H100 tile sweep in BENCHMARKS.md: −15 to −20% at K = 15360)."""
-    if rank == 0 or interpreting() or device.type != "cuda":
+    SM (rank ≤ 32) or ~2 (a wider, LoRA-extended branch, whose partials cost more than the lost parallelism), and
+    at least 2 for the wider branch. Fewer partials to write and sum (H100 tile sweep in BENCHMARKS.md: −15 to −20%
+    at K = 15360; rank 96 at 512 / 1024 rows × 3072, the text tokens: 21.9 → 14.8 / 24.0 → 17.3 µs with 2 tiles
+    instead of 1, session 18)."""
+    if rank == 0 or interpreting() or device.type != "cuda" or tiles < 2:
         return 1
     per_sm = 8 if rank <= 32 else 2
-    return max(1, min(4, m_blocks * tiles // (per_sm * sm_count(device))))
+    return max(1 if rank <= 32 else 2, min(4, m_blocks * tiles // (per_sm * sm_count(device))))
 
 
 STREAM_MAX_RANK = 128
