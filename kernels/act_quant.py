@@ -293,7 +293,7 @@ def tiles_per_program(m_blocks: int, tiles: int, rank: int, device: torch.device
     """K tiles one pass-1 program covers: 1 without a branch, else up to 4 while the grid keeps ~8 programs per
     SM (rank ≤ 32) or ~2 (a wider, LoRA-extended branch, whose partials cost more than the lost parallelism), and
     at least 2 for the wider branch. Fewer partials to write and sum (H100 tile sweep in BENCHMARKS.md: −15 to −20%
-    at K = 15360; rank 96 at 512 / 1024 rows × 3072, the text tokens: 21.9 → 14.8 / 24.0 → 17.3 µs with 2 tiles
+    at K = 15360; rank 96 at 512 / 1024 rows × 3072, the text tokens: 21.1 → 14.1 / 23.8 → 17.3 µs with 2 tiles
     instead of 1, session 18)."""
     if rank == 0 or interpreting() or device.type != "cuda" or tiles < 2:
         return 1
@@ -408,8 +408,8 @@ def quantize_activation(
     ``pass2_block_m`` / ``pass2_warps`` / ``pass2_groups`` are pass 2's own tile (the passes exchange only per-row
     results, so the tiles may differ); ``reverse`` is pass 2's reverse visiting order. ``stream``: pass 1 by TMA
     stream (True; an input no descriptor can address is then a ValueError), the unrolled kernel (False), or
-    ``stream_pass1``'s choice (None); ``stream_stages`` its buffer count (default ``stream_stages_for``), ``k_per_program`` its K tiles a
-    program (default ``stream_tiles_per_program``)."""
+    ``stream_pass1``'s choice (None); ``stream_stages`` its buffer count (default ``stream_stages_for``),
+    ``k_per_program`` its K tiles a program (default ``stream_tiles_per_program``)."""
     x2, seg, nb = batched_rows(x2)
     m, k = seg * nb, x2.shape[-1]
     segmented = nb > 1
