@@ -1,11 +1,13 @@
 """Re-time the shipped GEMM winners (``kernels/tuned_configs.json``) against newer candidate configs on this GPU.
 
-    python bench/retune_shipped.py [--match PINGPONG] [--margin 0.02] [--rounds 3] [--eager] [--out PATH] [--json RESULTS]
+    python bench/retune_shipped.py [--match PINGPONG | ALL] [--keys BLOCK_R=96] [--margin 0.02] [--rounds 3] [--eager]
+                                   [--out PATH] [--json RESULTS]
 
 Why: the shipped file spares users first-call tuning, so a new kernel schedule only reaches them once the file
 names it where it wins. Re-tuning every key from scratch costs minutes of GPU time; this times, for each key of
 this GPU in the file, the shipped winner against the tuner's configs whose kwargs contain ``--match``, on a call
-of that key's shape (M: the FLUX size behind the bucket), and keeps the faster.
+of that key's shape (M: the FLUX size behind the bucket), and keeps the faster. ``--match ALL`` takes every tuner
+config; ``--keys`` re-times only the keys that contain that text (``BLOCK_R=96``: the LoRA-widened branch's entries).
 
 How it times: CUDA-graph replays (``do_bench_cudagraph``). ``--eager`` takes medians of ``do_bench`` instead (what
 the tuner itself uses); on a host that needs 139 µs to launch a call, that times the host, not the kernel, below
@@ -52,7 +54,8 @@ def parse_flag(v: str):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--match", default="PINGPONG", help="time the tuner configs whose kwargs have this key")
+    ap.add_argument("--match", default="PINGPONG", help="time the tuner configs whose kwargs have this key (ALL: every one)")
+    ap.add_argument("--keys", default="", help="re-time only the shipped keys that contain this text")
     ap.add_argument("--margin", type=float, default=0.0, help="a new config must be this much faster (fraction)")
     ap.add_argument("--rounds", type=int, default=1, help="time every config this many times, keep each one's best")
     ap.add_argument("--eager", action="store_true", help="time eager calls (the tuner's way) instead of graph replays")
@@ -69,12 +72,12 @@ def main() -> int:
     gpu = torch.cuda.get_device_name()
     tuner = gemm_w4a4._TUNERS["auto"]
     table = dict(shipped())
-    news = [c for c in tuner.configs if args.match in c.kwargs]
+    news = [c for c in tuner.configs if args.match == "ALL" or args.match in c.kwargs]
     print(f"# {gpu}, torch {torch.__version__}, triton {triton.__version__}; {len(news)} candidates", flush=True)
     rows = []
     for key, old in sorted(table.items()):
         parts = key.split("|")
-        if parts[0] != gpu or parts[1] != tuner.name:
+        if parts[0] != gpu or parts[1] != tuner.name or args.keys not in key:
             continue
         bucket, n, kp = (int(v) for v in parts[2:5])
         flags = {k: parse_flag(v) for k, v in (p.split("=") for p in parts[5:])}
