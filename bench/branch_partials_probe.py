@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _path  # noqa: E402,F401
-from linear import make_layer  # noqa: E402
+from linear import bench_graph, make_layer  # noqa: E402
 
 from svdq.kernels.act_quant import quantize_activation  # noqa: E402
 
@@ -29,8 +29,6 @@ def rel(a, b):
 
 print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}", flush=True)
 if "--small-m" in sys.argv:  # the text tokens' row counts at rank 96: the default pass-1 tiles against 1 a program
-    from linear import bench_graph
-
     for m in (512, 1024):
         layer = make_layer(64, 3072, 96)
         x = torch.randn(m, 3072, device="cuda", dtype=torch.bfloat16)
@@ -42,8 +40,6 @@ if "--small-m" in sys.argv:  # the text tokens' row counts at rank 96: the defau
             print(f"M {m} K 3072 r 96 {name:18s} {us:6.1f} µs, rel {max(errs):.1e}", flush=True)
     sys.exit(0)
 if "--sweep" in sys.argv:
-    from linear import bench_graph
-
     for m, k in ((4608, 3072), (4608, 15360), (9216, 3072), (4608, 12288)):
         layer = make_layer(64, k, 96)
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -97,7 +93,6 @@ for m, k, r in ((4608, 3072, 96), (8192, 3072, 96), (9216, 3072, 96), (8192, 307
 # pass 1 and by the stream at its default stages and at 4 (the default up to session 17), with twice the default K
 # tiles a program (half the partials to write and sum); rank 32 and rank 0 for scale
 import triton  # noqa: E402
-from linear import bench_graph  # noqa: E402
 
 from svdq.kernels.act_quant import stream_tiles_per_program  # noqa: E402
 

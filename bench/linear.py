@@ -205,6 +205,7 @@ def run_shape(m, k, n, quick=False):
     r["svdq_r96_graph"] = bench_graph(lambda: svdq_linear(x, l96))
     r["part_act_r96"] = bench_graph(lambda: quantize_activation(x, l96.k_padded, l96.smooth, l96.proj_down,
                                                                 inv_smooth=inv96))
+    # w8: l32's expanded weight, the same as l96's (make_layer seeds the weight by its shape alone)
     r["part_gemm_r96"] = bench_graph(lambda: w4a4_gemm(a8_96, sa_96, w8, l96.wscale, lora_96, l96.proj_up, l96.bias,
                                                        torch.bfloat16))
     r["weight_bytes_ratio_r32"] = sum(t.numel() * t.element_size() for t in l32.tensors().values() if t is not l32.bias) / (n * k * 2)

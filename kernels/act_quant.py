@@ -18,7 +18,6 @@ codes equal the reference's bit for bit.
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
@@ -90,6 +89,12 @@ def _store_pass1(gmax_ptr, lora_ptr, rows, rmask, rcols, pid_p, rmax, part, M, R
     if HAS_LORA:
         base = lora_ptr + pid_p * M * R
         tl.store(base + rows[:, None] * R + rcols[None, :], part, mask=rmask[:, None] & (rcols[None, :] < R))
+
+
+@triton.jit
+def _store_chunk(base, c0, part, rmask, c32, R):
+    """Ranks c0 … c0 + 31 of a program's branch partial (``base``: its rows' starts in the [n_parts, M, R] buffer)."""
+    tl.store(base + c0 + c32[None, :], part, mask=rmask[:, None] & (c32[None, :] < R - c0))
 
 
 @triton.jit
@@ -198,13 +203,13 @@ def _act_stats_stream_kernel(
         _store_pass1(gmax_ptr, lora_ptr, rows, rmask, rcols, pid_p, rmax, part, M, R, stride_gm, False)
         if HAS_LORA:
             base = lora_ptr + pid_p * M * R + rows[:, None] * R
-            tl.store(base + c32[None, :], p0, mask=rmask[:, None] & (c32[None, :] < R))
+            _store_chunk(base, 0, p0, rmask, c32, R)
             if CHUNKS > 1:
-                tl.store(base + 32 + c32[None, :], p1, mask=rmask[:, None] & (c32[None, :] < R - 32))
+                _store_chunk(base, 32, p1, rmask, c32, R)
             if CHUNKS > 2:
-                tl.store(base + 64 + c32[None, :], p2, mask=rmask[:, None] & (c32[None, :] < R - 64))
+                _store_chunk(base, 64, p2, rmask, c32, R)
             if CHUNKS > 3:
-                tl.store(base + 96 + c32[None, :], p3, mask=rmask[:, None] & (c32[None, :] < R - 96))
+                _store_chunk(base, 96, p3, rmask, c32, R)
     else:
         _store_pass1(gmax_ptr, lora_ptr, rows, rmask, rcols, pid_p, rmax, part, M, R, stride_gm, HAS_LORA)
     pdl_end(PDL)

@@ -20,7 +20,6 @@ kernel of ``gemm_w4a4_gluon`` (another 12–13% at K = 12288 / 15360).
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl

@@ -19,7 +19,6 @@ BENCHMARKS.md); these kernels serve other GPUs, weights not on a 16-byte boundar
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
