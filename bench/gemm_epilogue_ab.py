@@ -6,7 +6,10 @@ GELU from the epilogue changes nothing. This runs the ping-pong kernel alone (CU
 (rank 32 + bias), with GELU added, without the branch, without the branch and bias, and with other pipeline knobs,
 next to the time the int8 work would take at the datasheet peak (1979 TOPS dense).
 
-    python3 bench/gemm_epilogue_ab.py [--json OUT]
+    python3 bench/gemm_epilogue_ab.py [--json OUT] [--rank 96]
+
+``--rank 96`` times a LoRA-widened branch (rank 32 + 64, as a LoRA node makes it) instead: its chunks staged
+together in the output tile (the default) or one at a time, against the same layer's first 32 ranks and no branch.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--knobs", action="store_true", help="also GROUP_M, stages and register-split variants")
     ap.add_argument("--shapes", default="4608:3072:12288,4608:3072:21504,4096:3072:12288,4608:15360:3072,9216:15360:3072,4096:12288:3072")
+    ap.add_argument("--rank", type=int, default=32, help="the branch's rank; above 64 the wide-branch variants")
     args = ap.parse_args()
     import triton
 
@@ -45,6 +49,15 @@ def main() -> None:
         ("no branch", {}, 0, True, False),
         ("no branch, no bias", {}, 0, False, False),
     ]
+    if args.rank > 64:  # rank 32 here means the wide layer's first 32 ranks
+        variants = [
+            (f"r{args.rank} staged (default)", {}, args.rank, True, False),
+            (f"r{args.rank} one chunk at a time", {"UP": "chunked"}, args.rank, True, False),
+            (f"r{args.rank} staged + GELU", {}, args.rank, True, True),
+            (f"r{args.rank} chunked + GELU", {"UP": "chunked"}, args.rank, True, True),
+            ("r32 (its first 32 ranks)", {}, 32, True, False),
+            ("no branch", {}, 0, True, False),
+        ]
     if args.knobs:
         variants += [
             ("GROUP_M 16", {"GROUP_M": 16}, 32, True, False),
@@ -56,7 +69,7 @@ def main() -> None:
     rows = []
     for spec in args.shapes.split(","):
         m, k, n = map(int, spec.split(":"))
-        layer = make_layer(n, k, 32)
+        layer = make_layer(n, k, max(32, args.rank))
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         a8, sa, lora = quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down)
         w8 = expand_weight(layer.qweight, layer.wmult)
@@ -70,8 +83,9 @@ def main() -> None:
             cfg = {"kwargs": {**base, **change}, "num_warps": 4, "num_stages": 1}
 
             def fn(cfg=cfg, rank=rank, bias=bias, gelu=gelu):
-                return w4a4_gemm(a8, sa, w8, layer.wscale, lora if rank else None, layer.proj_up if rank else None,
-                                 layer.bias if bias else None, torch.bfloat16, gelu, config=cfg)
+                return w4a4_gemm(a8, sa, w8, layer.wscale, lora[:, :rank] if rank else None,
+                                 layer.proj_up[:, :rank] if rank else None, layer.bias if bias else None,
+                                 torch.bfloat16, gelu, config=cfg)
 
             try:
                 y = fn()

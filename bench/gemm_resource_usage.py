@@ -66,6 +66,7 @@ def main() -> int:
     ap.add_argument("--warps", type=int, default=8)
     ap.add_argument("--stages", type=int, default=4)
     ap.add_argument("--gluon", action="store_true", help="the Gluon kernels (cooperative and ping-pong) instead")
+    ap.add_argument("--rank", type=int, default=32, help="--gluon: the branch's rank (96: rank 32 + a LoRA of 64)")
     ap.add_argument("--act", action="store_true", help="the activation kernels (both passes at their default tiles "
                     "and the tiles they replaced) instead")
     ap.add_argument("--w4a16", action="store_true", help="the tensor-core W4A16 kernels on packed weights (16-bit "
@@ -92,7 +93,7 @@ def main() -> int:
 
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     if args.gluon:
-        return gluon_usage(bindir, args.plain)
+        return gluon_usage(bindir, args.plain, args.rank)
     if args.act:
         return act_usage(bindir, args.plain)
     if args.w4a16:
@@ -204,9 +205,9 @@ def sass_text(cubin: bytes, bindir: str) -> str:
                               check=True).stdout
 
 
-def gluon_usage(bindir: str, plain: bool) -> int:
-    """Compile the Gluon kernels for sm_90a (rank 32 + bias epilogue, with and without GELU) and print their
-    resource usage."""
+def gluon_usage(bindir: str, plain: bool, rank: int = 32) -> int:
+    """Compile the Gluon kernels for sm_90a (branch of ``rank`` + bias epilogue, with and without GELU) and print
+    their resource usage."""
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
@@ -216,8 +217,10 @@ def gluon_usage(bindir: str, plain: bool) -> int:
     from triton.runtime.jit import mangle_type
 
     from svdq.kernels import gemm_w4a4_gluon as g
+    from svdq.kernels.gemm_w4a4 import branch_chunks
 
-    base = dict(HAS_LORA=True, HAS_BIAS=True, GELU=True, ACCUMULATE=False, BLOCK_R=32, R_CHUNK=32, GROUP_M=8)
+    block_r, r_chunk = branch_chunks(rank)
+    base = dict(HAS_LORA=True, HAS_BIAS=True, GELU=True, ACCUMULATE=False, BLOCK_R=block_r, R_CHUNK=r_chunk, GROUP_M=8)
     kernels = [("cooperative", g._w4a4_gemm_ws_kernel, (128, 256, 128), dict(STAGES=4, INSTR_N=128, WARPS=8), 8),
                ("cooperative", g._w4a4_gemm_ws_kernel, (128, 128, 128), dict(STAGES=5, INSTR_N=128, WARPS=8), 8),
                ("ping-pong", g._w4a4_gemm_pingpong_kernel, (128, 128, 128), dict(STAGES=4, INSTR_N=128, **g.pingpong_registers(40)), 4),
@@ -229,9 +232,12 @@ def gluon_usage(bindir: str, plain: bool) -> int:
     if "STORE_TMA" in g._w4a4_gemm_pingpong_kernel.arg_names:
         kernels.append(("ping-pong, TMA store", g._w4a4_gemm_pingpong_kernel, (128, 128, 128),
                         dict(STAGES=4, INSTR_N=128, STORE_TMA=True, **g.pingpong_registers(40)), 4))
+    if "BRANCH_STAGED" in g._w4a4_gemm_pingpong_kernel.arg_names and block_r > r_chunk:
+        kernels.append(("ping-pong, TMA store, branch staged", g._w4a4_gemm_pingpong_kernel, (128, 128, 128),
+                        dict(STAGES=4, INSTR_N=128, STORE_TMA=True, BRANCH_STAGED=True, **g.pingpong_registers(40)), 4))
     for (label, fn, (bm, bn, bk), extra, warps), gelu in [(k, gelu) for k in kernels for gelu in (False, True)]:
-        if "BRANCH_IN_TURN" in fn.arg_names and "BRANCH_IN_TURN" not in extra:  # as launched at rank 32
-            extra = dict(extra, BRANCH_IN_TURN=True)
+        if "BRANCH_IN_TURN" in fn.arg_names and "BRANCH_IN_TURN" not in extra:  # as launched
+            extra = dict(extra, BRANCH_IN_TURN=block_r == r_chunk)
         if "STORE_TMA" in fn.arg_names and "STORE_TMA" not in extra:
             extra = dict(extra, STORE_TMA=False)
         a = torch.empty(256, 256, dtype=torch.int8)
@@ -250,7 +256,7 @@ def gluon_usage(bindir: str, plain: bool) -> int:
                              attrs=launcher_attrs(fn.arg_names, sig, plain))
         k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
         u = usage(k.asm["cubin"], bindir)
-        print(f"Gluon {label} {bm}x{bn}x{bk}, {extra['STAGES']} stages, rank 32 + bias, GELU={gelu}: {u.get('STACK')} bytes of "
+        print(f"Gluon {label} {bm}x{bn}x{bk}, {extra['STAGES']} stages, rank {rank} + bias, GELU={gelu}: {u.get('STACK')} bytes of "
               f"stack, {k.metadata.shared} B shared (Triton {triton.__version__}, sm_90a){pdl_note(k)}")
     return 0
 

@@ -155,6 +155,35 @@ def _branch_chunk(r0, pid_m, pid_n, up_smem, lora_ptr, up_ptr, M, N, R, stride_l
 
 
 @gluon.jit
+def _branch_staged(y, pid_m, pid_n, up_chunks, lora_ptr, up_ptr, M, N, R, stride_lm, stride_un, BM: gl.constexpr,
+                   BN: gl.constexpr, BLOCK_R: gl.constexpr, R_CHUNK: gl.constexpr, y_layout: gl.constexpr):
+    """A branch of several chunks with one barrier and one MMA wait: every proj_up chunk goes into ``up_chunks``
+    (the warpgroup's output staging tile, free until the tile is stored) and every lora_act chunk into registers
+    first, then one bf16 wgmma a chunk is issued back to back. Chunk order and operands as ``_branch_chunk``'s
+    loop, so the same bits. Why: one chunk at a time paid a global-load latency, two barriers and an MMA wait per
+    chunk, serialized (H100, session 18: the rank-96 branch cost the ping-pong GEMM +28% at batch 2)."""
+    la_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=y_layout, k_width=2)
+    up_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // (R_CHUNK // 8), R_CHUNK // 8],
+                                               warps_per_cta=[4, 1], order=[1, 0])
+    lm = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, la_layout))
+    un = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, up_layout))
+    las = ()
+    for r0 in gl.static_range(0, BLOCK_R, R_CHUNK):
+        ur = r0 + gl.arange(0, R_CHUNK, layout=gl.SliceLayout(0, up_layout))
+        up = gl.load(up_ptr + un[:, None] * stride_un + ur[None, :],
+                     mask=(un < N)[:, None] & (ur < R)[None, :], other=0.0)
+        lr = r0 + gl.arange(0, R_CHUNK, layout=gl.SliceLayout(0, la_layout))
+        las = las + (gl.load(lora_ptr + lm[:, None] * stride_lm + lr[None, :],
+                             mask=(lm < M)[:, None] & (lr < R)[None, :], other=0.0).to(gl.bfloat16),)
+        up_chunks.index(r0 // R_CHUNK).store(up.to(gl.bfloat16))
+    fence_async_shared()
+    gl.thread_barrier()
+    for c in gl.static_range(BLOCK_R // R_CHUNK):
+        y = warpgroup_mma(las[c], up_chunks.index(c).permute((1, 0)), y, is_async=True)
+    return warpgroup_mma_wait(num_outstanding=0, deps=(y,))
+
+
+@gluon.jit
 def _bias_gelu(y, pid_n, bias_ptr, N, BN: gl.constexpr, HAS_BIAS: gl.constexpr, GELU: gl.constexpr,
                y_layout: gl.constexpr):
     """The tile's bias and GELU (both stores take them from here: the same bits either way)."""
@@ -284,7 +313,8 @@ def _pingpong_consumer(a_bufs, b_bufs, up_smem, ready, empty, turn, ascale_ptr, 
                        BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
                        GROUP_M: gl.constexpr, INSTR_N: gl.constexpr, HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr,
                        GELU: gl.constexpr, ACCUMULATE: gl.constexpr, BLOCK_R: gl.constexpr, R_CHUNK: gl.constexpr,
-                       BRANCH_IN_TURN: gl.constexpr, WG: gl.constexpr, c_desc, c_smem, STORE_TMA: gl.constexpr):
+                       BRANCH_IN_TURN: gl.constexpr, WG: gl.constexpr, c_desc, c_smem, STORE_TMA: gl.constexpr,
+                       BRANCH_STAGED: gl.constexpr):
     """One warpgroup taking every other tile of its program (``WG`` = 0 or 1), its main loops alternating with the
     other warpgroup's: it waits on ``turn[WG]`` until the other has issued every MMA of the tile before, and passes
     the turn back once its own are issued. So one warpgroup's epilogue runs under the other's MMAs, and the two walk
@@ -319,6 +349,15 @@ def _pingpong_consumer(a_bufs, b_bufs, up_smem, ready, empty, turn, ascale_ptr, 
             y = warpgroup_mma(la, up_smem.index(WG).permute((1, 0)), y, is_async=True)
             mbarrier.arrive(turn.index(1 - WG))
             y = warpgroup_mma_wait(num_outstanding=0, deps=(y,))
+        elif BRANCH_STAGED:
+            tma.store_wait(0)  # this warpgroup's previous tile has left c_smem, which stages the branch
+            gl.thread_barrier()
+            sa, sw = _tile_scales(pid_m, pid_n, ascale_ptr, wscale_ptr, M, N, BM, BN, y_layout)
+            y = gl.convert_layout(acc.to(gl.float32), y_layout) * sa[:, None] * sw[None, :]
+            up_chunks = c_smem.index(WG)._reinterpret(gl.bfloat16, [BM // R_CHUNK, BN, R_CHUNK],
+                                                      gl.NVMMASharedLayout.get_default_for([BN, R_CHUNK], gl.bfloat16))
+            y = _branch_staged(y, pid_m, pid_n, up_chunks, lora_ptr, up_ptr, M, N, R, stride_lm, stride_un, BM, BN,
+                               BLOCK_R, R_CHUNK, y_layout)
         else:
             y = _tile_result(acc, pid_m, pid_n, up_smem.index(WG), ascale_ptr, wscale_ptr, lora_ptr, up_ptr, M, N, R,
                              stride_lm, stride_un, BM, BN, INSTR_N, HAS_LORA, BLOCK_R, R_CHUNK, 4)
@@ -340,7 +379,7 @@ def _w4a4_gemm_pingpong_kernel(a_desc, b_desc, ascale_ptr, wscale_ptr, lora_ptr,
                                STAGES: gl.constexpr, GROUP_M: gl.constexpr, INSTR_N: gl.constexpr,
                                CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
                                BRANCH_IN_TURN: gl.constexpr = False, STORE_TMA: gl.constexpr = False,
-                               PDL: gl.constexpr = False):
+                               BRANCH_STAGED: gl.constexpr = False, PDL: gl.constexpr = False):
     """Ping-pong schedule: a producer warp and two consumer warpgroups, each with whole tiles of its own (BM rows
     per warpgroup), whose main loops take turns (``_pingpong_consumer``). The cooperative kernel above runs its
     epilogue with the tensor cores idle; here the other warpgroup's MMAs fill that time."""
@@ -368,11 +407,11 @@ def _w4a4_gemm_pingpong_kernel(a_desc, b_desc, ascale_ptr, wscale_ptr, lora_ptr,
         (_pingpong_consumer, (a_bufs, b_bufs, up_smem, ready, empty, turn, ascale_ptr, wscale_ptr, lora_ptr, up_ptr,
                               bias_ptr, c_ptr, M, N, KP, R, stride_lm, stride_un, stride_cm, BM, BN, BK, STAGES, GROUP_M,
                               INSTR_N, HAS_LORA, HAS_BIAS, GELU, ACCUMULATE, BLOCK_R, R_CHUNK, BRANCH_IN_TURN, 0,
-                              c_desc, c_smem, STORE_TMA)),
+                              c_desc, c_smem, STORE_TMA, BRANCH_STAGED)),
         (_pingpong_consumer, (a_bufs, b_bufs, up_smem, ready, empty, turn, ascale_ptr, wscale_ptr, lora_ptr, up_ptr,
                               bias_ptr, c_ptr, M, N, KP, R, stride_lm, stride_un, stride_cm, BM, BN, BK, STAGES, GROUP_M,
                               INSTR_N, HAS_LORA, HAS_BIAS, GELU, ACCUMULATE, BLOCK_R, R_CHUNK, BRANCH_IN_TURN, 1,
-                              c_desc, c_smem, STORE_TMA)),
+                              c_desc, c_smem, STORE_TMA, BRANCH_STAGED)),
         (_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, KP, BM, BN, BK, STAGES, GROUP_M)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
     _pdl_end(PDL)
@@ -398,7 +437,8 @@ def launch_ws(cfg_kwargs: dict, num_warps: int, args: tuple, flags: dict, m: int
         launch(_w4a4_gemm_pingpong_kernel, (programs,), (a_desc, b_desc) + args[2:12] + args[14:17] + (c_desc,),
                num_warps=4, **flags, STAGES=cfg_kwargs["STAGES"], GROUP_M=cfg_kwargs["GROUP_M"],
                INSTR_N=min(bn, 128), **pingpong_registers(cfg_kwargs.get("PRODUCER_REGS", 40)),
-               BRANCH_IN_TURN=in_turn, STORE_TMA=tma_store, pdl=True)
+               BRANCH_IN_TURN=in_turn, STORE_TMA=tma_store,
+               BRANCH_STAGED=branch_staged(cfg_kwargs, flags, tma_store, in_turn), pdl=True)
         return
     launch(_w4a4_gemm_ws_kernel, (programs,), (a_desc, b_desc) + args[2:12] + args[14:17],
            num_warps=num_warps, **flags, STAGES=cfg_kwargs["STAGES"], GROUP_M=cfg_kwargs["GROUP_M"],
@@ -426,6 +466,17 @@ def branch_in_turn(cfg_kwargs: dict, flags: dict) -> bool:
     choice = _switch(cfg_kwargs, "BRANCH", "SVDQ_BRANCH", ("turn", "epilogue"))
     one_chunk = flags.get("HAS_LORA") and flags.get("BLOCK_R") == flags.get("R_CHUNK")
     return bool(one_chunk and choice == "turn")
+
+
+def branch_staged(cfg_kwargs: dict, flags: dict, store_tma: bool, in_turn: bool) -> bool:
+    """Whether the ping-pong kernel's epilogue takes a branch of several chunks (rank > 64: a LoRA-widened one) in
+    one go, every proj_up chunk staged in the warpgroup's output tile first (``_branch_staged``), instead of one
+    chunk at a time through ``up_smem``: config key ``UP``, ``SVDQ_BRANCH_UP`` over it, ``staged`` (the default) or
+    ``chunked``. Only where that tile exists (``store_tma``) and holds the branch (rank ≤ BLOCK_M)."""
+    choice = _switch(cfg_kwargs, "UP", "SVDQ_BRANCH_UP", ("staged", "chunked"))
+    several = flags.get("HAS_LORA") and flags.get("BLOCK_R", 0) > flags.get("R_CHUNK", 0)
+    return bool(choice == "staged" and several and store_tma and not in_turn
+                and flags["BLOCK_R"] <= cfg_kwargs["BLOCK_M"])
 
 
 def store_by_tma(cfg_kwargs: dict, flags: dict, c: torch.Tensor) -> bool:

@@ -900,6 +900,63 @@ def test_pingpong_store_same_bits(store, m, n, rank, gelu, column_slice, triton_
         assert bool((wide[:, :128] == 7).all()) and bool((wide[:, 128 + n:] == 7).all())
 
 
+@pytest.mark.skipif(not SM90, reason="Gluon wgmma kernel: sm_90")
+@pytest.mark.parametrize("up", ["staged", "chunked"])
+@pytest.mark.parametrize("m,n,rank,gelu,dtype", [(2000, 3072, 96, False, torch.bfloat16),
+                                                 (1999, 3000, 96, True, torch.bfloat16),
+                                                 (700, 1536, 128, False, torch.bfloat16),
+                                                 (513, 1024, 48, True, torch.float16),
+                                                 (1000, 3072, 160, False, torch.bfloat16)])
+def test_pingpong_wide_branch_same_bits(up, m, n, rank, gelu, dtype, triton_kernels):
+    """A branch of several chunks (a LoRA-widened one), staged in the output tile and issued in one go or taken a
+    chunk at a time: the TMA Triton kernel's bits at odd M and N, chunks of 16, 32 and 64, GELU, fp16 output; rank
+    160 is wider than the staging tile holds and keeps the chunked loop."""
+    from svdq.kernels.act_quant import quantize_activation
+    from svdq.kernels.gemm_w4a4 import expand_weight, w4a4_gemm
+
+    layer = random_layer(n, 3072, rank, True, device=DEV, seed=m + rank)
+    x = torch.randn(m, 3072, device=DEV, dtype=torch.bfloat16)
+    a8, sa, lora = quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down)
+    w8 = expand_weight(layer.qweight, layer.wmult)
+    cfg = {"kwargs": {"SCHEDULE": "gluon", "PINGPONG": True, "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128,
+                      "STAGES": 4, "GROUP_M": 8, "UP": up}, "num_warps": 4, "num_stages": 1}
+    want = w4a4_gemm(a8, sa, w8, layer.wscale, lora, layer.proj_up, layer.bias, dtype, gelu=gelu, schedule="tma")
+    got = w4a4_gemm(a8, sa, w8, layer.wscale, lora, layer.proj_up, layer.bias, dtype, gelu=gelu, config=cfg)
+    torch.cuda.synchronize()
+    assert torch.equal(got, want)
+
+
+def test_wide_branch_staging_choice(monkeypatch):
+    """Which branches the ping-pong epilogue stages in the output tile: several chunks, a TMA-stored tile that
+    holds them (rank ≤ BLOCK_M), not in the turn; ``SVDQ_BRANCH_UP`` / ``UP`` switch it off, other values refused."""
+    gluon = pytest.importorskip("svdq.kernels.gemm_w4a4_gluon")
+    from svdq.kernels.gemm_w4a4 import branch_chunks
+
+    def flags(rank):
+        block_r, chunk = branch_chunks(rank)
+        return {"HAS_LORA": rank > 0, "BLOCK_R": block_r, "R_CHUNK": chunk}
+
+    cfg = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "STAGES": 4}
+    monkeypatch.delenv("SVDQ_BRANCH_UP", raising=False)
+    assert gluon.branch_staged(cfg, flags(96), True, False) and gluon.branch_staged(cfg, flags(128), True, False)
+    assert gluon.branch_staged(cfg, flags(48), True, False)
+    assert not gluon.branch_staged(cfg, flags(32), True, False)  # one chunk: nothing to batch
+    assert not gluon.branch_staged(cfg, flags(64), True, False)
+    assert not gluon.branch_staged(cfg, flags(0), True, False)
+    assert not gluon.branch_staged(cfg, flags(160), True, False)  # 160 ranks x 128 columns: past the 128 x 128 tile
+    assert not gluon.branch_staged(dict(cfg, BLOCK_M=64), flags(96), True, False)
+    assert not gluon.branch_staged(cfg, flags(96), False, False)  # pointer stores: no staging tile
+    assert not gluon.branch_staged(cfg, flags(96), True, True)
+    assert not gluon.branch_staged(dict(cfg, UP="chunked"), flags(96), True, False)
+    monkeypatch.setenv("SVDQ_BRANCH_UP", "chunked")
+    assert not gluon.branch_staged(dict(cfg, UP="staged"), flags(96), True, False)  # the variable over the config
+    monkeypatch.setenv("SVDQ_BRANCH_UP", "staged")
+    assert gluon.branch_staged(dict(cfg, UP="chunked"), flags(96), True, False)
+    monkeypatch.setenv("SVDQ_BRANCH_UP", "later")
+    with pytest.raises(ValueError, match="SVDQ_BRANCH_UP"):
+        gluon.branch_staged(cfg, flags(96), True, False)
+
+
 def test_store_choice(monkeypatch):
     """Which outputs the ping-pong kernel stores by TMA: 16-bit, 16-byte aligned base and row pitch, not
     accumulated into, a tile pair that fits in shared memory beside the ring; ``SVDQ_STORE`` / ``STORE`` switch it off, other values are refused."""
