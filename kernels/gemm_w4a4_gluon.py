@@ -17,7 +17,9 @@ bias, GELU, optional accumulate into the output, one 16-bit store. In the ping-p
 issued from the epilogue while the other warpgroup streams its int8 MMAs held that stream back (H100, session 12:
 the branch cost 10-14% of the GEMM at K = 3072 that way, 4-6% in the turn). Since tiles are stored by TMA the
 epilogue placement is 2-4% faster again at K = 3072 and the turn leads at K >= 12288, so the tuner offers both per
-shape (``branch_in_turn``; ``bench/gemm_epilogue_ab.py``, ``bench/retune_shipped.py``). The ping-pong kernel also
+shape (``branch_in_turn``; ``bench/gemm_epilogue_ab.py``, ``bench/retune_shipped.py``). A branch of several chunks
+(rank > 64: a LoRA-widened one) is staged whole in the warpgroup's output tile and its chunks' MMAs issued back to
+back (``branch_staged``; H100: the rank-96 GEMM up to 10% faster). The ping-pong kernel also
 writes each output tile through shared memory with one TMA bulk store (``store_by_tma``) instead of scattered
 4-byte stores from the MMA layout (H100: up to 1.14x the GEMM's speed at K = 3072 and small M,
 ``bench/gemm_store_ab.py``).

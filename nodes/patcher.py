@@ -149,7 +149,24 @@ class SVDQModelPatcher(comfy.model_patcher.ModelPatcher):
                      full_load=full_load)
         self.apply_svdq_loras()
 
+    def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):
+        """Loading a clone with other patches (a LoRA added, removed or its strength changed), ComfyUI unpatches by
+        moving the whole model to the offload device, then loads it back: on a GPU every weight made a round trip
+        (6 GB each way for FLUX). Quantized layers are never patched, so where the model is fully loaded on
+        ``device_to`` and will be again, the unpatch restores the 16-bit layers' backups in place and the weights
+        stay: a re-patch, not a reload."""
+        m = self.model
+        self._svdq_stay = (not getattr(m, "model_lowvram", False) and getattr(m, "device", None) == device_to
+                           and m.model_loaded_weight_memory > 0
+                           and m.model_loaded_weight_memory + extra_memory >= self.model_size())
+        try:
+            return super().partially_load(device_to, extra_memory=extra_memory, force_patch_weights=force_patch_weights)
+        finally:
+            self._svdq_stay = False
+
     def unpatch_model(self, device_to=None, unpatch_weights=True):
+        if getattr(self, "_svdq_stay", False):
+            device_to = None  # see partially_load
         if unpatch_weights:
             for _, m in svdq_modules(self.model.diffusion_model):
                 m.svdq_lora = []

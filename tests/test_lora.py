@@ -97,6 +97,30 @@ def test_strength_zero_and_strength_change_without_reload(models):
         assert qweight.data_ptr() == ptr
 
 
+def test_strength_change_keeps_the_weights_where_they_are(models, monkeypatch):
+    """ComfyUI unpatches a clone with other patches by moving the whole model to the offload device and back; an
+    svdq model's quantized weights are never patched, so a LoRA strength change must not move them. The offload
+    device here is ``meta``, where a tensor keeps no data: one round trip and the next step fails or differs."""
+    _, qm = models
+    c = random_conditioning(qm, 1, seed=11)[0]
+    lora = {k: v for k, v in make_lora(seed=12).items() if not k.startswith("diffusion_model.img_in.")}
+    want = [sample(apply_lora(qm, lora, s), c, seed=2, steps=2) for s in (1.0, 0.4, 1.0)]
+    offload = qm.offload_device
+    monkeypatch.setattr(qm, "offload_device", torch.device("meta"))  # clones made from here on inherit it
+    lin = qm.model.diffusion_model.double_blocks[0].img_attn.qkv
+    ptr = lin.svdq_qweight.data_ptr()
+    clones = [apply_lora(qm, lora, s) for s in (1.0, 0.4, 1.0)]
+    try:
+        got = [sample(m, c, seed=2, steps=2) for m in clones]
+        for g, w in zip(got, want):
+            assert torch.equal(g, w)
+        assert not lin.svdq_qweight.is_meta and lin.svdq_qweight.data_ptr() == ptr
+    finally:  # a real unload does move the model: to the real offload device, for the tests after this one
+        for m in clones:
+            m.offload_device = offload
+        comfy.model_management.unload_all_models()
+
+
 def test_diffusers_qkv_slices_touch_only_their_rows(models):
     _, qm = models
     g = torch.Generator().manual_seed(4)
