@@ -67,6 +67,7 @@ def main() -> int:
     ap.add_argument("--stages", type=int, default=4)
     ap.add_argument("--gluon", action="store_true", help="the Gluon kernels (cooperative and ping-pong) instead")
     ap.add_argument("--rank", type=int, default=32, help="--gluon: the branch's rank (96: rank 32 + a LoRA of 64)")
+    ap.add_argument("--sass-hash", action="store_true", help="--gluon: print a hash of each kernel's SASS")
     ap.add_argument("--act", action="store_true", help="the activation kernels (both passes at their default tiles "
                     "and the tiles they replaced) instead")
     ap.add_argument("--w4a16", action="store_true", help="the tensor-core W4A16 kernels on packed weights (16-bit "
@@ -93,7 +94,7 @@ def main() -> int:
 
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     if args.gluon:
-        return gluon_usage(bindir, args.plain, args.rank)
+        return gluon_usage(bindir, args.plain, args.rank, args.sass_hash)
     if args.act:
         return act_usage(bindir, args.plain)
     if args.w4a16:
@@ -205,7 +206,7 @@ def sass_text(cubin: bytes, bindir: str) -> str:
                               check=True).stdout
 
 
-def gluon_usage(bindir: str, plain: bool, rank: int = 32) -> int:
+def gluon_usage(bindir: str, plain: bool, rank: int = 32, sass_hash: bool = False) -> int:
     """Compile the Gluon kernels for sm_90a (branch of ``rank`` + bias epilogue, with and without GELU) and print
     their resource usage."""
     import torch
@@ -235,11 +236,15 @@ def gluon_usage(bindir: str, plain: bool, rank: int = 32) -> int:
     if "BRANCH_STAGED" in g._w4a4_gemm_pingpong_kernel.arg_names and block_r > r_chunk:
         kernels.append(("ping-pong, TMA store, branch staged", g._w4a4_gemm_pingpong_kernel, (128, 128, 128),
                         dict(STAGES=4, INSTR_N=128, STORE_TMA=True, BRANCH_STAGED=True, **g.pingpong_registers(40)), 4))
+        kernels.append(("ping-pong, TMA store, branch staged, in the turn", g._w4a4_gemm_pingpong_kernel, (128, 128, 128),
+                        dict(STAGES=4, INSTR_N=128, STORE_TMA=True, BRANCH_STAGED=True, BRANCH_IN_TURN=True,
+                             **g.pingpong_registers(40)), 4))
     for (label, fn, (bm, bn, bk), extra, warps), gelu in [(k, gelu) for k in kernels for gelu in (False, True)]:
         if "BRANCH_IN_TURN" in fn.arg_names and "BRANCH_IN_TURN" not in extra:  # as launched
             extra = dict(extra, BRANCH_IN_TURN=block_r == r_chunk)
-        if "STORE_TMA" in fn.arg_names and "STORE_TMA" not in extra:
-            extra = dict(extra, STORE_TMA=False)
+        for flag in ("STORE_TMA", "BRANCH_STAGED"):  # constexprs with defaults: as launched, or the signature
+            if flag in fn.arg_names and flag not in extra:  # below would make them runtime integers (both
+                extra = dict(extra, **{flag: False})  # branches of each `if` compiled in)
         a = torch.empty(256, 256, dtype=torch.int8)
         descs = {"a_desc": TensorDescriptor(a, [256, 256], [256, 1], [bm, bk], gl.NVMMASharedLayout.get_default_for([bm, bk], gl.int8)),
                  "b_desc": TensorDescriptor(a, [256, 256], [256, 1], [bn, bk], gl.NVMMASharedLayout.get_default_for([bn, bk], gl.int8))}
@@ -256,6 +261,9 @@ def gluon_usage(bindir: str, plain: bool, rank: int = 32) -> int:
                              attrs=launcher_attrs(fn.arg_names, sig, plain))
         k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
         u = usage(k.asm["cubin"], bindir)
+        if sass_hash:  # same hash, same machine code: a refactor that should change nothing can be checked offline
+            import hashlib
+            label += " [SASS " + hashlib.sha256(sass_text(k.asm["cubin"], bindir).encode()).hexdigest()[:12] + "]"
         print(f"Gluon {label} {bm}x{bn}x{bk}, {extra['STAGES']} stages, rank {rank} + bias, GELU={gelu}: {u.get('STACK')} bytes of "
               f"stack, {k.metadata.shared} B shared (Triton {triton.__version__}, sm_90a){pdl_note(k)}")
     return 0

@@ -157,13 +157,12 @@ def _branch_chunk(r0, pid_m, pid_n, up_smem, lora_ptr, up_ptr, M, N, R, stride_l
 
 
 @gluon.jit
-def _branch_staged(y, pid_m, pid_n, up_chunks, lora_ptr, up_ptr, M, N, R, stride_lm, stride_un, BM: gl.constexpr,
-                   BN: gl.constexpr, BLOCK_R: gl.constexpr, R_CHUNK: gl.constexpr, y_layout: gl.constexpr):
-    """A branch of several chunks with one barrier and one MMA wait: every proj_up chunk goes into ``up_chunks``
-    (the warpgroup's output staging tile, free until the tile is stored) and every lora_act chunk into registers
-    first, then one bf16 wgmma a chunk is issued back to back. Chunk order and operands as ``_branch_chunk``'s
-    loop, so the same bits. Why: one chunk at a time paid a global-load latency, two barriers and an MMA wait per
-    chunk, serialized (H100, session 18: the rank-96 branch cost the ping-pong GEMM +28% at batch 2)."""
+def _stage_branch(pid_m, pid_n, up_chunks, lora_ptr, up_ptr, M, N, R, stride_lm, stride_un, BM: gl.constexpr,
+                  BN: gl.constexpr, BLOCK_R: gl.constexpr, R_CHUNK: gl.constexpr, y_layout: gl.constexpr):
+    """A branch of several chunks staged at once: every proj_up chunk goes into ``up_chunks`` (the warpgroup's
+    output staging tile, free until the tile is stored; fenced and synced for wgmma), every lora_act chunk into
+    registers (returned, a tuple). Why: one chunk at a time paid a global-load latency, two barriers and an MMA
+    wait per chunk, serialized (H100, session 18: the rank-96 branch cost the ping-pong GEMM +28% at batch 2)."""
     la_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=y_layout, k_width=2)
     up_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // (R_CHUNK // 8), R_CHUNK // 8],
                                                warps_per_cta=[4, 1], order=[1, 0])
@@ -180,9 +179,23 @@ def _branch_staged(y, pid_m, pid_n, up_chunks, lora_ptr, up_ptr, M, N, R, stride
         up_chunks.index(r0 // R_CHUNK).store(up.to(gl.bfloat16))
     fence_async_shared()
     gl.thread_barrier()
-    for c in gl.static_range(BLOCK_R // R_CHUNK):
+    return las
+
+
+@gluon.jit
+def _branch_mmas(y, las, up_chunks, CHUNKS: gl.constexpr):
+    """The staged branch's bf16 wgmmas, issued back to back, in ``_branch_chunk``'s chunk order (so the same
+    bits); left in flight for the caller's wait."""
+    for c in gl.static_range(CHUNKS):
         y = warpgroup_mma(las[c], up_chunks.index(c).permute((1, 0)), y, is_async=True)
-    return warpgroup_mma_wait(num_outstanding=0, deps=(y,))
+    return y
+
+
+@gluon.jit
+def _staging_tile(c_smem, BM: gl.constexpr, BN: gl.constexpr, R_CHUNK: gl.constexpr):
+    """A warpgroup's output staging tile seen as BM / R_CHUNK proj_up chunks of [BN, R_CHUNK] bf16."""
+    return c_smem._reinterpret(gl.bfloat16, [BM // R_CHUNK, BN, R_CHUNK],
+                               gl.NVMMASharedLayout.get_default_for([BN, R_CHUNK], gl.bfloat16))
 
 
 @gluon.jit
@@ -332,8 +345,15 @@ def _pingpong_consumer(a_bufs, b_bufs, up_smem, ready, empty, turn, ascale_ptr, 
     for tile in range(gl.program_id(0) + WG * gl.num_programs(0), num_m * num_n, 2 * gl.num_programs(0)):
         pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
         if BRANCH_IN_TURN:  # the branch operands and scales are fetched before the turn, under the other's MMAs
-            la = _branch_chunk(0, pid_m, pid_n, up_smem.index(WG), lora_ptr, up_ptr, M, N, R, stride_lm, stride_un,
-                               BM, BN, R_CHUNK, y_layout, 4)
+            if BRANCH_STAGED:
+                tma.store_wait(0)  # this warpgroup's previous tile has left c_smem, which stages the branch
+                gl.thread_barrier()
+                up_chunks = _staging_tile(c_smem.index(WG), BM, BN, R_CHUNK)
+                las = _stage_branch(pid_m, pid_n, up_chunks, lora_ptr, up_ptr, M, N, R, stride_lm, stride_un, BM, BN,
+                                    BLOCK_R, R_CHUNK, y_layout)
+            else:
+                la = _branch_chunk(0, pid_m, pid_n, up_smem.index(WG), lora_ptr, up_ptr, M, N, R, stride_lm,
+                                   stride_un, BM, BN, R_CHUNK, y_layout, 4)
             sa, sw = _tile_scales(pid_m, pid_n, ascale_ptr, wscale_ptr, M, N, BM, BN, y_layout)
         mbarrier.wait(turn.index(WG), ((j - 1) // 2) & 1, pred=j > 0)
         it = j * k_tiles
@@ -348,7 +368,10 @@ def _pingpong_consumer(a_bufs, b_bufs, up_smem, ready, empty, turn, ascale_ptr, 
             # epilogue while the other warpgroup streams its main loop, it held that warpgroup's MMAs back
             # (H100: +10-14% at K = 3072, bench/gluon_epilogue_probe.py).
             y = gl.convert_layout(acc.to(gl.float32), y_layout) * sa[:, None] * sw[None, :]
-            y = warpgroup_mma(la, up_smem.index(WG).permute((1, 0)), y, is_async=True)
+            if BRANCH_STAGED:
+                y = _branch_mmas(y, las, up_chunks, BLOCK_R // R_CHUNK)
+            else:
+                y = warpgroup_mma(la, up_smem.index(WG).permute((1, 0)), y, is_async=True)
             mbarrier.arrive(turn.index(1 - WG))
             y = warpgroup_mma_wait(num_outstanding=0, deps=(y,))
         elif BRANCH_STAGED:
@@ -356,10 +379,11 @@ def _pingpong_consumer(a_bufs, b_bufs, up_smem, ready, empty, turn, ascale_ptr, 
             gl.thread_barrier()
             sa, sw = _tile_scales(pid_m, pid_n, ascale_ptr, wscale_ptr, M, N, BM, BN, y_layout)
             y = gl.convert_layout(acc.to(gl.float32), y_layout) * sa[:, None] * sw[None, :]
-            up_chunks = c_smem.index(WG)._reinterpret(gl.bfloat16, [BM // R_CHUNK, BN, R_CHUNK],
-                                                      gl.NVMMASharedLayout.get_default_for([BN, R_CHUNK], gl.bfloat16))
-            y = _branch_staged(y, pid_m, pid_n, up_chunks, lora_ptr, up_ptr, M, N, R, stride_lm, stride_un, BM, BN,
-                               BLOCK_R, R_CHUNK, y_layout)
+            up_chunks = _staging_tile(c_smem.index(WG), BM, BN, R_CHUNK)
+            las = _stage_branch(pid_m, pid_n, up_chunks, lora_ptr, up_ptr, M, N, R, stride_lm, stride_un, BM, BN,
+                                BLOCK_R, R_CHUNK, y_layout)
+            y = _branch_mmas(y, las, up_chunks, BLOCK_R // R_CHUNK)
+            y = warpgroup_mma_wait(num_outstanding=0, deps=(y,))
         else:
             y = _tile_result(acc, pid_m, pid_n, up_smem.index(WG), ascale_ptr, wscale_ptr, lora_ptr, up_ptr, M, N, R,
                              stride_lm, stride_un, BM, BN, INSTR_N, HAS_LORA, BLOCK_R, R_CHUNK, 4)
@@ -436,11 +460,12 @@ def launch_ws(cfg_kwargs: dict, num_warps: int, args: tuple, flags: dict, m: int
         tma_store = store_by_tma(cfg_kwargs, flags, c)
         c_desc = GluonDescriptor(c, [m, n], [c.stride(0), 1], [bm, bn], gl.NVMMASharedLayout.get_default_for(
             [bm, bn], gl.bfloat16 if c.dtype == torch.bfloat16 else gl.float16)) if tma_store else b_desc
+        staged = branch_staged(cfg_kwargs, flags, tma_store, in_turn)
         launch(_w4a4_gemm_pingpong_kernel, (programs,), (a_desc, b_desc) + args[2:12] + args[14:17] + (c_desc,),
                num_warps=4, **flags, STAGES=cfg_kwargs["STAGES"], GROUP_M=cfg_kwargs["GROUP_M"],
                INSTR_N=min(bn, 128), **pingpong_registers(cfg_kwargs.get("PRODUCER_REGS", 40)),
-               BRANCH_IN_TURN=in_turn, STORE_TMA=tma_store,
-               BRANCH_STAGED=branch_staged(cfg_kwargs, flags, tma_store, in_turn), pdl=True)
+               BRANCH_IN_TURN=in_turn or (staged and staged_in_turn(cfg_kwargs)), STORE_TMA=tma_store,
+               BRANCH_STAGED=staged, pdl=True)
         return
     launch(_w4a4_gemm_ws_kernel, (programs,), (a_desc, b_desc) + args[2:12] + args[14:17],
            num_warps=num_warps, **flags, STAGES=cfg_kwargs["STAGES"], GROUP_M=cfg_kwargs["GROUP_M"],
@@ -472,13 +497,21 @@ def branch_in_turn(cfg_kwargs: dict, flags: dict) -> bool:
 
 def branch_staged(cfg_kwargs: dict, flags: dict, store_tma: bool, in_turn: bool) -> bool:
     """Whether the ping-pong kernel's epilogue takes a branch of several chunks (rank > 64: a LoRA-widened one) in
-    one go, every proj_up chunk staged in the warpgroup's output tile first (``_branch_staged``), instead of one
-    chunk at a time through ``up_smem``: config key ``UP``, ``SVDQ_BRANCH_UP`` over it, ``staged`` (the default) or
-    ``chunked``. Only where that tile exists (``store_tma``) and holds the branch (rank ≤ BLOCK_M)."""
-    choice = _switch(cfg_kwargs, "UP", "SVDQ_BRANCH_UP", ("staged", "chunked"))
+    one go, every proj_up chunk staged in the warpgroup's output tile first (``_stage_branch``), instead of one
+    chunk at a time through ``up_smem``: config key ``UP``, ``SVDQ_BRANCH_UP`` over it, ``staged`` (the default),
+    ``turn`` (staged, its MMAs in the turn: ``staged_in_turn``) or ``chunked``. Only where that tile exists
+    (``store_tma``) and holds the branch (rank ≤ BLOCK_M)."""
+    choice = _switch(cfg_kwargs, "UP", "SVDQ_BRANCH_UP", ("staged", "chunked", "turn"))
     several = flags.get("HAS_LORA") and flags.get("BLOCK_R", 0) > flags.get("R_CHUNK", 0)
-    return bool(choice == "staged" and several and store_tma and not in_turn
+    return bool(choice != "chunked" and several and store_tma and not in_turn
                 and flags["BLOCK_R"] <= cfg_kwargs["BLOCK_M"])
+
+
+def staged_in_turn(cfg_kwargs: dict) -> bool:
+    """``UP`` = ``turn`` (opt-in, not measured on a GPU yet): the staged branch is loaded before the warpgroup's turn
+    and its MMAs issued in the turn, as a one-chunk branch's (``branch_in_turn``); its lora_act chunks stay in
+    registers across the main loop (rank 96: 48 more a thread)."""
+    return _switch(cfg_kwargs, "UP", "SVDQ_BRANCH_UP", ("staged", "chunked", "turn")) == "turn"
 
 
 def store_by_tma(cfg_kwargs: dict, flags: dict, c: torch.Tensor) -> bool:

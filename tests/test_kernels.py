@@ -901,15 +901,15 @@ def test_pingpong_store_same_bits(store, m, n, rank, gelu, column_slice, triton_
 
 
 @pytest.mark.skipif(not SM90, reason="Gluon wgmma kernel: sm_90")
-@pytest.mark.parametrize("up", ["staged", "chunked"])
+@pytest.mark.parametrize("up", ["staged", "chunked", "turn"])
 @pytest.mark.parametrize("m,n,rank,gelu,dtype", [(2000, 3072, 96, False, torch.bfloat16),
                                                  (1999, 3000, 96, True, torch.bfloat16),
                                                  (700, 1536, 128, False, torch.bfloat16),
                                                  (513, 1024, 48, True, torch.float16),
                                                  (1000, 3072, 160, False, torch.bfloat16)])
 def test_pingpong_wide_branch_same_bits(up, m, n, rank, gelu, dtype, triton_kernels):
-    """A branch of several chunks (a LoRA-widened one), staged in the output tile and issued in one go or taken a
-    chunk at a time: the TMA Triton kernel's bits at odd M and N, chunks of 16, 32 and 64, GELU, fp16 output; rank
+    """A branch of several chunks (a LoRA-widened one), staged in the output tile and issued in one go (in the
+    epilogue or in the turn) or taken a chunk at a time: the TMA Triton kernel's bits at odd M and N, chunks of 16, 32 and 64, GELU, fp16 output; rank
     160 is wider than the staging tile holds and keeps the chunked loop."""
     from svdq.kernels.act_quant import quantize_activation
     from svdq.kernels.gemm_w4a4 import expand_weight, w4a4_gemm
@@ -948,6 +948,9 @@ def test_wide_branch_staging_choice(monkeypatch):
     assert not gluon.branch_staged(cfg, flags(96), False, False)  # pointer stores: no staging tile
     assert not gluon.branch_staged(cfg, flags(96), True, True)
     assert not gluon.branch_staged(dict(cfg, UP="chunked"), flags(96), True, False)
+    assert gluon.branch_staged(dict(cfg, UP="turn"), flags(96), True, False)  # staged, its MMAs in the turn
+    assert gluon.staged_in_turn(dict(cfg, UP="turn")) and not gluon.staged_in_turn(dict(cfg, UP="chunked"))
+    assert not gluon.staged_in_turn(cfg)  # opt-in: the default stages in the epilogue
     monkeypatch.setenv("SVDQ_BRANCH_UP", "chunked")
     assert not gluon.branch_staged(dict(cfg, UP="staged"), flags(96), True, False)  # the variable over the config
     monkeypatch.setenv("SVDQ_BRANCH_UP", "staged")
