@@ -9,7 +9,8 @@ next to the time the int8 work would take at the datasheet peak (1979 TOPS dense
     python3 bench/gemm_epilogue_ab.py [--json OUT] [--rank 96]
 
 ``--rank 96`` times a LoRA-widened branch (rank 32 + 64, as a LoRA node makes it) instead: its chunks staged
-together in the output tile (the default; or with its MMAs in the warpgroup's turn, ``UP=turn``) or one at a time, against the same layer's first 32 ranks and no branch.
+together in the output tile (the default; or with its MMAs in the warpgroup's turn, ``UP=turn``) or one at a time,
+against the same layer's first 32 ranks and no branch.
 """
 
 from __future__ import annotations

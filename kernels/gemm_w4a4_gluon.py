@@ -192,10 +192,24 @@ def _branch_mmas(y, las, up_chunks, CHUNKS: gl.constexpr):
 
 
 @gluon.jit
-def _staging_tile(c_smem, BM: gl.constexpr, BN: gl.constexpr, R_CHUNK: gl.constexpr):
-    """A warpgroup's output staging tile seen as BM / R_CHUNK proj_up chunks of [BN, R_CHUNK] bf16."""
-    return c_smem._reinterpret(gl.bfloat16, [BM // R_CHUNK, BN, R_CHUNK],
-                               gl.NVMMASharedLayout.get_default_for([BN, R_CHUNK], gl.bfloat16))
+def _tile_left():
+    """The warpgroup's previous output tile has left its staging tile: the thread that issued the TMA copy waits
+    for it, the others wait for that thread."""
+    tma.store_wait(0)
+    gl.thread_barrier()
+
+
+@gluon.jit
+def _stage_branch_in_tile(c_smem, pid_m, pid_n, lora_ptr, up_ptr, M, N, R, stride_lm, stride_un, BM: gl.constexpr,
+                          BN: gl.constexpr, BLOCK_R: gl.constexpr, R_CHUNK: gl.constexpr, y_layout: gl.constexpr):
+    """``_stage_branch`` into a warpgroup's output staging tile ``c_smem`` (which the warpgroup's previous tile must
+    have left: ``_tile_left``), seen as BM / R_CHUNK proj_up chunks of [BN, R_CHUNK] bf16. Returns (lora_act chunks,
+    the chunks' view)."""
+    up_chunks = c_smem._reinterpret(gl.bfloat16, [BM // R_CHUNK, BN, R_CHUNK],
+                                    gl.NVMMASharedLayout.get_default_for([BN, R_CHUNK], gl.bfloat16))
+    las = _stage_branch(pid_m, pid_n, up_chunks, lora_ptr, up_ptr, M, N, R, stride_lm, stride_un, BM, BN, BLOCK_R,
+                        R_CHUNK, y_layout)
+    return las, up_chunks
 
 
 @gluon.jit
@@ -230,8 +244,7 @@ def _tile_store_tma(y, pid_m, pid_n, bias_ptr, c_desc, c_smem, N, BM: gl.constex
     """Bias, GELU, then the tile through shared memory and one TMA bulk store (which clips rows and columns past
     the output), instead of 64 scattered 4-byte stores a thread in the MMA layout."""
     y = _bias_gelu(y, pid_n, bias_ptr, N, BN, HAS_BIAS, GELU, y_layout)
-    tma.store_wait(0)  # this warpgroup's previous tile has left c_smem (the thread that issued its copy waits,
-    gl.thread_barrier()  # the others wait for it)
+    _tile_left()
     c_smem.store(y.to(c_desc.block_type.element_ty))
     fence_async_shared()
     gl.thread_barrier()
@@ -346,11 +359,9 @@ def _pingpong_consumer(a_bufs, b_bufs, up_smem, ready, empty, turn, ascale_ptr, 
         pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
         if BRANCH_IN_TURN:  # the branch operands and scales are fetched before the turn, under the other's MMAs
             if BRANCH_STAGED:
-                tma.store_wait(0)  # this warpgroup's previous tile has left c_smem, which stages the branch
-                gl.thread_barrier()
-                up_chunks = _staging_tile(c_smem.index(WG), BM, BN, R_CHUNK)
-                las = _stage_branch(pid_m, pid_n, up_chunks, lora_ptr, up_ptr, M, N, R, stride_lm, stride_un, BM, BN,
-                                    BLOCK_R, R_CHUNK, y_layout)
+                _tile_left()
+                las, up_chunks = _stage_branch_in_tile(c_smem.index(WG), pid_m, pid_n, lora_ptr, up_ptr, M, N, R,
+                                                       stride_lm, stride_un, BM, BN, BLOCK_R, R_CHUNK, y_layout)
             else:
                 la = _branch_chunk(0, pid_m, pid_n, up_smem.index(WG), lora_ptr, up_ptr, M, N, R, stride_lm,
                                    stride_un, BM, BN, R_CHUNK, y_layout, 4)
@@ -375,13 +386,11 @@ def _pingpong_consumer(a_bufs, b_bufs, up_smem, ready, empty, turn, ascale_ptr, 
             mbarrier.arrive(turn.index(1 - WG))
             y = warpgroup_mma_wait(num_outstanding=0, deps=(y,))
         elif BRANCH_STAGED:
-            tma.store_wait(0)  # this warpgroup's previous tile has left c_smem, which stages the branch
-            gl.thread_barrier()
+            _tile_left()
             sa, sw = _tile_scales(pid_m, pid_n, ascale_ptr, wscale_ptr, M, N, BM, BN, y_layout)
             y = gl.convert_layout(acc.to(gl.float32), y_layout) * sa[:, None] * sw[None, :]
-            up_chunks = _staging_tile(c_smem.index(WG), BM, BN, R_CHUNK)
-            las = _stage_branch(pid_m, pid_n, up_chunks, lora_ptr, up_ptr, M, N, R, stride_lm, stride_un, BM, BN,
-                                BLOCK_R, R_CHUNK, y_layout)
+            las, up_chunks = _stage_branch_in_tile(c_smem.index(WG), pid_m, pid_n, lora_ptr, up_ptr, M, N, R,
+                                                   stride_lm, stride_un, BM, BN, BLOCK_R, R_CHUNK, y_layout)
             y = _branch_mmas(y, las, up_chunks, BLOCK_R // R_CHUNK)
             y = warpgroup_mma_wait(num_outstanding=0, deps=(y,))
         else:
