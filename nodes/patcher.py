@@ -101,6 +101,8 @@ def _adapter_lowrank(adapter, rows: int, cols: int, key: str, device):
 class SVDQModelPatcher(comfy.model_patcher.ModelPatcher):
     """ModelPatcher whose LoRA patches on quantized layers extend the low-rank branch."""
 
+    _svdq_stay = False  # the next unpatch keeps the weights where they are (``partially_load``)
+
     def model_size(self):
         if self.size > 0:
             return self.size
@@ -154,7 +156,8 @@ class SVDQModelPatcher(comfy.model_patcher.ModelPatcher):
         moving the whole model to the offload device, then loads it back: on a GPU every weight made a round trip
         (6 GB each way for FLUX). Quantized layers are never patched, so where the model is fully loaded on
         ``device_to`` and will be again, the unpatch restores the 16-bit layers' backups in place and the weights
-        stay: a re-patch, not a reload."""
+        stay: a re-patch, not a reload. Only that first unpatch: if the load then fails, ComfyUI's detach still
+        moves the model off the device."""
         m = self.model
         self._svdq_stay = (not getattr(m, "model_lowvram", False) and getattr(m, "device", None) == device_to
                            and m.model_loaded_weight_memory > 0
@@ -165,8 +168,8 @@ class SVDQModelPatcher(comfy.model_patcher.ModelPatcher):
             self._svdq_stay = False
 
     def unpatch_model(self, device_to=None, unpatch_weights=True):
-        if getattr(self, "_svdq_stay", False):
-            device_to = None  # see partially_load
+        if self._svdq_stay:  # see partially_load
+            self._svdq_stay, device_to = False, None
         if unpatch_weights:
             for _, m in svdq_modules(self.model.diffusion_model):
                 m.svdq_lora = []

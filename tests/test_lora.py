@@ -121,6 +121,26 @@ def test_strength_change_keeps_the_weights_where_they_are(models, monkeypatch):
         comfy.model_management.unload_all_models()
 
 
+def test_failed_reload_still_moves_the_model_off(tiny_models, monkeypatch):
+    """The weights stay put only for the unpatch that starts a clone's load: when the load itself then fails,
+    ComfyUI's detach must still move the model to the offload device (``meta`` here: where it lands shows)."""
+    qm = load_svdq_model(tiny_models[1])  # its own copy: this test sends it to meta
+    c = random_conditioning(qm, 1, seed=13)[0]
+    lora = {k: v for k, v in make_lora(seed=14).items() if not k.startswith("diffusion_model.img_in.")}
+    sample(apply_lora(qm, lora, 1.0), c, seed=2, steps=1)
+    qm.offload_device = torch.device("meta")
+    clone = apply_lora(qm, lora, 0.5)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("load failed")
+
+    monkeypatch.setattr(clone, "load", fail)
+    with pytest.raises(RuntimeError, match="load failed"):
+        comfy.model_management.load_models_gpu([clone])
+    assert qm.model.diffusion_model.double_blocks[0].img_attn.qkv.svdq_qweight.is_meta
+    assert not clone._svdq_stay
+
+
 def test_diffusers_qkv_slices_touch_only_their_rows(models):
     _, qm = models
     g = torch.Generator().manual_seed(4)
