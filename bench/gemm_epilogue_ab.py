@@ -10,7 +10,8 @@ next to the time the int8 work would take at the datasheet peak (1979 TOPS dense
 
 ``--rank 96`` times a LoRA-widened branch (rank 32 + 64, as a LoRA node makes it) instead: its chunks staged
 together in the output tile (the default; or with its MMAs in the warpgroup's turn, ``UP=turn``) or one at a time,
-against the same layer's first 32 ranks and no branch.
+against the same layer's first 32 ranks and no branch. The ``tile`` and ``5 stages`` rows stage even a one-chunk
+branch in the output tile (``UP=tile``), which frees the shared memory for a fifth stage beside the TMA store.
 """
 
 from __future__ import annotations
@@ -49,6 +50,13 @@ def main() -> None:
         ("+ GELU, branch in the epilogue", {"BRANCH": "epilogue"}, 32, True, True),
         ("no branch", {}, 0, True, False),
         ("no branch, no bias", {}, 0, False, False),
+        ("tile: staged in the output tile, turn", {"UP": "tile", "BRANCH": "turn"}, 32, True, False),
+        ("tile, epilogue", {"UP": "tile", "BRANCH": "epilogue"}, 32, True, False),
+        ("tile, turn, 5 stages", {"UP": "tile", "BRANCH": "turn", "STAGES": 5}, 32, True, False),
+        ("tile, epilogue, 5 stages", {"UP": "tile", "BRANCH": "epilogue", "STAGES": 5}, 32, True, False),
+        ("tile, turn, 5 stages + GELU", {"UP": "tile", "BRANCH": "turn", "STAGES": 5}, 32, True, True),
+        ("tile, epilogue, 5 stages + GELU", {"UP": "tile", "BRANCH": "epilogue", "STAGES": 5}, 32, True, True),
+        ("no branch, 5 stages", {"STAGES": 5}, 0, True, False),
     ]
     if args.rank > 64:  # rank 32 here means the wide layer's first 32 ranks
         variants = [
@@ -57,6 +65,8 @@ def main() -> None:
             (f"r{args.rank} staged, MMAs in the turn", {"UP": "turn"}, args.rank, True, False),
             (f"r{args.rank} staged + GELU", {}, args.rank, True, True),
             (f"r{args.rank} chunked + GELU", {"UP": "chunked"}, args.rank, True, True),
+            (f"r{args.rank} staged, 5 stages", {"STAGES": 5}, args.rank, True, False),
+            (f"r{args.rank} staged, MMAs in the turn, 5 stages", {"UP": "turn", "STAGES": 5}, args.rank, True, False),
             ("r32 (its first 32 ranks)", {}, 32, True, False),
             ("no branch", {}, 0, True, False),
         ]

@@ -505,22 +505,26 @@ def branch_in_turn(cfg_kwargs: dict, flags: dict) -> bool:
 
 
 def branch_staged(cfg_kwargs: dict, flags: dict, store_tma: bool, in_turn: bool) -> bool:
-    """Whether the ping-pong kernel's epilogue takes a branch of several chunks (rank > 64: a LoRA-widened one) in
-    one go, every proj_up chunk staged in the warpgroup's output tile first (``_stage_branch``), instead of one
-    chunk at a time through ``up_smem``: config key ``UP``, ``SVDQ_BRANCH_UP`` over it, ``staged`` (the default),
-    ``turn`` (staged, its MMAs in the turn: ``staged_in_turn``) or ``chunked``. Only where that tile exists
-    (``store_tma``) and holds the branch (rank ≤ BLOCK_M)."""
-    choice = _switch(cfg_kwargs, "UP", "SVDQ_BRANCH_UP", ("staged", "chunked", "turn"))
-    several = flags.get("HAS_LORA") and flags.get("BLOCK_R", 0) > flags.get("R_CHUNK", 0)
-    return bool(choice != "chunked" and several and store_tma and not in_turn
-                and flags["BLOCK_R"] <= cfg_kwargs["BLOCK_M"])
+    """Whether the ping-pong kernel stages the branch's proj_up in the warpgroup's output tile (``_stage_branch``)
+    instead of one chunk at a time through ``up_smem``: config key ``UP``, ``SVDQ_BRANCH_UP`` over it. ``staged`` (the
+    default): a branch of several chunks (rank > 64: a LoRA-widened one), its chunks' MMAs issued back to back;
+    ``turn``: the same, its MMAs in the turn (``staged_in_turn``); ``tile``: every branch, a one-chunk one included
+    (its MMA in the turn or the epilogue as ``branch_in_turn`` says), so ``up_smem`` drops out and a fifth stage fits
+    beside the TMA store (``pingpong_shared_bytes``); ``chunked``: never. Only where that tile exists (``store_tma``)
+    and holds the branch (rank ≤ BLOCK_M)."""
+    choice = _switch(cfg_kwargs, "UP", "SVDQ_BRANCH_UP", ("staged", "chunked", "turn", "tile"))
+    if not (flags.get("HAS_LORA") and store_tma and 0 < flags.get("BLOCK_R", 0) <= cfg_kwargs["BLOCK_M"]):
+        return False
+    if flags["BLOCK_R"] > flags.get("R_CHUNK", 0):  # several chunks (never in the turn: ``branch_in_turn``)
+        return choice != "chunked" and not in_turn
+    return choice == "tile"
 
 
 def staged_in_turn(cfg_kwargs: dict) -> bool:
-    """``UP`` = ``turn`` (opt-in, not measured on a GPU yet): the staged branch is loaded before the warpgroup's turn
-    and its MMAs issued in the turn, as a one-chunk branch's (``branch_in_turn``); its lora_act chunks stay in
-    registers across the main loop (rank 96: 48 more a thread)."""
-    return _switch(cfg_kwargs, "UP", "SVDQ_BRANCH_UP", ("staged", "chunked", "turn")) == "turn"
+    """``UP`` = ``turn`` (opt-in): the staged branch of several chunks is loaded before the warpgroup's turn and its
+    MMAs issued in the turn, as a one-chunk branch's (``branch_in_turn``); its lora_act chunks stay in registers
+    across the main loop (rank 96: 48 more a thread)."""
+    return _switch(cfg_kwargs, "UP", "SVDQ_BRANCH_UP", ("staged", "chunked", "turn", "tile")) == "turn"
 
 
 def store_by_tma(cfg_kwargs: dict, flags: dict, c: torch.Tensor) -> bool:
@@ -533,16 +537,19 @@ def store_by_tma(cfg_kwargs: dict, flags: dict, c: torch.Tensor) -> bool:
     choice = _switch(cfg_kwargs, "STORE", "SVDQ_STORE", ("tma", "pointer"))
     return (choice == "tma" and not flags.get("ACCUMULATE") and c.dtype in (torch.bfloat16, torch.float16)
             and c.data_ptr() % 16 == 0 and (c.stride(0) * c.element_size()) % 16 == 0
-            and pingpong_shared_bytes(cfg_kwargs, flags, True) <= shared_limit(c.device))
+            and pingpong_shared_bytes(cfg_kwargs, flags, True,
+                                      branch_staged(cfg_kwargs, flags, True, branch_in_turn(cfg_kwargs, flags)))
+            <= shared_limit(c.device))
 
 
-def pingpong_shared_bytes(cfg_kwargs: dict, flags: dict, store_tma: bool) -> int:
-    """Shared memory the ping-pong kernel allocates: the stage ring, two warpgroups' branch up-projection chunks,
-    with the TMA store two staged output tiles, plus 1 KB for barriers and alignment. Why: a 64 x 256 tile with four
-    stages and the store needs 262 KB, past the H100's 227 KB; such a config keeps pointer stores."""
+def pingpong_shared_bytes(cfg_kwargs: dict, flags: dict, store_tma: bool, staged: bool = False) -> int:
+    """Shared memory the ping-pong kernel allocates: the stage ring, two warpgroups' branch up-projection chunks
+    (none where there is no branch or it is ``staged`` in the output tile: the compiler drops the unused buffer), with the TMA
+    store two staged output tiles, plus 1 KB for barriers and alignment. Why: a 64 x 256 tile with four stages and
+    the store needs 262 KB, past the H100's 227 KB; such a config keeps pointer stores."""
     bm, bn, bk, stages = (cfg_kwargs[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "STAGES"))
     ring = stages * (bm + bn) * bk
-    branch = 2 * bn * flags.get("R_CHUNK", 16) * 2
+    branch = 0 if staged or not flags.get("HAS_LORA") else 2 * bn * flags.get("R_CHUNK", 16) * 2
     return ring + branch + (2 * bm * bn * 2 if store_tma else 0) + 1024
 
 
