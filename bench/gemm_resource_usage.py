@@ -239,13 +239,6 @@ def gluon_usage(bindir: str, plain: bool, rank: int = 32, sass_hash: bool = Fals
         kernels.append(("ping-pong, TMA store, branch staged, in the turn", g._w4a4_gemm_pingpong_kernel, (128, 128, 128),
                         dict(STAGES=4, INSTR_N=128, STORE_TMA=True, BRANCH_STAGED=True, BRANCH_IN_TURN=True,
                              **g.pingpong_registers(40)), 4))
-    if "BRANCH_STAGED" in g._w4a4_gemm_pingpong_kernel.arg_names and block_r == r_chunk:  # UP=tile
-        for stages in (4, 5):
-            for in_turn in (True, False):
-                kernels.append((f"ping-pong, TMA store, one chunk staged in the tile, {'in the turn' if in_turn else 'epilogue'}",
-                                g._w4a4_gemm_pingpong_kernel, (128, 128, 128),
-                                dict(STAGES=stages, INSTR_N=128, STORE_TMA=True, BRANCH_STAGED=True,
-                                     BRANCH_IN_TURN=in_turn, **g.pingpong_registers(40)), 4))
     if "STORE_TMA" in g._w4a4_gemm_pingpong_kernel.arg_names:  # no branch: its buffer drops out, 5 stages fit
         kernels.append(("ping-pong, TMA store, no branch", g._w4a4_gemm_pingpong_kernel, (128, 128, 128),
                         dict(STAGES=5, INSTR_N=128, STORE_TMA=True, HAS_LORA=False, BRANCH_IN_TURN=False,

@@ -505,26 +505,24 @@ def branch_in_turn(cfg_kwargs: dict, flags: dict) -> bool:
 
 
 def branch_staged(cfg_kwargs: dict, flags: dict, store_tma: bool, in_turn: bool) -> bool:
-    """Whether the ping-pong kernel stages the branch's proj_up in the warpgroup's output tile (``_stage_branch``)
-    instead of one chunk at a time through ``up_smem``: config key ``UP``, ``SVDQ_BRANCH_UP`` over it. ``staged`` (the
-    default): a branch of several chunks (rank > 64: a LoRA-widened one), its chunks' MMAs issued back to back;
-    ``turn``: the same, its MMAs in the turn (``staged_in_turn``); ``tile``: every branch, a one-chunk one included
-    (its MMA in the turn or the epilogue as ``branch_in_turn`` says), so ``up_smem`` drops out and a fifth stage fits
-    beside the TMA store (``pingpong_shared_bytes``); ``chunked``: never. Only where that tile exists (``store_tma``)
-    and holds the branch (rank ≤ BLOCK_M)."""
-    choice = _switch(cfg_kwargs, "UP", "SVDQ_BRANCH_UP", ("staged", "chunked", "turn", "tile"))
-    if not (flags.get("HAS_LORA") and store_tma and 0 < flags.get("BLOCK_R", 0) <= cfg_kwargs["BLOCK_M"]):
-        return False
-    if flags["BLOCK_R"] > flags.get("R_CHUNK", 0):  # several chunks (never in the turn: ``branch_in_turn``)
-        return choice != "chunked" and not in_turn
-    return choice == "tile"
+    """Whether the ping-pong kernel's epilogue takes a branch of several chunks (rank > 64: a LoRA-widened one) in
+    one go, every proj_up chunk staged in the warpgroup's output tile first (``_stage_branch``), instead of one
+    chunk at a time through ``up_smem``: config key ``UP``, ``SVDQ_BRANCH_UP`` over it, ``staged`` (the default),
+    ``turn`` (staged, its MMAs in the turn: ``staged_in_turn``) or ``chunked``. Only where that tile exists
+    (``store_tma``) and holds the branch (rank ≤ BLOCK_M). A one-chunk branch staged the same way (which frees
+    ``up_smem`` for a fifth stage) measured no faster at rank 32, and slower with the fifth stage (H100, session 20,
+    BENCHMARKS.md); it keeps ``up_smem``."""
+    choice = _switch(cfg_kwargs, "UP", "SVDQ_BRANCH_UP", ("staged", "chunked", "turn"))
+    several = flags.get("HAS_LORA") and flags.get("BLOCK_R", 0) > flags.get("R_CHUNK", 0)
+    return bool(choice != "chunked" and several and store_tma and not in_turn
+                and flags["BLOCK_R"] <= cfg_kwargs["BLOCK_M"])
 
 
 def staged_in_turn(cfg_kwargs: dict) -> bool:
     """``UP`` = ``turn`` (opt-in): the staged branch of several chunks is loaded before the warpgroup's turn and its
     MMAs issued in the turn, as a one-chunk branch's (``branch_in_turn``); its lora_act chunks stay in registers
     across the main loop (rank 96: 48 more a thread)."""
-    return _switch(cfg_kwargs, "UP", "SVDQ_BRANCH_UP", ("staged", "chunked", "turn", "tile")) == "turn"
+    return _switch(cfg_kwargs, "UP", "SVDQ_BRANCH_UP", ("staged", "chunked", "turn")) == "turn"
 
 
 def store_by_tma(cfg_kwargs: dict, flags: dict, c: torch.Tensor) -> bool:
