@@ -901,6 +901,33 @@ def test_pingpong_store_same_bits(store, m, n, rank, gelu, column_slice, triton_
 
 
 @pytest.mark.skipif(not SM90, reason="Gluon wgmma kernel: sm_90")
+@pytest.mark.parametrize("rank,bm,bn,stages", [(0, 64, 256, 4), (0, 128, 128, 5), (96, 128, 128, 5)])
+def test_pingpong_tma_store_where_the_branch_buffer_drops_out(rank, bm, bn, stages, triton_kernels):
+    """Configs whose TMA-stored tiles fit only because no branch, or a staged one, leaves the branch's buffer unused
+    (``pingpong_shared_bytes``): they do store by TMA, and give the TMA Triton kernel's bits at odd M and N."""
+    from svdq.kernels import gemm_w4a4_gluon as gluon
+    from svdq.kernels.act_quant import quantize_activation
+    from svdq.kernels.gemm_w4a4 import branch_chunks, expand_weight, w4a4_gemm
+
+    m, n = 1999, 3000
+    layer = random_layer(n, 3072, rank, True, device=DEV, seed=m + rank)
+    x = torch.randn(m, 3072, device=DEV, dtype=torch.bfloat16)
+    a8, sa, lora = quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down)
+    w8 = expand_weight(layer.qweight, layer.wmult)
+    up = layer.proj_up if rank else None
+    kwargs = {"SCHEDULE": "gluon", "PINGPONG": True, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "STAGES": stages,
+              "GROUP_M": 8}
+    block_r, chunk = branch_chunks(rank) if rank else (16, 16)
+    flags = {"HAS_LORA": rank > 0, "BLOCK_R": block_r, "R_CHUNK": chunk}
+    want = w4a4_gemm(a8, sa, w8, layer.wscale, lora, up, layer.bias, torch.bfloat16, schedule="tma")
+    assert gluon.store_by_tma(kwargs, flags, want)
+    got = w4a4_gemm(a8, sa, w8, layer.wscale, lora, up, layer.bias, torch.bfloat16,
+                    config={"kwargs": kwargs, "num_warps": 4, "num_stages": 1})
+    torch.cuda.synchronize()
+    assert torch.equal(got, want)
+
+
+@pytest.mark.skipif(not SM90, reason="Gluon wgmma kernel: sm_90")
 @pytest.mark.parametrize("up", ["staged", "chunked", "turn"])
 @pytest.mark.parametrize("m,n,rank,gelu,dtype", [(2000, 3072, 96, False, torch.bfloat16),
                                                  (1999, 3000, 96, True, torch.bfloat16),
