@@ -149,3 +149,17 @@ def test_gpu_busy_and_idle_gaps():
     assert busy_and_gaps([(0, 5)])["idle"] == 0
     with pytest.raises(ValueError, match="no kernel"):
         busy_and_gaps([])
+
+
+def test_e2e_link_projection_replaces_the_measured_copy_time():
+    """The capped bf16 step projected onto another host link: at the link rate the step's copies ran at here it is
+    the measured step; slower links add the same bytes' longer transfer, nothing else."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import e2e
+
+    capped = {"ms": 246.4, "htod_ms": 157.7, "offloaded_gib": 8.03}
+    here = capped["offloaded_gib"] * 2**30 / (capped["htod_ms"] / 1e3) / 1e9  # GB/s the copies ran at
+    proj = e2e.link_projection(capped, [here, 25.0, 12.0])
+    assert proj[f"{here:g}"] == pytest.approx(capped["ms"], rel=1e-4)
+    assert proj["25"] == pytest.approx(246.4 - 157.7 + 8.03 * 2**30 / 25e9 * 1e3)
+    assert proj["12"] > proj["25"] > capped["ms"]
