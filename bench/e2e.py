@@ -376,8 +376,8 @@ def unload():
     mm.soft_empty_cache(True)
 
 
-def profile_step(patcher, cfg, batch=1):
-    """Share of GPU time by kernel class in one svdq step (where the next speedup is)."""
+def profiled_warm_step(patcher, cfg, batch=1):
+    """The torch profiler (CUDA activity) over one step, after one unprofiled step."""
     from torch.profiler import ProfilerActivity, profile
 
     step = step_fn(patcher, cfg, batch)
@@ -387,6 +387,12 @@ def profile_step(patcher, cfg, batch=1):
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             step()
             torch.cuda.synchronize()
+    return prof
+
+
+def profile_step(patcher, cfg, batch=1):
+    """Share of GPU time by kernel class in one svdq step (where the next speedup is)."""
+    prof = profiled_warm_step(patcher, cfg, batch)
     classes = {"4-bit GEMM (w4a4)": 0.0, "activation quant + low-rank down": 0.0, "weight expansion": 0.0,
                "W4A16 GEMV": 0.0, "attention": 0.0, "other GEMM (cuBLAS)": 0.0, "rest": 0.0}
     kernels = {}
@@ -435,18 +441,11 @@ def host_link_step(patcher, cfg, batch=1) -> dict:
     (streamed to it on every forward under lowvram), and the time the profiler's host-to-device copies took
     (``Memcpy HtoD`` events, their union on the timeline, so overlapped copies count once)."""
     from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
 
     model = patcher.model.diffusion_model
     off = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())
               if t.device.type != "cuda")
-    step = step_fn(patcher, cfg, batch)
-    with torch.no_grad():
-        step()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            step()
-            torch.cuda.synchronize()
+    prof = profiled_warm_step(patcher, cfg, batch)
     spans = [(ev.time_range.start / 1000, ev.time_range.end / 1000) for ev in prof.events()
              if ev.device_type == DeviceType.CUDA and "htod" in ev.name.lower().replace(" ", "")]
     copies = busy_and_gaps(spans)["busy"] if spans else 0.0
