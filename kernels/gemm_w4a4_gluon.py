@@ -542,9 +542,9 @@ def store_by_tma(cfg_kwargs: dict, flags: dict, c: torch.Tensor) -> bool:
 
 def pingpong_shared_bytes(cfg_kwargs: dict, flags: dict, store_tma: bool, staged: bool = False) -> int:
     """Shared memory the ping-pong kernel allocates: the stage ring, two warpgroups' branch up-projection chunks
-    (none where there is no branch or it is ``staged`` in the output tile: the compiler drops the unused buffer), with the TMA
-    store two staged output tiles, plus 1 KB for barriers and alignment. Why: a 64 x 256 tile with four stages and
-    the store needs 262 KB, past the H100's 227 KB; such a config keeps pointer stores."""
+    (none where there is no branch or it is ``staged`` in the output tile: the compiler drops the unused buffer),
+    with the TMA store two staged output tiles, plus 1 KB for barriers and alignment. Why: a 64 x 256 tile with four
+    stages, a branch and the store needs 262 KB, past the H100's 227 KB; such a config keeps pointer stores."""
     bm, bn, bk, stages = (cfg_kwargs[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "STAGES"))
     ring = stages * (bm + bn) * bk
     branch = 0 if staged or not flags.get("HAS_LORA") else 2 * bn * flags.get("R_CHUNK", 16) * 2
