@@ -268,7 +268,8 @@ def gluon_usage(bindir: str, plain: bool, rank: int = 32, sass_hash: bool = Fals
         if sass_hash:  # same hash, same machine code: a refactor that should change nothing can be checked offline
             import hashlib
             label += " [SASS " + hashlib.sha256(sass_text(k.asm["cubin"], bindir).encode()).hexdigest()[:12] + "]"
-        print(f"Gluon {label} {bm}x{bn}x{bk}, {extra['STAGES']} stages, rank {rank} + bias, GELU={gelu}: {u.get('STACK')} bytes of "
+        branch = f"rank {rank}" if const["HAS_LORA"] else "no branch"
+        print(f"Gluon {label} {bm}x{bn}x{bk}, {extra['STAGES']} stages, {branch} + bias, GELU={gelu}: {u.get('STACK')} bytes of "
               f"stack, {k.metadata.shared} B shared (Triton {triton.__version__}, sm_90a){pdl_note(k)}")
     return 0
 
