@@ -466,10 +466,11 @@ def launch_ws(cfg_kwargs: dict, num_warps: int, args: tuple, flags: dict, m: int
     if cfg_kwargs.get("PINGPONG"):  # BLOCK_M rows per warpgroup; the default partition is one warpgroup
         in_turn = branch_in_turn(cfg_kwargs, flags)
         c = args[7]
-        tma_store = store_by_tma(cfg_kwargs, flags, c)
+        staged_if_tma = branch_staged(cfg_kwargs, flags, True, in_turn)
+        tma_store = store_by_tma(cfg_kwargs, flags, c, staged_if_tma)
         c_desc = GluonDescriptor(c, [m, n], [c.stride(0), 1], [bm, bn], gl.NVMMASharedLayout.get_default_for(
             [bm, bn], gl.bfloat16 if c.dtype == torch.bfloat16 else gl.float16)) if tma_store else b_desc
-        staged = branch_staged(cfg_kwargs, flags, tma_store, in_turn)
+        staged = staged_if_tma and tma_store  # the staging tile is the TMA store's
         launch(_w4a4_gemm_pingpong_kernel, (programs,), (a_desc, b_desc) + args[2:12] + args[14:17] + (c_desc,),
                num_warps=4, **flags, STAGES=cfg_kwargs["STAGES"], GROUP_M=cfg_kwargs["GROUP_M"],
                INSTR_N=min(bn, 128), **pingpong_registers(cfg_kwargs.get("PRODUCER_REGS", 40)),
@@ -525,7 +526,7 @@ def staged_in_turn(cfg_kwargs: dict) -> bool:
     return _switch(cfg_kwargs, "UP", "SVDQ_BRANCH_UP", ("staged", "chunked", "turn")) == "turn"
 
 
-def store_by_tma(cfg_kwargs: dict, flags: dict, c: torch.Tensor) -> bool:
+def store_by_tma(cfg_kwargs: dict, flags: dict, c: torch.Tensor, staged: bool | None = None) -> bool:
     """Whether the ping-pong kernel writes its tiles through shared memory and one TMA bulk store (config key
     ``STORE``, ``SVDQ_STORE`` over it: ``tma``, the default, | ``pointer``): where the output is 16-bit, a TMA descriptor
     can address it (16-byte aligned base and row pitch) and it is not added to. H100, same run: 1.00-1.14x the
@@ -533,11 +534,11 @@ def store_by_tma(cfg_kwargs: dict, flags: dict, c: torch.Tensor) -> bool:
     (``bench/gemm_store_ab.py``); same bits. The cooperative kernel keeps pointer stores (its 128 x 256 tile leaves
     no shared memory for a staged output)."""
     choice = _switch(cfg_kwargs, "STORE", "SVDQ_STORE", ("tma", "pointer"))
+    if staged is None:  # whether the branch would be staged in the tile (the caller may know already)
+        staged = branch_staged(cfg_kwargs, flags, True, branch_in_turn(cfg_kwargs, flags))
     return (choice == "tma" and not flags.get("ACCUMULATE") and c.dtype in (torch.bfloat16, torch.float16)
             and c.data_ptr() % 16 == 0 and (c.stride(0) * c.element_size()) % 16 == 0
-            and pingpong_shared_bytes(cfg_kwargs, flags, True,
-                                      branch_staged(cfg_kwargs, flags, True, branch_in_turn(cfg_kwargs, flags)))
-            <= shared_limit(c.device))
+            and pingpong_shared_bytes(cfg_kwargs, flags, True, staged) <= shared_limit(c.device))
 
 
 def pingpong_shared_bytes(cfg_kwargs: dict, flags: dict, store_tma: bool, staged: bool = False) -> int:
