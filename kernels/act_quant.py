@@ -399,6 +399,7 @@ def quantize_activation(
     ew_max: bool | None = None,
     stream: bool | None = None,
     stream_stages: int | None = None,
+    onepass: bool | None = None,
 ):
     """Launch the activation kernels on x2 [M, K], or on [B, L, K] rows in batches (``batched_rows``: a token slice
     at batch > 1, read in place, M = B·L). Returns (int8 [M, Kp], scale [M], lora [M, R] fp32 | None).
@@ -414,7 +415,9 @@ def quantize_activation(
     results, so the tiles may differ); ``reverse`` is pass 2's reverse visiting order. ``stream``: pass 1 by TMA
     stream (True; an input no descriptor can address is then a ValueError), the unrolled kernel (False), or
     ``stream_pass1``'s choice (None); ``stream_stages`` its buffer count (default ``stream_stages_for``),
-    ``k_per_program`` its K tiles a program (default ``stream_tiles_per_program``)."""
+    ``k_per_program`` its K tiles a program (default ``stream_tiles_per_program``). ``onepass``: one launch that
+    reads x once (``act_onepass``; True: an input it cannot take is then a ValueError), the two passes (False), or
+    ``use_onepass``'s choice (None); ``block_m`` / ``groups`` / ``num_warps`` are then its tile."""
     x2, seg, nb = batched_rows(x2)
     m, k = seg * nb, x2.shape[-1]
     segmented = nb > 1
@@ -428,6 +431,11 @@ def quantize_activation(
     else:
         raise ValueError(f"activation kernel supports int4 and int8, not {mode!r}")
     ng = k_padded // 64
+    if onepass is None:
+        onepass = use_onepass(x2, k_padded, r, groups, stream)
+    if onepass:
+        return _onepass(x2, seg, nb, k_padded, smooth, proj_down, shift, unsigned, qmax, umax, qmin, mode, scratch,
+                        inv_smooth, block_m, groups, num_warps)
     block_r = max(16, triton.next_power_of_2(r)) if r else 16
     # H100 tile sweeps (bench/kernel_variants.py, BENCHMARKS.md): pass 1 on 128-column tiles, 32 rows x 4 warps at
     # K = 3072, rank 32, else 64 rows x 8 warps (its dot and row maxima over more K tiles), the row
@@ -514,4 +522,49 @@ def quantize_activation(
         BLOCK_M=bm2, GROUP=64, GROUPS=groups2, NP_POW2=max(2, triton.next_power_of_2(nparts)), REVERSE=reverse,
         SEGMENTED=segmented, num_warps=warps2, pdl=True,
     )
+    return out, scale, lora
+
+
+from . import act_onepass  # noqa: E402  (it builds on this module's kernel helpers, defined above)
+
+
+def use_onepass(x2: torch.Tensor, k_padded: int, rank: int, groups: int | None, stream: bool | None) -> bool:
+    """Whether a call takes the one-pass kernel (``SVDQ_ACT_ONEPASS``: ``0`` never, ``1`` wherever it can run,
+    ``auto`` where it measured faster). A call that asks for the TMA stream (``stream=True``) keeps the two passes."""
+    choice = act_onepass.onepass_choice()
+    if choice == "0" or stream:
+        return False
+    tile_groups = groups or act_onepass.default_tile(k_padded, rank)[1]
+    if act_onepass.why_not(x2, k_padded, tile_groups) is not None:
+        return False
+    return choice == "1" or act_onepass.faster_here(x2, k_padded, rank)
+
+
+def _onepass(x2, seg, nb, k_padded, smooth, proj_down, shift, unsigned, qmax, umax, qmin, mode, scratch, inv_smooth,
+             block_m, groups, num_warps):
+    """``quantize_activation`` by the one-pass kernel: its buffers (from the arena where given) and launch."""
+    m = seg * nb
+    r = 0 if proj_down is None else proj_down.shape[1]
+    bm0, groups0, _ = act_onepass.default_tile(k_padded, r)
+    bm, groups = block_m or bm0, groups or groups0
+    reason = act_onepass.why_not(x2, k_padded, groups)
+    if reason is not None:
+        raise ValueError(f"the one-pass activation kernel cannot run here: {reason}; pass onepass=None")
+    nf = act_onepass.scratch_floats(m, k_padded, r, groups)
+    nsync = act_onepass.sync_ints(m, bm)
+    if scratch is None:
+        f32 = torch.empty(nf, dtype=torch.float32, device=x2.device)
+        out = torch.empty(m, k_padded, dtype=torch.int8, device=x2.device)
+        sync = None
+    else:
+        f32 = scratch("act_f32", nf, torch.float32)
+        out = scratch("act_i8", m * k_padded, torch.int8).view(m, k_padded)
+        # left zero by every launch; large enough that it never grows (not even under CUDA-graph capture)
+        sync = scratch("act_sync", max(nsync, 1 << 16), torch.int32, zeroed=True)
+    inv = inv_smooth
+    if smooth is not None and inv is None:
+        inv = torch.reciprocal(smooth.float())
+    scale, lora = act_onepass.quantize_activation_onepass(
+        x2, seg, nb, k_padded, inv, proj_down, shift, unsigned, qmax, umax, qmin, mode == "int8", out, f32, sync,
+        block_m=bm, groups=groups, num_warps=num_warps)
     return out, scale, lora

@@ -254,6 +254,84 @@ def test_activation_stream_choice(monkeypatch):
     assert torch.equal(a8, a4) and torch.equal(s8, s4)
 
 
+ONEPASS_SHAPES = [  # (M, K, rank, unsigned, mode, tile (rows, 64-groups, warps) or None for the default)
+    (7, 200, 16, False, "int4", None), (33, 128, 32, True, "int4", None), (17, 320, 0, False, "int4", None),
+    (9, 640, 96, False, "int4", None), (40, 512, 128, False, "int8", None), (21, 768, 160, False, "int4", None),
+] + ([(4608, 3072, 32, False, "int4", None), (4608, 15360, 32, False, "int4", None), (1000, 3072, 32, True, "int4", None),
+      (77, 12288, 32, False, "int4", None), (4608, 3072, 96, False, "int4", None), (300, 4096, 160, False, "int4", None),
+      (129, 1216, 16, False, "int8", None), (9216, 3072, 32, False, "int4", (32, 8, 4)),
+      (4608, 12288, 32, False, "int4", (128, 2, 8)), (2000, 15360, 0, False, "int4", (16, 8, 4))] if GPU else [])
+
+
+@pytest.mark.parametrize("m,k,rank,unsigned,mode,tile", ONEPASS_SHAPES)
+def test_activation_onepass_same_results(m, k, rank, unsigned, mode, tile, triton_kernels):
+    """The one-pass kernel (a row block's K slices meeting at a counter) gives the two passes' codes and scales bit
+    for bit and their branch product within 1e-5, whatever the rows, K tail, rank (0 to a LoRA-widened 160),
+    unsigned shift, int8 mode or tile; repeated on the GPU, where a missing fence or a race in the meeting shows up
+    as a result that changes between runs. Every counter is left at zero for the next call."""
+    from svdq.kernels.act_quant import quantize_activation
+
+    layer = random_layer(64, k, rank, True, unsigned, 0.171875 if unsigned else 0.0, device=DEV, seed=m + k)
+    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16) * 2
+    x[m // 2, k // 3] = 300.0  # one outlier: its row's scale is set by one slice alone
+    if unsigned:
+        x = torch.nn.functional.gelu(x.float(), approximate="tanh").to(torch.bfloat16)
+    args = (x, layer.k_padded, layer.smooth, layer.proj_down, layer.act_shift, unsigned, mode)
+    a1, s1, l1 = (t.clone() if t is not None else None for t in quantize_activation(*args, onepass=False))
+    kw = dict(zip(("block_m", "groups", "num_warps"), tile)) if tile else {}
+    sync = []
+    scratch = _scratch_keeping(sync)
+    for _ in range(5 if GPU else 1):
+        a, s, lora = quantize_activation(*args, onepass=True, scratch=scratch, **kw)
+        assert torch.equal(s, s1)
+        assert torch.equal(a, a1), f"{(a != a1).sum().item()} codes differ"
+        if rank:
+            assert rel(lora, l1) < 1e-5
+            assert rel(lora, x.float() @ layer.proj_down.float()) < 2e-4
+        assert int(sync[0].count_nonzero()) == 0, "a counter was left set"
+
+
+def _scratch_keeping(sync: list):
+    """A ``scratch`` for ``quantize_activation`` (fresh buffers; the counters zeroed once, as the arena's) that keeps
+    the counters it hands out in ``sync``."""
+    def get(name, numel, dtype, zeroed=False):
+        t = (torch.zeros if zeroed else torch.empty)(numel, dtype=dtype, device=DEV)
+        if name == "act_sync":
+            sync[:] = [t]
+        return t
+    return get
+
+
+def test_activation_onepass_batched_rows_and_choice(triton_kernels, monkeypatch):
+    """The one-pass kernel reads a [B, L, K] token slice in place (the same results as on a contiguous copy);
+    ``SVDQ_ACT_ONEPASS`` takes 0, 1 or auto, ``1`` routes calls to it where it can run, and a request it cannot
+    honour (the interpreter runs programs one at a time, so one slice a row block there) is a clear error."""
+    from svdq.kernels import act_onepass
+    from svdq.kernels.act_quant import quantize_activation, use_onepass
+
+    k = 3072 if GPU else 256
+    layer = random_layer(64, k, 32, True, device=DEV, seed=5)
+    x = torch.randn(2, 96, k, device=DEV, dtype=torch.bfloat16)[:, 16:]
+    args = (layer.k_padded, layer.smooth, layer.proj_down)
+    a1, s1, l1 = (t.clone() for t in quantize_activation(x.reshape(-1, k), *args, onepass=False))
+    a, s, lora = quantize_activation(x, *args, onepass=True)
+    assert torch.equal(a, a1) and torch.equal(s, s1) and rel(lora, l1) < 1e-5
+    x2 = x.reshape(-1, k)
+    monkeypatch.setenv("SVDQ_ACT_ONEPASS", "1")
+    assert use_onepass(x2, layer.k_padded, 32, None, None)
+    assert not use_onepass(x2, layer.k_padded, 32, None, True)  # the TMA stream asked for: two passes
+    monkeypatch.setenv("SVDQ_ACT_ONEPASS", "0")
+    assert not use_onepass(x2, layer.k_padded, 32, None, None)
+    monkeypatch.setenv("SVDQ_ACT_ONEPASS", "yes")
+    with pytest.raises(ValueError, match="SVDQ_ACT_ONEPASS"):
+        use_onepass(x2, layer.k_padded, 32, None, None)
+    monkeypatch.delenv("SVDQ_ACT_ONEPASS")
+    if not GPU:
+        with pytest.raises(ValueError, match="one at a time"):
+            quantize_activation(x2, layer.k_padded, None, None, onepass=True, groups=1)
+    assert act_onepass.sum_rows(64, 12) == 8 and act_onepass.sum_rows(64, 60) == 2 and act_onepass.sum_rows(16, 1) == 16
+
+
 @pytest.mark.parametrize("block_m,pass2_block_m,pass2_warps,pass2_groups", [(32, 16, 4, None), (16, 64, 8, 1),
                                                                            (64, 32, 2, 4)])
 def test_activation_pass2_tile_apart(block_m, pass2_block_m, pass2_warps, pass2_groups, triton_kernels):
