@@ -5,7 +5,8 @@
 For each shape: codes and scales must equal the two passes' bit for bit and the branch product agree within 1e-5
 (and the fp32 product within 2e-4), repeated (a missing fence or a race in the row block's meeting shows up as a
 result that changes between runs); then CUDA-graph µs of both, and the floor (x read once, codes written once, at
-this GPU's device-to-device copy rate). ``--tiles``: the one-pass kernel at several (rows, 64-groups, warps) tiles.
+this GPU's device-to-device copy rate). ``--tiles``: the one-launch kernel at several (rows, 64-groups, warps) tiles
+and at several lags (row blocks between a row block's stats and quantize tasks) around the default.
 ``--layers``: whole layer calls (``svdq_linear``, rank 32) with ``SVDQ_ACT_ONEPASS`` 0 and 1, and bf16 ``F.linear``,
 at the M = 4608 shapes of ``bench/linear.py``: what the change does to the issue's ratio.
 """
@@ -28,7 +29,8 @@ SHAPES = [  # (M, K, rank)
     (9216, 15360, 32), (4608, 3072, 96), (4608, 15360, 96), (1024, 3072, 32), (512, 3072, 32), (4096, 3072, 0),
     (77, 12288, 32), (1000, 3072, 128),
 ]
-TILES = [(64, 4, 8), (64, 4, 4), (32, 8, 4), (64, 8, 8), (128, 2, 8), (32, 4, 4), (128, 4, 8), (16, 8, 4)]
+TILES = [(32, 4, 4), (32, 2, 4), (16, 4, 4), (64, 4, 8), (64, 2, 4), (32, 8, 4), (16, 8, 4), (64, 4, 4)]
+LAGS = (0.25, 0.5, 2, 4)  # times the default lag
 
 
 def rel(a, b):
@@ -105,14 +107,19 @@ def main() -> int:
         print(f"M {m:5d} K {k:5d} r {r:3d}: floor {floor:6.1f} | two passes {two:6.1f} | one pass {one:6.1f} "
               f"({two / one:.2f}x) | {check(x, layer, repeat)}", flush=True)
         if "--tiles" in sys.argv and r <= 32 and m >= 4096:
-            for bm, groups, warps in TILES:
-                kw = dict(block_m=bm, groups=groups, num_warps=warps)
+            from svdq.kernels.act_onepass import default_lag, default_tile, slices
+
+            bm, groups, _ = default_tile(layer.k_padded, r)
+            lag0 = default_lag(triton.cdiv(m, bm), slices(layer.k_padded, groups), x.device)
+            variants = [dict(block_m=bm, groups=groups, num_warps=warps) for bm, groups, warps in TILES[1:]]
+            variants += [dict(lag=max(1, round(lag0 * f))) for f in LAGS]
+            print(f"    default: {bm} x {64 * groups}, lag {lag0}", flush=True)
+            for kw in variants:
                 try:
                     us = bench_graph(lambda: quantize_activation(*args, onepass=True, **kw))
-                    print(f"    tile {bm:3d} x {64 * groups:4d}, {warps} warps: {us:6.1f} µs | "
-                          f"{check(x, layer, 2, **kw)}", flush=True)
+                    print(f"    {kw}: {us:6.1f} µs | {check(x, layer, 2, **kw)}", flush=True)
                 except Exception as exc:
-                    print(f"    tile {bm} x {64 * groups}, {warps} warps failed: {str(exc)[-300:]}", flush=True)
+                    print(f"    {kw} failed: {str(exc)[-300:]}", flush=True)
     # a [B, L, K] token slice read in place (batch 2's image tokens of a double block)
     xb = torch.randn(2, 4608, 3072, device="cuda", dtype=torch.bfloat16)[:, 512:]
     layer = make_layer(64, 3072, 32)

@@ -138,10 +138,10 @@ def act_usage(bindir: str, plain: bool) -> int:
     from svdq.kernels import act_onepass, act_quant
 
     ints = {"M", "K", "KP", "R", "NSUB", "NPARTS", "SEG", "stride_xb", "stride_xm", "stride_dk", "stride_gm", "stride_om",
-            "stride_lm", "G", "NPROG"}
+            "stride_lm", "G", "NPROG", "NRB", "LAG"}
     fixed = dict(QMAX=7, UMAX=15, QMIN=-7, UNSIGNED=False, HAS_SMOOTH=True, INT8_MODE=False, USE_RINT=True,
                  HAS_LORA=True, DOT_FP32=False, BLOCK_R=32, GROUP=64, NP_POW2=8, REVERSE=True, EW_MAX=False)
-    one = act_onepass._act_onepass_kernel
+    one = act_onepass._act_interleaved_kernel
     cases = [("pass 1, K = 3072 (32 rows x 128, 3 tiles)", act_quant._act_stats_kernel, dict(BLOCK_M=32, GROUPS=2, KSUB=3), 4),
              ("pass 1, K >= 8192 now (64 x 128, 4 tiles, 8 warps)", act_quant._act_stats_kernel,
               dict(BLOCK_M=64, GROUPS=2, KSUB=4), 8),
@@ -149,9 +149,9 @@ def act_usage(bindir: str, plain: bool) -> int:
              ("pass 2 now (16 rows x 256)", act_quant._act_quant_kernel, dict(BLOCK_M=16, GROUPS=4), 4),
              ("pass 2 before, K >= 8192 (64 x 128)", act_quant._act_quant_kernel, dict(BLOCK_M=64, GROUPS=2), 4),
              ("pass 2 before, K = 3072 (32 x 128)", act_quant._act_quant_kernel, dict(BLOCK_M=32, GROUPS=2), 4),
-             ("one pass, 64 x 256 (G = 12 at K = 3072)", one, dict(BLOCK_M=64, GROUPS=4, G_POW2=16, SUM_ROWS=8), 8),
-             ("one pass, 64 x 256, 4 warps", one, dict(BLOCK_M=64, GROUPS=4, G_POW2=16, SUM_ROWS=8), 4),
-             ("one pass, 32 x 512 (G = 30 at K = 15360)", one, dict(BLOCK_M=32, GROUPS=8, G_POW2=32, SUM_ROWS=2), 4)]
+             ("one launch, 32 x 256 (G = 12 at K = 3072)", one, dict(BLOCK_M=32, GROUPS=4, G_POW2=16, SUM_ROWS=4), 4),
+             ("one launch, 64 x 256, 8 warps", one, dict(BLOCK_M=64, GROUPS=4, G_POW2=16, SUM_ROWS=8), 8),
+             ("one launch, 32 x 256 (G = 60 at K = 15360)", one, dict(BLOCK_M=32, GROUPS=4, G_POW2=64, SUM_ROWS=1), 4)]
     for label, fn, tile, warps in cases:
         names = fn.arg_names
         const = {k: v for k, v in dict(fixed, **tile, **extra_for(fn)).items() if k in names}

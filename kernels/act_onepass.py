@@ -1,21 +1,26 @@
-"""Activation kernel in one launch and one read of x: a row block's K slices quantized by programs that meet.
+"""Activation kernel in one launch that reads x from DRAM once: each row block's codes written while its input is in L2.
 
 Reference: ``quant.formats.quantize_int4_activation`` (codes) and ``kernels.reference.lowrank_down``; the two-pass
 kernels (``act_quant``) give the same codes and scales bit for bit.
 
 Why: the per-token scale needs the row's maximum over all of K before any code can be written, so the two-pass
-kernels read x twice (pass 1: maxima and ``x · L1``; pass 2: codes), 29 µs at 4608 × 3072 against a 14.4 µs floor for
-one read and one write (BENCHMARKS.md). Here a row block's G = ⌈K / BLOCK_K⌉ slices are G programs that each hold
-their slice in registers, publish their row maxima and branch partial, wait at the row block's counter until all G
-have, and then write their codes from the registers: x crosses the memory bus once.
+kernels read x twice (pass 1: maxima and ``x · L1``; pass 2: codes), 29-33 µs at 4608 × 3072 against a 14.4 µs floor
+for one read and one write (BENCHMARKS.md), and at K = 12288 / 15360 the second read comes from DRAM: pass 1 has read
+all of x (113 / 141 MB, past the 50 MB L2) before pass 2 starts.
 
-Waiting programs must not keep their siblings off the GPU. Each program draws a ticket (an atomic counter) and takes
-row block ``ticket // G``: a program only waits for siblings with tickets, which are already running or will be as
-soon as any running program exits, and every row block below the newest is complete. So the launch makes progress
-whenever the GPU can hold G programs at once (``fits``); the programs let the next kernel launch (PDL) only at their
-end, so it cannot take the slots the last row block still needs. Counters are left at zero (the last program out
-resets them), so a buffer made zero once serves every call, CUDA-graph replays included. The interpreter runs programs
-one after another, so there G must be 1 (one slice as wide as K).
+Here one launch interleaves the two kinds of task. A row block's G = ⌈K / BLOCK_K⌉ *stats* tasks each publish one
+slice's row maxima and ``x · L1`` partial and count themselves in at the row block's counter; its G *quantize* tasks
+come LAG row blocks later in the launch order, wait at the counter for the G stats (usually already there), then read
+the row block's maxima, and their slice of x again (from L2: LAG row blocks of input, a few MB, were read since), and
+write its codes; the first few also sum the branch partials of some rows (a fixed order: deterministic).
+
+Order, not luck: each program draws a ticket (an atomic counter) and takes the task of that number, so a quantize
+task only ever waits for stats tasks that hold earlier tickets, that is, programs already running, which never wait.
+There is no assumption about how many programs fit on the GPU (a first version that kept each slice in registers
+while a row block's programs met needed them all resident, and measured slower: BENCHMARKS.md, session 21). Counters
+are left at zero (the last quantize task out resets its row block's, the last ticket the ticket counter), so a buffer
+made zero once serves every call, CUDA-graph replays included. The interpreter runs programs in ticket order, where a
+quantize task never has to wait.
 """
 
 from __future__ import annotations
@@ -26,29 +31,29 @@ import triton.language as tl
 
 from .act_quant import _branch_partial, _load_smoothed, _quantize_store, _row_offsets
 from .autotune_cache import fp32_dots, interpreting, sm_count
-from .launch import gdc_launch_dependents, gdc_wait, launch
+from .launch import launch, pdl_end, pdl_start
 from .settings import getenv
 
 
 @triton.jit
-def _wait_for_siblings(count_ptr, G):
-    """Arrive at the row block's counter and wait until its G programs have. The barrier before makes every
-    thread's stores part of what the arrival releases at GPU scope (one thread performs a scalar atomic)."""
-    tl.debug_barrier()
-    arrived = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu") + 1
-    while arrived < G:
-        arrived = tl.atomic_add(count_ptr, 0, sem="acquire", scope="gpu")
-    tl.debug_barrier()
-    # leave: the last of the G to leave (count 2G - 1 before its add) sets the counter back to zero; every other has
-    # left its wait loop by then
-    if tl.atomic_add(count_ptr, 1, sem="relaxed", scope="gpu") == 2 * G - 1:
-        tl.atomic_xchg(count_ptr, 0, sem="relaxed", scope="gpu")
+def _task_of(ticket, G, NRB, LAG):
+    """(quantize?, row block, slice) of a ticket. The launch order, in blocks of G tasks: stats of row blocks 0 …
+    LAG - 1, then pairs (stats of row block LAG + i, quantize of row block i), then the last LAG row blocks'
+    quantize tasks."""
+    j = ticket // G
+    k = j - LAG
+    npair = NRB - LAG
+    in_pairs = (k >= 0) & (k < 2 * npair)
+    odd = (k % 2) == 1
+    quant = (in_pairs & odd) | (k >= 2 * npair)
+    rb = tl.where(k < 0, j, tl.where(in_pairs, tl.where(odd, k // 2, LAG + k // 2), k - npair))
+    return quant, rb, ticket % G
 
 
 @triton.jit
-def _act_onepass_kernel(
+def _act_interleaved_kernel(
     x_ptr, inv_ptr, down_ptr, out_ptr, scale_ptr, gmax_ptr, part_ptr, lora_ptr, sync_ptr,
-    M, K, KP, R, G, NPROG, SEG,
+    M, K, KP, R, G, NRB, LAG, NPROG, SEG,
     stride_xb, stride_xm, stride_dk, stride_om, stride_lm,
     shift,
     QMAX: tl.constexpr, UMAX: tl.constexpr, QMIN: tl.constexpr,
@@ -57,54 +62,63 @@ def _act_onepass_kernel(
     BLOCK_M: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, G_POW2: tl.constexpr, SUM_ROWS: tl.constexpr,
     SEGMENTED: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
-    """One [BLOCK_M, GROUPS*64] slice: row maxima and ``x · L1`` partial published, the row block's G programs met,
-    then the per-token scale from their G maxima and this slice's codes. Programs ``s < BLOCK_M / SUM_ROWS`` also sum
-    SUM_ROWS rows of the G branch partials (a fixed order: deterministic) and write those rows' scales."""
+    """One task on one [BLOCK_M, GROUPS*64] slice: stats (row maxima and ``x · L1`` partial, then count in at the
+    row block's counter) or quantize (wait for the row block's G stats, per-token scale from their maxima, this
+    slice's codes; tasks ``s < BLOCK_M / SUM_ROWS`` also sum SUM_ROWS rows' branch partials and write their scales)."""
     BLOCK_K: tl.constexpr = GROUP * GROUPS
-    if PDL > 0:
-        gdc_wait()  # never launch dependents here: they could take the slots a waiting row block needs
+    pdl_start(PDL)
     ticket = tl.atomic_add(sync_ptr, 1, sem="relaxed", scope="gpu")
     if ticket == NPROG - 1:  # every ticket is drawn: back to zero for the next launch
         tl.atomic_xchg(sync_ptr, 0, sem="relaxed", scope="gpu")
-    pid_m = ticket // G
-    pid_s = ticket % G
+    quant, pid_m, pid_s = _task_of(ticket, G, NRB, LAG)
+    count_ptr = sync_ptr + 1 + pid_m
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
     k = pid_s * BLOCK_K + tl.arange(0, BLOCK_K)
     roff = _row_offsets(rows, SEG, stride_xb, stride_xm, SEGMENTED)
-    x, xf = _load_smoothed(x_ptr, inv_ptr, roff, rmask, k, K, shift, UNSIGNED, HAS_SMOOTH, BLOCK_K)
-    tl.store(gmax_ptr + rows * G + pid_s, tl.max(tl.abs(xf), axis=1), mask=rmask)
     rcols = tl.arange(0, BLOCK_R)
-    if HAS_LORA:
-        part = _branch_partial(x, tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32), down_ptr, k, (k < K)[:, None], R,
-                               rcols, stride_dk, DOT_FP32)
-        tl.store(part_ptr + (pid_s * M + rows[:, None]) * R + rcols[None, :], part,
-                 mask=rmask[:, None] & (rcols[None, :] < R))
-    _wait_for_siblings(sync_ptr + 1 + pid_m, G)
-    # the siblings' results, past this SM's L1 (which never held them: written by other SMs)
-    ga = tl.arange(0, G_POW2)
-    maxima = tl.load(gmax_ptr + rows[:, None] * G + ga[None, :], mask=rmask[:, None] & (ga[None, :] < G), other=0.0,
-                     cache_modifier=".cg")
-    row_max = tl.max(maxima, axis=1)
-    scale = tl.where(row_max > 0, tl.math.div_rn(row_max, tl.full([BLOCK_M], QMAX * UMAX, tl.float32)), 1.0)
-    if pid_s < BLOCK_M // SUM_ROWS:
-        srows = pid_m * BLOCK_M + pid_s * SUM_ROWS + tl.arange(0, SUM_ROWS)
-        smask = srows < M
-        smax = tl.load(gmax_ptr + srows[:, None] * G + ga[None, :], mask=smask[:, None] & (ga[None, :] < G),
-                       other=0.0, cache_modifier=".cg")
-        srow_max = tl.max(smax, axis=1)
-        sscale = tl.where(srow_max > 0, tl.math.div_rn(srow_max, tl.full([SUM_ROWS], QMAX * UMAX, tl.float32)), 1.0)
-        tl.store(scale_ptr + srows, sscale, mask=smask)
+    if quant:
+        arrived = tl.atomic_add(count_ptr, 0, sem="acquire", scope="gpu")
+        while arrived < G:
+            arrived = tl.atomic_add(count_ptr, 0, sem="acquire", scope="gpu")
+        tl.debug_barrier()
+        # the stats tasks' results, past this SM's L1 (written by other SMs)
+        ga = tl.arange(0, G_POW2)
+        maxima = tl.load(gmax_ptr + rows[:, None] * G + ga[None, :], mask=rmask[:, None] & (ga[None, :] < G),
+                         other=0.0, cache_modifier=".cg")
+        row_max = tl.max(maxima, axis=1)
+        scale = tl.where(row_max > 0, tl.math.div_rn(row_max, tl.full([BLOCK_M], QMAX * UMAX, tl.float32)), 1.0)
+        if pid_s < BLOCK_M // SUM_ROWS:
+            srows = pid_m * BLOCK_M + pid_s * SUM_ROWS + tl.arange(0, SUM_ROWS)
+            smask = srows < M
+            smax = tl.max(tl.load(gmax_ptr + srows[:, None] * G + ga[None, :], mask=smask[:, None] & (ga[None, :] < G),
+                                  other=0.0, cache_modifier=".cg"), axis=1)
+            tl.store(scale_ptr + srows,
+                     tl.where(smax > 0, tl.math.div_rn(smax, tl.full([SUM_ROWS], QMAX * UMAX, tl.float32)), 1.0),
+                     mask=smask)
+            if HAS_LORA:
+                m3 = (ga[:, None, None] < G) & smask[None, :, None] & (rcols[None, None, :] < R)
+                parts = tl.load(part_ptr + (ga[:, None, None] * M + srows[None, :, None]) * R + rcols[None, None, :],
+                                mask=m3, other=0.0, cache_modifier=".cg")
+                tl.store(lora_ptr + srows[:, None] * stride_lm + rcols[None, :], tl.sum(parts, axis=0),
+                         mask=smask[:, None] & (rcols[None, :] < R))
+        _, xf = _load_smoothed(x_ptr, inv_ptr, roff, rmask, k, K, shift, UNSIGNED, HAS_SMOOTH, BLOCK_K)
+        _quantize_store(xf, scale, out_ptr, rows, rmask, k, KP, stride_om, QMAX, UMAX, QMIN, INT8_MODE, USE_RINT,
+                        BLOCK_M, GROUP, GROUPS)
+        # leave: the last of the row block's G quantize tasks (count 2G - 1 before its add) sets it back to zero
+        if tl.atomic_add(count_ptr, 1, sem="relaxed", scope="gpu") == 2 * G - 1:
+            tl.atomic_xchg(count_ptr, 0, sem="relaxed", scope="gpu")
+    else:
+        x, xf = _load_smoothed(x_ptr, inv_ptr, roff, rmask, k, K, shift, UNSIGNED, HAS_SMOOTH, BLOCK_K)
+        tl.store(gmax_ptr + rows * G + pid_s, tl.max(tl.abs(xf), axis=1), mask=rmask)
         if HAS_LORA:
-            m3 = (ga[:, None, None] < G) & smask[None, :, None] & (rcols[None, None, :] < R)
-            parts = tl.load(part_ptr + (ga[:, None, None] * M + srows[None, :, None]) * R + rcols[None, None, :],
-                            mask=m3, other=0.0, cache_modifier=".cg")
-            tl.store(lora_ptr + srows[:, None] * stride_lm + rcols[None, :], tl.sum(parts, axis=0),
-                     mask=smask[:, None] & (rcols[None, :] < R))
-    _quantize_store(xf, scale, out_ptr, rows, rmask, k, KP, stride_om, QMAX, UMAX, QMIN, INT8_MODE, USE_RINT,
-                    BLOCK_M, GROUP, GROUPS)
-    if PDL == 1 or PDL == 2:  # at the end only: see the module docstring
-        gdc_launch_dependents()
+            part = _branch_partial(x, tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32), down_ptr, k, (k < K)[:, None],
+                                   R, rcols, stride_dk, DOT_FP32)
+            tl.store(part_ptr + (pid_s * M + rows[:, None]) * R + rcols[None, :], part,
+                     mask=rmask[:, None] & (rcols[None, :] < R))
+        tl.debug_barrier()  # every thread's results before the count (released at GPU scope)
+        tl.atomic_add(count_ptr, 1, sem="release", scope="gpu")
+    pdl_end(PDL)
 
 
 def slices(k_padded: int, groups: int) -> int:
@@ -120,12 +134,6 @@ def sum_rows(block_m: int, g: int) -> int:
     return min(rows, block_m)
 
 
-def fits(device: torch.device, g: int) -> bool:
-    """Whether G programs of a row block surely run at once: one per SM is always possible (the programs are small),
-    so G must not exceed the SM count."""
-    return g <= sm_count(device)
-
-
 def onepass_choice() -> str:
     """``SVDQ_ACT_ONEPASS``: ``0`` never, ``1`` wherever it can run, ``auto`` (default) where measured faster."""
     choice = getenv("SVDQ_ACT_ONEPASS", "auto")
@@ -135,19 +143,27 @@ def onepass_choice() -> str:
 
 
 def default_tile(k_padded: int, rank: int) -> tuple[int, int, int]:
-    """(rows, 64-groups, warps) of a program's slice. Interpreter: one slice as wide as K (G = 1)."""
+    """(rows, 64-groups, warps) of a task's slice."""
     if interpreting():
-        return 16, triton.next_power_of_2(triton.cdiv(k_padded, 64)), 4
-    return 64, 4, 8
+        return 16, 2, 4
+    return 32, 4, 4
+
+
+def default_lag(nrb: int, g: int, device: torch.device) -> int:
+    """Row blocks between a row block's stats and its quantize tasks: about as many as the GPU's running programs
+    cover (~4 an SM), so a quantize task rarely waits, and no more (their input must still be in L2)."""
+    if interpreting() or device.type != "cuda":
+        return min(nrb, 1)
+    return max(1, min(nrb, triton.cdiv(4 * sm_count(device), g)))
 
 
 def quantize_activation_onepass(
     x2: torch.Tensor, seg: int, nb: int, k_padded: int, inv: torch.Tensor | None, proj_down: torch.Tensor | None,
     shift: float, unsigned: bool, qmax: int, umax: int, qmin: int, int8_mode: bool, out: torch.Tensor,
     f32: torch.Tensor, sync: torch.Tensor | None, block_m: int | None = None, groups: int | None = None,
-    num_warps: int | None = None,
+    num_warps: int | None = None, lag: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Launch ``_act_onepass_kernel`` over ``x2`` ([M, K], or [B, L, K] batches of rows as ``act_quant.batched_rows``
+    """Launch ``_act_interleaved_kernel`` over ``x2`` ([M, K], or [B, L, K] batches of rows as ``act_quant.batched_rows``
     describes them). ``out``: the int8 operand [M, k_padded]; ``f32``: fp32 scratch of at least ``scratch_floats``;
     ``sync``: int32 zeros of at least ``sync_ints`` (left zero), or None for fresh ones. Returns (scale, lora)."""
     m, k = seg * nb, x2.shape[-1]
@@ -158,7 +174,8 @@ def quantize_activation_onepass(
     bm, groups, warps = block_m or bm0, groups or groups0, num_warps or warps0
     g = slices(k_padded, groups)
     m_blocks = triton.cdiv(m, bm)
-    nprog = m_blocks * g
+    nprog = 2 * m_blocks * g
+    lag = min(m_blocks, lag or default_lag(m_blocks, g, x2.device))
     scale = f32[:m]
     gmax = f32[m : m + m * g]
     lora = f32[m + m * g : m + m * g + m * r].view(m, r) if r else None
@@ -166,9 +183,9 @@ def quantize_activation_onepass(
     if sync is None:
         sync = torch.zeros(sync_ints(m, bm), dtype=torch.int32, device=x2.device)
     block_r = max(16, triton.next_power_of_2(r)) if r else 16
-    launch(_act_onepass_kernel, (nprog,), (
+    launch(_act_interleaved_kernel, (nprog,), (
         x2, inv if inv is not None else x2, proj_down if r else x2, out, scale, gmax, parts, lora if r else gmax, sync,
-        m, k, k_padded, r, g, nprog, seg,
+        m, k, k_padded, r, g, m_blocks, lag, nprog, seg,
         stride_xb, stride_xm, proj_down.stride(0) if r else 0, out.stride(0), lora.stride(0) if r else 0,
         float(shift)),
         QMAX=qmax, UMAX=umax, QMIN=qmin, UNSIGNED=bool(unsigned), HAS_SMOOTH=inv is not None,
@@ -196,15 +213,7 @@ def faster_here(x2: torch.Tensor, k_padded: int, rank: int) -> bool:
 
 
 def why_not(x2: torch.Tensor, k_padded: int, groups: int) -> str | None:
-    """Why the one-pass kernel cannot run here, or None where it can: a CUDA GPU that holds a row block's programs at
-    once, or the interpreter with one slice a row block."""
-    g = slices(k_padded, groups)
-    if interpreting():
-        return None if g == 1 else (f"the interpreter runs programs one at a time, so it needs one slice a row block "
-                                    f"(K = {k_padded} makes {g} of {64 * groups})")
-    if not x2.is_cuda:
-        return f"it runs on CUDA GPUs, not {x2.device}"
-    if not fits(x2.device, g):
-        return (f"a row block's {g} slices of {64 * groups} (K = {k_padded}) may not all fit on this GPU's "
-                f"{sm_count(x2.device)} SMs at once")
-    return None
+    """Why the one-launch kernel cannot run here, or None where it can (a CUDA GPU, or the interpreter)."""
+    if interpreting() or x2.is_cuda:
+        return None
+    return f"it runs on CUDA GPUs (or Triton's interpreter), not {x2.device}"

@@ -400,6 +400,7 @@ def quantize_activation(
     stream: bool | None = None,
     stream_stages: int | None = None,
     onepass: bool | None = None,
+    lag: int | None = None,
 ):
     """Launch the activation kernels on x2 [M, K], or on [B, L, K] rows in batches (``batched_rows``: a token slice
     at batch > 1, read in place, M = B·L). Returns (int8 [M, Kp], scale [M], lora [M, R] fp32 | None).
@@ -417,7 +418,8 @@ def quantize_activation(
     ``stream_pass1``'s choice (None); ``stream_stages`` its buffer count (default ``stream_stages_for``),
     ``k_per_program`` its K tiles a program (default ``stream_tiles_per_program``). ``onepass``: one launch that
     reads x once (``act_onepass``; True: an input it cannot take is then a ValueError), the two passes (False), or
-    ``use_onepass``'s choice (None); ``block_m`` / ``groups`` / ``num_warps`` are then its tile."""
+    ``use_onepass``'s choice (None); ``block_m`` / ``groups`` / ``num_warps`` are then its tile, ``lag`` the row blocks
+    between a row block's stats and quantize tasks."""
     x2, seg, nb = batched_rows(x2)
     m, k = seg * nb, x2.shape[-1]
     segmented = nb > 1
@@ -435,7 +437,7 @@ def quantize_activation(
         onepass = use_onepass(x2, k_padded, r, groups, stream)
     if onepass:
         return _onepass(x2, seg, nb, k_padded, smooth, proj_down, shift, unsigned, qmax, umax, qmin, mode, scratch,
-                        inv_smooth, block_m, groups, num_warps)
+                        inv_smooth, block_m, groups, num_warps, lag)
     block_r = max(16, triton.next_power_of_2(r)) if r else 16
     # H100 tile sweeps (bench/kernel_variants.py, BENCHMARKS.md): pass 1 on 128-column tiles, 32 rows x 4 warps at
     # K = 3072, rank 32, else 64 rows x 8 warps (its dot and row maxima over more K tiles), the row
@@ -541,7 +543,7 @@ def use_onepass(x2: torch.Tensor, k_padded: int, rank: int, groups: int | None, 
 
 
 def _onepass(x2, seg, nb, k_padded, smooth, proj_down, shift, unsigned, qmax, umax, qmin, mode, scratch, inv_smooth,
-             block_m, groups, num_warps):
+             block_m, groups, num_warps, lag):
     """``quantize_activation`` by the one-pass kernel: its buffers (from the arena where given) and launch."""
     m = seg * nb
     r = 0 if proj_down is None else proj_down.shape[1]
@@ -566,5 +568,5 @@ def _onepass(x2, seg, nb, k_padded, smooth, proj_down, shift, unsigned, qmax, um
         inv = torch.reciprocal(smooth.float())
     scale, lora = act_onepass.quantize_activation_onepass(
         x2, seg, nb, k_padded, inv, proj_down, shift, unsigned, qmax, umax, qmin, mode == "int8", out, f32, sync,
-        block_m=bm, groups=groups, num_warps=num_warps)
+        block_m=bm, groups=groups, num_warps=num_warps, lag=lag)
     return out, scale, lora

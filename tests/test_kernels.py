@@ -254,21 +254,23 @@ def test_activation_stream_choice(monkeypatch):
     assert torch.equal(a8, a4) and torch.equal(s8, s4)
 
 
-ONEPASS_SHAPES = [  # (M, K, rank, unsigned, mode, tile (rows, 64-groups, warps) or None for the default)
-    (7, 200, 16, False, "int4", None), (33, 128, 32, True, "int4", None), (17, 320, 0, False, "int4", None),
-    (9, 640, 96, False, "int4", None), (40, 512, 128, False, "int8", None), (21, 768, 160, False, "int4", None),
+ONEPASS_SHAPES = [  # (M, K, rank, unsigned, mode, tile (rows, 64-groups, warps, lag) or None for the default)
+    (7, 200, 16, False, "int4", None), (33, 128, 32, True, "int4", (16, 1, 4, 2)), (17, 320, 0, False, "int4", None),
+    (70, 640, 96, False, "int4", (16, 2, 4, 5)), (40, 512, 128, False, "int8", (16, 4, 4, 1)),
+    (21, 768, 160, False, "int4", (32, 2, 4, 1)),
 ] + ([(4608, 3072, 32, False, "int4", None), (4608, 15360, 32, False, "int4", None), (1000, 3072, 32, True, "int4", None),
       (77, 12288, 32, False, "int4", None), (4608, 3072, 96, False, "int4", None), (300, 4096, 160, False, "int4", None),
-      (129, 1216, 16, False, "int8", None), (9216, 3072, 32, False, "int4", (32, 8, 4)),
-      (4608, 12288, 32, False, "int4", (128, 2, 8)), (2000, 15360, 0, False, "int4", (16, 8, 4))] if GPU else [])
+      (129, 1216, 16, False, "int8", None), (9216, 3072, 32, False, "int4", (32, 8, 4, 1)),
+      (4608, 12288, 32, False, "int4", (64, 4, 8, 100)), (2000, 15360, 0, False, "int4", (16, 8, 4, 3))] if GPU else [])
 
 
 @pytest.mark.parametrize("m,k,rank,unsigned,mode,tile", ONEPASS_SHAPES)
 def test_activation_onepass_same_results(m, k, rank, unsigned, mode, tile, triton_kernels):
-    """The one-pass kernel (a row block's K slices meeting at a counter) gives the two passes' codes and scales bit
-    for bit and their branch product within 1e-5, whatever the rows, K tail, rank (0 to a LoRA-widened 160),
-    unsigned shift, int8 mode or tile; repeated on the GPU, where a missing fence or a race in the meeting shows up
-    as a result that changes between runs. Every counter is left at zero for the next call."""
+    """The one-launch kernel (stats and quantize tasks of each row block, LAG row blocks apart, meeting at a
+    counter) gives the two passes' codes and scales bit for bit and their branch product within 1e-5, whatever the
+    rows, K tail, rank (0 to a LoRA-widened 160), unsigned shift, int8 mode, tile or lag (1 to past the row blocks);
+    repeated on the GPU, where a missing fence or a race at the counter shows up as a result that changes between
+    runs. Every counter is left at zero for the next call."""
     from svdq.kernels.act_quant import quantize_activation
 
     layer = random_layer(64, k, rank, True, unsigned, 0.171875 if unsigned else 0.0, device=DEV, seed=m + k)
@@ -278,7 +280,7 @@ def test_activation_onepass_same_results(m, k, rank, unsigned, mode, tile, trito
         x = torch.nn.functional.gelu(x.float(), approximate="tanh").to(torch.bfloat16)
     args = (x, layer.k_padded, layer.smooth, layer.proj_down, layer.act_shift, unsigned, mode)
     a1, s1, l1 = (t.clone() if t is not None else None for t in quantize_activation(*args, onepass=False))
-    kw = dict(zip(("block_m", "groups", "num_warps"), tile)) if tile else {}
+    kw = dict(zip(("block_m", "groups", "num_warps", "lag"), tile)) if tile else {}
     sync = []
     scratch = _scratch_keeping(sync)
     for _ in range(5 if GPU else 1):
@@ -304,8 +306,7 @@ def _scratch_keeping(sync: list):
 
 def test_activation_onepass_batched_rows_and_choice(triton_kernels, monkeypatch):
     """The one-pass kernel reads a [B, L, K] token slice in place (the same results as on a contiguous copy);
-    ``SVDQ_ACT_ONEPASS`` takes 0, 1 or auto, ``1`` routes calls to it where it can run, and a request it cannot
-    honour (the interpreter runs programs one at a time, so one slice a row block there) is a clear error."""
+    ``SVDQ_ACT_ONEPASS`` takes 0, 1 or auto, and ``1`` routes calls to it where it can run."""
     from svdq.kernels import act_onepass
     from svdq.kernels.act_quant import quantize_activation, use_onepass
 
@@ -326,9 +327,6 @@ def test_activation_onepass_batched_rows_and_choice(triton_kernels, monkeypatch)
     with pytest.raises(ValueError, match="SVDQ_ACT_ONEPASS"):
         use_onepass(x2, layer.k_padded, 32, None, None)
     monkeypatch.delenv("SVDQ_ACT_ONEPASS")
-    if not GPU:
-        with pytest.raises(ValueError, match="one at a time"):
-            quantize_activation(x2, layer.k_padded, None, None, onepass=True, groups=1)
     assert act_onepass.sum_rows(64, 12) == 8 and act_onepass.sum_rows(64, 60) == 2 and act_onepass.sum_rows(16, 1) == 16
 
 
