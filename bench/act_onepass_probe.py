@@ -1,14 +1,16 @@
 """The one-pass activation kernel (``kernels/act_onepass.py``) against the two passes, same run. Needs a GPU.
 
-    python3 bench/act_onepass_probe.py [--tiles] [--layers] [--repeat N]
+    python3 bench/act_onepass_probe.py [--tiles] [--layers] [--chunks] [--only-chunks] [--repeat N]
 
 For each shape: codes and scales must equal the two passes' bit for bit and the branch product agree within 1e-5
 (and the fp32 product within 2e-4), repeated (a missing fence or a race in the row block's meeting shows up as a
 result that changes between runs); then CUDA-graph µs of both, and the floor (x read once, codes written once, at
-this GPU's device-to-device copy rate). ``--tiles``: the one-launch kernel at several (rows, 64-groups, warps) tiles
-and at several lags (row blocks between a row block's stats and quantize tasks) around the default.
+this GPU's device-to-device copy rate). ``--tiles``: the one-launch kernel at other row blocks, stats tasks' K tiles
+and quantize tasks' widths, and at several lags (row blocks between a row block's two kinds of task) around the
+default.
 ``--layers``: whole layer calls (``svdq_linear``, rank 32) with ``SVDQ_ACT_ONEPASS`` 0 and 1, and bf16 ``F.linear``,
-at the M = 4608 shapes of ``bench/linear.py``: what the change does to the issue's ratio.
+at the M = 4608 shapes of ``bench/linear.py``: what the change does to the issue's ratio. ``--chunks``
+(``--only-chunks``: nothing else): the two passes over row chunks in turn, against one call over all rows.
 """
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ SHAPES = [  # (M, K, rank)
     (9216, 15360, 32), (4608, 3072, 96), (4608, 15360, 96), (1024, 3072, 32), (512, 3072, 32), (4096, 3072, 0),
     (77, 12288, 32), (1000, 3072, 128),
 ]
-TILES = [(32, 4, 4), (32, 2, 4), (16, 4, 4), (64, 4, 8), (64, 2, 4), (32, 8, 4), (16, 8, 4), (64, 4, 4)]
+VARIANTS = [dict(k_per_program=4), dict(k_per_program=8), dict(k_per_program=16), dict(pass2_groups=2),
+            dict(block_m=32), dict(block_m=64)]
 LAGS = (0.25, 0.5, 2, 4)  # times the default lag
 
 
@@ -90,6 +93,23 @@ def layer_rows() -> None:
               flush=True)
 
 
+def chunk_rows() -> None:
+    """The two passes run on row chunks one after the other (pass 1 then pass 2 of each chunk): does pass 2 then read
+    its chunk from L2? CUDA-graph µs of all the chunks' launches against one call over every row."""
+    for m, k in ((4608, 3072), (4608, 12288), (4608, 15360), (9216, 15360), (8192, 12288)):
+        layer = make_layer(64, k, 32)
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        args = (layer.k_padded, layer.smooth, layer.proj_down)
+        whole = bench_graph(lambda: quantize_activation(x, *args, onepass=False))
+        line = f"chunks M {m} K {k}: whole {whole:6.1f}"
+        for rows in (256, 512, 1024, 2048):
+            def run(rows=rows):
+                for c in range(0, m, rows):
+                    quantize_activation(x[c:c + rows], *args, onepass=False)
+            line += f" | {rows} rows {bench_graph(run):6.1f}"
+        print(line, flush=True)
+
+
 def main() -> int:
     import triton
 
@@ -97,6 +117,9 @@ def main() -> int:
     print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
     rate = copy_rate()
     print(f"copy rate {rate / 1e6:.2f} TB/s (read + write)", flush=True)
+    if "--only-chunks" in sys.argv:
+        chunk_rows()
+        return 0
     for m, k, r in SHAPES:
         layer = make_layer(64, k, r)
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16) * 2
@@ -107,13 +130,12 @@ def main() -> int:
         print(f"M {m:5d} K {k:5d} r {r:3d}: floor {floor:6.1f} | two passes {two:6.1f} | one pass {one:6.1f} "
               f"({two / one:.2f}x) | {check(x, layer, repeat)}", flush=True)
         if "--tiles" in sys.argv and r <= 32 and m >= 4096:
-            from svdq.kernels.act_onepass import default_lag, default_tile, slices
+            from svdq.kernels.act_onepass import Plan
 
-            bm, groups, _ = default_tile(layer.k_padded, r)
-            lag0 = default_lag(triton.cdiv(m, bm), slices(layer.k_padded, groups), x.device)
-            variants = [dict(block_m=bm, groups=groups, num_warps=warps) for bm, groups, warps in TILES[1:]]
-            variants += [dict(lag=max(1, round(lag0 * f))) for f in LAGS]
-            print(f"    default: {bm} x {64 * groups}, lag {lag0}", flush=True)
+            plan = Plan(m, layer.k_padded, r, x.device)
+            variants = VARIANTS + [dict(lag=max(1, round(plan.lag * f))) for f in LAGS]
+            print(f"    default: {plan.block_m} rows, stats {plan.gp} x {plan.tiles} tiles of {64 * plan.groups}, "
+                  f"quantize {plan.gq} x {64 * plan.qgroups}, lag {plan.lag}", flush=True)
             for kw in variants:
                 try:
                     us = bench_graph(lambda: quantize_activation(*args, onepass=True, **kw))
@@ -132,6 +154,8 @@ def main() -> int:
           f" µs, one pass {bench_graph(lambda: quantize_activation(*args, onepass=True)):.1f} µs", flush=True)
     if "--layers" in sys.argv:
         layer_rows()
+    if "--chunks" in sys.argv:
+        chunk_rows()
     return 0
 
 

@@ -254,21 +254,21 @@ def test_activation_stream_choice(monkeypatch):
     assert torch.equal(a8, a4) and torch.equal(s8, s4)
 
 
-ONEPASS_SHAPES = [  # (M, K, rank, unsigned, mode, tile (rows, 64-groups, warps, lag) or None for the default)
-    (7, 200, 16, False, "int4", None), (33, 128, 32, True, "int4", (16, 1, 4, 2)), (17, 320, 0, False, "int4", None),
-    (70, 640, 96, False, "int4", (16, 2, 4, 5)), (40, 512, 128, False, "int8", (16, 4, 4, 1)),
-    (21, 768, 160, False, "int4", (32, 2, 4, 1)),
+ONEPASS_SHAPES = [  # (M, K, rank, unsigned, mode, (rows a block, stats tiles, quantize 64-groups, lag) or None)
+    (7, 200, 16, False, "int4", None), (33, 128, 32, True, "int4", (16, 1, 1, 2)), (17, 320, 0, False, "int4", None),
+    (70, 640, 96, False, "int4", (16, 2, 2, 5)), (40, 512, 128, False, "int8", (16, 3, 4, 1)),
+    (21, 768, 64, False, "int4", (32, 2, 2, 1)), (50, 1280, 32, False, "int4", (16, 4, 1, 1)),
 ] + ([(4608, 3072, 32, False, "int4", None), (4608, 15360, 32, False, "int4", None), (1000, 3072, 32, True, "int4", None),
-      (77, 12288, 32, False, "int4", None), (4608, 3072, 96, False, "int4", None), (300, 4096, 160, False, "int4", None),
-      (129, 1216, 16, False, "int8", None), (9216, 3072, 32, False, "int4", (32, 8, 4, 1)),
-      (4608, 12288, 32, False, "int4", (64, 4, 8, 100)), (2000, 15360, 0, False, "int4", (16, 8, 4, 3))] if GPU else [])
+      (77, 12288, 32, False, "int4", None), (4608, 3072, 96, False, "int4", None), (300, 4096, 128, False, "int4", None),
+      (129, 1216, 16, False, "int8", None), (9216, 3072, 32, False, "int4", (32, 8, 2, 1)),
+      (4608, 12288, 32, False, "int4", (64, 4, 4, 100)), (2000, 15360, 0, False, "int4", (32, 16, 4, 3))] if GPU else [])
 
 
 @pytest.mark.parametrize("m,k,rank,unsigned,mode,tile", ONEPASS_SHAPES)
 def test_activation_onepass_same_results(m, k, rank, unsigned, mode, tile, triton_kernels):
     """The one-launch kernel (stats and quantize tasks of each row block, LAG row blocks apart, meeting at a
     counter) gives the two passes' codes and scales bit for bit and their branch product within 1e-5, whatever the
-    rows, K tail, rank (0 to a LoRA-widened 160), unsigned shift, int8 mode, tile or lag (1 to past the row blocks);
+    rows, K tail, rank (0 to a LoRA-widened 128), unsigned shift, int8 mode, tiles or lag (1 to past the row blocks);
     repeated on the GPU, where a missing fence or a race at the counter shows up as a result that changes between
     runs. Every counter is left at zero for the next call."""
     from svdq.kernels.act_quant import quantize_activation
@@ -280,7 +280,7 @@ def test_activation_onepass_same_results(m, k, rank, unsigned, mode, tile, trito
         x = torch.nn.functional.gelu(x.float(), approximate="tanh").to(torch.bfloat16)
     args = (x, layer.k_padded, layer.smooth, layer.proj_down, layer.act_shift, unsigned, mode)
     a1, s1, l1 = (t.clone() if t is not None else None for t in quantize_activation(*args, onepass=False))
-    kw = dict(zip(("block_m", "groups", "num_warps", "lag"), tile)) if tile else {}
+    kw = dict(zip(("block_m", "k_per_program", "pass2_groups", "lag"), tile)) if tile else {}
     sync = []
     scratch = _scratch_keeping(sync)
     for _ in range(5 if GPU else 1):
@@ -305,29 +305,40 @@ def _scratch_keeping(sync: list):
 
 
 def test_activation_onepass_batched_rows_and_choice(triton_kernels, monkeypatch):
-    """The one-pass kernel reads a [B, L, K] token slice in place (the same results as on a contiguous copy);
-    ``SVDQ_ACT_ONEPASS`` takes 0, 1 or auto, and ``1`` routes calls to it where it can run."""
+    """The one-launch kernel reads a [B, L, K] token slice of whole row blocks in place (the same results as on a
+    contiguous copy); ``SVDQ_ACT_ONEPASS`` takes 0, 1 or auto, ``1`` routes calls to it where it can take the input
+    (what its TMA stream addresses, a branch it takes, batches of whole row blocks), and an explicit request it
+    cannot honour is a clear error."""
     from svdq.kernels import act_onepass
     from svdq.kernels.act_quant import quantize_activation, use_onepass
 
     k = 3072 if GPU else 256
     layer = random_layer(64, k, 32, True, device=DEV, seed=5)
-    x = torch.randn(2, 96, k, device=DEV, dtype=torch.bfloat16)[:, 16:]
+    xb = torch.randn(2, 80, k, device=DEV, dtype=torch.bfloat16)
+    xb[:, :16] = 1e4  # rows before the slice: huge, so reading any of them changes the scales
+    x = xb[:, 16:]  # two batches of 64 rows, 80 rows apart
     args = (layer.k_padded, layer.smooth, layer.proj_down)
     a1, s1, l1 = (t.clone() for t in quantize_activation(x.reshape(-1, k), *args, onepass=False))
     a, s, lora = quantize_activation(x, *args, onepass=True)
     assert torch.equal(a, a1) and torch.equal(s, s1) and rel(lora, l1) < 1e-5
+    x = torch.randn(2, 96, k, device=DEV, dtype=torch.bfloat16)[:, 16:]  # 80-row batches
     x2 = x.reshape(-1, k)
     monkeypatch.setenv("SVDQ_ACT_ONEPASS", "1")
-    assert use_onepass(x2, layer.k_padded, 32, None, None)
-    assert not use_onepass(x2, layer.k_padded, 32, None, True)  # the TMA stream asked for: two passes
+    assert use_onepass(x2, x2.shape[0], 1, layer.k_padded, 32, None)
+    assert not use_onepass(x2, x2.shape[0], 1, layer.k_padded, 32, True)  # a pass-1 kind asked for: two passes
+    assert not use_onepass(x2, x2.shape[0], 1, layer.k_padded, 160, None)  # wider than the stream takes
+    assert not use_onepass(x2[:, 4:], x2.shape[0], 1, layer.k_padded, 32, None)  # base 8 bytes past alignment
+    assert not use_onepass(x, 80, 2, layer.k_padded, 32, None)  # 80-row batches: a 32-row block would straddle
     monkeypatch.setenv("SVDQ_ACT_ONEPASS", "0")
-    assert not use_onepass(x2, layer.k_padded, 32, None, None)
+    assert not use_onepass(x2, x2.shape[0], 1, layer.k_padded, 32, None)
     monkeypatch.setenv("SVDQ_ACT_ONEPASS", "yes")
     with pytest.raises(ValueError, match="SVDQ_ACT_ONEPASS"):
-        use_onepass(x2, layer.k_padded, 32, None, None)
+        use_onepass(x2, x2.shape[0], 1, layer.k_padded, 32, None)
     monkeypatch.delenv("SVDQ_ACT_ONEPASS")
+    with pytest.raises(ValueError, match="straddle"):
+        quantize_activation(x, *args, onepass=True)
     assert act_onepass.sum_rows(64, 12) == 8 and act_onepass.sum_rows(64, 60) == 2 and act_onepass.sum_rows(16, 1) == 16
+    assert act_onepass.why_not(torch.zeros(4, 64), 4, 1, 0, 32) is not None  # fp32: no stream
 
 
 @pytest.mark.parametrize("block_m,pass2_block_m,pass2_warps,pass2_groups", [(32, 16, 4, None), (16, 64, 8, 1),
