@@ -135,30 +135,24 @@ def act_usage(bindir: str, plain: bool) -> int:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from svdq.kernels import act_onepass, act_quant
+    from svdq.kernels import act_quant
 
     ints = {"M", "K", "KP", "R", "NSUB", "NPARTS", "SEG", "stride_xb", "stride_xm", "stride_dk", "stride_gm", "stride_om",
-            "stride_lm", "GP", "GQ", "NPROG", "NRB", "LAG", "TILES", "SEG_PITCH"}
+            "stride_lm"}
     fixed = dict(QMAX=7, UMAX=15, QMIN=-7, UNSIGNED=False, HAS_SMOOTH=True, INT8_MODE=False, USE_RINT=True,
                  HAS_LORA=True, DOT_FP32=False, BLOCK_R=32, GROUP=64, NP_POW2=8, REVERSE=True, EW_MAX=False)
-    one = act_onepass._act_interleaved_kernel
     cases = [("pass 1, K = 3072 (32 rows x 128, 3 tiles)", act_quant._act_stats_kernel, dict(BLOCK_M=32, GROUPS=2, KSUB=3), 4),
              ("pass 1, K >= 8192 now (64 x 128, 4 tiles, 8 warps)", act_quant._act_stats_kernel,
               dict(BLOCK_M=64, GROUPS=2, KSUB=4), 8),
              ("pass 1, K >= 8192 before (4 warps)", act_quant._act_stats_kernel, dict(BLOCK_M=64, GROUPS=2, KSUB=4), 4),
              ("pass 2 now (16 rows x 256)", act_quant._act_quant_kernel, dict(BLOCK_M=16, GROUPS=4), 4),
              ("pass 2 before, K >= 8192 (64 x 128)", act_quant._act_quant_kernel, dict(BLOCK_M=64, GROUPS=2), 4),
-             ("pass 2 before, K = 3072 (32 x 128)", act_quant._act_quant_kernel, dict(BLOCK_M=32, GROUPS=2), 4),
-             ("one launch, 32 rows, rank 32", one, dict(BLOCK_M=32, GROUPS=2, QGROUPS=4, STAGES=4, GP_POW2=4,
-                                                        SUM_ROWS=4, CHUNKS=0, SEGMENTED=False), 4),
-             ("one launch, 64 rows, rank 32", one, dict(BLOCK_M=64, GROUPS=2, QGROUPS=4, STAGES=4, GP_POW2=8,
-                                                        SUM_ROWS=2, CHUNKS=0, SEGMENTED=False), 4)]
+             ("pass 2 before, K = 3072 (32 x 128)", act_quant._act_quant_kernel, dict(BLOCK_M=32, GROUPS=2), 4)]
     for label, fn, tile, warps in cases:
         names = fn.arg_names
         const = {k: v for k, v in dict(fixed, **tile, **extra_for(fn)).items() if k in names}
         sig = {n: "constexpr" if n in const else "i32" if n in ints else "fp32" if n == "shift" else
-               "*i8" if n == "out_ptr" else "*bf16" if n in ("x_ptr", "down_ptr") else "*i32" if n == "sync_ptr" else
-               f"tensordesc<bf16[{tile['BLOCK_M']}, 128]>" if n == "x_desc" else "*fp32" for n in names}
+               "*i8" if n == "out_ptr" else "*bf16" if n in ("x_ptr", "down_ptr") else "*fp32" for n in names}
         src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in const.items()},
                         attrs=launcher_attrs(names, sig, plain))
         k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})

@@ -140,15 +140,33 @@ def _act_stats_kernel(
 
 
 @triton.jit
-def _stream_stats(x_desc, inv_ptr, down_ptr, gmax_ptr, lora_ptr, row0, first, last, pid_p, M, K, R, SEG, SEG_PITCH,
-                  stride_dk, stride_gm, shift,
-                  UNSIGNED: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_LORA: tl.constexpr, DOT_FP32: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr,
-                  STAGES: tl.constexpr, SEGMENTED: tl.constexpr, CHUNKS: tl.constexpr):
-    """K tiles ``first`` … ``last - 1`` of the rows from ``row0`` by TMA stream: their row maxima and x·L1 partial,
-    stored as partial ``pid_p`` (``_store_pass1``). The body of ``_act_stats_stream_kernel`` (which says why), shared
-    with the one-launch kernel's stats tasks."""
+def _act_stats_stream_kernel(
+    x_desc, inv_ptr, down_ptr, gmax_ptr, lora_ptr,
+    M, K, R, NSUB, TILES, SEG, SEG_PITCH,
+    stride_dk, stride_gm,
+    shift,
+    UNSIGNED: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_LORA: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, STAGES: tl.constexpr,
+    SEGMENTED: tl.constexpr = False, CHUNKS: tl.constexpr = 0, PDL: tl.constexpr = False,
+):
+    """Pass 1 as a TMA stream: ``_act_stats_kernel``'s results (each program's row maxima and x·L1 partial over
+    TILES consecutive K tiles, in the same order), but the tiles come by TMA through a ``tl.range`` loop of STAGES
+    buffers, so the next tiles are in flight while this one is reduced. Why: the unrolled kernel waits on each
+    tile's load in turn, and ran at 61% of DRAM bandwidth at K = 15360 (this one: 2.5 TB/s, −9% for both passes at
+    9216 × 15360; BENCHMARKS.md, session 15). One warpgroup only: the same loop on pointer loads (cp.async) gave
+    wrong branch partials with 8 warps on Triton 3.6 (relative error 1e-3 to 1e-1), and this one did once with 8
+    warps and 128-row tiles, though the PTX puts a CTA barrier between each stage's wgmma wait and its refill (not
+    diagnosed); with 4 warps every H100 run matched. So there is no pointer version and no 8-warp launch.
+    ``SEGMENTED``: batches of SEG rows whose starts are SEG_PITCH rows of the descriptor apart (a 2-D descriptor over
+    every row from the first batch's first to the last batch's last, those between the batches included); SEG is a
+    multiple of BLOCK_M, so a tile stays in one batch (the same 2-D loads as one batch, nothing reshaped).
+    ``CHUNKS``: a branch wider than 32 as that many 32-wide MMAs with their own accumulators (``STREAM_MAX_RANK``
+    says why not one wide MMA)."""
     BLOCK_K: tl.constexpr = GROUP * GROUPS
+    pdl_start(PDL)
+    pid_m = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    row0 = pid_m * BLOCK_M
     rows = row0 + tl.arange(0, BLOCK_M)
     rmask = rows < M
     rcols = tl.arange(0, BLOCK_R)
@@ -159,6 +177,8 @@ def _stream_stats(x_desc, inv_ptr, down_ptr, gmax_ptr, lora_ptr, row0, first, la
     p2 = tl.zeros([BLOCK_M, 32], dtype=tl.float32)
     p3 = tl.zeros([BLOCK_M, 32], dtype=tl.float32)
     rmax = tl.zeros([BLOCK_M], dtype=tl.float32)
+    first = pid_p * TILES
+    last = tl.minimum(first + TILES, NSUB)
     for sub in tl.range(first, last, num_stages=STAGES):
         k = sub * BLOCK_K + tl.arange(0, BLOCK_K)
         if SEGMENTED:
@@ -192,37 +212,6 @@ def _stream_stats(x_desc, inv_ptr, down_ptr, gmax_ptr, lora_ptr, row0, first, la
                 _store_chunk(base, 96, p3, rmask, c32, R)
     else:
         _store_pass1(gmax_ptr, lora_ptr, rows, rmask, rcols, pid_p, rmax, part, M, R, stride_gm, HAS_LORA)
-
-
-@triton.jit
-def _act_stats_stream_kernel(
-    x_desc, inv_ptr, down_ptr, gmax_ptr, lora_ptr,
-    M, K, R, NSUB, TILES, SEG, SEG_PITCH,
-    stride_dk, stride_gm,
-    shift,
-    UNSIGNED: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_LORA: tl.constexpr, DOT_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, STAGES: tl.constexpr,
-    SEGMENTED: tl.constexpr = False, CHUNKS: tl.constexpr = 0, PDL: tl.constexpr = False,
-):
-    """Pass 1 as a TMA stream: ``_act_stats_kernel``'s results (each program's row maxima and x·L1 partial over
-    TILES consecutive K tiles, in the same order), but the tiles come by TMA through a ``tl.range`` loop of STAGES
-    buffers, so the next tiles are in flight while this one is reduced. Why: the unrolled kernel waits on each
-    tile's load in turn, and ran at 61% of DRAM bandwidth at K = 15360 (this one: 2.5 TB/s, −9% for both passes at
-    9216 × 15360; BENCHMARKS.md, session 15). One warpgroup only: the same loop on pointer loads (cp.async) gave
-    wrong branch partials with 8 warps on Triton 3.6 (relative error 1e-3 to 1e-1), and this one did once with 8
-    warps and 128-row tiles, though the PTX puts a CTA barrier between each stage's wgmma wait and its refill (not
-    diagnosed); with 4 warps every H100 run matched. So there is no pointer version and no 8-warp launch.
-    ``SEGMENTED``: batches of SEG rows whose starts are SEG_PITCH rows of the descriptor apart (a 2-D descriptor over
-    every row from the first batch's first to the last batch's last, those between the batches included); SEG is a
-    multiple of BLOCK_M, so a tile stays in one batch (the same 2-D loads as one batch, nothing reshaped).
-    ``CHUNKS``: a branch wider than 32 as that many 32-wide MMAs with their own accumulators (``STREAM_MAX_RANK``
-    says why not one wide MMA)."""
-    pdl_start(PDL)
-    pid_p = tl.program_id(1)
-    first = pid_p * TILES
-    _stream_stats(x_desc, inv_ptr, down_ptr, gmax_ptr, lora_ptr, tl.program_id(0) * BLOCK_M, first,
-                  tl.minimum(first + TILES, NSUB), pid_p, M, K, R, SEG, SEG_PITCH, stride_dk, stride_gm, shift,
-                  UNSIGNED, HAS_SMOOTH, HAS_LORA, DOT_FP32, BLOCK_M, BLOCK_R, GROUP, GROUPS, STAGES, SEGMENTED, CHUNKS)
     pdl_end(PDL)
 
 
@@ -410,8 +399,6 @@ def quantize_activation(
     ew_max: bool | None = None,
     stream: bool | None = None,
     stream_stages: int | None = None,
-    onepass: bool | None = None,
-    lag: int | None = None,
 ):
     """Launch the activation kernels on x2 [M, K], or on [B, L, K] rows in batches (``batched_rows``: a token slice
     at batch > 1, read in place, M = B·L). Returns (int8 [M, Kp], scale [M], lora [M, R] fp32 | None).
@@ -427,10 +414,7 @@ def quantize_activation(
     results, so the tiles may differ); ``reverse`` is pass 2's reverse visiting order. ``stream``: pass 1 by TMA
     stream (True; an input no descriptor can address is then a ValueError), the unrolled kernel (False), or
     ``stream_pass1``'s choice (None); ``stream_stages`` its buffer count (default ``stream_stages_for``),
-    ``k_per_program`` its K tiles a program (default ``stream_tiles_per_program``). ``onepass``: one launch that
-    reads x once (``act_onepass``; True: an input it cannot take is then a ValueError), the two passes (False), or
-    ``use_onepass``'s choice (None); ``block_m``, ``k_per_program`` and ``pass2_groups`` then set its row blocks, its
-    stats tasks' K tiles and its quantize tasks' width, ``lag`` the row blocks between a row block's two kinds."""
+    ``k_per_program`` its K tiles a program (default ``stream_tiles_per_program``)."""
     x2, seg, nb = batched_rows(x2)
     m, k = seg * nb, x2.shape[-1]
     segmented = nb > 1
@@ -444,11 +428,6 @@ def quantize_activation(
     else:
         raise ValueError(f"activation kernel supports int4 and int8, not {mode!r}")
     ng = k_padded // 64
-    if onepass is None:
-        onepass = use_onepass(x2, seg, nb, k_padded, r, stream, block_m)
-    if onepass:
-        return _onepass(x2, seg, nb, k_padded, smooth, proj_down, shift, unsigned, qmax, umax, qmin, mode, scratch,
-                        inv_smooth, block_m, k_per_program, pass2_groups, lag)
     block_r = max(16, triton.next_power_of_2(r)) if r else 16
     # H100 tile sweeps (bench/kernel_variants.py, BENCHMARKS.md): pass 1 on 128-column tiles, 32 rows x 4 warps at
     # K = 3072, rank 32, else 64 rows x 8 warps (its dot and row maxima over more K tiles), the row
@@ -535,48 +514,4 @@ def quantize_activation(
         BLOCK_M=bm2, GROUP=64, GROUPS=groups2, NP_POW2=max(2, triton.next_power_of_2(nparts)), REVERSE=reverse,
         SEGMENTED=segmented, num_warps=warps2, pdl=True,
     )
-    return out, scale, lora
-
-
-from . import act_onepass  # noqa: E402  (it builds on this module's kernel helpers, defined above)
-
-
-def use_onepass(x2: torch.Tensor, seg: int, nb: int, k_padded: int, rank: int, stream: bool | None,
-                block_m: int | None = None) -> bool:
-    """Whether a call takes the one-launch kernel (``SVDQ_ACT_ONEPASS``: ``0`` never, ``1`` wherever it can run,
-    ``auto`` where it measured faster). A call that asks for the TMA stream or the unrolled pass 1 (``stream`` not
-    None) keeps the two passes."""
-    choice = act_onepass.onepass_choice()
-    if choice == "0" or stream is not None:
-        return False
-    bm = block_m or (64 if k_padded >= 8192 or rank > 32 else 32)
-    if act_onepass.why_not(x2, seg, nb, rank, bm) is not None:
-        return False
-    return choice == "1" or act_onepass.faster_here(x2, k_padded, rank)
-
-
-def _onepass(x2, seg, nb, k_padded, smooth, proj_down, shift, unsigned, qmax, umax, qmin, mode, scratch, inv_smooth,
-             block_m, k_per_program, groups, lag):
-    """``quantize_activation`` by the one-launch kernel: its buffers (from the arena where given) and launch."""
-    m = seg * nb
-    r = 0 if proj_down is None else proj_down.shape[1]
-    plan = act_onepass.Plan(m, k_padded, r, x2.device, block_m, k_per_program, groups, lag)
-    reason = act_onepass.why_not(x2, seg, nb, r, plan.block_m)
-    if reason is not None:
-        raise ValueError(f"the one-launch activation kernel cannot run here: {reason}; pass onepass=None")
-    nf = act_onepass.scratch_floats(m, r, plan)
-    if scratch is None:
-        f32 = torch.empty(nf, dtype=torch.float32, device=x2.device)
-        out = torch.empty(m, k_padded, dtype=torch.int8, device=x2.device)
-        sync = None
-    else:
-        f32 = scratch("act_f32", nf, torch.float32)
-        out = scratch("act_i8", m * k_padded, torch.int8).view(m, k_padded)
-        # left zero by every launch; large enough that it never grows (not even under CUDA-graph capture)
-        sync = scratch("act_sync", max(act_onepass.sync_ints(plan), 1 << 16), torch.int32, zeroed=True)
-    inv = inv_smooth
-    if smooth is not None and inv is None:
-        inv = torch.reciprocal(smooth.float())
-    scale, lora = act_onepass.quantize_activation_onepass(
-        x2, seg, nb, k_padded, inv, proj_down, shift, unsigned, qmax, umax, qmin, mode == "int8", out, f32, sync, plan)
     return out, scale, lora
