@@ -408,19 +408,29 @@ def _pingpong_store(y, pid_m, pid_n, bias_ptr, c_ptr, c_desc, c_wg, M, N, stride
 
 
 @gluon.jit
-def _sk_add_partial(acc, t, ws_ptr, tickets_ptr, k_tiles, SK_TILES, BM: gl.constexpr, BN: gl.constexpr,
-                    acc_layout: gl.constexpr):
-    """Add a tail segment's int32 partial into tile ``t``'s workspace (integer sums: exact, in any order) and count
-    it in. Returns (whether this was the tile's last segment, the workspace addresses): the last one reads the sum
-    back, and leaves the workspace and its ticket at zero for the next call."""
+def _sk_partial(acc, t, seg, ws_ptr, tickets_ptr, k_tiles, SK_TILES, BM: gl.constexpr, BN: gl.constexpr,
+                acc_layout: gl.constexpr):
+    """Store a tail segment's int32 partial in this program's slot for segment ``seg`` and count it in at tile
+    ``t``'s ticket. The tile's last segment to finish (by ticket) adds the other programs' partials to its own
+    (integer sums: exact in any order), sets the ticket back to zero and returns (True, the tile's sum); the others
+    return (False, their partial). Plain stores and loads, not atomic adds into one buffer: those were limited by
+    the L2's atomic rate (H100, BENCHMARKS.md session 21)."""
     rm = gl.arange(0, BM, layout=gl.SliceLayout(1, acc_layout))
     rn = gl.arange(0, BN, layout=gl.SliceLayout(0, acc_layout))
-    ptrs = ws_ptr + t * (BM * BN) + rm[:, None] * BN + rn[None, :]
-    gl.atomic_add(ptrs, acc, sem="relaxed", scope="gpu")
-    gl.thread_barrier()  # every thread's adds before the ticket (released at GPU scope)
-    segments = _sk_owner((t + 1) * k_tiles - 1, k_tiles, SK_TILES) - _sk_owner(t * k_tiles, k_tiles, SK_TILES) + 1
-    last = gl.atomic_add(tickets_ptr + t, 1, sem="acq_rel", scope="gpu") == segments - 1
-    return last, ptrs
+    offs = rm[:, None] * BN + rn[None, :]
+    gl.store(ws_ptr + (gl.program_id(0) * 2 + seg) * (BM * BN) + offs, acc)
+    gl.thread_barrier()  # every thread's stores before the ticket (released at GPU scope)
+    first = _sk_owner(t * k_tiles, k_tiles, SK_TILES)
+    last_owner = _sk_owner((t + 1) * k_tiles - 1, k_tiles, SK_TILES)
+    last = gl.atomic_add(tickets_ptr + t, 1, sem="acq_rel", scope="gpu") == last_owner - first
+    if last:
+        steps = SK_TILES * k_tiles
+        for q in range(first, last_owner + 1):
+            if q != gl.program_id(0):  # program q's segment of tile t is its first or second
+                q_seg = t - (q * steps // gl.num_programs(0)) // k_tiles
+                acc += gl.load(ws_ptr + (q * 2 + q_seg) * (BM * BN) + offs, cache_modifier=".cg")
+        gl.store(tickets_ptr + t, 0)
+    return last, acc
 
 
 @gluon.jit
@@ -438,8 +448,8 @@ def _pingpong_consumer(a_bufs, b_bufs, up_smem, ready, empty, turn, ascale_ptr, 
     ``BRANCH_IN_TURN``: the branch MMA goes in the turn, after this tile's int8 MMAs have completed and before the
     turn passes (its operands and the scales are loaded before the turn, under the other warpgroup's MMAs).
     ``STREAM_K``: after its whole tiles, the program's share of the last SK_TILES tiles' K steps (stream-K, so that
-    no SM idles through a last partial wave of tiles): each segment's int32 partial is added into a workspace, and
-    the tile's last segment to finish runs its epilogue (the branch there, never in the turn)."""
+    no SM idles through a last partial wave of tiles): each segment's int32 partial goes to a workspace slot, and
+    the tile's last segment to finish sums them and runs its epilogue (the branch there, never in the turn)."""
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, INSTR_N, 32])
     y_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -503,11 +513,8 @@ def _pingpong_consumer(a_bufs, b_bufs, up_smem, ready, empty, turn, ascale_ptr, 
                 mbarrier.arrive(turn.index(1 - WG))
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
                 mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
-                last, ptrs = _sk_add_partial(acc, t, ws_ptr, tickets_ptr, k_tiles, SK_TILES, BM, BN, acc_layout)
+                last, total = _sk_partial(acc, t, seg, ws_ptr, tickets_ptr, k_tiles, SK_TILES, BM, BN, acc_layout)
                 if last:
-                    total = gl.load(ptrs, cache_modifier=".cg")
-                    gl.store(ptrs, gl.zeros([BM, BN], gl.int32, layout=acc_layout))
-                    gl.store(tickets_ptr + t, 0)
                     _pingpong_finish(total, pid_m, pid_n, up_smem.index(WG), c_smem.index(WG), c_desc, ascale_ptr,
                                      wscale_ptr, lora_ptr, up_ptr, bias_ptr, c_ptr, M, N, R, stride_lm, stride_un,
                                      stride_cm, BM, BN, INSTR_N, HAS_LORA, HAS_BIAS, GELU, ACCUMULATE, BLOCK_R,
@@ -588,7 +595,8 @@ def launch_ws(cfg_kwargs: dict, num_warps: int, args: tuple, flags: dict, m: int
         if sk:
             from .dispatch import arena  # (dispatch imports this module)
 
-            sync = arena(a8.device).get("gemm_stream_k", sm_count(a8.device) * (1 + 128 * 128), torch.int32,
+            # tickets (left zero by each launch), then two partial tiles a program
+            sync = arena(a8.device).get("gemm_stream_k", sm_count(a8.device) * (1 + 2 * 128 * 128), torch.int32,
                                         zeroed=True)
             tickets, ws = sync[:programs], sync[programs:]
         else:
@@ -609,7 +617,8 @@ def stream_k_tiles(tiles: int, programs: int, k_steps: int) -> int:
     """How many of the last tiles the ping-pong kernel splits over every program by K steps (stream-K) instead of
     leaving a last partial wave: the tiles past the last whole multiple of the program count, where there is such a
     remainder, more tiles than programs, each program's share two K steps or more (so every program has a share,
-    which the tail's tickets count on) and tiles of at most 128 x 128. ``SVDQ_STREAM_K=0`` turns it off.
+    which the tail's tickets count on; a share then spans at most two tiles, which the workspace's two slots a program
+    count on) and tiles of at most 128 x 128. ``SVDQ_STREAM_K=0`` turns it off.
 
     Why: at M = 4608 and N = 3072 the 864 tiles are 6.55 a program on an H100's 132 SMs; 72 programs run a seventh
     while 60 idle, and the GEMM's time per row there is 6-7% above that at 4224 rows, whose 792 tiles divide evenly
