@@ -953,61 +953,6 @@ def test_pingpong_wide_branch_same_bits(up, m, n, rank, gelu, dtype, triton_kern
     assert torch.equal(got, want)
 
 
-@pytest.mark.skipif(not SM90, reason="Gluon wgmma kernel: sm_90")
-@pytest.mark.parametrize("m,n,k,rank,gelu,acc,opts", [
-    (4608, 3072, 3072, 32, False, False, {}), (1000, 3072, 3072, 32, True, False, {"BRANCH": "epilogue"}),
-    (1999, 3000, 3072, 32, False, True, {}), (2000, 1536, 12288, 96, False, False, {}),
-    (2000, 1536, 12288, 96, True, False, {"UP": "turn"}), (700, 3072, 3072, 0, False, False, {"STORE": "pointer"}),
-    (4608, 3072, 15360, 32, False, False, {"BLOCK_M": 64, "BLOCK_N": 256})])
-def test_pingpong_stream_k_tail_same_bits(m, n, k, rank, gelu, acc, opts, triton_kernels, monkeypatch):
-    """The last partial wave of tiles split over every program by K steps (stream-K: int32 partials in workspace
-    slots, the tile's last segment sums them and runs the epilogue) gives the same bits as whole tiles, with the branch in the
-    turn or the epilogue, staged, none, GELU, accumulation, pointer stores, odd M and N; and leaves its tickets at
-    zero, run after run."""
-    from svdq.kernels import gemm_w4a4_gluon as gluon
-    from svdq.kernels.act_quant import quantize_activation
-    from svdq.kernels.dispatch import arena
-    from svdq.kernels.gemm_w4a4 import expand_weight, w4a4_gemm
-
-    layer = random_layer(n, k, rank, True, device=DEV, seed=m + n)
-    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
-    a8, sa, lora = quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down)
-    a8, sa, lora = a8.clone(), sa.clone(), lora.clone() if rank else None
-    w8 = expand_weight(layer.qweight, layer.wmult).clone()
-    up = layer.proj_up if rank else None
-    base = torch.randn(m, n, device=DEV, dtype=torch.bfloat16)
-    kwargs = {"SCHEDULE": "gluon", "PINGPONG": True, "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "STAGES": 4,
-              "GROUP_M": 8, **opts}
-    cfg = {"kwargs": kwargs, "num_warps": 4, "num_stages": 1}
-    tiles = -(-m // kwargs["BLOCK_M"]) * -(-n // kwargs["BLOCK_N"])
-    programs = min(tiles, torch.cuda.get_device_properties(0).multi_processor_count)
-    assert gluon.stream_k_tiles(tiles, programs, -(-layer.k_padded // 128)) > 0  # the shape does split its tail
-    run = lambda: w4a4_gemm(a8, sa, w8, layer.wscale, lora, up, layer.bias, torch.bfloat16, gelu, config=cfg,
-                            out=base.clone() if acc else None, accumulate=acc)
-    monkeypatch.setenv("SVDQ_STREAM_K", "0")
-    want = run()
-    monkeypatch.setenv("SVDQ_STREAM_K", "1")
-    for _ in range(3):
-        got = run()
-        torch.cuda.synchronize()
-        assert torch.equal(got, want), f"{(got != want).sum().item()} outputs differ"
-        tickets = arena(x.device).buffers["gemm_stream_k"][:4 * programs]
-        assert int(tickets.count_nonzero()) == 0, "a ticket was left set"
-
-
-def test_stream_k_choice(monkeypatch):
-    """Which launches split their tail: a remainder of tiles past a whole wave, more tiles than programs, two K
-    steps or more a program's share; ``SVDQ_STREAM_K=0`` never."""
-    gluon = pytest.importorskip("svdq.kernels.gemm_w4a4_gluon")
-    assert gluon.stream_k_tiles(864, 132, 96) == 72  # M = 4608, N = 3072, K = 12288 on an H100
-    assert gluon.stream_k_tiles(792, 132, 96) == 0  # whole waves only
-    assert gluon.stream_k_tiles(100, 132, 96) == 0  # fewer tiles than programs: the grid is the tiles
-    assert gluon.stream_k_tiles(133, 132, 1) == 0  # one tile's single step cannot give every program two
-    assert gluon.stream_k_tiles(400, 132, 96) == 4 and gluon.stream_k_tiles(400, 132, 24) == 0  # 96 steps < 2 a program
-    monkeypatch.setenv("SVDQ_STREAM_K", "0")
-    assert gluon.stream_k_tiles(864, 132, 96) == 0
-
-
 def test_wide_branch_staging_choice(monkeypatch):
     """Which branches the ping-pong epilogue stages in the output tile: several chunks, a TMA-stored tile that
     holds them (rank ≤ BLOCK_M), not in the turn; ``SVDQ_BRANCH_UP`` / ``UP`` switch it off, other values refused."""
