@@ -239,9 +239,6 @@ def gluon_usage(bindir: str, plain: bool, rank: int = 32, sass_hash: bool = Fals
         kernels.append(("ping-pong, TMA store, branch staged, in the turn", g._w4a4_gemm_pingpong_kernel, (128, 128, 128),
                         dict(STAGES=4, INSTR_N=128, STORE_TMA=True, BRANCH_STAGED=True, BRANCH_IN_TURN=True,
                              **g.pingpong_registers(40)), 4))
-    if "STREAM_K" in g._w4a4_gemm_pingpong_kernel.arg_names:  # the tail split over every program by K steps
-        kernels.append(("ping-pong, TMA store, stream-K tail", g._w4a4_gemm_pingpong_kernel, (128, 128, 128),
-                        dict(STAGES=4, INSTR_N=128, STORE_TMA=True, STREAM_K=True, **g.pingpong_registers(40)), 4))
     if "STORE_TMA" in g._w4a4_gemm_pingpong_kernel.arg_names:  # no branch: its buffer drops out, 5 stages fit
         kernels.append(("ping-pong, TMA store, no branch", g._w4a4_gemm_pingpong_kernel, (128, 128, 128),
                         dict(STAGES=5, INSTR_N=128, STORE_TMA=True, HAS_LORA=False, BRANCH_IN_TURN=False,
@@ -249,7 +246,7 @@ def gluon_usage(bindir: str, plain: bool, rank: int = 32, sass_hash: bool = Fals
     for (label, fn, (bm, bn, bk), extra, warps), gelu in [(k, gelu) for k in kernels for gelu in (False, True)]:
         if "BRANCH_IN_TURN" in fn.arg_names and "BRANCH_IN_TURN" not in extra:  # as launched
             extra = dict(extra, BRANCH_IN_TURN=block_r == r_chunk)
-        for flag in ("STORE_TMA", "BRANCH_STAGED", "STREAM_K"):  # constexprs with defaults: as launched, or the signature
+        for flag in ("STORE_TMA", "BRANCH_STAGED"):  # constexprs with defaults: as launched, or the signature
             if flag in fn.arg_names and flag not in extra:  # below would make them runtime integers (both
                 extra = dict(extra, **{flag: False})  # branches of each `if` compiled in)
         a = torch.empty(256, 256, dtype=torch.int8)
@@ -262,8 +259,7 @@ def gluon_usage(bindir: str, plain: bool, rank: int = 32, sass_hash: bool = Fals
             descs["c_desc"] = descs["b_desc"]
         const = dict(base, GELU=gelu, **extra, **extra_for(fn))
         sig = {n: mangle_type(descs[n]) if n in descs else
-               ("*bf16" if n in ("up_ptr", "bias_ptr", "c_ptr") else "*i32" if n in ("ws_ptr", "tickets_ptr") else
-                "*fp32") if n.endswith("_ptr") else
+               ("*bf16" if n in ("up_ptr", "bias_ptr", "c_ptr") else "*fp32") if n.endswith("_ptr") else
                "constexpr" if n in const else "i32" for n in fn.arg_names}
         src = GluonASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()},
                              attrs=launcher_attrs(fn.arg_names, sig, plain))

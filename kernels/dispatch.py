@@ -38,7 +38,7 @@ except Exception as _exc:  # pragma: no cover - depends on the install
 _warned: set[str] = set()
 W4A16_MAX_M = 64  # above this the dequantize + cuBLAS path wins
 _ENV = ("SVDQ_GEMM", "SVDQ_W4A16", "SVDQ_FAST_LAUNCH", "SVDQ_TUNED_CONFIGS", "SVDQ_PACKED_MAX_M", "SVDQ_PDL",
-        "SVDQ_BRANCH", "SVDQ_STORE", "SVDQ_ACT_STREAM", "SVDQ_STREAM_K")  # what a plan depends on
+        "SVDQ_BRANCH", "SVDQ_STORE", "SVDQ_ACT_STREAM")  # what a plan depends on
 INT_POINTERS = True  # call plans pass fixed tensors to the launcher as addresses (bench/host_profile.py A/B)
 
 

@@ -84,50 +84,20 @@ def _schedule(M, N, KP, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr):
 
 
 @gluon.jit
-def _load_steps(a_desc, b_desc, a_bufs, b_bufs, ready, empty, pid_m, pid_n, k_lo, k_hi, it,
-                BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr):
-    """K steps ``k_lo`` … ``k_hi - 1`` of one tile into the stage ring from global stage count ``it``."""
-    for ki in range(k_lo, k_hi):
-        s = it % STAGES
-        mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)  # a fresh barrier passes parity 1
-        mbarrier.expect(ready.index(s), a_desc.block_type.nbytes + b_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(a_desc, [pid_m * BM, ki * BK], ready.index(s), a_bufs.index(s))
-        tma.async_copy_global_to_shared(b_desc, [pid_n * BN, ki * BK], ready.index(s), b_bufs.index(s))
-        it += 1
-    return it
-
-
-@gluon.jit
-def _tail_unit(seg, k_tiles, SK_TILES, SK_SPLIT):
-    """This program's ``seg``-th unit of the tail (0 or 1): the last SK_TILES tiles, each split into SK_SPLIT K
-    chunks, are SK_TILES · SK_SPLIT units taken chunk-major (unit u: chunk u // SK_TILES of tail tile u % SK_TILES),
-    program p taking units p and p + programs. Chunk-major keeps the programs in one K window at a time, as whole
-    tiles' waves are, so their operands are shared in L2. Returns (exists, tail tile, chunk, first and end K step)."""
-    u = gl.program_id(0) + seg * gl.num_programs(0)
-    t = u % SK_TILES
-    c = u // SK_TILES
-    return u < SK_TILES * SK_SPLIT, t, c, c * k_tiles // SK_SPLIT, (c + 1) * k_tiles // SK_SPLIT
-
-
-@gluon.jit
-def _producer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, KP, SK_TILES, SK_SPLIT,
-              BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
-              STREAM_K: gl.constexpr = False):
-    """One warp: TMA loads of both operands into the stage ring, as far ahead as the free stages allow: whole tiles,
-    then (``STREAM_K``) the program's units of the split tail (``_tail_unit``)."""
+def _producer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, KP,
+              BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr):
+    """One warp: TMA loads of both operands into the stage ring, as far ahead as the free stages allow."""
     num_m, num_n, k_tiles = _schedule(M, N, KP, BM, BN, BK)
     it = 0
-    for tile in range(gl.program_id(0), num_m * num_n - SK_TILES, gl.num_programs(0)):
+    for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
         pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
-        it = _load_steps(a_desc, b_desc, a_bufs, b_bufs, ready, empty, pid_m, pid_n, 0, k_tiles, it, BM, BN, BK,
-                         STAGES)
-    if STREAM_K:
-        for seg in gl.static_range(2):
-            exists, t, c, lo, hi = _tail_unit(seg, k_tiles, SK_TILES, SK_SPLIT)
-            if exists:
-                pid_m, pid_n = _tile_coords(num_m * num_n - SK_TILES + t, num_m, num_n, GROUP_M)
-                it = _load_steps(a_desc, b_desc, a_bufs, b_bufs, ready, empty, pid_m, pid_n, lo, hi, it, BM, BN, BK,
-                                 STAGES)
+        for ki in range(k_tiles):
+            s = it % STAGES
+            mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)  # a fresh barrier passes parity 1
+            mbarrier.expect(ready.index(s), a_desc.block_type.nbytes + b_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(a_desc, [pid_m * BM, ki * BK], ready.index(s), a_bufs.index(s))
+            tma.async_copy_global_to_shared(b_desc, [pid_n * BN, ki * BK], ready.index(s), b_bufs.index(s))
+            it += 1
 
 
 @gluon.jit
@@ -360,74 +330,9 @@ def _w4a4_gemm_ws_kernel(a_desc, b_desc, ascale_ptr, wscale_ptr, lora_ptr, up_pt
         (_consumer, (a_bufs, b_bufs, up_smem, ready, empty, ascale_ptr, wscale_ptr, lora_ptr, up_ptr, bias_ptr, c_ptr,
                      M, N, KP, R, stride_lm, stride_un, stride_cm, BM, BN, BK, STAGES, GROUP_M, INSTR_N, HAS_LORA,
                      HAS_BIAS, GELU, ACCUMULATE, BLOCK_R, R_CHUNK, WARPS)),
-        (_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, KP, 0, 1, BM, BN, BK, STAGES, GROUP_M)),
+        (_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, KP, BM, BN, BK, STAGES, GROUP_M)),
     ], [1], [40])
     _pdl_end(PDL)
-
-
-@gluon.jit
-def _pingpong_finish(acc, pid_m, pid_n, up_wg, c_wg, c_desc, ascale_ptr, wscale_ptr, lora_ptr, up_ptr, bias_ptr, c_ptr,
-                     M, N, R, stride_lm, stride_un, stride_cm, BM: gl.constexpr, BN: gl.constexpr,
-                     INSTR_N: gl.constexpr, HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr, GELU: gl.constexpr,
-                     ACCUMULATE: gl.constexpr, BLOCK_R: gl.constexpr, R_CHUNK: gl.constexpr, STORE_TMA: gl.constexpr,
-                     BRANCH_STAGED: gl.constexpr, y_layout: gl.constexpr):
-    """A finished tile's accumulator (all K) to the output, the branch taken in the epilogue: staged whole in the
-    warpgroup's output tile ``c_wg`` (``BRANCH_STAGED``) or a chunk at a time through ``up_wg``; then bias, GELU and
-    the store."""
-    if BRANCH_STAGED:
-        _tile_left()
-        sa, sw = _tile_scales(pid_m, pid_n, ascale_ptr, wscale_ptr, M, N, BM, BN, y_layout)
-        y = gl.convert_layout(acc.to(gl.float32), y_layout) * sa[:, None] * sw[None, :]
-        las, up_chunks = _stage_branch_in_tile(c_wg, pid_m, pid_n, lora_ptr, up_ptr, M, N, R, stride_lm, stride_un,
-                                               BM, BN, BLOCK_R, R_CHUNK, y_layout)
-        y = _branch_mmas(y, las, up_chunks, BLOCK_R // R_CHUNK)
-        y = warpgroup_mma_wait(num_outstanding=0, deps=(y,))
-    else:
-        y = _tile_result(acc, pid_m, pid_n, up_wg, ascale_ptr, wscale_ptr, lora_ptr, up_ptr, M, N, R, stride_lm,
-                         stride_un, BM, BN, INSTR_N, HAS_LORA, BLOCK_R, R_CHUNK, 4)
-    _pingpong_store(y, pid_m, pid_n, bias_ptr, c_ptr, c_desc, c_wg, M, N, stride_cm, BM, BN, HAS_BIAS, GELU,
-                    ACCUMULATE, STORE_TMA, y_layout)
-
-
-@gluon.jit
-def _pingpong_store(y, pid_m, pid_n, bias_ptr, c_ptr, c_desc, c_wg, M, N, stride_cm, BM: gl.constexpr,
-                    BN: gl.constexpr, HAS_BIAS: gl.constexpr, GELU: gl.constexpr, ACCUMULATE: gl.constexpr,
-                    STORE_TMA: gl.constexpr, y_layout: gl.constexpr):
-    if STORE_TMA:
-        _tile_store_tma(y, pid_m, pid_n, bias_ptr, c_desc, c_wg, N, BM, BN, HAS_BIAS, GELU, y_layout)
-    else:
-        _tile_finish(y, pid_m, pid_n, bias_ptr, c_ptr, M, N, stride_cm, BM, BN, HAS_BIAS, GELU, ACCUMULATE, y_layout)
-
-
-@gluon.jit
-def _tail_partial(acc, t, c, ws_ptr, tickets_ptr, ready_ptr, SK_TILES, SK_SPLIT, BM: gl.constexpr, BN: gl.constexpr,
-                  acc_layout: gl.constexpr):
-    """A tail unit's int32 partial (chunk ``c`` of tail tile ``t``): the unit first draws the tile's ticket. The
-    last of the tile's SK_SPLIT units never stores its own: it waits until its partners have stored theirs (they hold
-    earlier tickets, so they are running and never wait), adds them to its own (integer sums: exact in any order),
-    sets the tile's counters back to zero and returns (True, the tile's sum). The others store their partial in its
-    workspace slot, count it ready and return (False, their partial). Why this order: with the partial stored before
-    the ticket, the last unit's store and release sat on the kernel's critical path (~20 µs a launch on the H100,
-    BENCHMARKS.md session 21)."""
-    rm = gl.arange(0, BM, layout=gl.SliceLayout(1, acc_layout))
-    rn = gl.arange(0, BN, layout=gl.SliceLayout(0, acc_layout))
-    offs = rm[:, None] * BN + rn[None, :]
-    last = gl.atomic_add(tickets_ptr + t, 1, sem="relaxed", scope="gpu") == SK_SPLIT - 1
-    if last:
-        ready = gl.atomic_add(ready_ptr + t, 0, sem="acquire", scope="gpu")
-        while ready < SK_SPLIT - 1:
-            ready = gl.atomic_add(ready_ptr + t, 0, sem="acquire", scope="gpu")
-        gl.thread_barrier()
-        for other in range(0, SK_SPLIT):
-            if other != c:
-                acc += gl.load(ws_ptr + (other * SK_TILES + t) * (BM * BN) + offs, cache_modifier=".cg")
-        gl.store(tickets_ptr + t, 0)
-        gl.store(ready_ptr + t, 0)
-    else:
-        gl.store(ws_ptr + (c * SK_TILES + t) * (BM * BN) + offs, acc)
-        gl.thread_barrier()  # every thread's stores before the count (released at GPU scope)
-        gl.atomic_add(ready_ptr + t, 1, sem="release", scope="gpu")
-    return last, acc
 
 
 @gluon.jit
@@ -437,26 +342,20 @@ def _pingpong_consumer(a_bufs, b_bufs, up_smem, ready, empty, turn, ascale_ptr, 
                        GROUP_M: gl.constexpr, INSTR_N: gl.constexpr, HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr,
                        GELU: gl.constexpr, ACCUMULATE: gl.constexpr, BLOCK_R: gl.constexpr, R_CHUNK: gl.constexpr,
                        BRANCH_IN_TURN: gl.constexpr, WG: gl.constexpr, c_desc, c_smem, STORE_TMA: gl.constexpr,
-                       BRANCH_STAGED: gl.constexpr, SK_TILES, SK_SPLIT, ws_ptr, tickets_ptr,
-                       STREAM_K: gl.constexpr):
+                       BRANCH_STAGED: gl.constexpr):
     """One warpgroup taking every other tile of its program (``WG`` = 0 or 1), its main loops alternating with the
     other warpgroup's: it waits on ``turn[WG]`` until the other has issued every MMA of the tile before, and passes
     the turn back once its own are issued. So one warpgroup's epilogue runs under the other's MMAs, and the two walk
     the stage ring in the producer's order (which also keeps mbarrier phases within one of each other).
     ``BRANCH_IN_TURN``: the branch MMA goes in the turn, after this tile's int8 MMAs have completed and before the
-    turn passes (its operands and the scales are loaded before the turn, under the other warpgroup's MMAs).
-    ``STREAM_K``: after its whole tiles, the program's units of the last SK_TILES tiles split into SK_SPLIT K chunks
-    (``_tail_unit``; so that fewer SMs idle through a last partial wave of tiles): the tile's last unit to finish
-    adds its partners' int32 partials (``_tail_partial``) and runs its epilogue (the branch there, never in the
-    turn). ``tickets_ptr``: the tail tiles' tickets, then (one program count on) their ready counts."""
+    turn passes (its operands and the scales are loaded before the turn, under the other warpgroup's MMAs)."""
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, INSTR_N, 32])
     y_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, INSTR_N, 16])
     num_m, num_n, k_tiles = _schedule(M, N, KP, BM, BN, BK)
-    whole = num_m * num_n - SK_TILES  # tiles taken whole: a multiple of the program count with STREAM_K
     j = WG  # this tile's place in the program's tile sequence (the producer's order)
-    for tile in range(gl.program_id(0) + WG * gl.num_programs(0), whole, 2 * gl.num_programs(0)):
+    for tile in range(gl.program_id(0) + WG * gl.num_programs(0), num_m * num_n, 2 * gl.num_programs(0)):
         pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
         if BRANCH_IN_TURN:  # the branch operands and scales are fetched before the turn, under the other's MMAs
             if BRANCH_STAGED:
@@ -486,51 +385,36 @@ def _pingpong_consumer(a_bufs, b_bufs, up_smem, ready, empty, turn, ascale_ptr, 
                 y = warpgroup_mma(la, up_smem.index(WG).permute((1, 0)), y, is_async=True)
             mbarrier.arrive(turn.index(1 - WG))
             y = warpgroup_mma_wait(num_outstanding=0, deps=(y,))
-            _pingpong_store(y, pid_m, pid_n, bias_ptr, c_ptr, c_desc, c_smem.index(WG), M, N, stride_cm, BM, BN,
-                            HAS_BIAS, GELU, ACCUMULATE, STORE_TMA, y_layout)
+        elif BRANCH_STAGED:
+            _tile_left()
+            sa, sw = _tile_scales(pid_m, pid_n, ascale_ptr, wscale_ptr, M, N, BM, BN, y_layout)
+            y = gl.convert_layout(acc.to(gl.float32), y_layout) * sa[:, None] * sw[None, :]
+            las, up_chunks = _stage_branch_in_tile(c_smem.index(WG), pid_m, pid_n, lora_ptr, up_ptr, M, N, R,
+                                                   stride_lm, stride_un, BM, BN, BLOCK_R, R_CHUNK, y_layout)
+            y = _branch_mmas(y, las, up_chunks, BLOCK_R // R_CHUNK)
+            y = warpgroup_mma_wait(num_outstanding=0, deps=(y,))
         else:
-            _pingpong_finish(acc, pid_m, pid_n, up_smem.index(WG), c_smem.index(WG), c_desc, ascale_ptr, wscale_ptr,
-                             lora_ptr, up_ptr, bias_ptr, c_ptr, M, N, R, stride_lm, stride_un, stride_cm, BM, BN,
-                             INSTR_N, HAS_LORA, HAS_BIAS, GELU, ACCUMULATE, BLOCK_R, R_CHUNK, STORE_TMA, BRANCH_STAGED,
-                             y_layout)
+            y = _tile_result(acc, pid_m, pid_n, up_smem.index(WG), ascale_ptr, wscale_ptr, lora_ptr, up_ptr, M, N, R,
+                             stride_lm, stride_un, BM, BN, INSTR_N, HAS_LORA, BLOCK_R, R_CHUNK, 4)
+        if STORE_TMA:
+            _tile_store_tma(y, pid_m, pid_n, bias_ptr, c_desc, c_smem.index(WG), N, BM, BN, HAS_BIAS, GELU, y_layout)
+        else:
+            _tile_finish(y, pid_m, pid_n, bias_ptr, c_ptr, M, N, stride_cm, BM, BN, HAS_BIAS, GELU, ACCUMULATE,
+                         y_layout)
         j += 2
-    if STREAM_K:
-        n_whole = whole // gl.num_programs(0)
-        _, _, _, lo0, hi0 = _tail_unit(0, k_tiles, SK_TILES, SK_SPLIT)
-        for seg in gl.static_range(2):
-            j = n_whole + seg
-            exists, t, c, lo, hi = _tail_unit(seg, k_tiles, SK_TILES, SK_SPLIT)
-            if (j % 2 == WG) & exists:
-                pid_m, pid_n = _tile_coords(whole + t, num_m, num_n, GROUP_M)
-                mbarrier.wait(turn.index(WG), ((j - 1) // 2) & 1, pred=j > 0)
-                it = n_whole * k_tiles + seg * (hi0 - lo0)
-                acc = gl.zeros([BM, BN], gl.int32, layout=acc_layout)
-                acc, it = _mainloop(a_bufs, b_bufs, ready, empty, acc, it, hi - lo, STAGES)
-                mbarrier.arrive(turn.index(1 - WG))
-                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-                mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
-                last, total = _tail_partial(acc, t, c, ws_ptr, tickets_ptr, tickets_ptr + gl.num_programs(0), SK_TILES,
-                                            SK_SPLIT, BM, BN, acc_layout)
-                if last:
-                    _pingpong_finish(total, pid_m, pid_n, up_smem.index(WG), c_smem.index(WG), c_desc, ascale_ptr,
-                                     wscale_ptr, lora_ptr, up_ptr, bias_ptr, c_ptr, M, N, R, stride_lm, stride_un,
-                                     stride_cm, BM, BN, INSTR_N, HAS_LORA, HAS_BIAS, GELU, ACCUMULATE, BLOCK_R,
-                                     R_CHUNK, STORE_TMA, BRANCH_STAGED, y_layout)
     if STORE_TMA:
         tma.store_wait(0)
 
 
 @gluon.jit
 def _w4a4_gemm_pingpong_kernel(a_desc, b_desc, ascale_ptr, wscale_ptr, lora_ptr, up_ptr, bias_ptr, c_ptr,
-                               M, N, KP, R, stride_lm, stride_un, stride_cm, c_desc, SK_TILES, SK_SPLIT, ws_ptr,
-                               tickets_ptr,
+                               M, N, KP, R, stride_lm, stride_un, stride_cm, c_desc,
                                HAS_LORA: gl.constexpr, HAS_BIAS: gl.constexpr, GELU: gl.constexpr,
                                ACCUMULATE: gl.constexpr, BLOCK_R: gl.constexpr, R_CHUNK: gl.constexpr,
                                STAGES: gl.constexpr, GROUP_M: gl.constexpr, INSTR_N: gl.constexpr,
                                CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
                                BRANCH_IN_TURN: gl.constexpr = False, STORE_TMA: gl.constexpr = False,
-                               BRANCH_STAGED: gl.constexpr = False, STREAM_K: gl.constexpr = False,
-                               PDL: gl.constexpr = False):
+                               BRANCH_STAGED: gl.constexpr = False, PDL: gl.constexpr = False):
     """Ping-pong schedule: a producer warp and two consumer warpgroups, each with whole tiles of its own (BM rows
     per warpgroup), whose main loops take turns (``_pingpong_consumer``). The cooperative kernel above runs its
     epilogue with the tensor cores idle; here the other warpgroup's MMAs fill that time."""
@@ -558,15 +442,12 @@ def _w4a4_gemm_pingpong_kernel(a_desc, b_desc, ascale_ptr, wscale_ptr, lora_ptr,
         (_pingpong_consumer, (a_bufs, b_bufs, up_smem, ready, empty, turn, ascale_ptr, wscale_ptr, lora_ptr, up_ptr,
                               bias_ptr, c_ptr, M, N, KP, R, stride_lm, stride_un, stride_cm, BM, BN, BK, STAGES, GROUP_M,
                               INSTR_N, HAS_LORA, HAS_BIAS, GELU, ACCUMULATE, BLOCK_R, R_CHUNK, BRANCH_IN_TURN, 0,
-                              c_desc, c_smem, STORE_TMA, BRANCH_STAGED, SK_TILES, SK_SPLIT, ws_ptr, tickets_ptr,
-                              STREAM_K)),
+                              c_desc, c_smem, STORE_TMA, BRANCH_STAGED)),
         (_pingpong_consumer, (a_bufs, b_bufs, up_smem, ready, empty, turn, ascale_ptr, wscale_ptr, lora_ptr, up_ptr,
                               bias_ptr, c_ptr, M, N, KP, R, stride_lm, stride_un, stride_cm, BM, BN, BK, STAGES, GROUP_M,
                               INSTR_N, HAS_LORA, HAS_BIAS, GELU, ACCUMULATE, BLOCK_R, R_CHUNK, BRANCH_IN_TURN, 1,
-                              c_desc, c_smem, STORE_TMA, BRANCH_STAGED, SK_TILES, SK_SPLIT, ws_ptr, tickets_ptr,
-                              STREAM_K)),
-        (_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, KP, SK_TILES, SK_SPLIT, BM, BN, BK, STAGES,
-                     GROUP_M, STREAM_K)),
+                              c_desc, c_smem, STORE_TMA, BRANCH_STAGED)),
+        (_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, KP, BM, BN, BK, STAGES, GROUP_M)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
     _pdl_end(PDL)
 
@@ -590,50 +471,15 @@ def launch_ws(cfg_kwargs: dict, num_warps: int, args: tuple, flags: dict, m: int
         c_desc = GluonDescriptor(c, [m, n], [c.stride(0), 1], [bm, bn], gl.NVMMASharedLayout.get_default_for(
             [bm, bn], gl.bfloat16 if c.dtype == torch.bfloat16 else gl.float16)) if tma_store else b_desc
         staged = staged_if_tma and tma_store  # the staging tile is the TMA store's
-        tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-        sk, split = tail_split(tiles, programs, triton.cdiv(kp, bk)) if bm * bn <= 128 * 128 else (0, 1)
-        if sk:
-            from .dispatch import arena  # (dispatch imports this module)
-
-            # tickets and ready counts (left zero by each launch), then the units' partials (at most two a program)
-            sync = arena(a8.device).get("gemm_stream_k", sm_count(a8.device) * (2 + 2 * 128 * 128), torch.int32,
-                                        zeroed=True)
-            tickets, ws = sync[:2 * programs], sync[2 * programs:]
-        else:
-            tickets = ws = args[2]  # unused without the tail split
-        launch(_w4a4_gemm_pingpong_kernel, (programs,),
-               (a_desc, b_desc) + args[2:12] + args[14:17] + (c_desc, sk, split, ws, tickets),
+        launch(_w4a4_gemm_pingpong_kernel, (programs,), (a_desc, b_desc) + args[2:12] + args[14:17] + (c_desc,),
                num_warps=4, **flags, STAGES=cfg_kwargs["STAGES"], GROUP_M=cfg_kwargs["GROUP_M"],
                INSTR_N=min(bn, 128), **pingpong_registers(cfg_kwargs.get("PRODUCER_REGS", 40)),
                BRANCH_IN_TURN=in_turn or (staged and staged_in_turn(cfg_kwargs)), STORE_TMA=tma_store,
-               BRANCH_STAGED=staged, STREAM_K=sk > 0, pdl=True)
+               BRANCH_STAGED=staged, pdl=True)
         return
     launch(_w4a4_gemm_ws_kernel, (programs,), (a_desc, b_desc) + args[2:12] + args[14:17],
            num_warps=num_warps, **flags, STAGES=cfg_kwargs["STAGES"], GROUP_M=cfg_kwargs["GROUP_M"],
            INSTR_N=min(bn, 128), WARPS=num_warps, pdl=True)
-
-
-def tail_split(tiles: int, programs: int, k_steps: int) -> tuple[int, int]:
-    """(tail tiles, K chunks each) for the ping-pong kernel's split tail, or (0, 1) for none: the tiles past the last
-    whole multiple of the program count, each split into 2-4 K chunks taken as units by every program (at most two a
-    program), the split that leaves the shortest tail, used where it saves a fifth of a tile's time or more.
-    ``SVDQ_STREAM_K=0`` turns it off.
-
-    Why: at M = 4608 and N = 3072 the 864 tiles are 6.55 a program on an H100's 132 SMs; 72 programs run a seventh
-    while 60 idle, and the GEMM's time per row there is 6-7% above that at 4224 rows, whose 792 tiles divide evenly
-    (``bench/wave_tail_probe.py``, BENCHMARKS.md session 21). Split in 3, those 72 tiles are 216 units: a program runs
-    two thirds of a tile instead of one."""
-    if getenv("SVDQ_STREAM_K", "1") == "0":
-        return 0, 1
-    rest = tiles % programs
-    if tiles <= programs or rest == 0:
-        return 0, 1
-    best = (1.0, 0, 1)  # (tail in tiles' time, tiles, split): no split takes one tile's time
-    for split in (2, 3, 4):
-        rounds = -(-rest * split // programs)
-        if split <= k_steps and rounds <= 2 and rounds / split < best[0]:
-            best = (rounds / split, rest, split)
-    return (best[1], best[2]) if best[0] <= 0.8 else (0, 1)
 
 
 def _switch(cfg_kwargs: dict, key: str, variable: str, choices: tuple) -> str:

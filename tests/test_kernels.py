@@ -953,65 +953,6 @@ def test_pingpong_wide_branch_same_bits(up, m, n, rank, gelu, dtype, triton_kern
     assert torch.equal(got, want)
 
 
-@pytest.mark.skipif(not SM90, reason="Gluon wgmma kernel: sm_90")
-@pytest.mark.parametrize("m,n,k,rank,gelu,acc,opts", [
-    (4608, 3072, 3072, 32, False, False, {}), (1000, 3072, 3072, 32, True, False, {"BRANCH": "epilogue"}),
-    (2111, 3000, 3072, 32, False, True, {}), (2000, 1536, 12288, 96, False, False, {}),
-    (2000, 1536, 12288, 96, True, False, {"UP": "turn"}), (700, 3072, 3072, 0, False, False, {"STORE": "pointer"}),
-    (4608, 3072, 15360, 32, False, False, {"BLOCK_M": 64, "BLOCK_N": 256})])
-def test_pingpong_stream_k_tail_same_bits(m, n, k, rank, gelu, acc, opts, triton_kernels, monkeypatch):
-    """The last partial wave of tiles split into K chunks taken by every program (int32 partials in workspace slots,
-    the tile's last unit sums them and runs the epilogue) gives the same bits as whole tiles, with the branch in the
-    turn or the epilogue, staged, none, GELU, accumulation, pointer stores, odd M and N; and leaves its tickets at
-    zero, run after run."""
-    from svdq.kernels import gemm_w4a4_gluon as gluon
-    from svdq.kernels.act_quant import quantize_activation
-    from svdq.kernels.dispatch import arena
-    from svdq.kernels.gemm_w4a4 import expand_weight, w4a4_gemm
-
-    layer = random_layer(n, k, rank, True, device=DEV, seed=m + n)
-    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
-    a8, sa, lora = quantize_activation(x, layer.k_padded, layer.smooth, layer.proj_down)
-    a8, sa, lora = a8.clone(), sa.clone(), lora.clone() if rank else None
-    w8 = expand_weight(layer.qweight, layer.wmult).clone()
-    up = layer.proj_up if rank else None
-    base = torch.randn(m, n, device=DEV, dtype=torch.bfloat16)
-    kwargs = {"SCHEDULE": "gluon", "PINGPONG": True, "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "STAGES": 4,
-              "GROUP_M": 8, **opts}
-    cfg = {"kwargs": kwargs, "num_warps": 4, "num_stages": 1}
-    tiles = -(-m // kwargs["BLOCK_M"]) * -(-n // kwargs["BLOCK_N"])
-    programs = min(tiles, torch.cuda.get_device_properties(0).multi_processor_count)
-    assert gluon.tail_split(tiles, programs, -(-layer.k_padded // 128))[0] > 0  # the shape does split its tail
-    run = lambda: w4a4_gemm(a8, sa, w8, layer.wscale, lora, up, layer.bias, torch.bfloat16, gelu, config=cfg,
-                            out=base.clone() if acc else None, accumulate=acc)
-    monkeypatch.setenv("SVDQ_STREAM_K", "0")
-    want = run()
-    monkeypatch.setenv("SVDQ_STREAM_K", "1")
-    for _ in range(3):
-        got = run()
-        torch.cuda.synchronize()
-        assert torch.equal(got, want), f"{(got != want).sum().item()} outputs differ"
-        counters = arena(x.device).buffers["gemm_stream_k"][:8 * programs]  # tickets and ready counts (int32)
-        assert int(counters.count_nonzero()) == 0, "a counter was left set"
-
-
-def test_tail_split_choice(monkeypatch):
-    """Which launches split their last partial wave, and how: the tiles past the whole waves, in 2-4 K chunks, at
-    most two units a program, the shortest tail, only where it saves a fifth of a tile or more; ``SVDQ_STREAM_K=0``
-    never."""
-    gluon = pytest.importorskip("svdq.kernels.gemm_w4a4_gluon")
-    assert gluon.tail_split(864, 132, 96) == (72, 3)  # M = 4608, N = 3072 on an H100: 216 units, 2/3 of a tile
-    assert gluon.tail_split(1728, 132, 96) == (12, 4)  # M = 9216: 48 units, a quarter of a tile
-    assert gluon.tail_split(792, 132, 96) == (0, 1)  # whole waves only
-    assert gluon.tail_split(100, 132, 96) == (0, 1)  # fewer tiles than programs: the grid is the tiles
-    assert gluon.tail_split(3456, 132, 24) == (24, 4)  # N = 12288: 96 units
-    assert gluon.tail_split(2592, 132, 24) == (84, 3)  # N = 9216: 2 chunks would take a whole tile's time
-    assert gluon.tail_split(133, 132, 2) == (1, 2)  # a split no finer than the K steps
-    assert gluon.tail_split(384, 132, 24) == (0, 1)  # 120 tail tiles: 2 chunks take a tile's time, 3 three rounds
-    monkeypatch.setenv("SVDQ_STREAM_K", "0")
-    assert gluon.tail_split(864, 132, 96) == (0, 1)
-
-
 def test_wide_branch_staging_choice(monkeypatch):
     """Which branches the ping-pong epilogue stages in the output tile: several chunks, a TMA-stored tile that
     holds them (rank ≤ BLOCK_M), not in the turn; ``SVDQ_BRANCH_UP`` / ``UP`` switch it off, other values refused."""
