@@ -14,6 +14,12 @@ to 10% faster at the FLUX shapes with M ≥ 4096, 1.1-1.5× with a LoRA-widened 
 > 1 is read in place). The kernels multiply by 1/λ in fp32, made once per layer by ``torch.reciprocal`` as in the
 reference (not divided per tile); per-group reciprocals are IEEE (``div_rn``) and rounding is round-half-even, so
 codes equal the reference's bit for bit.
+
+Why two launches that each read x, not one: three one-launch forms (a row block's slices held in registers while its
+programs meet at a counter; stats and quantize tasks interleaved so the second read comes from L2; these two passes'
+own programs as tasks of one launch) gave the same codes and measured 0.3-0.98x these kernels on the H100 (one kernel
+holds both kinds of program's registers, so the quantize work runs at a fraction of pass 2's occupancy; BENCHMARKS.md,
+session 21).
 """
 
 from __future__ import annotations

@@ -23,6 +23,11 @@ back (``branch_staged``; H100: the rank-96 GEMM up to 10% faster). The ping-pong
 writes each output tile through shared memory with one TMA bulk store (``store_by_tma``) instead of scattered
 4-byte stores from the MMA layout (H100: up to 1.14x the GEMM's speed at K = 3072 and small M,
 ``bench/gemm_store_ab.py``).
+
+Tiles are whole, even where the last wave is partial (at M = 4608, N = 3072: 864 tiles on 132 SMs, 6-7% of the GEMM at
+K = 12288 / 15360, ``bench/wave_tail_probe.py``): splitting that wave by K over every program (stream-K, and chunked
+variants) measured even at best, the exchange of int32 partials costing what the split saves (BENCHMARKS.md,
+session 21).
 """
 
 from __future__ import annotations
