@@ -163,3 +163,25 @@ def test_e2e_link_projection_replaces_the_measured_copy_time():
     assert proj[f"{here:g}"] == pytest.approx(capped["ms"], rel=1e-4)
     assert proj["25"] == pytest.approx(246.4 - 157.7 + 8.03 * 2**30 / 25e9 * 1e3)
     assert proj["12"] > proj["25"] > capped["ms"]
+
+
+def test_register_operand_probe_finds_writes_to_in_flight_operands():
+    """``bench/gluon_register_operand_probe.py``'s SASS reading: the registers the loop's last IGMMA group reads as A
+    (four from each named one), and the loop's instructions that write any of them; none where the loop leaves them
+    alone, nothing where there is no loop."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from gluon_register_operand_probe import overwritten_operands
+
+    def sass(body):
+        return "\n".join(f"        /*{addr:04x}*/                   {ins} ;" for addr, ins in body)
+
+    loop = [(0x10, "LDG.E.U16 R153, desc[UR12][R20.64]"), (0x20, "IMAD R40, R41, R42, RZ"),
+            (0x30, "WARPGROUP.ARRIVE"), (0x40, "IGMMA.64x128x32.S8.S8 R88, R152, gdesc[UR32], R88"),
+            (0x50, "IGMMA.64x128x32.S8.S8 R24, R160, gdesc[UR8], R24, gsb0"),
+            (0x60, "WARPGROUP.DEPBAR.LE gsb0, 0x1"), (0x70, "@P0 BRA 0x10")]
+    regs, writers = overwritten_operands(sass(loop))
+    assert regs == ["R152", "R153", "R154", "R155", "R160", "R161", "R162", "R163"]
+    assert len(writers) == 1 and "R153" in writers[0]
+    safe = [(a, "LDG.E.U16 R30, desc[UR12][R20.64]") if a == 0x10 else (a, ins) for a, ins in loop]
+    assert overwritten_operands(sass(safe)) == (regs, [])
+    assert overwritten_operands(sass(loop[:-1])) == ([], [])
