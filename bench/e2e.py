@@ -455,9 +455,10 @@ def host_link_step(patcher, cfg, batch=1) -> dict:
 def link_projection(capped: dict, link_gbps: list[float]) -> dict:
     """A capped bf16 row's step on a slower host link, projected (not measured): its measured step with the copies'
     measured time replaced by the offloaded bytes at ``link_gbps`` GB/s: the compute that did not overlap the copies
-    here is assumed not to overlap them there either, and the rest to hide under the longer copies. Why: on the H100's host link ComfyUI streams bf16's offloaded third in a fraction of
-    the step; a 16 GB laptop card's link (PCIe 4.0 x16, ~25 GB/s, or x8) is several times slower, and that is the
-    scenario the paper's 16 GB figures come from."""
+    here is assumed not to overlap them there either, and the rest to hide under the longer copies. Why: on the
+    H100's host link ComfyUI streams bf16's offloaded third in a fraction of the step; a 16 GB laptop card's link
+    (PCIe 4.0 x16, ~25 GB/s, or x8) is several times slower, and that is the scenario the paper's 16 GB figures come
+    from."""
     out = {}
     for gbps in link_gbps:
         out[f"{gbps:g}"] = capped["ms"] - capped["htod_ms"] + capped["offloaded_gib"] * GIB / (gbps * 1e9) * 1e3

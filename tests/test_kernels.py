@@ -936,8 +936,8 @@ def test_pingpong_tma_store_where_the_branch_buffer_drops_out(rank, bm, bn, stag
                                                  (1000, 3072, 160, False, torch.bfloat16)])
 def test_pingpong_wide_branch_same_bits(up, m, n, rank, gelu, dtype, triton_kernels):
     """A branch of several chunks (a LoRA-widened one), staged in the output tile and issued in one go (in the
-    epilogue or in the turn) or taken a chunk at a time: the TMA Triton kernel's bits at odd M and N, chunks of 16, 32 and 64, GELU, fp16 output; rank
-    160 is wider than the staging tile holds and keeps the chunked loop."""
+    epilogue or in the turn) or taken a chunk at a time: the TMA Triton kernel's bits at odd M and N, chunks of 16,
+    32 and 64, GELU, fp16 output; rank 160 is wider than the staging tile holds and keeps the chunked loop."""
     from svdq.kernels.act_quant import quantize_activation
     from svdq.kernels.gemm_w4a4 import expand_weight, w4a4_gemm
 
