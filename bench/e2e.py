@@ -32,8 +32,9 @@ every timed step (``step_ms``), the host's part of each (``host_ms``: until ``ap
 queued) and the full garbage collections that ran while timed; ``+E2E_GC=freeze`` freezes the heap first
 (``gc.freeze``), a diagnostic for host stalls. ``--host-profile`` adds a cProfile of one step's host part per row:
 own time by part of the stack (svdq, Triton, Dynamo/Inductor, ComfyUI, other torch, other) and the top functions.
-With ``--cap-gb`` the bf16 and svdq rows run again with ComfyUI believing the card has that much memory
-(``EXTRA_RESERVED_VRAM`` + a per-process memory fraction), so ComfyUI's own partial loading/offloading kicks in.
+With ``--cap-gb`` the ``--cap-rows`` (bf16 and svdq; fp8 and nf4 on request) run again with ComfyUI believing the
+card has that much memory (``EXTRA_RESERVED_VRAM`` + a per-process memory fraction), so ComfyUI's own partial
+loading/offloading kicks in.
 Each capped row also reports the bytes of weights left off the GPU and the profiled host-to-device copy time of a
 step; from those the capped bf16 step is *projected* (labelled so, not measured) on the slower host links of 16 GB
 laptop cards (``--link-gbps``), where svdq, which fits whole, streams nothing.
@@ -595,7 +596,8 @@ def main() -> int:
                     help="also: svdq_nunchaku (single blocks split into Nunchaku's composite layers)")
     ap.add_argument("--batch", default="1,2")
     ap.add_argument("--cap-gb", type=float, default=16.0, help="0 disables the capped runs")
-    ap.add_argument("--cap-rows", default="bf16,svdq", help="rows run again under the cap (also bf16_compile, svdq_compile)")
+    ap.add_argument("--cap-rows", default="bf16,svdq",
+                    help="rows run again under the cap: bf16, fp8, nf4, svdq, and bf16_compile, svdq_compile")
     ap.add_argument("--link-gbps", default="25,12",
                     help="host links (GB/s) the capped bf16 row is projected on from its measured streamed bytes and "
                          "copy time (PCIe 4.0 x16 ~25, x8 ~12: 16 GB laptop cards); '' for none")
@@ -742,12 +744,20 @@ def main() -> int:
         log(f"capped at {args.cap_gb} GiB (EXTRA_RESERVED_VRAM {mm.EXTRA_RESERVED_VRAM / GIB:.1f} GiB)")
         for row in args.cap_rows.split(","):
             try:
-                if row.startswith("bf16"):
+                base = split_variant(row)[0]
+                if base == "bf16":
                     p = load_core(sd)
-                else:
+                elif base == "fp8":
+                    p = load_core(sd, torch.float8_e4m3fn, fp8_fast=True)
+                elif base == "nf4":
+                    p = load_nf4(sd)
+                elif base == "svdq":
                     if ckpt is None:
                         ckpt = svdq_checkpoint(sd, cfg)
                     p = load_svdq(ckpt)
+                else:
+                    raise ValueError(f"--cap-rows takes bf16, fp8, nf4 and svdq rows (and compiled forms), "
+                                     f"not {row!r}")
                 record(row, p, results["capped"], batch_sizes=[1])
                 entry = results["capped"][row][1]
                 if split_variant(row)[1] is None:  # eager rows (a compiled row would compile again here)
@@ -802,7 +812,7 @@ def main() -> int:
                         g: ms / c[a][1]["ms"] for g, ms in proj.items()}
             log("capped bf16 projected on slower host links (not measured; copies and compute overlapping as here): "
                 + ", ".join(f"{g} GB/s {ms:.1f} ms" for g, ms in proj.items()))
-    for a, b_ in (("svdq_compile", "bf16_compile"), ("svdq_compile", "bf16")):
+    for a, b_ in (("svdq_compile", "bf16_compile"), ("svdq_compile", "bf16"), ("svdq", "nf4"), ("svdq", "fp8")):
         if a in c and b_ in c and "error" not in c[a] and "error" not in c[b_]:
             results.setdefault("summary", {})[f"capped_{a}_vs_{b_}"] = c[b_][1]["ms"] / c[a][1]["ms"]
     pooled = pooled_summary(results["rows"], batches)
