@@ -231,7 +231,39 @@ class SVDQModelPatch(io.ComfyNode):
         return io.NodeOutput(apply_first_block_cache(model, cache_threshold, start_percent, end_percent))
 
 
-NODES = [SVDQLoadDiffusionModel, SVDQLoraLoader, SVDQLoraStack, SVDQQuantizeModel, SVDQModelPatch]
+class SVDQCompileModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        from .compile import MODES, SCOPES
+
+        return io.Schema(
+            node_id="SVDQCompileModel",
+            display_name="SVDQ Compile Model",
+            category="svdq",
+            description="torch.compile (Inductor) of any model, svdq or 16-bit, the ways that measured fastest: per "
+                        "block (compiles in seconds, works with the first-block cache) or the whole model with "
+                        "CUDA graphs (reduce-overhead: the host out of the step, the fastest at batch 1; compiling "
+                        "takes minutes and every new resolution or batch size compiles again).",
+            inputs=[
+                io.Model.Input("model"),
+                io.Combo.Input("mode", options=list(MODES), default="default",
+                               tooltip="reduce-overhead: Inductor's CUDA graphs (whole model, CUDA only)."),
+                io.Combo.Input("scope", options=list(SCOPES), default="per block",
+                               tooltip="per block: one compiled module per transformer block; whole model: one "
+                                       "graph (what ComfyUI's TorchCompileModel does)."),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, mode, scope) -> io.NodeOutput:
+        from .compile import compile_model
+
+        return io.NodeOutput(compile_model(model, mode, scope))
+
+
+NODES = [SVDQLoadDiffusionModel, SVDQLoraLoader, SVDQLoraStack, SVDQQuantizeModel, SVDQModelPatch,
+         SVDQCompileModel]
 
 
 class SVDQExtension(ComfyExtension):

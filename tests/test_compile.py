@@ -208,3 +208,89 @@ def test_mlp_gelu_runs_in_the_first_layers_epilogue(tiny_models):
         expected = torch.nn.functional.gelu(lin(x), approximate="tanh")
     assert torch.equal(with_delta, expected)
     lin.svdq_bias_delta = None
+
+
+def _sample(model, seed=3, cfg=1.0):
+    """ComfyUI's KSampler for two steps: cfg 1 runs the model at batch 1, cfg > 1 on cond and uncond together."""
+    from svdq.nodes.pipeline import random_conditioning, sample
+
+    cond = random_conditioning(model, 1)[0]
+    with torch.no_grad():
+        return sample(model, cond, seed=seed, steps=2, size=16, cfg=cfg).float()
+
+
+def test_compile_node_per_block_through_comfy_sampler(tiny_models, pytorch_attention):
+    """The SVDQ Compile Model node's per-block scope: every block of the Flux model is its own compiled module,
+    swapped in by ComfyUI's compile wrapper while the sampler runs, with the eager results (``aot_eager``)."""
+    from svdq.nodes.compile import block_keys, compile_model
+    from svdq.nodes.comfy_nodes import SVDQCompileModel
+
+    torch._dynamo.reset()
+    qm = load_svdq_model(tiny_models[1])
+    dm = qm.model.diffusion_model
+    keys = block_keys(dm)
+    assert len(keys) == len(dm.double_blocks) + len(dm.single_blocks) > 0
+    eager = _sample(qm)
+    compiled = compile_model(qm, "default", "per block", backend="aot_eager")
+    assert compiled is not qm and "torch_compile_kwargs" not in qm.model_options  # the input model is untouched
+    assert compiled.model_options["torch_compile_kwargs"]["mode"] is None
+    frames = torch._dynamo.utils.counters["frames"]["ok"]
+    got = _sample(compiled)
+    assert torch._dynamo.utils.counters["frames"]["ok"] > frames  # Dynamo did compile the blocks
+    assert relative_error(got, eager) < 1e-5
+    # the first-block cache on top of per-block compile: its decisions stay in Python, the blocks compiled
+    from svdq.nodes.first_block_cache import apply_first_block_cache
+
+    with_cache = apply_first_block_cache(qm, 1.0)  # a threshold every step's change passes: steps are skipped
+    want = _sample(with_cache)
+    fbc = apply_first_block_cache(compiled, 1.0)
+    assert relative_error(_sample(fbc), want) < 1e-5
+    assert fbc.svdq_first_block_cache.skipped_steps == with_cache.svdq_first_block_cache.skipped_steps > 0
+    # the node itself (Inductor) only wraps: nothing compiles until a sampler runs
+    out = SVDQCompileModel.execute(model=qm, mode="default", scope="whole model").result[0]
+    assert out.model_options["torch_compile_kwargs"]["backend"] == "inductor"
+
+
+def test_compile_node_checks_its_options_and_needs_cuda_for_cuda_graphs(tiny_models, caplog):
+    from svdq.nodes.compile import compile_model
+
+    qm = load_svdq_model(tiny_models[1])
+    with pytest.raises(ValueError, match="mode must be one of"):
+        compile_model(qm, "fast", "per block")
+    with pytest.raises(ValueError, match="scope must be one of"):
+        compile_model(qm, "default", "layers")
+    if torch.device(qm.load_device).type != "cuda":
+        with caplog.at_level("WARNING", logger="svdq"):
+            m = compile_model(qm, "reduce-overhead", "whole model", backend="aot_eager")
+        assert "needs a CUDA device" in caplog.text
+        assert m.model_options["torch_compile_kwargs"]["mode"] is None
+    else:  # CUDA graphs take the whole model, whatever scope was asked for
+        m = compile_model(qm, "reduce-overhead", "per block")
+        assert m.model_options["torch_compile_kwargs"]["mode"] == "reduce-overhead"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_compile_node_cuda_graphs_through_comfy_sampler(tiny_models):
+    """reduce-overhead through ComfyUI's sampler from a cold start, several sampler runs, batch 1 and 2: the results of
+    the same Inductor code without CUDA graphs (Inductor's own fusions round differently from eager, and 4-bit codes
+    flip on such differences, so against eager the tolerance is loose)."""
+    from svdq.kernels import dispatch
+    from svdq.nodes.compile import compile_model
+
+    torch._dynamo.reset()
+    qm = apply_lora(load_svdq_model(tiny_models[1]), make_lora(), 0.8)
+    eager = _sample(qm)
+    plain = compile_model(qm, "default", "whole model")
+    ref, ref2 = _sample(plain), _sample(plain, cfg=2.0)
+    for m in qm.model.diffusion_model.modules():
+        if hasattr(m, "forget_device_state"):
+            m.forget_device_state()
+    dispatch._arenas.clear()
+    compiled = compile_model(qm, "reduce-overhead", "per block")
+    outs = [_sample(compiled) for _ in range(3)]
+    for got in outs:
+        assert relative_error(got, ref) < 1e-3, relative_error(got, ref)
+    assert relative_error(outs[-1], eager) < 0.2
+    assert torch.equal(outs[-1], outs[-2])
+    assert relative_error(_sample(compiled, seed=4), outs[-1]) > 1e-3  # another seed is another image, not a replay
+    assert relative_error(_sample(compiled, cfg=2.0), ref2) < 1e-3  # batch 2: cond + uncond in one call

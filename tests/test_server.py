@@ -166,7 +166,8 @@ def text_to_image(model_name, lora=None, prefix="svdq"):
 
 def test_nodes_registered(server):
     info = json.loads(http(server["url"] + "/object_info"))
-    for node in ("SVDQLoadDiffusionModel", "SVDQLoraLoader", "SVDQLoraStack", "SVDQQuantizeModel"):
+    for node in ("SVDQLoadDiffusionModel", "SVDQLoraLoader", "SVDQLoraStack", "SVDQQuantizeModel", "SVDQModelPatch",
+                 "SVDQCompileModel"):
         assert node in info, node
         assert info[node]["category"] == "svdq"
     opts = info["SVDQLoadDiffusionModel"]["input"]["required"]["model_name"]
