@@ -27,11 +27,13 @@ CUDA_GRAPH_MODES = ("reduce-overhead",)
 
 
 def block_keys(diffusion_model: torch.nn.Module) -> list[str]:
-    """``diffusion_model.<list>.<i>`` for every module of every ``nn.ModuleList`` directly under the diffusion model
-    (Flux's double/single blocks, MMDiT's joint blocks, a UNet's input/output blocks, ...)."""
+    """``diffusion_model.<list>.<i>`` for every block of every ``nn.ModuleList`` directly under the diffusion model
+    (Flux's double/single blocks, MMDiT's joint blocks, Wan's and Qwen-Image's blocks). Lists of ``nn.Sequential``
+    are left out: their callers iterate them and dispatch on each layer's class (a UNet's input/output blocks,
+    ``forward_timestep_embed``), which a compiled wrapper module would break; such models compile whole."""
     keys = []
     for name, child in diffusion_model.named_children():
-        if isinstance(child, torch.nn.ModuleList):
+        if isinstance(child, torch.nn.ModuleList) and not any(isinstance(b, torch.nn.Sequential) for b in child):
             keys += [f"diffusion_model.{name}.{i}" for i in range(len(child))]
     return keys
 
@@ -70,7 +72,7 @@ def compile_model(model, mode: str = "default", scope: str = "per block", backen
             scope = "whole model"
     keys = block_keys(m.model.diffusion_model) if scope == "per block" else []
     if scope == "per block" and not keys:
-        log.info("svdq: no block lists under this diffusion model; compiling it whole")
+        log.info("svdq: no list of directly called blocks under this diffusion model; compiling it whole")
     if keys:
         _allow_recompiles(len(keys))
     set_torch_compile_wrapper(m, backend=backend, mode=None if mode == "default" else mode, dynamic=False,

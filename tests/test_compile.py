@@ -251,6 +251,22 @@ def test_compile_node_per_block_through_comfy_sampler(tiny_models, pytorch_atten
     assert out.model_options["torch_compile_kwargs"]["backend"] == "inductor"
 
 
+def test_per_block_keys_leave_out_lists_their_callers_iterate():
+    """A UNet's input/output blocks are lists of ``nn.Sequential`` whose layers ComfyUI iterates and dispatches on by
+    class: compiled wrappers there would break it, so only lists of directly called blocks are compiled per block."""
+    from svdq.nodes.compile import block_keys
+
+    class UNetLike(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.input_blocks = torch.nn.ModuleList([torch.nn.Sequential(torch.nn.Linear(2, 2)) for _ in range(2)])
+            self.middle_block = torch.nn.Sequential(torch.nn.Linear(2, 2))
+            self.blocks = torch.nn.ModuleList([torch.nn.Linear(2, 2) for _ in range(3)])
+
+    assert block_keys(UNetLike()) == [f"diffusion_model.blocks.{i}" for i in range(3)]
+    assert block_keys(torch.nn.Sequential(torch.nn.Linear(2, 2))) == []
+
+
 def test_compile_node_checks_its_options_and_needs_cuda_for_cuda_graphs(tiny_models, caplog):
     from svdq.nodes.compile import compile_model
 
