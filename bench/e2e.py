@@ -518,21 +518,15 @@ def row_env(row: str):
 
 
 def compiled(patcher, cfg, variant="compile"):
-    """The patcher under torch.compile through ComfyUI's own wrapper (``set_torch_compile_wrapper``, what its
-    TorchCompileModel node applies): each transformer block (blocks of one class share compiled code) or the
-    whole diffusion model, per ``VARIANTS``."""
-    from comfy_api.torch_helpers import set_torch_compile_wrapper
+    """The patcher under torch.compile the way the SVDQ Compile Model node does it (``svdq.nodes.compile``, through
+    ComfyUI's own ``set_torch_compile_wrapper``, what its TorchCompileModel node applies): each transformer block
+    (blocks of one class share compiled code) or the whole diffusion model, per ``VARIANTS``. ``cfg`` is unused
+    (the blocks are found in the model)."""
+    from svdq.nodes.compile import compile_model
 
     backend, mode, scope = VARIANTS.get(variant) or (COMPILE_BACKEND, COMPILE_MODE, "blocks")
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    m = patcher.clone()
-    if scope == "model":  # one graph for the whole forward: the only scope Inductor's CUDA graphs accept
-        keys = ["diffusion_model"]  # (ComfyUI's blocks add residuals in place into their inputs)
-    else:
-        keys = [f"diffusion_model.double_blocks.{i}" for i in range(cfg["depth"])]
-        keys += [f"diffusion_model.single_blocks.{i}" for i in range(cfg["depth_single_blocks"])]
-    set_torch_compile_wrapper(m, backend=backend, mode=mode, dynamic=False, keys=keys)
-    return m
+    return compile_model(patcher, mode or "default", "whole model" if scope == "model" else "per block",
+                         backend=backend)
 
 
 def first_block_cache_runs(patcher, cfg, thresholds, steps=20):

@@ -23,7 +23,7 @@ log = logging.getLogger("svdq")
 
 MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 SCOPES = ("per block", "whole model")
-CUDA_GRAPH_MODES = ("reduce-overhead",)
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 def block_keys(diffusion_model: torch.nn.Module) -> list[str]:
@@ -56,7 +56,7 @@ def compile_model(model, mode: str = "default", scope: str = "per block", backen
     which CUDA-graph trees refuse per block) and a CUDA device; other combinations are adjusted and logged."""
     from comfy_api.torch_helpers import set_torch_compile_wrapper
 
-    if mode not in MODES:
+    if mode not in MODES + ("max-autotune",):  # max-autotune (with CUDA graphs): benchmarks only, not offered
         raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {', '.join(SCOPES)}, not {scope!r}")

@@ -41,6 +41,23 @@ def test_e2e_bench_tiny_config_runs_every_core_row(tmp_path):
     assert res["env"]["config"] == "tiny"
 
 
+def test_e2e_bench_compiled_row_is_the_compile_node(tmp_path):
+    """A ``*_compile`` row compiles per block through the SVDQ Compile Model node's code; with ``aot_eager`` (no code
+    generation, eager numerics) its output is the eager row's."""
+    out = tmp_path / "e2e.json"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "e2e.py"), "--config", "tiny", "--rows", "svdq,svdq_compile", "--batch", "1",
+         "--cap-gb", "0", "--reps", "1", "--compile-backend", "aot_eager", "--json", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert "error" not in rows["svdq_compile"], rows["svdq_compile"]
+    assert rows["svdq_compile"]["1"]["out_rel_diff_vs_svdq"] < 1e-5
+    assert "first step (compiling)" in proc.stdout
+
+
 def test_config_ab_tiny_alternates_both_files(tmp_path):
     """``bench/config_ab.py`` on the tiny model (CPU): both pre-tuned files are timed in every round, in alternating
     order, and a file that is not JSON is refused before the model is built."""
