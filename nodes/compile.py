@@ -39,12 +39,13 @@ def block_keys(diffusion_model: torch.nn.Module) -> list[str]:
 
 
 def _allow_recompiles(blocks: int) -> None:
-    """Each compiled block instance is one more cache entry of the same code (its guards differ by ``self``): with
-    Dynamo's default limit (8) the blocks past it would silently run uncompiled."""
+    """Where Dynamo keeps one cache entry of a block's code per block instance (guards on ``self``), and one set per
+    batch size or resolution (``dynamic=False``), its default limit (8) would leave the blocks past it silently
+    uncompiled: allow every block four shapes."""
     cfg = torch._dynamo.config
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(cfg, name):
-            setattr(cfg, name, max(getattr(cfg, name), blocks + 8))
+            setattr(cfg, name, max(getattr(cfg, name), 4 * blocks + 8))
             return
 
 
