@@ -39,9 +39,9 @@ def block_keys(diffusion_model: torch.nn.Module) -> list[str]:
 
 
 def _allow_recompiles(blocks: int) -> None:
-    """Where Dynamo keeps one cache entry of a block's code per block instance (guards on ``self``), and one set per
-    batch size or resolution (``dynamic=False``), its default limit (8) would leave the blocks past it silently
-    uncompiled: allow every block four shapes."""
+    """A margin in Dynamo's recompile limit. torch 2.14 shares one compiled graph among the blocks of a class (the
+    tiny Flux: 2 graphs for 2 double + 2 single blocks); a Dynamo that guards on each instance would need an entry
+    per block and shape (``dynamic=False``), and past its default limit (8) blocks would silently run uncompiled."""
     cfg = torch._dynamo.config
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(cfg, name):
