@@ -150,6 +150,11 @@ def nf4_ops():
     return NF4Ops
 
 
+def load_fp8(sd):
+    """ComfyUI's UNETLoader with "fp8_e4m3fn_fast": float8_e4m3fn weights and fast fp8 matmul."""
+    return load_core(sd, torch.float8_e4m3fn, fp8_fast=True)
+
+
 def load_nf4(sd):
     return load_diffusion_model(sd, {"custom_operations": nf4_ops(), "dtype": torch.bfloat16})
 
@@ -630,6 +635,15 @@ def main() -> int:
     ckpt = None
     ref_out = None
 
+    def svdq_ckpt():
+        """The svdq layers, built once for every svdq row (eager, compiled, capped)."""
+        nonlocal ckpt
+        if ckpt is None:
+            t1 = time.time()
+            ckpt = svdq_checkpoint(sd, cfg)
+            log(f"svdq layers built in {time.time() - t1:.0f}s")
+        return ckpt
+
     svdq_out = [None]
 
     def record(label, patcher, table, batch_sizes=batches):
@@ -694,15 +708,12 @@ def main() -> int:
                     if args.profile and variant == "compile":  # bf16's own split, to compare what is not a linear
                         profiled(row, compiled(p, cfg))
                 elif base == "fp8":
-                    record(row, load_core(sd, torch.float8_e4m3fn, fp8_fast=True), results["rows"])
+                    record(row, load_fp8(sd), results["rows"])
                 elif row == "nf4":
                     record("nf4", load_nf4(sd), results["rows"])
                 elif base in ("svdq", "svdq_lora", "svdq_fbc", "svdq_nunchaku"):
-                    if ckpt is None:
-                        t1 = time.time()
-                        ckpt = svdq_checkpoint(sd, cfg)
-                        log(f"svdq layers built in {time.time() - t1:.0f}s")
-                    p = load_svdq(nunchaku_layout(ckpt, cfg["hidden_size"]) if row == "svdq_nunchaku" else ckpt)
+                    ck = svdq_ckpt()
+                    p = load_svdq(nunchaku_layout(ck, cfg["hidden_size"]) if row == "svdq_nunchaku" else ck)
                     if row == "svdq_nunchaku":
                         record("svdq_nunchaku", p, results["rows"])
                     elif row == "svdq":
@@ -716,7 +727,7 @@ def main() -> int:
                     elif base == "svdq_lora":
                         from svdq.nodes.lora import apply_lora
 
-                        p = apply_lora(p, random_lora(ckpt), 1.0, "rank-64 LoRA")
+                        p = apply_lora(p, random_lora(ck), 1.0, "rank-64 LoRA")
                         record(row, p, results["rows"])
                         if args.profile and variant == "compile":  # where the LoRA's time goes, by kernel class
                             profiled(row, compiled(p, cfg), "profile_lora_compile")
@@ -738,23 +749,21 @@ def main() -> int:
         log(f"capped at {args.cap_gb} GiB (EXTRA_RESERVED_VRAM {mm.EXTRA_RESERVED_VRAM / GIB:.1f} GiB)")
         for row in args.cap_rows.split(","):
             try:
-                base = split_variant(row)[0]
+                base, variant = split_variant(row)
                 if base == "bf16":
                     p = load_core(sd)
                 elif base == "fp8":
-                    p = load_core(sd, torch.float8_e4m3fn, fp8_fast=True)
+                    p = load_fp8(sd)
                 elif base == "nf4":
                     p = load_nf4(sd)
                 elif base == "svdq":
-                    if ckpt is None:
-                        ckpt = svdq_checkpoint(sd, cfg)
-                    p = load_svdq(ckpt)
+                    p = load_svdq(svdq_ckpt())
                 else:
                     raise ValueError(f"--cap-rows takes bf16, fp8, nf4 and svdq rows (and compiled forms), "
                                      f"not {row!r}")
                 record(row, p, results["capped"], batch_sizes=[1])
                 entry = results["capped"][row][1]
-                if split_variant(row)[1] is None:  # eager rows (a compiled row would compile again here)
+                if variant is None:  # eager rows (a compiled row would compile again here)
                     entry.update(host_link_step(p, cfg))
                     log(f"capped {row}: {entry['offloaded_gib']:.2f} GiB of weights off the GPU, host-to-device "
                         f"copies {entry['htod_ms']:.1f} ms of the step ({entry['htod_copies']} copies, profiled)")
